@@ -1,0 +1,70 @@
+// Op schemas (one TORCH_LIBRARY block) and the CPU implementations; the CUDA implementations are
+// registered from csrc/cuda/. Importing factorcl_ext._C loads this library and so registers them.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "factorcl_ext.h"
+
+#ifndef FACTORCL_EXT_CUDA_ARCHS
+#define FACTORCL_EXT_CUDA_ARCHS ""
+#endif
+
+namespace factorcl_ext {
+
+TORCH_LIBRARY(factorcl, m) {
+  m.def(
+      "pair_mlp_stats(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
+      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset) "
+      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
+  m.def(
+      "pair_mlp_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor A, "
+      "Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, Tensor b_out, "
+      "Tensor lse, str activation, str out_activation, int? pos_offset) "
+      "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
+  m.def(
+      "pair_mlp_loss(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
+      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset, "
+      "float c_lse, float c_pos, float c_rowsum, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
+  m.def(
+      "pair_dot_stats(Tensor G, Tensor H, int? pos_offset, int? exclude_offset) "
+      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
+  m.def(
+      "pair_dot_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor G, "
+      "Tensor H, Tensor lse, int? pos_offset, int? exclude_offset) -> (Tensor, Tensor)");
+  m.def(
+      "pair_dot_loss(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, "
+      "float c_pos, float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(factorcl, CPU, m) {
+  m.impl("pair_mlp_stats", &pair_mlp_stats_cpu);
+  m.impl("pair_mlp_stats_backward", &pair_mlp_stats_backward_cpu);
+  m.impl("pair_mlp_loss", &pair_mlp_loss_cpu);
+  m.impl("pair_dot_stats", &pair_dot_stats_cpu);
+  m.impl("pair_dot_stats_backward", &pair_dot_stats_backward_cpu);
+  m.impl("pair_dot_loss", &pair_dot_loss_cpu);
+}
+
+}  // namespace factorcl_ext
+
+// A plain Python module so that `import factorcl_ext._C` loads the library above. It carries the
+// build facts that factorcl_ext.build_info() reports.
+static PyModuleDef factorcl_ext_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&factorcl_ext_module);
+  if (mod == nullptr) return nullptr;
+#ifdef FACTORCL_EXT_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(mod, "cuda_archs", FACTORCL_EXT_CUDA_ARCHS);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(mod, "with_openmp", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_openmp", 0);
+#endif
+  return mod;
+}
