@@ -48,21 +48,26 @@ def _fresh_seed(request):
     yield
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative error of the whole tensor: ||actual - expected|| / ||expected|| (float64)."""
+def rel_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """Relative error of the whole tensor: ||actual - expected|| / max(||expected||, floor).
+
+    ``floor`` is for quantities that are zero in exact arithmetic (the output bias's gradient
+    under InfoNCE, say), where both sides are rounding noise; give it the scale of the
+    neighbouring quantities, never more.
+    """
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
-    denom = e.norm().item()
+    denom = max(e.norm().item(), floor)
     num = (a - e).norm().item()
     if denom == 0.0:
         return num
     return num / denom
 
 
-def assert_rel_close(actual, expected, tol: float, name: str = "tensor") -> None:
+def assert_rel_close(actual, expected, tol: float, name: str = "tensor", floor: float = 0.0) -> None:
     """DESIGN.md section 6 tolerance check, with the worst element in the message."""
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    err = rel_error(actual, expected)
+    err = rel_error(actual, expected, floor)
     if not err <= tol:  # also catches NaN
         diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
         idx = int(torch.nan_to_num(diff, nan=float("inf")).argmax())

@@ -1,0 +1,296 @@
+"""Drop-in modules against an independent re-statement of the authors' tiling formulation, with
+identical weights: values and every parameter / input gradient, state-dict compatibility."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import factorcl_ext
+from factorcl_ext.nn import (
+    CLUBInfoNCECritic,
+    FusedConcatCritic,
+    FusedSeparableCritic,
+    InfoNCECritic,
+    SupConLoss,
+)
+
+from conftest import BACKENDS, assert_rel_close, device_for
+
+ALL = ["reference"] + BACKENDS
+F64 = torch.float64
+
+
+# ---- the authors' formulation, restated (tile, concatenate, run the MLP on all pairs) ---------
+
+
+def authors_mlp(dim, hidden, out, layers, activation):
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+    seq = [nn.Linear(dim, hidden), act()]
+    for _ in range(layers):
+        seq += [nn.Linear(hidden, hidden), act()]
+    seq += [nn.Linear(hidden, out)]
+    return nn.Sequential(*seq)
+
+
+class AuthorsInfoNCE(nn.Module):
+    def __init__(self, A_dim, B_dim, hidden_dim, layers, activation):
+        super().__init__()
+        self._f = authors_mlp(A_dim + B_dim, hidden_dim, 1, layers, activation)
+
+    def forward(self, x_samples, y_samples):
+        n = y_samples.shape[0]
+        x_tile = x_samples.unsqueeze(0).repeat((n, 1, 1))
+        y_tile = y_samples.unsqueeze(1).repeat((1, n, 1))
+        T0 = self._f(torch.cat([x_samples, y_samples], dim=-1))
+        T1 = self._f(torch.cat([x_tile, y_tile], dim=-1))
+        lower_bound = T0.mean() - (T1.logsumexp(dim=1).mean() - math.log(n))
+        return -lower_bound
+
+
+class AuthorsCLUBInfoNCE(nn.Module):
+    def __init__(self, A_dim, B_dim, hidden_dim, layers, activation):
+        super().__init__()
+        self._f = authors_mlp(A_dim + B_dim, hidden_dim, 1, layers, activation)
+
+    def _scores(self, x_samples, y_samples):
+        n = y_samples.shape[0]
+        x_tile = x_samples.unsqueeze(0).repeat((n, 1, 1))
+        y_tile = y_samples.unsqueeze(1).repeat((1, n, 1))
+        T0 = self._f(torch.cat([y_samples, x_samples], dim=-1))
+        T1 = self._f(torch.cat([y_tile, x_tile], dim=-1))
+        return T0, T1, n
+
+    def forward(self, x_samples, y_samples):
+        T0, T1, _ = self._scores(x_samples, y_samples)
+        return T0.mean() - T1.mean()
+
+    def learning_loss(self, x_samples, y_samples):
+        T0, T1, n = self._scores(x_samples, y_samples)
+        return -(T0.mean() - (T1.logsumexp(dim=1).mean() - math.log(n)))
+
+
+def authors_supcon(features, labels=None, mask=None, temperature=0.07, contrast_mode="all",
+                   base_temperature=0.07):
+    device = features.device
+    features = features.view(features.shape[0], features.shape[1], -1)
+    batch_size = features.shape[0]
+    if labels is None and mask is None:
+        mask = torch.eye(batch_size, dtype=features.dtype, device=device)
+    elif labels is not None:
+        labels = labels.contiguous().view(-1, 1)
+        mask = torch.eq(labels, labels.T).to(features.dtype)
+    else:
+        mask = mask.to(features.dtype)
+    contrast_count = features.shape[1]
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    if contrast_mode == "one":
+        anchor_feature, anchor_count = features[:, 0], 1
+    else:
+        anchor_feature, anchor_count = contrast_feature, contrast_count
+    logits = anchor_feature @ contrast_feature.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    mask = mask.repeat(anchor_count, contrast_count)
+    logits_mask = torch.ones_like(mask)
+    idx = torch.arange(batch_size * anchor_count, device=device)
+    logits_mask[idx, idx] = 0
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    pairs = mask.sum(1)
+    pairs = torch.where(pairs < 1e-6, torch.ones_like(pairs), pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(anchor_count, batch_size).mean()
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=False)
+
+
+def _compare(ours_module, theirs_module, call, inputs, tol):
+    """Same value and the same gradient of every parameter and input."""
+    params_ours = list(ours_module.parameters())
+    params_theirs = list(theirs_module.parameters())
+    out_ours = call(ours_module, *inputs)
+    out_theirs = call(theirs_module, *inputs)
+    assert out_ours.shape == out_theirs.shape == ()
+    assert_rel_close(out_ours, out_theirs, tol, "value")
+    g_ours = _grads(out_ours, params_ours + list(inputs))
+    g_theirs = _grads(out_theirs, params_theirs + list(inputs))
+    names = [n for n, _ in ours_module.named_parameters()] + [f"input{i}" for i in range(len(inputs))]
+    for name, a, b in zip(names, g_ours, g_theirs):
+        # The output bias's gradient is exactly 0 under InfoNCE: compare it at the weights' scale.
+        assert_rel_close(a, b, tol, f"grad {name}", floor=1e-2)
+
+
+def _pair(n, a_dim, b_dim, device, dtype=F64):
+    x = torch.randn(n, a_dim, dtype=dtype, device=device, requires_grad=True)
+    y = torch.randn(n, b_dim, dtype=dtype, device=device, requires_grad=True)
+    return x, y
+
+
+SHAPES = [  # (N, A_dim, B_dim, hidden, layers)
+    (1, 3, 2, 5, 1),
+    (9, 7, 4, 19, 1),
+    (13, 5, 11, 8, 0),
+    (6, 4, 4, 12, 2),
+]
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_infonce_critic_matches_authors(backend, activation, shape):
+    n, a_dim, b_dim, hidden, layers = shape
+    device = device_for(backend)
+    ours = InfoNCECritic(a_dim, b_dim, hidden, layers, activation, backend=backend).to(device, F64)
+    theirs = AuthorsInfoNCE(a_dim, b_dim, hidden, layers, activation).to(device, F64)
+    theirs.load_state_dict(ours.state_dict())  # same keys both ways
+    _compare(ours, theirs, lambda m, x, y: m(x, y), _pair(n, a_dim, b_dim, device), 1e-10)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("method", ["forward", "learning_loss"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_club_critic_matches_authors(backend, method, shape):
+    n, a_dim, b_dim, hidden, layers = shape
+    device = device_for(backend)
+    theirs = AuthorsCLUBInfoNCE(a_dim, b_dim, hidden, layers, "relu").to(device, F64)
+    ours = CLUBInfoNCECritic(a_dim, b_dim, hidden, layers, "relu", backend=backend).to(device, F64)
+    ours.load_state_dict(theirs.state_dict())
+    _compare(ours, theirs, lambda m, x, y: getattr(m, method)(x, y),
+             _pair(n, a_dim, b_dim, device), 1e-10)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_infonce_critic_float32(backend):
+    device = device_for(backend)
+    ours = InfoNCECritic(6, 5, 33, 1, "relu", backend=backend).to(device)
+    theirs = AuthorsInfoNCE(6, 5, 33, 1, "relu").to(device, F64)
+    theirs.load_state_dict(ours.state_dict())
+    x, y = _pair(17, 6, 5, device, torch.float32)
+    loss = ours(x, y)
+    ref = theirs(x.detach().double(), y.detach().double())
+    # The loss is a difference of terms of size ~log N: judge it at that scale.
+    assert_rel_close(loss, ref, 1e-5, "float32 value", floor=math.log(17))
+    loss.backward()
+    ref.backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_rel_close(p.grad, q.grad, 1e-5, f"float32 grad {name}", floor=1e-2)
+
+
+def test_state_dict_keys_are_the_authors():
+    ours = CLUBInfoNCECritic(4, 6, 8, 1, "relu")
+    theirs = AuthorsCLUBInfoNCE(4, 6, 8, 1, "relu")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert list(ours.state_dict()) == [
+        "_f.0.weight", "_f.0.bias", "_f.2.weight", "_f.2.bias", "_f.4.weight", "_f.4.bias"
+    ]
+
+
+def test_modules_reject_bad_inputs():
+    critic = InfoNCECritic(3, 2, 4, 1, "relu")
+    with pytest.raises(ValueError, match="same number of samples"):
+        critic(torch.randn(4, 3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="y_samples"):
+        critic(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="activation"):
+        InfoNCECritic(3, 2, 4, 1, "gelu")
+    with pytest.raises(ValueError, match="contrast_mode|Unknown mode"):
+        SupConLoss(contrast_mode="some")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("contrast_mode", ["all", "one"])
+@pytest.mark.parametrize("kind", ["simclr", "labels", "mask"])
+def test_supcon_matches_reference_implementation(backend, contrast_mode, kind):
+    device = device_for(backend)
+    bsz, views, dim = 11, 3, 6
+    feats = F.normalize(torch.randn(bsz, views, dim, dtype=F64, device=device), dim=-1)
+    feats.requires_grad_(True)
+    labels = torch.randint(0, 4, (bsz,), device=device)
+    labels[0] = 7  # a class with a single sample: its anchors have positives only in other views
+    kwargs = {}
+    if kind == "labels":
+        kwargs["labels"] = labels
+    elif kind == "mask":
+        mask = (torch.rand(bsz, bsz, device=device) < 0.3).to(F64)
+        mask.fill_diagonal_(1.0)
+        mask[1] = 0.0  # an anchor with no positive at all in mode 'one'
+        kwargs["mask"] = mask
+    loss_fn = SupConLoss(temperature=0.1, contrast_mode=contrast_mode, base_temperature=0.07,
+                         backend=backend)
+    ours = loss_fn(feats, **kwargs)
+    theirs = authors_supcon(feats, temperature=0.1, contrast_mode=contrast_mode,
+                            base_temperature=0.07, **kwargs)
+    assert_rel_close(ours, theirs, 1e-10, "supcon value")
+    (g_ours,) = torch.autograd.grad(ours, feats)
+    (g_theirs,) = torch.autograd.grad(theirs, feats)
+    assert_rel_close(g_ours, g_theirs, 1e-10, "supcon grad")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("out_activation", ["none", "softplus"])
+def test_fused_concat_critic_bounds(backend, out_activation):
+    device = device_for(backend)
+    critic = FusedConcatCritic(5, 3, 10, layers=1, out_activation=out_activation,
+                               backend=backend).to(device, F64)
+    rows = torch.randn(6, 5, dtype=F64, device=device)
+    cols = torch.randn(9, 3, dtype=F64, device=device)
+    # The scores restated with the module's own _f on the materialised pairs.
+    pairs = torch.cat([rows[:, None].expand(6, 9, 5), cols[None].expand(6, 9, 3)], dim=-1)
+    s = critic._f(pairs).squeeze(-1)
+    if out_activation == "softplus":
+        s = F.softplus(s)
+    stats = critic(rows, cols, pos_offset=2)
+    assert_rel_close(stats.lse, s.logsumexp(1), 1e-10, "lse")
+    assert_rel_close(stats.pos, s[torch.arange(6), torch.arange(6) + 2], 1e-10, "pos")
+    assert_rel_close(stats.rowsum, s.sum(1), 1e-10, "rowsum")
+    nce = critic.infonce_lower_bound(rows, cols, pos_offset=2)
+    club = critic.nce_club_upper_bound(rows, cols, pos_offset=2)
+    diag = s[torch.arange(6), torch.arange(6) + 2]
+    assert_rel_close(nce, diag.mean() - s.logsumexp(1).mean() + math.log(9), 1e-10, "I_NCE")
+    assert_rel_close(club, diag.mean() - s.mean(), 1e-10, "I_CLUB")
+    assert_rel_close(nce, factorcl_ext.infonce_lower_bound(stats.lse, stats.pos, 9), 1e-10, "fn")
+    assert_rel_close(club, factorcl_ext.nce_club_upper_bound(stats.pos, stats.rowsum, 9), 1e-10,
+                     "fn")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_fused_separable_critic_learnable_temperature(backend):
+    device = device_for(backend)
+    critic = FusedSeparableCritic(temperature=0.5, learnable_temperature=True, normalize=True,
+                                  backend=backend).to(device, F64)
+    g = torch.randn(7, 4, dtype=F64, device=device, requires_grad=True)
+    h = torch.randn(7, 4, dtype=F64, device=device, requires_grad=True)
+    nce = critic.infonce_lower_bound(g, h)
+    s = F.normalize(g, dim=1) @ F.normalize(h, dim=1).t() / critic.temperature
+    ref = s.diagonal().mean() - s.logsumexp(1).mean() + math.log(7)
+    assert_rel_close(nce, ref, 1e-10, "I_NCE")
+    grads = torch.autograd.grad(nce, [g, h, critic.log_temperature])
+    ref_grads = torch.autograd.grad(ref, [g, h, critic.log_temperature])
+    for name, a, b in zip(["g", "h", "log_temperature"], grads, ref_grads):
+        assert_rel_close(a, b, 1e-10, name)
+    assert critic.log_temperature.grad is None  # autograd.grad does not accumulate
+
+
+def test_build_info_and_backends():
+    info = factorcl_ext.build_info()
+    assert info["cpu_kernels"] is True, info
+    assert info["openmp"] is True, "the extension was built without -fopenmp: kernels run serially"
+    backends = factorcl_ext.available_backends()
+    assert backends[:2] == ["reference", "cpu"]
+    with pytest.raises(ValueError, match="backend"):
+        factorcl_ext.separable_critic_stats(torch.randn(2, 3), torch.randn(2, 3), backend="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            factorcl_ext.separable_critic_stats(torch.randn(2, 3), torch.randn(2, 3),
+                                                backend="cuda")
