@@ -6,6 +6,7 @@ Autograd differentiates it; nothing here is fused.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +21,8 @@ __all__ = [
     "pair_dot_stats",
     "concat_critic_stats",
     "separable_critic_stats",
+    "tiled_pair_scores",
+    "tiled_infonce_loss",
 ]
 
 
@@ -148,3 +151,22 @@ def separable_critic_stats(
         h = F.normalize(h, dim=1)
     return pair_dot_stats(g / temperature, h, pos_offset, exclude_offset)
 
+
+
+def tiled_pair_scores(f, rows: Tensor, cols: Tensor, rows_first: bool = True) -> Tensor:
+    """The authors' formulation: tile rows [N, a] and cols [M, b] into all N x M pairs,
+    concatenate each pair and run the MLP ``f`` (one output) on it; returns s [N, M]."""
+    n, m = rows.shape[0], cols.shape[0]
+    r = rows.unsqueeze(1).repeat(1, m, 1)
+    c = cols.unsqueeze(0).repeat(n, 1, 1)
+    pairs = torch.cat([r, c] if rows_first else [c, r], dim=-1)
+    return f(pairs).squeeze(-1)
+
+
+def tiled_infonce_loss(f, x: Tensor, y: Tensor) -> Tensor:
+    """The authors' ``InfoNCECritic.forward``: negative InfoNCE bound of ``s_ij = f([x_j; y_i])``
+    with the positives evaluated separately, as they wrote it (the benchmark baseline)."""
+    n = y.shape[0]
+    t0 = f(torch.cat([x, y], dim=-1))
+    t1 = tiled_pair_scores(f, y, x, rows_first=False)
+    return -(t0.mean() - (t1.logsumexp(dim=1).mean() - math.log(n)))

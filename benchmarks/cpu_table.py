@@ -1,0 +1,101 @@
+"""Print a Markdown table of the CPU critics, forward + backward, float32: median time, peak extra
+resident memory, achieved rate (DESIGN.md FLOP count) next to torch.mm's rate measured in the same
+run, and the speed-up over the authors' tiling formulation.
+
+    python benchmarks/cpu_table.py                 # FactorCL (N 64..512) and MI (N 128..1024)
+    python benchmarks/cpu_table.py --large         # FactorCL critic at N = 4096, H = 128 (minutes)
+    python benchmarks/cpu_table.py --json out.json # also write the rows as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cases import Case, factorcl_cases, make_step, mi_cases  # noqa: E402
+
+from factorcl_ext.measure import (  # noqa: E402
+    concat_critic_flops,
+    matmul_gflops,
+    median_seconds,
+    peak_extra_rss_bytes,
+)
+
+
+def measure(case: Case, impl: str, repeats: int) -> dict:
+    step = make_step(case, impl)
+    step()  # warm-up; compiles for torch.compile
+    t = median_seconds(step, repeats=repeats, warmup=0)
+    mem = peak_extra_rss_bytes(step)
+    flops = concat_critic_flops(case.n, case.n, case.hidden, case.layers, case.dim, case.dim)
+    return {
+        "case": case.name, "n": case.n, "dim": case.dim, "hidden": case.hidden,
+        "layers": case.layers, "impl": impl, "seconds": t, "peak_extra_bytes": mem,
+        "gflops": flops / t / 1e9 if case.layers else None,
+        "mpairs_per_s": case.n * case.n / t / 1e6,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--large", action="store_true", help="FactorCL critic at N=4096, H=128, L=1")
+    p.add_argument("--impls", default=None, help="comma list of implementations to run")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = p.parse_args(argv)
+
+    mm_before = matmul_gflops()
+    rows = []
+    if args.large:
+        plan = [(Case("factorcl", 4096, 128, 128, 1), ["fused"])]
+        args.repeats = 1
+    else:
+        plan = [(c, ["fused", "fused_stats", "authors", "compiled"]) for c in factorcl_cases()]
+        plan += [(c, ["fused", "reference", "compiled"]) for c in mi_cases()]
+    for case, impls in plan:
+        if args.impls:
+            impls = [i for i in impls if i in args.impls.split(",")]
+        for impl in impls:
+            row = measure(case, impl, args.repeats)
+            rows.append(row)
+            print(f"  measured {case.label} {impl}: {row['seconds'] * 1e3:.1f} ms", file=sys.stderr)
+    mm_after = matmul_gflops()
+    mm = (mm_before + mm_after) / 2
+
+    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; torch.mm 4096x512x512 fp32: {mm:.1f} GFLOP/s "
+          f"(before {mm_before:.1f}, after {mm_after:.1f})\n")
+    print("| critic | N | impl | fwd+bwd median | vs authors/reference | peak extra memory "
+          "| rate | % of torch.mm |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next((r for r in rows if r["case"] == row["case"] and r["n"] == row["n"]
+                     and r["impl"] in ("authors", "reference")), None)
+        speedup = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
+        mem = row["peak_extra_bytes"] / 2**20
+        memrel = (f" ({100 * row['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):.1f}%)"
+                  if base and base is not row else "")
+        if row["gflops"] is not None:
+            rate = f"{row['gflops']:.1f} GFLOP/s"
+            pct = f"{100 * row['gflops'] / mm:.0f}%"
+        else:
+            rate, pct = f"{row['mpairs_per_s']:.2f} Mpairs/s", "-"
+        label = (f"{row['case']} d={row['dim']} H={row['hidden']} L={row['layers']}")
+        print(f"| {label} | {row['n']} | {row['impl']} | {row['seconds'] * 1e3:.1f} ms | {speedup} "
+              f"| {mem:.1f} MiB{memrel} | {rate} | {pct} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch_mm_gflops": mm, "threads": torch.get_num_threads(),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""pytest-benchmark suite of the CPU critics (forward + backward, float32).
+
+    python -m pytest benchmarks/test_cpu_critics.py --benchmark-columns=median,iqr,rounds
+"""
+
+import pytest
+
+from cases import factorcl_cases, make_step, mi_cases
+
+FACTORCL = factorcl_cases()
+MI = mi_cases()
+
+
+def _bench(benchmark, case, impl):
+    step = make_step(case, impl)
+    step()  # warm-up (and compilation, for torch.compile)
+    rounds = 3 if case.n * case.n * case.hidden >= 2**27 else 7
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused_stats", "authors", "compiled"])
+@pytest.mark.parametrize("case", FACTORCL, ids=lambda c: f"N{c.n}")
+def test_factorcl_critic(benchmark, case, impl):
+    benchmark.group = case.label
+    _bench(benchmark, case, impl)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])
+@pytest.mark.parametrize("case", MI, ids=lambda c: f"N{c.n}")
+def test_mi_critic(benchmark, case, impl):
+    benchmark.group = case.label
+    _bench(benchmark, case, impl)

@@ -1,0 +1,61 @@
+"""Measurement helpers shared by the demo and the benchmark scripts: median wall time, peak extra
+resident memory of a call, the FLOP count of DESIGN.md, and a matmul rate to compare against."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_rss_bytes(fn: Callable[[], object]) -> int:
+    """Peak resident memory of ``fn()`` above the resident memory before it (Linux): VmHWM is reset
+    to the current RSS through /proc/self/clear_refs, then read after the call."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def concat_critic_flops(n: int, m: int, hidden: int, layers: int, du: int, dv: int,
+                        backward: bool = True) -> float:
+    """Useful FLOPs of the concat critic (DESIGN.md section 2): per pair 2*L*H^2 forward, 6*L*H^2
+    forward + backward, plus the first-layer products (2*(N*du + M*dv)*H forward, 3x that with
+    backward). Element-wise work is not counted."""
+    per_pair = (6 if backward else 2) * layers * hidden * hidden
+    first = (6 if backward else 2) * (n * du + m * dv) * hidden
+    return float(n) * m * per_pair + first
+
+
+def matmul_gflops(m: int = 4096, k: int = 512, n: int = 512, repeats: int = 7,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of torch.mm on an [m, k] x [k, n] product on the CPU (median of ``repeats``)."""
+    a = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(k, n, dtype=dtype)
+    t = median_seconds(lambda: torch.mm(a, b), repeats=repeats, warmup=2)
+    return 2.0 * m * k * n / t / 1e9
