@@ -18,10 +18,13 @@ the recomputing backward with constant upstream gradients (c_lse, c_pos, c_rowsu
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 import triton
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 from . import _config
 from ._common import ACT_CODES, OUT_CODES
@@ -56,9 +59,14 @@ _DOT_BWD = {
 }
 
 
+_tracing = threading.local()
+
+
 def _launch(tuned, plain, configs, grid, args, kwargs, deterministic: bool) -> None:
     """Autotuned launch, or (deterministic mode) the first configuration, never tuned, so the
     reduction order is the same in every process."""
+    if getattr(_tracing, "fake", False):
+        return
     if deterministic or len(configs) == 1:
         cfg = configs[0]
         wrap_triton(plain)[grid](
@@ -66,6 +74,31 @@ def _launch(tuned, plain, configs, grid, args, kwargs, deterministic: bool) -> N
         )
     else:
         wrap_triton(tuned)[grid](*args, **kwargs)
+
+
+def _register(name: str, schema: str):
+    """``torch.library.triton_op`` on a GPU. Under the interpreter, wrap_triton hands back the
+    raw interpreted kernel, which cannot run on fake tensors; there the op is an opaque
+    ``custom_op`` whose fake implementation is the same body with the launches skipped, so that
+    torch.compile still traces the ops (as opaque calls) without a graph break."""
+
+    def wrap(fn):
+        if not _config.INTERPRETED:
+            return triton_op(name, mutates_args=(), schema=schema)(fn)
+        op = custom_op(name, fn, mutates_args=(), schema=schema)
+
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _tracing.fake = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _tracing.fake = False
+
+        op.register_fake(fake)
+        return op
+
+    return wrap
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +216,7 @@ _MLP_LOSS_SCHEMA = (
 )
 
 
-@triton_op("factorcl::triton_pair_mlp_stats", mutates_args=(), schema=_MLP_STATS_SCHEMA)
+@_register("factorcl::triton_pair_mlp_stats", _MLP_STATS_SCHEMA)
 def pair_mlp_stats(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                    out_activation, pos_offset):
     """(lse, pos, rowsum) of the concat critic on A [N, H], B [M, H]; see factorcl_ext.ops."""
@@ -192,8 +225,7 @@ def pair_mlp_stats(A, B, hidden_weights, hidden_biases, w_out, b_out, activation
     return _mlp_forward(a)
 
 
-@triton_op("factorcl::triton_pair_mlp_stats_backward", mutates_args=(),
-           schema=_MLP_STATS_BWD_SCHEMA)
+@_register("factorcl::triton_pair_mlp_stats_backward", _MLP_STATS_BWD_SCHEMA)
 def pair_mlp_stats_backward(grad_lse, grad_pos, grad_rowsum, A, B, hidden_weights,
                             hidden_biases, w_out, b_out, lse, activation, out_activation,
                             pos_offset):
@@ -203,7 +235,7 @@ def pair_mlp_stats_backward(grad_lse, grad_pos, grad_rowsum, A, B, hidden_weight
     return dA, dB, dW, db, dwo, dbo.reshape(b_out.shape)
 
 
-@triton_op("factorcl::triton_pair_mlp_loss", mutates_args=(), schema=_MLP_LOSS_SCHEMA)
+@_register("factorcl::triton_pair_mlp_loss", _MLP_LOSS_SCHEMA)
 def pair_mlp_loss(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                   pos_offset, c_lse, c_pos, c_rowsum, compute_grad):
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
@@ -330,21 +362,20 @@ _DOT_LOSS_SCHEMA = (
 )
 
 
-@triton_op("factorcl::triton_pair_dot_stats", mutates_args=(), schema=_DOT_STATS_SCHEMA)
+@_register("factorcl::triton_pair_dot_stats", _DOT_STATS_SCHEMA)
 def pair_dot_stats(G, H, pos_offset, exclude_offset):
     """(lse, pos, rowsum) of s = G H^T; see factorcl_ext.ops.pair_dot_stats."""
     return _dot_forward(_DotArgs(G, H, pos_offset, exclude_offset))
 
 
-@triton_op("factorcl::triton_pair_dot_stats_backward", mutates_args=(),
-           schema=_DOT_STATS_BWD_SCHEMA)
+@_register("factorcl::triton_pair_dot_stats_backward", _DOT_STATS_BWD_SCHEMA)
 def pair_dot_stats_backward(grad_lse, grad_pos, grad_rowsum, G, H, lse, pos_offset,
                             exclude_offset):
     a = _DotArgs(G, H, pos_offset, exclude_offset)
     return _dot_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
-@triton_op("factorcl::triton_pair_dot_loss", mutates_args=(), schema=_DOT_LOSS_SCHEMA)
+@_register("factorcl::triton_pair_dot_loss", _DOT_LOSS_SCHEMA)
 def pair_dot_loss(G, H, pos_offset, exclude_offset, c_lse, c_pos, c_rowsum, compute_grad):
     a = _DotArgs(G, H, pos_offset, exclude_offset)
     lse, pos, rowsum = _dot_forward(a)
