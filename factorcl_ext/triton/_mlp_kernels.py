@@ -118,7 +118,8 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
     P: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    zp = Z_ptr + pid * z_prog_stride
+    # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
+    zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
     bout = tl.load(Bout_ptr).to(ACC)
     rp = tl.arange(0, P)
     for rb in range(pid, tl.cdiv(N, BI), nprog):
@@ -191,14 +192,15 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
     P: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    zp = Z_ptr + pid * z_prog_stride
+    # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
+    zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
     zls = z_layer_stride
     bout = tl.load(Bout_ptr).to(ACC)
     rp = tl.arange(0, P)
     # slots owned by this program
-    dWp = dW_ptr + pid * L * H * H
-    dBiasp = dBias_ptr + pid * L * H
-    dWoutp = dWout_ptr + pid * H
+    dWp = dW_ptr + pid.to(tl.int64) * L * H * H
+    dBiasp = dBias_ptr + pid.to(tl.int64) * L * H
+    dWoutp = dWout_ptr + pid.to(tl.int64) * H
     if COL_PASS:
         n_outer = tl.cdiv(M, BJ)
         n_inner = tl.cdiv(N, BI)
