@@ -261,7 +261,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                     tl.store(pz, dz.to(zp.dtype.element_ty), mask=mn[None, :])
                 tl.debug_barrier()
                 for li in tl.static_range(L):
-                    l: tl.constexpr = L - 1 - li
+                    l = L - 1 - li  # constexpr: layers walk backwards
                     for k0 in range(0, H, BK):
                         rk = k0 + tl.arange(0, BK)
                         mk = rk < H

@@ -131,7 +131,7 @@ class _MlpArgs:
         self.pos_offset = int(pos_offset) if pos_offset is not None else 0
         self.acc = _config.acc_dtype(dtype)
         self.prec = _config.dot_precision(dtype)
-        self.family = _config.family(A.device)
+        self.family = _config.config_family(A.device, dtype)
         self.configs = _config.MLP_CONFIGS[self.family]
         bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
         bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
@@ -310,7 +310,7 @@ class _DotArgs:
         self.exclude_offset = int(exclude_offset) if exclude_offset is not None else 0
         self.acc = _config.acc_dtype(G.dtype)
         self.prec = _config.dot_precision(G.dtype)
-        self.family = _config.family(G.device)
+        self.family = _config.config_family(G.device, G.dtype)
         self.configs = _config.DOT_CONFIGS[self.family]
         bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
         bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
