@@ -234,8 +234,12 @@ def test_concat_critic_end_to_end():
     bound = factorcl_ext.infonce_lower_bound(st.lse, st.pos, m)
     ref_bound = factorcl_ext.infonce_lower_bound(ref[0], ref[1], m)
     assert_rel_close(bound, ref_bound, 1e-10)
-    for a, e in zip(torch.autograd.grad(bound, params), torch.autograd.grad(ref_bound, params)):
-        assert_rel_close(a, e, 1e-10, floor=1e-6)
+    # d bound / d b_out is 0 in exact arithmetic (softmax rows sum to 1): the floor is the
+    # scale of the other gradients
+    grads, ref_grads = torch.autograd.grad(bound, params), torch.autograd.grad(ref_bound, params)
+    scale = min(g.norm().item() for g in ref_grads[:-1])
+    for a, e in zip(grads, ref_grads):
+        assert_rel_close(a, e, 1e-10, floor=scale)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
@@ -378,8 +382,10 @@ def test_torch_compile_fullgraph():
     y_eager = f(*args, g, hh)
     assert_rel_close(y, y_eager, 1e-12)
     params = flat(args) + [g, hh]
-    for a, e in zip(torch.autograd.grad(y, params), torch.autograd.grad(y_eager, params)):
-        assert_rel_close(a, e, 1e-12, floor=1e-8)
+    grads, eager = torch.autograd.grad(y, params), torch.autograd.grad(y_eager, params)
+    scale = min(e.norm().item() for e in eager[:-3])  # d/d b_out is 0 in exact arithmetic
+    for a, e in zip(grads, eager):
+        assert_rel_close(a, e, 1e-12, floor=scale)
 
 
 def test_backend_resolution():
@@ -494,3 +500,48 @@ def test_large_shapes_fp32():
     args = mlp_inputs(n, m, h, 1)
     check_mlp(args, torch.float32, activation="relu", out_activation="none", pos_offset=3)
     check_dot(3000, 3011, 384, torch.float32, 0.1, True, 0, None)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/gpu_bench.py: every timed implementation computes the same loss and gradients
+# --------------------------------------------------------------------------------------------
+
+
+def _load_gpu_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.DEVICE = str(DEVICE)
+    return mod
+
+
+@pytest.mark.parametrize("critic", ["concat", "separable"])
+def test_gpu_bench_implementations_agree(critic):
+    bench = _load_gpu_bench()
+    n, chunk = 9, 4  # chunks that do not divide N
+    impls = ["triton", "reference", "chunked"]
+    results = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        if critic == "concat":
+            x = bench.concat_inputs(n, 5, 19, 1, torch.float64, True)
+            params = bench._params(x)
+            step = bench.concat_step(impl, n, False, chunk, {})
+        else:
+            x = bench.separable_inputs(n, 7, torch.float64, True)
+            params = [x["g"], x["h"]]
+            step = bench.separable_step(impl, n, False, chunk, {})
+        loss = step(x)
+        results[impl] = (loss.detach(), [p.grad.clone() for p in params])
+    ref_loss, ref_grads = results["reference"]
+    for impl in impls:
+        loss, grads = results[impl]
+        assert_rel_close(loss, ref_loss, 1e-10, f"{impl} loss")
+        # concat: d/d b_out is 0 in exact arithmetic; floor at the other gradients' scale
+        scale = min(g.norm().item() for g in ref_grads[:-1]) if critic == "concat" else 0.0
+        for a, e in zip(grads, ref_grads):
+            assert_rel_close(a, e, 1e-10, f"{impl} grad", floor=scale)
