@@ -281,8 +281,14 @@ def check_dot(n, m, d, dtype, temperature, normalize, pos_offset, exclude_offset
     for name, a, e in zip(("lse", "pos", "rowsum"), st, ref):
         assert_rel_close(a, e, tol, name)
     grads = torch.autograd.grad(sum((s * u.to(dtype)).sum() for s, u in zip(st, upstream)), t_in)
-    for name, a, e in zip(("dg", "dh", "dtemperature"), grads, ref_grads):
-        assert_rel_close(a, e, tol, name)
+    # d/d tau = -sum_ij dg_ij g_ij / tau sums cancelling terms: in float32 even the materialising
+    # reference misses it by 3e-5 on some draws, so its floor is the scale of those terms
+    tau_floor = 0.0
+    if dtype != torch.float64:
+        tau_floor = (ref_grads[0].abs() * g.abs()).sum().item() / temperature
+    for name, a, e, floor in zip(("dg", "dh", "dtemperature"), grads, ref_grads,
+                                 (0.0, 0.0, tau_floor)):
+        assert_rel_close(a, e, tol, name, floor=floor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

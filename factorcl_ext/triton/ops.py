@@ -35,45 +35,33 @@ _MLP_KEY = ["N", "M", "H", "L"]
 _DOT_KEY = ["N", "M", "D"]
 _MLP_ACCUMULATORS = ["dA_ptr", "dB_ptr", "dW_ptr", "dBias_ptr", "dWout_ptr", "dBout_ptr"]
 
-# One Autotuner per architecture family; autotuning replays a kernel, so the backward kernels
-# name their accumulators for reset_to_zero.
-_MLP_FWD = {
-    fam: triton.autotune(configs=cfgs, key=_MLP_KEY)(mlp_fwd_kernel)
-    for fam, cfgs in _config.MLP_CONFIGS.items()
-}
-_MLP_BWD = {
-    fam: triton.autotune(configs=cfgs, key=_MLP_KEY, reset_to_zero=_MLP_ACCUMULATORS)(
-        mlp_bwd_kernel
-    )
-    for fam, cfgs in _config.MLP_CONFIGS.items()
-}
-_DOT_FWD = {
-    fam: triton.autotune(configs=cfgs, key=_DOT_KEY)(dot_fwd_kernel)
-    for fam, cfgs in _config.DOT_CONFIGS.items()
-}
-_DOT_BWD = {
-    fam: triton.autotune(configs=cfgs, key=_DOT_KEY, reset_to_zero=["dG_ptr", "dH_ptr"])(
-        dot_bwd_kernel
-    )
-    for fam, cfgs in _config.DOT_CONFIGS.items()
-}
+def _tuners(kernel, configs_by_family, key, reset=None):
+    """{(family, fixed): Autotuner}. ``fixed`` holds only the family's first configuration: the
+    deterministic mode never tunes, so its reduction order is the same in every process. Single-
+    configuration Autotuners do not benchmark; going through an Autotuner either way keeps one
+    launch path for eager and for torch.compile."""
+    out = {}
+    for fam, cfgs in configs_by_family.items():
+        for fixed in (False, True):
+            out[fam, fixed] = triton.autotune(
+                configs=cfgs[:1] if fixed else cfgs, key=key, reset_to_zero=reset
+            )(kernel)
+    return out
 
+
+# Autotuning replays a kernel: the backward kernels name their accumulators for reset_to_zero.
+_MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_CONFIGS, _MLP_KEY)
+_MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
+_DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
+_DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
 
 _tracing = threading.local()
 
 
-def _launch(tuned, plain, configs, grid, args, kwargs, deterministic: bool) -> None:
-    """Autotuned launch, or (deterministic mode) the first configuration, never tuned, so the
-    reduction order is the same in every process."""
+def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
     if getattr(_tracing, "fake", False):
         return
-    if deterministic or len(configs) == 1:
-        cfg = configs[0]
-        wrap_triton(plain)[grid](
-            *args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
-        )
-    else:
-        wrap_triton(tuned)[grid](*args, **kwargs)
+    wrap_triton(tuners[family, deterministic])[grid](*args, **kwargs)
 
 
 def _register(name: str, schema: str):
@@ -159,7 +147,7 @@ def _mlp_forward(a: _MlpArgs) -> tuple[Tensor, Tensor, Tensor]:
     z, zps, zls = a.scratch(a.g_row, a.L if a.L >= 2 else 0)
     args = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, pos, rowsum,
             a.N, a.M, a.H, a.pos_offset, zps, zls)
-    _launch(_MLP_FWD[a.family], mlp_fwd_kernel, a.configs, (a.g_row,), args, a.constexprs(),
+    _launch(_MLP_FWD, a.family, (a.g_row,), args, a.constexprs(),
             _config.is_deterministic())
     return lse, pos, rowsum
 
@@ -179,10 +167,10 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     z, zps, zls = a.scratch(max(a.g_row, a.g_col) if det else a.g_row, L)
     common = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, *grads,
               dA, dB, dW, dBias, dWout, dBout, N, M, H, a.pos_offset, zps, zls)
-    _launch(_MLP_BWD[a.family], mlp_bwd_kernel, a.configs, (a.g_row,), common,
+    _launch(_MLP_BWD, a.family, (a.g_row,), common,
             dict(a.constexprs(), COL_PASS=False, ATOMIC_DB=not det), det)
     if det:
-        _launch(_MLP_BWD[a.family], mlp_bwd_kernel, a.configs, (a.g_col,), common,
+        _launch(_MLP_BWD, a.family, (a.g_col,), common,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False), det)
     wdt = a.W.dtype
     # one sum per layer (not views of one sum): custom-op outputs may not alias each other;
@@ -329,7 +317,7 @@ def _dot_forward(a: _DotArgs):
     pos = a.G.new_empty(a.N, dtype=a.acc)
     rowsum = a.G.new_empty(a.N, dtype=a.acc)
     args = (a.G, a.H, lse, pos, rowsum, *a.head())
-    _launch(_DOT_FWD[a.family], dot_fwd_kernel, a.configs, (a.g_row,), args, a.constexprs(),
+    _launch(_DOT_FWD, a.family, (a.g_row,), args, a.constexprs(),
             _config.is_deterministic())
     return lse, pos, rowsum
 
@@ -341,10 +329,10 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     dG = a.G.new_zeros((a.N, a.D), dtype=a.acc)
     dH = a.G.new_zeros((a.M, a.D), dtype=a.acc)
     args = (a.G, a.H, lse, *grads, dG, dH, *a.head())
-    _launch(_DOT_BWD[a.family], dot_bwd_kernel, a.configs, (a.g_row,), args,
+    _launch(_DOT_BWD, a.family, (a.g_row,), args,
             dict(a.constexprs(), COL_PASS=False, ATOMIC_DH=not det), det)
     if det:
-        _launch(_DOT_BWD[a.family], dot_bwd_kernel, a.configs, (a.g_col,), args,
+        _launch(_DOT_BWD, a.family, (a.g_col,), args,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DH=False), det)
     return dG.to(a.G.dtype), dH.to(a.H.dtype)
 
