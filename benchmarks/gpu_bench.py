@@ -1,7 +1,7 @@
 """GPU benchmark of the fused critics against the ways a user would otherwise compute them.
 
-    python benchmarks/gpu_bench.py                    # full run (minutes), JSON in benchmarks/results/
-    python benchmarks/gpu_bench.py --quick            # N = 256, 1024 only
+    python benchmarks/gpu_bench.py           # full run (minutes); JSON in benchmarks/results/
+    python benchmarks/gpu_bench.py --quick   # N = 256, 1024 and separable N = 4096
 
 Concat critic (DESIGN.md section 2), H = 512, L = 0 and 1, bf16 and fp32, N = M in
 {256, 1024, 4096, 16384} where they fit; separable critic (section 3), D = 512, N = M in
@@ -453,8 +453,8 @@ def check_targets(rows) -> list[str]:
             m = _find(rows, critic="separable", dtype=dname, n=65536, impl="matmuls",
                       **{"pass": "fwd+bwd"})
             if s and m:
-                out.append(f"{impl} separable {dname} N=65536 D=512 fwd+bwd: {s['ms'] / m['ms']:.2f}x "
-                           f"four plain matmuls (target <= 1.5x)")
+                out.append(f"{impl} separable {dname} N=65536 D=512 fwd+bwd: "
+                           f"{s['ms'] / m['ms']:.2f}x four plain matmuls (target <= 1.5x)")
     return out
 
 

@@ -123,7 +123,8 @@ def main() -> None:
                     jobs.append((f"dot_bwd col={int(col)}", dot_bwd_kernel, dot_signature,
                                  dict(dcommon, COL_PASS=col, ATOMIC_DH=not col), cfg))
             for label, kernel, sigf, constexprs, cfg in jobs:
-                name = f"sm{arch} {dt:4s} {label:18s} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+                name = (f"sm{arch} {dt:4s} {label:18s} {cfg.kwargs} "
+                        f"w{cfg.num_warps} s{cfg.num_stages}")
                 try:
                     shared, regs, spills, secs = compile_one(kernel, sigf(kernel, dt), constexprs,
                                                              cfg, arch)

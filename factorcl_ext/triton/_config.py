@@ -98,6 +98,7 @@ MLP_HOPPER = [
     _cfg(8, 3, BI=16, BJ=8, BK=64, BN=64),
     _cfg(8, 2, BI=16, BJ=16, BK=32, BN=64),
     _cfg(4, 3, BI=8, BJ=8, BK=64, BN=64),
+    _cfg(8, 3, BI=8, BJ=8, BK=32, BN=256),  # forward: h0 recomputed H/256 times only
 ]
 MLP_AMPERE = [
     _cfg(8, 3, BI=16, BJ=8, BK=32, BN=64),
