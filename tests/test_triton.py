@@ -243,15 +243,41 @@ def test_concat_critic_end_to_end():
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
-def test_pair_mlp_nan_propagates():
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_pair_mlp_nan_propagates(act):
+    """A NaN in one row of A: NaN where the reference has NaN, in the statistics and in every
+    gradient (relu's backward selects rather than multiplies, as torch's does)."""
+    n, m, h = MLP_SHAPES[1]
+    base = mlp_inputs(n, m, h, 1)
+    base[0][2, 3] = float("nan")
+    args, ref_args = cast(base, torch.float64), cast(base, torch.float64)
+    st = mlp_stats(args, "triton", activation=act, pos_offset=0)
+    ref = reference.pair_mlp_stats(*ref_args, act, "none", 0)
+    for a, e in zip(st, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(e))
+        assert torch.isnan(a[2]) and torch.isfinite(a[:2]).all()
+    upstream = [torch.randn(n, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    grads = torch.autograd.grad(sum((s * u).sum() for s, u in zip(st, upstream)), flat(args))
+    ref_grads = torch.autograd.grad(sum((s * u).sum() for s, u in zip(ref, upstream)),
+                                    flat(ref_args))
+    for a, e in zip(grads, ref_grads):
+        assert torch.equal(torch.isnan(a), torch.isnan(e))
+        fin = torch.isfinite(e)
+        if fin.any():
+            assert_rel_close(a[fin], e[fin], 1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("b_out", [float("inf"), float("-inf")])
+def test_pair_mlp_infinite_scores_keep_their_sign(b_out):
+    # every score +-inf: lse is +-inf as torch.logsumexp gives, not NaN from max-shifting
     n, m, h = MLP_SHAPES[1]
     args = cast(mlp_inputs(n, m, h, 1), torch.float64, requires_grad=False)
-    args[0][2, 3] = float("nan")
+    args[5] = torch.tensor(b_out, dtype=torch.float64, device=DEVICE)
     st = mlp_stats(args, "triton", pos_offset=0)
     ref = reference.pair_mlp_stats(*args, "relu", "none", 0)
     for a, e in zip(st, ref):
-        assert torch.equal(torch.isnan(a), torch.isnan(e))
-        assert torch.isnan(a[2])
+        assert torch.equal(a, e)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,13 +24,15 @@ def _act(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(z, ACT: tl.constexpr):
+def _act_bwd(g, z, ACT: tl.constexpr):
+    """Gradient through act at pre-activation z, as torch computes it (and so with its NaN
+    pattern): relu selects, ``where(relu(z) <= 0, 0, g)``, so a NaN upstream gradient stays out of
+    units that are off and a NaN unit passes it on; tanh multiplies by 1 - tanh(z)^2."""
     if ACT == 0:
-        # torch's relu backward: 1 where the output is > 0 (0 at z == 0)
-        return tl.where(z > 0, 1.0, 0.0).to(z.dtype)
+        return tl.where(z <= 0, 0.0, g)
     else:
         y = _act(z, 1)
-        return 1.0 - y * y
+        return g * (1.0 - y * y)
 
 
 @triton.jit
@@ -53,3 +55,17 @@ def _out_act_grad(t, OUT: tl.constexpr):
     else:
         e = tl.exp(tl.minimum(t, 20.0))
         return tl.where(t > 20.0, 1.0, e / (1.0 + e) + 0.0 * t).to(t.dtype)
+
+
+@triton.jit
+def _lse_step(m_run, shift, l_run, s_lse):
+    """One column tile of the online logsumexp (masked scores are -inf): returns the running
+    max, the shift of the running sum, and the sum of exp(s - shift); lse = shift + log(sum).
+    The shift is the running max, or 0 when that is +-inf, as in torch.logsumexp, so a row of
+    +inf (or -inf) scores gives +inf (-inf), not NaN."""
+    m_new = tl.maximum(m_run, tl.max(s_lse, axis=1))
+    shift_new = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
+    # nothing summed yet: skip the rescale, whose exp may overflow (0 * inf)
+    scale = tl.where(l_run == 0.0, 0.0, tl.exp(shift - shift_new))
+    l_new = l_run * scale + tl.sum(tl.exp(s_lse - shift_new[:, None]), axis=1)
+    return m_new, shift_new, l_new

@@ -13,6 +13,8 @@ column pass whose programs own their dH rows.
 import triton
 import triton.language as tl
 
+from ._common import _lse_step
+
 
 @triton.jit
 def _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -43,6 +45,7 @@ def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset,
         ri = i0 + tl.arange(0, BI)
         mi = ri < N
         m_run = tl.full((BI,), float("-inf"), ACC)
+        shift = tl.zeros((BI,), ACC)
         l_run = tl.zeros((BI,), ACC)
         rsum = tl.zeros((BI,), ACC)
         pos = tl.zeros((BI,), ACC)
@@ -56,12 +59,9 @@ def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset,
             if HAS_EXCL:
                 valid = valid & (rj[None, :] != ri[:, None] + exclude_offset)
             s_lse = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(s_lse, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(s_lse - m_safe[:, None]), axis=1)
-            m_run = m_new
+            m_run, shift, l_run = _lse_step(m_run, shift, l_run, s_lse)
             rsum += tl.sum(tl.where(valid, s, 0.0), axis=1)
-        tl.store(Lse_ptr + ri, m_run + tl.log(tl.where(mi, l_run, 1.0)), mask=mi)
+        tl.store(Lse_ptr + ri, shift + tl.log(tl.where(mi, l_run, 1.0)), mask=mi)
         tl.store(Row_ptr + ri, rsum, mask=mi)
         tl.store(Pos_ptr + ri, pos, mask=mi)
 

@@ -36,7 +36,7 @@ by other threads of the program (different register layouts).
 import triton
 import triton.language as tl
 
-from ._common import _act, _act_grad, _out_act, _out_act_grad
+from ._common import _act, _act_bwd, _lse_step, _out_act, _out_act_grad
 
 
 @triton.jit
@@ -127,6 +127,7 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
         ri = i0 + tl.arange(0, BI)
         mi = ri < N
         m_run = tl.full((BI,), float("-inf"), ACC)
+        shift = tl.zeros((BI,), ACC)
         l_run = tl.zeros((BI,), ACC)
         rsum = tl.zeros((BI,), ACC)
         pos = tl.zeros((BI,), ACC)
@@ -137,16 +138,12 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
             rj = j0 + tl.arange(0, BJ)
             valid = mi[:, None] & (rj < M)[None, :]
             s_lse = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(s_lse, axis=1))
-            # rows past N see only -inf; keep their (unstored) state finite-free of NaN noise
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(s_lse - m_safe[:, None]), axis=1)
-            m_run = m_new
+            m_run, shift, l_run = _lse_step(m_run, shift, l_run, s_lse)
             rsum += tl.sum(tl.where(valid, s, 0.0), axis=1)
             if HAS_POS:
                 hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
                 pos += tl.sum(tl.where(hit, s, 0.0), axis=1)
-        tl.store(Lse_ptr + ri, m_run + tl.log(tl.where(mi, l_run, 1.0)), mask=mi)
+        tl.store(Lse_ptr + ri, shift + tl.log(tl.where(mi, l_run, 1.0)), mask=mi)
         tl.store(Row_ptr + ri, rsum, mask=mi)
         tl.store(Pos_ptr + ri, pos, mask=mi)
         # the next row block rewrites the scratch slot that slow threads may still read
@@ -241,7 +238,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                     if not COL_PASS:
                         g = tl.sum(ds[:, None] * _act(z0, ACT), axis=0)
                         tl.store(dWoutp + rk, tl.load(dWoutp + rk, mask=mk, other=0.0) + g, mask=mk)
-                    dz0 = ds[:, None] * wo[None, :] * _act_grad(z0, ACT)
+                    dz0 = _act_bwd(ds[:, None] * wo[None, :], z0, ACT)
                     _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS, ATOMIC_DB,
                                 BI, BJ, BK)
             else:
@@ -252,7 +249,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                     pz = zp + (L - 1) * zls + rp[:, None] * H + rn[None, :]
                     z = tl.load(pz, mask=mn[None, :], other=0.0).to(ACC)
                     wo = tl.load(Wout_ptr + rn, mask=mn, other=0.0).to(ACC)
-                    dz = ds[:, None] * wo[None, :] * _act_grad(z, ACT)
+                    dz = _act_bwd(ds[:, None] * wo[None, :], z, ACT)
                     if not COL_PASS:
                         g = tl.sum(ds[:, None] * _act(z, ACT), axis=0)
                         tl.store(dWoutp + rn, tl.load(dWoutp + rn, mask=mn, other=0.0) + g, mask=mn)
@@ -286,7 +283,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                                 pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
                                 mw = mn[:, None] & mk[None, :]
                                 tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
-                        dz_in = dh * _act_grad(z_in, ACT)
+                        dz_in = _act_bwd(dh, z_in, ACT)
                         if l == 0:
                             _reduce_dz0(dz_in, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS,
                                         ATOMIC_DB, BI, BJ, BK)
