@@ -184,6 +184,18 @@ def test_pair_mlp_noncontiguous():
     st = mlp_stats(args, "triton", pos_offset=0)
     for a, e in zip(st, ref):
         assert_rel_close(a, e, 1e-10)
+    # gradients are laid out like their inputs (what the fake functions promise)
+    leaves = cast(args, torch.float64)
+    leaves[0] = A.detach().clone().requires_grad_()  # clone keeps the column-major strides
+    leaves[2] = [W[0].detach().clone().requires_grad_()]
+    assert leaves[0].stride() == A.stride()
+    for op in ("stats", "loss"):
+        if op == "stats":
+            out = mlp_stats(leaves, "triton", pos_offset=0).lse.sum()
+        else:
+            out = factorcl_ext.pair_mlp_loss(*leaves, c_lse=1.0, pos_offset=0, backend="triton")
+        for g, t in zip(torch.autograd.grad(out, flat(leaves)), flat(leaves)):
+            assert g.stride() == t.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -35,6 +35,7 @@ _MLP_KEY = ["N", "M", "H", "L"]
 _DOT_KEY = ["N", "M", "D"]
 _MLP_ACCUMULATORS = ["dA_ptr", "dB_ptr", "dW_ptr", "dBias_ptr", "dWout_ptr", "dBout_ptr"]
 
+
 def _tuners(kernel, configs_by_family, key, reset=None):
     """{(family, fixed): Autotuner}. ``fixed`` holds only the family's first configuration: the
     deterministic mode never tunes, so its reduction order is the same in every process. Single-
@@ -56,6 +57,16 @@ _DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
 _DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
 
 _tracing = threading.local()
+
+
+def _like(grad: Tensor, t: Tensor) -> Tensor:
+    """``grad`` in the dtype and memory layout of ``t``, as the fake functions promise
+    (``empty_like``): the accumulators are contiguous float32, the inputs need not be."""
+    if grad.dtype == t.dtype and grad.stride() == t.stride():
+        return grad
+    out = torch.empty_like(t)
+    out.copy_(grad)
+    return out
 
 
 def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
@@ -99,6 +110,8 @@ class _MlpArgs:
 
     def __init__(self, A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                  out_activation, pos_offset):
+        # the callers' tensors: gradients take their layouts
+        self.src = (A, B, list(hidden_weights), list(hidden_biases), w_out, b_out)
         self.A = A.contiguous()
         self.B = B.contiguous()
         self.N, self.H = A.shape
@@ -172,16 +185,16 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     if det:
         _launch(_MLP_BWD, a.family, (a.g_col,), common,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False), det)
-    wdt = a.W.dtype
+    A, B, W, b, w_out, b_out = a.src
     # one sum per layer (not views of one sum): custom-op outputs may not alias each other;
     # summing the per-program slots in a fixed order keeps the weight gradients deterministic
     return (
-        dA.to(a.A.dtype),
-        dB.to(a.B.dtype),
-        [dW[:, l].sum(0).to(wdt) for l in range(L)],
-        [dBias[:, l].sum(0).to(wdt) for l in range(L)],
-        dWout.sum(0).to(a.w_out.dtype),
-        dBout.sum().to(a.b_out.dtype),
+        _like(dA, A),
+        _like(dB, B),
+        [_like(dW[:, l].sum(0), W[l]) for l in range(L)],
+        [_like(dBias[:, l].sum(0), b[l]) for l in range(L)],
+        _like(dWout.sum(0), w_out),
+        _like(dBout.sum().reshape(b_out.shape), b_out),
     )
 
 
@@ -219,8 +232,7 @@ def pair_mlp_stats_backward(grad_lse, grad_pos, grad_rowsum, A, B, hidden_weight
                             pos_offset):
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset)
-    dA, dB, dW, db, dwo, dbo = _mlp_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
-    return dA, dB, dW, db, dwo, dbo.reshape(b_out.shape)
+    return _mlp_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
 @_register("factorcl::triton_pair_mlp_loss", _MLP_LOSS_SCHEMA)
@@ -234,8 +246,7 @@ def pair_mlp_loss(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
         return (loss, A.new_empty(0), B.new_empty(0), [w.new_empty(0) for w in hidden_weights],
                 [b.new_empty(0) for b in hidden_biases], w_out.new_empty(0), b_out.new_empty(0))
     consts = [torch.full_like(lse, c) for c in (c_lse, c_pos, c_rowsum)]
-    dA, dB, dW, db, dwo, dbo = _mlp_backward(a, lse, *consts)
-    return loss, dA, dB, dW, db, dwo, dbo.reshape(b_out.shape)
+    return (loss, *_mlp_backward(a, lse, *consts))
 
 
 def _mlp_stats_setup(ctx, inputs, output):
@@ -288,6 +299,7 @@ pair_mlp_loss.register_autograd(_mlp_loss_bwd, setup_context=_mlp_loss_setup)
 
 class _DotArgs:
     def __init__(self, G, H, pos_offset, exclude_offset):
+        self.src = (G, H)
         self.G = G.contiguous()
         self.H = H.contiguous()
         self.N, self.D = G.shape
@@ -334,7 +346,7 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     if det:
         _launch(_DOT_BWD, a.family, (a.g_col,), args,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DH=False), det)
-    return dG.to(a.G.dtype), dH.to(a.H.dtype)
+    return _like(dG, a.src[0]), _like(dH, a.src[1])
 
 
 _DOT_STATS_SCHEMA = (
