@@ -185,7 +185,12 @@ at::Tensor like_input(const at::Tensor& grad, const at::Tensor& input) {
 Stats pair_dot_stats_cpu(const at::Tensor& G_in, const at::Tensor& H_in,
                          std::optional<int64_t> pos_offset, std::optional<int64_t> exclude_offset) {
   check_pair_dot("pair_dot_stats", G_in, H_in, pos_offset, exclude_offset);
-  const at::Tensor G = G_in.contiguous(), H = H_in.contiguous();
+  // The internal out= ops must not see autograd, even when a caller (opcheck's schema check, a
+  // C++ user) reaches this kernel with inputs that require grad. The guard alone is not enough:
+  // under a Python dispatch mode (AOT tracing) the inner calls get the TLS of the outer call back,
+  // so the inputs are detached too.
+  const at::AutoDispatchBelowAutograd below_autograd;
+  const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
   const int64_t n = G.size(0);
   at::Tensor lse = at::empty({n}, G.options());
   at::Tensor pos = at::zeros({n}, G.options());
@@ -213,14 +218,16 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(
     std::optional<int64_t> pos_offset, std::optional<int64_t> exclude_offset) {
   constexpr const char* op = "pair_dot_stats_backward";
   check_pair_dot(op, G_in, H_in, pos_offset, exclude_offset);
+  const at::AutoDispatchBelowAutograd below_autograd;
   check_row_vector(op, "grad_lse", grad_lse_in, G_in);
   check_row_vector(op, "grad_pos", grad_pos_in, G_in);
   check_row_vector(op, "grad_rowsum", grad_rowsum_in, G_in);
   check_row_vector(op, "lse", lse_in, G_in);
-  const at::Tensor G = G_in.contiguous(), H = H_in.contiguous();
+  const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
   // Upstream gradients are often expanded scalars (stride 0): make them plain vectors.
-  const at::Tensor g_lse = grad_lse_in.contiguous(), g_pos = grad_pos_in.contiguous(),
-                   g_rowsum = grad_rowsum_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor g_lse = grad_lse_in.detach().contiguous(),
+                   g_pos = grad_pos_in.detach().contiguous(),
+                   g_rowsum = grad_rowsum_in.detach().contiguous(), lse = lse_in.detach().contiguous();
   const int64_t n = G.size(0);
   const Plan plan(n, H.size(0), G.element_size());
   at::Tensor dG = at::empty_like(G);
@@ -265,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
     std::optional<int64_t> exclude_offset, double c_lse, double c_pos, double c_rowsum,
     bool compute_grad) {
   check_pair_dot("pair_dot_loss", G_in, H_in, pos_offset, exclude_offset);
-  const at::Tensor G = G_in.contiguous(), H = H_in.contiguous();
+  const at::AutoDispatchBelowAutograd below_autograd;
+  const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
   const int64_t n = G.size(0);
   at::Tensor lse = at::empty({n}, G.options());
   at::Tensor pos = at::zeros({n}, G.options());
