@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 
@@ -101,53 +103,242 @@ void for_each_strip(const Plan& plan, const at::TensorOptions& opts, Fn&& fn) {
   });
 }
 
-// Entry (ii, row0 + ii + offset) of every row of a strip.
-template <typename scalar_t, typename F>
-inline void for_each_diagonal(at::Tensor& S, int64_t row0, int64_t offset, F&& f) {
-  scalar_t* s = S.data_ptr<scalar_t>();
-  const int64_t r = S.size(0), m = S.size(1);
-  for (int64_t ii = 0; ii < r; ++ii) f(ii, s[ii * m + row0 + ii + offset]);
+// ---- row kernels ------------------------------------------------------------------------------
+// The element-wise work on a strip is a few passes over rows of M scores. With a scalar exp they
+// would cost about as much as the GEMM itself (ATen's exp goes through MKL VML, which is slow on
+// some CPUs, and each ATen call is a separate pass), so they are written here on GCC/Clang vector
+// types of 32 bytes, compiled twice (AVX2 and the baseline ISA, where a vector op becomes two SSE
+// ops) and picked at load time. Explicit vectors rather than auto-vectorised loops: GCC threads
+// the clamps of exp into branches, and a loop with branches does not vectorise.
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define FACTORCL_ROW_KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#define FACTORCL_ROW_KERNEL
+#endif
+#define FACTORCL_INLINE __attribute__((always_inline)) inline
+// Vectors only cross always-inlined calls, so the ABI of passing them (what -Wpsabi warns about in
+// the baseline clone) never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  using Int = int32_t;
+  // Inputs are clamped to [lo, hi]: at hi the scaling below overflows to +Inf, at lo it rounds
+  // to 0, so the clamp alone gives the right limits (and a NaN passes through it).
+  static constexpr float hi = 89.0f, lo = -104.0f;
+  static constexpr float round_magic = 12582912.0f;  // 1.5 * 2^23: x + magic rounds to an integer
+  static constexpr float log2e = 1.44269504088896341f;
+  // ln 2 in two parts; ln2_hi has few mantissa bits, so k * ln2_hi is exact.
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr int mantissa_bits = 23, bias = 127, degree = 7;
+};
+template <>
+struct ExpConst<double> {
+  using Int = int64_t;
+  static constexpr double hi = 710.0, lo = -746.0;
+  static constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 0.693145751953125, ln2_lo = 1.42860682030941723212e-6;
+  static constexpr int mantissa_bits = 52, bias = 1023, degree = 13;
+};
+
+// 32-byte vectors of T and of the same-width integer.
+template <typename T>
+struct Vec {
+  static constexpr int lanes = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(32)));
+  typedef typename ExpConst<T>::Int I __attribute__((vector_size(32)));
+};
+
+template <typename V>
+FACTORCL_INLINE V load(const void* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+FACTORCL_INLINE void store(void* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+// The lanes summed in a fixed order: reductions are the same from run to run.
+template <typename T, typename V>
+FACTORCL_INLINE T lane_sum(V v) {
+  T s = 0;
+  for (int l = 0; l < Vec<T>::lanes; ++l) s += v[l];
+  return s;
 }
 
-// Reduces a strip of scores S [r, M] (rows row0..row0+r) to pos and rowsum (written to the given
-// row slices) and leaves S = exp(s - shift) with the excluded entry 0, plus shift [r] and
-// sumexp [r], so that lse = log(sumexp) + shift.
-template <typename scalar_t>
-void reduce_strip(at::Tensor& S, int64_t row0, std::optional<int64_t> pos_offset,
-                  std::optional<int64_t> exclude_offset, scalar_t* pos, at::Tensor rowsum,
-                  at::Tensor shift, at::Tensor sumexp) {
+constexpr double inverse_factorial(int i) { return i <= 1 ? 1.0 : inverse_factorial(i - 1) / i; }
+
+// sum_{i=I..N} r^(i-I) / i!, by Horner with compile-time coefficients.
+template <typename T, int I, int N, typename V>
+FACTORCL_INLINE V taylor_tail(V r) {
+  if constexpr (I == N) {
+    return V{} + static_cast<T>(inverse_factorial(N));
+  } else {
+    return taylor_tail<T, I + 1, N>(r) * r + static_cast<T>(inverse_factorial(I));
+  }
+}
+
+// exp of each lane: exp(x) = 2^k exp(r), |r| <= ln2 / 2, exp(r) by its Taylor polynomial (degree 7 /
+// 13: truncation below half an ulp). Within 1 eps of std::exp (subnormal results included),
+// +Inf -> Inf, -Inf -> 0, NaN -> NaN. V is T itself or Vec<T>::V; IntV the matching integer type.
+template <typename T, typename V, typename IntV>
+FACTORCL_INLINE V vexp(V x) {
+  using C = ExpConst<T>;
+  const V hi = V{} + C::hi, lo = V{} + C::lo;
+  V xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const V t = xc * C::log2e + C::round_magic;
+  const V kf = t - C::round_magic;
+  const IntV k = std::bit_cast<IntV>(t) - std::bit_cast<typename C::Int>(C::round_magic);
+  V r = xc - kf * C::ln2_hi;
+  r = r - kf * C::ln2_lo;
+  const V p = taylor_tail<T, 0, C::degree>(r);
+  // 2^k in two halves: k spans [-1076, 1024], beyond the normal exponent range of one factor.
+  const IntV k1 = k >> 1, k2 = k - k1;
+  return p * std::bit_cast<V>((k1 + C::bias) << C::mantissa_bits) *
+         std::bit_cast<V>((k2 + C::bias) << C::mantissa_bits);
+}
+template <typename T>
+FACTORCL_INLINE T exp_scalar(T x) {
+  return vexp<T, T, typename ExpConst<T>::Int>(x);
+}
+template <typename T>
+FACTORCL_INLINE typename Vec<T>::V exp_vector(typename Vec<T>::V x) {
+  return vexp<T, typename Vec<T>::V, typename Vec<T>::I>(x);
+}
+
+// The kernels, each on one contiguous segment of a row: full vectors, then a scalar tail.
+template <typename T>
+FACTORCL_INLINE void seg_max_sum_impl(const T* x, int64_t n, T& mx, T& sum) {
+  using V = typename Vec<T>::V;
+  constexpr int L = Vec<T>::lanes;
+  // NaN is skipped by the maximum (the compare is false) but reaches the sum of exponentials.
+  V vm = V{} + mx, vs = V{};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V v = load<V>(x + j);
+    vm = v > vm ? v : vm;
+    vs += v;
+  }
+  T m = vm[0];
+  for (int l = 1; l < L; ++l) m = vm[l] > m ? vm[l] : m;
+  T s = lane_sum<T>(vs);
+  for (; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    s += x[j];
+  }
+  mx = m;
+  sum += s;
+}
+
+template <typename T, bool kStore>
+FACTORCL_INLINE T seg_exp_sum_impl(T* x, int64_t n, T shift) {
+  using V = typename Vec<T>::V;
+  constexpr int L = Vec<T>::lanes;
+  const V vshift = V{} + shift;
+  V vs = V{};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    const V e = exp_vector<T>(load<V>(x + j) - vshift);
+    if constexpr (kStore) store(x + j, e);
+    vs += e;
+  }
+  T s = lane_sum<T>(vs);
+  for (; j < n; ++j) {
+    const T e = exp_scalar<T>(x[j] - shift);
+    if constexpr (kStore) x[j] = e;
+    s += e;
+  }
+  return s;
+}
+
+// x = a * x + b, or with kExp x = a * exp(x - shift) + b.
+template <typename T, bool kExp>
+FACTORCL_INLINE void seg_affine_impl(T* x, int64_t n, T shift, T a, T b) {
+  using V = typename Vec<T>::V;
+  constexpr int L = Vec<T>::lanes;
+  const V vshift = V{} + shift, va = V{} + a, vb = V{} + b;
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    V v = load<V>(x + j);
+    if constexpr (kExp) v = exp_vector<T>(v - vshift);
+    store(x + j, va * v + vb);
+  }
+  for (; j < n; ++j) {
+    T v = x[j];
+    if constexpr (kExp) v = exp_scalar<T>(v - shift);
+    x[j] = a * v + b;
+  }
+}
+
+// target_clones needs plain (non-template) functions: one set per dtype.
+#define FACTORCL_DEFINE_ROW_KERNELS(T)                                                          \
+  FACTORCL_ROW_KERNEL void seg_max_sum(const T* x, int64_t n, T& mx, T& sum) {                  \
+    seg_max_sum_impl<T>(x, n, mx, sum);                                                         \
+  }                                                                                             \
+  FACTORCL_ROW_KERNEL T seg_sumexp(const T* x, int64_t n, T shift) {                            \
+    return seg_exp_sum_impl<T, false>(const_cast<T*>(x), n, shift);                             \
+  }                                                                                             \
+  FACTORCL_ROW_KERNEL T seg_exp_store(T* x, int64_t n, T shift) {                               \
+    return seg_exp_sum_impl<T, true>(x, n, shift);                                              \
+  }                                                                                             \
+  FACTORCL_ROW_KERNEL void seg_affine(T* x, int64_t n, T a, T b) {                              \
+    seg_affine_impl<T, false>(x, n, T(0), a, b);                                                \
+  }                                                                                             \
+  FACTORCL_ROW_KERNEL void seg_exp_affine(T* x, int64_t n, T shift, T a, T b) {                 \
+    seg_affine_impl<T, true>(x, n, shift, a, b);                                                \
+  }
+FACTORCL_DEFINE_ROW_KERNELS(float)
+FACTORCL_DEFINE_ROW_KERNELS(double)
+#undef FACTORCL_DEFINE_ROW_KERNELS
+
+// Calls f(begin, length) on the row [0, m) minus the column `skip`, in order.
+template <typename F>
+inline void without_column(int64_t m, std::optional<int64_t> skip, F&& f) {
+  if (!skip) {
+    f(int64_t{0}, m);
+    return;
+  }
+  if (*skip > 0) f(int64_t{0}, *skip);
+  if (*skip + 1 < m) f(*skip + 1, m - *skip - 1);
+}
+
+struct Offsets {
+  std::optional<int64_t> pos, exclude;
+};
+
+// Reduces row i (scores x[0..m)) to pos, rowsum and lse; with `store`, leaves x = exp(s - shift)
+// (the excluded entry 0) and returns sumexp, so that softmax = x / sumexp.
+template <typename T>
+inline T reduce_row(T* x, int64_t m, int64_t i, const Offsets& off, bool store, T& lse, T& pos,
+                    T& rowsum) {
   // pos first: it is s_(i, i+pos_offset) even where that column is the excluded one.
-  if (pos_offset) {
-    for_each_diagonal<scalar_t>(S, row0, *pos_offset, [&](int64_t ii, scalar_t& x) { pos[ii] = x; });
-  }
-  // Excluded entries are overwritten rather than subtracted afterwards, so that an Inf or NaN
-  // there leaves the row's statistics untouched, as in the reference.
-  if (exclude_offset) {
-    for_each_diagonal<scalar_t>(S, row0, *exclude_offset, [](int64_t, scalar_t& x) { x = 0; });
-  }
-  at::sum_out(rowsum, S, {1});
-  if (exclude_offset) {
-    for_each_diagonal<scalar_t>(S, row0, *exclude_offset, [](int64_t, scalar_t& x) {
-      x = -std::numeric_limits<scalar_t>::infinity();
-    });
-  }
-  at::amax_out(shift, S, {1});
+  if (off.pos) pos = x[i + *off.pos];
+  std::optional<int64_t> skip;
+  if (off.exclude) skip = i + *off.exclude;
+  T mx = -std::numeric_limits<T>::infinity(), sum = 0;
+  without_column(m, skip, [&](int64_t b, int64_t len) { seg_max_sum(x + b, len, mx, sum); });
+  rowsum = sum;
   // torch.logsumexp's rule: an infinite row maximum is not subtracted, so a row holding +Inf gives
-  // +Inf and a row of -Inf gives -Inf (s - max would be NaN in both); NaN propagates through amax.
-  scalar_t* sh = shift.data_ptr<scalar_t>();
-  for (int64_t ii = 0; ii < S.size(0); ++ii) {
-    if (std::isinf(sh[ii])) sh[ii] = 0;
+  // +Inf and a row of -Inf gives -Inf (s - max would be NaN in both). A NaN anywhere in the row
+  // reaches the sum of exponentials whatever the maximum is.
+  const T shift = std::isinf(mx) ? T(0) : mx;
+  T sumexp = 0;
+  if (store) {
+    without_column(m, skip,
+                   [&](int64_t b, int64_t len) { sumexp += seg_exp_store(x + b, len, shift); });
+    if (skip) x[*skip] = 0;
+  } else {
+    without_column(m, skip,
+                   [&](int64_t b, int64_t len) { sumexp += seg_sumexp(x + b, len, shift); });
   }
-  S.sub_(shift.unsqueeze(1));
-  S.exp_();
-  at::sum_out(sumexp, S, {1});
-}
-
-template <typename scalar_t>
-void write_lse(const at::Tensor& shift, const at::Tensor& sumexp, scalar_t* lse) {
-  const scalar_t* sh = shift.const_data_ptr<scalar_t>();
-  const scalar_t* se = sumexp.const_data_ptr<scalar_t>();
-  for (int64_t ii = 0; ii < shift.size(0); ++ii) lse[ii] = std::log(se[ii]) + sh[ii];
+  lse = std::log(sumexp) + shift;
+  return sumexp;
 }
 
 // dH accumulates dS^T G over strips into one partial per slot (slot 0 writes dH itself); the
@@ -191,22 +382,26 @@ Stats pair_dot_stats_cpu(const at::Tensor& G_in, const at::Tensor& H_in,
   // so the inputs are detached too.
   const at::AutoDispatchBelowAutograd below_autograd;
   const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
-  const int64_t n = G.size(0);
+  const int64_t n = G.size(0), m = H.size(0);
   at::Tensor lse = at::empty({n}, G.options());
   at::Tensor pos = at::zeros({n}, G.options());
   at::Tensor rowsum = at::empty({n}, G.options());
-  const Plan plan(n, H.size(0), G.element_size());
+  const Plan plan(n, m, G.element_size());
+  const Offsets off{pos_offset, exclude_offset};
   const at::Tensor Ht = H.t();
 
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "pair_dot_stats_cpu", [&] {
     scalar_t* lse_p = lse.data_ptr<scalar_t>();
     scalar_t* pos_p = pos.data_ptr<scalar_t>();
+    scalar_t* rowsum_p = rowsum.data_ptr<scalar_t>();
     for_each_strip(plan, G.options(), [&](int64_t, bool, int64_t row0, int64_t r, at::Tensor& S) {
-      at::Tensor shift = at::empty({r}, G.options()), sumexp = at::empty({r}, G.options());
       at::mm_out(S, G.narrow(0, row0, r), Ht);
-      reduce_strip<scalar_t>(S, row0, pos_offset, exclude_offset, pos_p + row0,
-                             rowsum.narrow(0, row0, r), shift, sumexp);
-      write_lse<scalar_t>(shift, sumexp, lse_p + row0);
+      scalar_t* s = S.data_ptr<scalar_t>();
+      for (int64_t ii = 0; ii < r; ++ii) {
+        const int64_t i = row0 + ii;
+        reduce_row<scalar_t>(s + ii * m, m, i, off, /*store=*/false, lse_p[i], pos_p[i],
+                             rowsum_p[i]);
+      }
     });
   });
   return {lse, pos, rowsum};
@@ -218,45 +413,42 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(
     std::optional<int64_t> pos_offset, std::optional<int64_t> exclude_offset) {
   constexpr const char* op = "pair_dot_stats_backward";
   check_pair_dot(op, G_in, H_in, pos_offset, exclude_offset);
-  const at::AutoDispatchBelowAutograd below_autograd;
   check_row_vector(op, "grad_lse", grad_lse_in, G_in);
   check_row_vector(op, "grad_pos", grad_pos_in, G_in);
   check_row_vector(op, "grad_rowsum", grad_rowsum_in, G_in);
   check_row_vector(op, "lse", lse_in, G_in);
+  const at::AutoDispatchBelowAutograd below_autograd;
   const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
   // Upstream gradients are often expanded scalars (stride 0): make them plain vectors.
   const at::Tensor g_lse = grad_lse_in.detach().contiguous(),
                    g_pos = grad_pos_in.detach().contiguous(),
-                   g_rowsum = grad_rowsum_in.detach().contiguous(), lse = lse_in.detach().contiguous();
-  const int64_t n = G.size(0);
-  const Plan plan(n, H.size(0), G.element_size());
+                   g_rowsum = grad_rowsum_in.detach().contiguous(),
+                   lse = lse_in.detach().contiguous();
+  const int64_t n = G.size(0), m = H.size(0);
+  const Plan plan(n, m, G.element_size());
   at::Tensor dG = at::empty_like(G);
   at::Tensor dH = at::empty_like(H);
   SlotPartials dH_parts(dH, plan.slots);
   const at::Tensor Ht = H.t();
 
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "pair_dot_stats_backward_cpu", [&] {
+    const scalar_t* g_lse_p = g_lse.const_data_ptr<scalar_t>();
     const scalar_t* g_pos_p = g_pos.const_data_ptr<scalar_t>();
+    const scalar_t* g_rowsum_p = g_rowsum.const_data_ptr<scalar_t>();
+    const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
     for_each_strip(plan, G.options(), [&](int64_t slot, bool first, int64_t row0, int64_t r,
                                           at::Tensor& S) {
       const at::Tensor G_strip = G.narrow(0, row0, r);
       at::mm_out(S, G_strip, Ht);
-      if (exclude_offset) {
-        for_each_diagonal<scalar_t>(S, row0, *exclude_offset, [](int64_t, scalar_t& x) {
-          x = -std::numeric_limits<scalar_t>::infinity();
-        });
-      }
-      // dS = g_lse * softmax + g_rowsum (+ g_pos on the positive), recomputed from the saved lse.
-      S.sub_(lse.narrow(0, row0, r).unsqueeze(1));
-      S.exp_();
-      at::addcmul_out(S, g_rowsum.narrow(0, row0, r).unsqueeze(1), S,
-                      g_lse.narrow(0, row0, r).unsqueeze(1));
-      if (exclude_offset) {
-        for_each_diagonal<scalar_t>(S, row0, *exclude_offset, [](int64_t, scalar_t& x) { x = 0; });
-      }
-      if (pos_offset) {
-        for_each_diagonal<scalar_t>(S, row0, *pos_offset,
-                                    [&](int64_t ii, scalar_t& x) { x += g_pos_p[row0 + ii]; });
+      scalar_t* s = S.data_ptr<scalar_t>();
+      for (int64_t ii = 0; ii < r; ++ii) {
+        const int64_t i = row0 + ii;
+        scalar_t* x = s + ii * m;
+        // dS = g_lse * exp(s - lse) + g_rowsum, recomputed from the saved lse; the excluded
+        // entry gets nothing from either (whatever its score), the positive gets g_pos.
+        seg_exp_affine(x, m, lse_p[i], g_lse_p[i], g_rowsum_p[i]);
+        if (exclude_offset) x[i + *exclude_offset] = 0;
+        if (pos_offset) x[i + *pos_offset] += g_pos_p[i];
       }
       at::Tensor dG_strip = dG.narrow(0, row0, r);
       at::mm_out(dG_strip, S, H);
@@ -274,11 +466,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
   check_pair_dot("pair_dot_loss", G_in, H_in, pos_offset, exclude_offset);
   const at::AutoDispatchBelowAutograd below_autograd;
   const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
-  const int64_t n = G.size(0);
+  const int64_t n = G.size(0), m = H.size(0);
   at::Tensor lse = at::empty({n}, G.options());
   at::Tensor pos = at::zeros({n}, G.options());
   at::Tensor rowsum = at::empty({n}, G.options());
-  const Plan plan(n, H.size(0), G.element_size());
+  const Plan plan(n, m, G.element_size());
+  const Offsets off{pos_offset, exclude_offset};
   at::Tensor dG, dH;
   std::optional<SlotPartials> dH_parts;
   if (compute_grad) {
@@ -291,27 +484,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "pair_dot_loss_cpu", [&] {
     scalar_t* lse_p = lse.data_ptr<scalar_t>();
     scalar_t* pos_p = pos.data_ptr<scalar_t>();
+    scalar_t* rowsum_p = rowsum.data_ptr<scalar_t>();
+    const auto cl = static_cast<scalar_t>(c_lse), cp = static_cast<scalar_t>(c_pos),
+               cr = static_cast<scalar_t>(c_rowsum);
     for_each_strip(plan, G.options(), [&](int64_t slot, bool first, int64_t row0, int64_t r,
                                           at::Tensor& S) {
-      at::Tensor shift = at::empty({r}, G.options()), sumexp = at::empty({r}, G.options());
       const at::Tensor G_strip = G.narrow(0, row0, r);
       at::mm_out(S, G_strip, Ht);
-      reduce_strip<scalar_t>(S, row0, pos_offset, exclude_offset, pos_p + row0,
-                             rowsum.narrow(0, row0, r), shift, sumexp);
-      write_lse<scalar_t>(shift, sumexp, lse_p + row0);
+      scalar_t* s = S.data_ptr<scalar_t>();
+      for (int64_t ii = 0; ii < r; ++ii) {
+        const int64_t i = row0 + ii;
+        scalar_t* x = s + ii * m;
+        const scalar_t sumexp =
+            reduce_row<scalar_t>(x, m, i, off, compute_grad, lse_p[i], pos_p[i], rowsum_p[i]);
+        if (!compute_grad) continue;
+        // The loss is linear in (lse, pos, rowsum) with known coefficients, so dS is known as
+        // soon as the row is reduced: c_lse * softmax + c_rowsum, the excluded entry 0, c_pos
+        // on the positive.
+        seg_affine(x, m, cl / sumexp, cr);
+        if (exclude_offset) x[i + *exclude_offset] = 0;
+        if (pos_offset) x[i + *pos_offset] += cp;
+      }
       if (!compute_grad) return;
-      // The loss is linear in (lse, pos, rowsum) with known coefficients, so dS is known now:
-      // c_lse * exp(s - shift) / sumexp + c_rowsum, the excluded entry 0, c_pos on the positive.
-      at::Tensor scale = at::reciprocal(sumexp).mul_(c_lse);
-      S.mul_(scale.unsqueeze(1));
-      S.add_(c_rowsum);
-      if (exclude_offset) {
-        for_each_diagonal<scalar_t>(S, row0, *exclude_offset, [](int64_t, scalar_t& x) { x = 0; });
-      }
-      if (pos_offset) {
-        const auto cp = static_cast<scalar_t>(c_pos);
-        for_each_diagonal<scalar_t>(S, row0, *pos_offset, [&](int64_t, scalar_t& x) { x += cp; });
-      }
       at::Tensor dG_strip = dG.narrow(0, row0, r);
       at::mm_out(dG_strip, S, H);
       dH_parts->accumulate(slot, first, S, G_strip);
