@@ -154,7 +154,8 @@ def _check_loss_and_grads(backend, g, h, temperature, normalize, pos_offset, exc
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("temperature", [0.5, "tensor"], ids=["tau-float", "tau-tensor"])
 @pytest.mark.parametrize("n,m,d,pos_offset,exclude_offset", CASES)
-def test_stats_float64(backend, device, n, m, d, pos_offset, exclude_offset, temperature, normalize):
+def test_stats_float64(backend, device, n, m, d, pos_offset, exclude_offset, temperature,
+                       normalize):
     g, h, temperature = _inputs(n, m, d, device, temperature=temperature)
     _check_stats_and_grads(backend, g, h, temperature, normalize, pos_offset, exclude_offset,
                            F64_TOL)
@@ -163,7 +164,8 @@ def test_stats_float64(backend, device, n, m, d, pos_offset, exclude_offset, tem
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("temperature", [0.5, "tensor"], ids=["tau-float", "tau-tensor"])
 @pytest.mark.parametrize("n,m,d,pos_offset,exclude_offset", CASES)
-def test_loss_float64(backend, device, n, m, d, pos_offset, exclude_offset, temperature, normalize):
+def test_loss_float64(backend, device, n, m, d, pos_offset, exclude_offset, temperature,
+                      normalize):
     g, h, temperature = _inputs(n, m, d, device, temperature=temperature)
     _check_loss_and_grads(backend, g, h, temperature, normalize, pos_offset, exclude_offset,
                           F64_TOL)
@@ -261,7 +263,8 @@ def test_loss_matches_stats(backend, device):
     grads = _grads(loss, a)
     b = _leaves(g, h)
     st = factorcl_ext.separable_critic_stats(b[0], b[1], **kw)
-    combo = (coefs["c_lse"] * st.lse + coefs["c_pos"] * st.pos + coefs["c_rowsum"] * st.rowsum).sum()
+    combo = (coefs["c_lse"] * st.lse + coefs["c_pos"] * st.pos
+             + coefs["c_rowsum"] * st.rowsum).sum()
     combo_grads = _grads(combo, b)
     assert_rel_close(loss, combo, F64_TOL, "loss")
     for name, x, y in zip(("dg", "dh"), grads, combo_grads):

@@ -5,9 +5,7 @@
 // Strip design: the rows are cut into strips of R rows; a worker forms one R x M strip of scores
 // with a GEMM into its own buffer, reduces it to the three row statistics and, for gradients,
 // turns it in place into dS and runs the two gradient GEMMs. Nothing of size N x M exists.
-// The element-wise passes over a strip are ATen ops on the strip buffer: they are vectorised for
-// the CPU found at run time (AVX2 / AVX-512 exp), which this translation unit, compiled for the
-// baseline ISA, could not be.
+// The row passes over a strip (see "row kernels") are written for SIMD here, with their own exp.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -87,7 +85,8 @@ struct Plan {
   int64_t first_strip(int64_t slot) const { return slot * strips / slots; }
 };
 
-// Runs fn(slot, row0, r, workspace_strip) over every strip, one slot per parallel task.
+// Runs fn(slot, first_strip_of_slot, row0, r, S) over every strip, one slot per parallel task;
+// S is the worker's [r, M] strip buffer. Every slot has at least one strip (slots <= strips).
 template <typename Fn>
 void for_each_strip(const Plan& plan, const at::TensorOptions& opts, Fn&& fn) {
   at::parallel_for(0, plan.slots, 1, [&](int64_t s0, int64_t s1) {
@@ -183,9 +182,10 @@ FACTORCL_INLINE V taylor_tail(V r) {
   }
 }
 
-// exp of each lane: exp(x) = 2^k exp(r), |r| <= ln2 / 2, exp(r) by its Taylor polynomial (degree 7 /
-// 13: truncation below half an ulp). Within 1 eps of std::exp (subnormal results included),
-// +Inf -> Inf, -Inf -> 0, NaN -> NaN. V is T itself or Vec<T>::V; IntV the matching integer type.
+// exp of each lane: exp(x) = 2^k exp(r), |r| <= ln2 / 2, exp(r) by its Taylor polynomial
+// (degree 7 / 13: truncation below half an ulp). Within 1 eps of std::exp (subnormal results
+// included), +Inf -> Inf, -Inf -> 0, NaN -> NaN. V is T itself or Vec<T>::V; IntV the matching
+// integer type.
 template <typename T, typename V, typename IntV>
 FACTORCL_INLINE V vexp(V x) {
   using C = ExpConst<T>;

@@ -46,7 +46,8 @@ void check_close(const at::Tensor& a, const at::Tensor& e, double tol, const std
 
 // Runs f and checks that it throws E with `word` in the message.
 template <typename E>
-void check_throws(const std::function<void()>& f, const std::string& word, const std::string& what) {
+void check_throws(const std::function<void()>& f, const std::string& word,
+                  const std::string& what) {
   try {
     f();
   } catch (const E& e) {
