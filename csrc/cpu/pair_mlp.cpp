@@ -46,7 +46,8 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // Element-wise passes over [T, H] tile buffers (H innermost, contiguous). Activation is a template
 // argument so the inner loops carry no branches. relu keeps NaN (v < 0 ? 0 : v) and its derivative
-// is taken from the output, h > 0, as torch's threshold_backward does (NaN -> 0).
+// is taken from the output as torch's threshold_backward does: h <= 0 ? 0 : g, so a NaN activation
+// passes its (NaN) gradient on instead of silently zeroing it.
 // ------------------------------------------------------------------------------------------------
 
 template <typename T>
@@ -133,7 +134,7 @@ FCL_CLONES void score_rows(const T* __restrict h, const T* __restrict w, T b_out
 template <typename T, bool kRelu>
 inline T act_grad(T h, T g) {
   if constexpr (kRelu) {
-    return h > T(0) ? g : T(0);
+    return h <= T(0) ? T(0) : g;
   } else {
     return g * (T(1) - h * h);
   }
@@ -236,7 +237,7 @@ FCL_CLONES void l0_relu_backward(const T* __restrict a, const T* __restrict b,
       for (int64_t k = 0; k < H; ++k) {
         const T hv = relu(ar[k] + bc[k]);
         dwout[k] += g * hv;
-        const T dz = hv > T(0) ? g * w[k] : T(0);
+        const T dz = hv <= T(0) ? T(0) : g * w[k];
         dAr[k] += dz;
         dBc[k] += dz;
       }
