@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import pytest
-from conftest import assert_rel_close
+from conftest import assert_rel_close, rel_error
 
 import factorcl_ext as fe
 from factorcl_ext import reference as ref
@@ -37,7 +37,7 @@ SHAPES = [
 # ------------------------------------------------------------------------------------------------
 
 
-def make_core(N, M, H, L, dtype=torch.float64, device="cpu", b_out_shape=()):
+def make_core(N, M, H, L, dtype=torch.float64, device="cpu", b_out_shape=(), score_shift=0.0):
     """Core-op inputs, drawn in float64 so every dtype sees the same values."""
     d = torch.float64
     p = {
@@ -46,12 +46,13 @@ def make_core(N, M, H, L, dtype=torch.float64, device="cpu", b_out_shape=()):
         "hidden_weights": [torch.randn(H, H, dtype=d) / H**0.5 for _ in range(L)],
         "hidden_biases": [0.3 * torch.randn(H, dtype=d) for _ in range(L)],
         "w_out": torch.randn(H, dtype=d) / H**0.5 * 1.5,
-        "b_out": 0.5 * torch.randn(b_out_shape, dtype=d),
+        "b_out": 0.5 * torch.randn(b_out_shape, dtype=d) + score_shift,
     }
     return cast(p, dtype, device)
 
 
-def make_concat(N, M, du, dv, H, L, dtype=torch.float64, device="cpu", b_out_shape=()):
+def make_concat(N, M, du, dv, H, L, dtype=torch.float64, device="cpu", b_out_shape=(),
+                score_shift=0.0):
     d = torch.float64
     p = {
         "u": torch.randn(N, du, dtype=d),
@@ -62,7 +63,7 @@ def make_concat(N, M, du, dv, H, L, dtype=torch.float64, device="cpu", b_out_sha
         "hidden_weights": [torch.randn(H, H, dtype=d) / H**0.5 for _ in range(L)],
         "hidden_biases": [0.3 * torch.randn(H, dtype=d) for _ in range(L)],
         "w_out": torch.randn(H, dtype=d) / H**0.5 * 1.5,
-        "b_out": 0.5 * torch.randn(b_out_shape, dtype=d),
+        "b_out": 0.5 * torch.randn(b_out_shape, dtype=d) + score_shift,
     }
     return cast(p, dtype, device)
 
@@ -92,10 +93,16 @@ def grads_of(obj, p):
     return torch.autograd.grad(obj, leaves(p))
 
 
-def assert_all_close(actual, expected, tol, names):
+def assert_all_close(actual, expected, tol, names, same_dtype_ref=None):
+    """Relative error <= tol per tensor. With ``same_dtype_ref`` (the reference run in the
+    kernel's dtype, float32) a tensor may also pass at twice that reference's own error: a
+    float32 result that is small by cancellation (a bias gradient summing terms of both signs)
+    cannot be more accurate than float32 arithmetic allows (DESIGN.md section 6)."""
     assert len(actual) == len(expected)
-    for a, e, name in zip(actual, expected, names):
-        assert_rel_close(a, e, tol, name)
+    refs = same_dtype_ref if same_dtype_ref is not None else [None] * len(actual)
+    for a, e, r, name in zip(actual, expected, refs, names):
+        t = tol if r is None else max(tol, 2 * rel_error(r, e))
+        assert_rel_close(a, e, t, name)
 
 
 def stats_objective(stats, g):
@@ -103,12 +110,19 @@ def stats_objective(stats, g):
     return (lse * g[0] + pos * g[1] + rowsum * g[2]).sum()
 
 
-def upstream(N, dtype, device):
-    return [torch.randn(N, dtype=torch.float64).to(device=device, dtype=dtype) for _ in range(3)]
+# float32 checks use positive upstream gradients / coefficients and positive-leaning scores, so
+# that no checked quantity (the loss, rowsum, the b_out gradient) is small by cancellation: the
+# relative error of such a value measures float32's limits, not the kernel.
+def upstream(N, dtype, device, positive=False):
+    def one():
+        x = torch.rand(N, dtype=torch.float64) + 0.5 if positive else torch.randn(N, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype)
+
+    return [one() for _ in range(3)]
 
 
-def coefficients(pos_offset):
-    c = torch.randn(3, dtype=torch.float64).tolist()
+def coefficients(pos_offset, positive=False):
+    c = (torch.rand(3, dtype=torch.float64) + 0.5 if positive else torch.randn(3, dtype=torch.float64)).tolist()
     return {"c_lse": c[0], "c_pos": c[1] if pos_offset is not None else 0.0, "c_rowsum": c[2]}
 
 
@@ -130,34 +144,45 @@ def ref_loss(p, activation, out_activation, pos_offset, c_lse, c_pos, c_rowsum):
 
 def check_stats_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device):
     """Values and every gradient of the stats op (through its backward) vs float64 reference."""
-    base = make_core(N, M, H, L)
+    f32 = dtype == torch.float32
+    base = make_core(N, M, H, L, score_shift=2.0 if f32 else 0.0)
     p = cast(base, dtype, device, requires_grad=True)
     r = cast(base, torch.float64, "cpu", requires_grad=True)
     kw = dict(activation=act, out_activation=out_act, pos_offset=pos_offset)
     got = run_stats(p, backend, **kw)
     exp = ref_stats(r, act, out_act, pos_offset)
     tol = TOL[dtype]
-    for a, e, name in zip(got, exp, ("lse", "pos", "rowsum")):
+    for a in got:
         assert a.dtype == dtype and a.device.type == torch.device(device).type
-        assert_rel_close(a, e, tol, name)
-    g = upstream(N, torch.float64, "cpu")
+    g = upstream(N, torch.float64, "cpu", positive=f32)
     got_grads = grads_of(stats_objective(got, [x.to(device, dtype) for x in g]), p)
     exp_grads = grads_of(stats_objective(exp, g), r)
-    assert_all_close(got_grads, exp_grads, tol, leaf_names(p))
+    same_vals = same_grads = None
+    if dtype != torch.float64:
+        r32 = cast(base, dtype, "cpu", requires_grad=True)
+        same_vals = ref_stats(r32, act, out_act, pos_offset)
+        same_grads = grads_of(stats_objective(same_vals, [x.to(dtype) for x in g]), r32)
+    assert_all_close(got, exp, tol, ("lse", "pos", "rowsum"), same_vals)
+    assert_all_close(got_grads, exp_grads, tol, leaf_names(p), same_grads)
 
 
 def check_loss_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device):
-    base = make_core(N, M, H, L)
+    f32 = dtype == torch.float32
+    base = make_core(N, M, H, L, score_shift=2.0 if f32 else 0.0)
     p = cast(base, dtype, device, requires_grad=True)
     r = cast(base, torch.float64, "cpu", requires_grad=True)
-    c = coefficients(pos_offset)
+    c = coefficients(pos_offset, positive=f32)
     kw = dict(activation=act, out_activation=out_act, pos_offset=pos_offset)
     got = fe.pair_mlp_loss(**p, backend=backend, **kw, **c)
     exp = ref_loss(r, act, out_act, pos_offset, **c)
     assert got.shape == () and got.dtype == dtype
-    tol = TOL[dtype]
-    assert_rel_close(got, exp, tol, "loss")
-    assert_all_close(grads_of(got, p), grads_of(exp, r), tol, leaf_names(p))
+    same = None
+    if dtype != torch.float64:
+        r32 = cast(base, dtype, "cpu", requires_grad=True)
+        loss32 = ref_loss(r32, act, out_act, pos_offset, **c)
+        same = [loss32, *grads_of(loss32, r32)]
+    assert_all_close([got, *grads_of(got, p)], [exp, *grads_of(exp, r)], TOL[dtype],
+                     ["loss", *leaf_names(p)], same)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,31 +292,41 @@ def check_loss_against_reference_p(base, act, out_act, pos_offset, backend, devi
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_concat_critic_public_small(L, act, out_act, pos_offset, dtype, backend, device):
     N, M, du, dv, H = 7, 13, 5, 3, 19
-    base = make_concat(N, M, du, dv, H, L, b_out_shape=(1,))
+    f32 = dtype == torch.float32
+    base = make_concat(N, M, du, dv, H, L, b_out_shape=(1,), score_shift=2.0 if f32 else 0.0)
     p = cast(base, dtype, device, requires_grad=True)
     r = cast(base, torch.float64, "cpu", requires_grad=True)
     kw = dict(activation=act, out_activation=out_act, pos_offset=pos_offset)
     tol = TOL[dtype]
     names = leaf_names(p)
 
-    got = fe.concat_critic_stats(**p, backend=backend, **kw)
-    exp = ref.concat_critic_stats(**r, **kw)
-    assert isinstance(got, fe.CriticStats)
-    assert_all_close(got, exp, tol, ("lse", "pos", "rowsum"))
-    g = upstream(N, torch.float64, "cpu")
-    assert_all_close(
-        grads_of(stats_objective(got, [x.to(device, dtype) for x in g]), p),
-        grads_of(stats_objective(exp, g), r), tol, names,
-    )
+    r32 = cast(base, dtype, "cpu", requires_grad=True) if dtype != torch.float64 else None
 
-    c = coefficients(pos_offset)
+    got = fe.concat_critic_stats(**p, backend=backend, **kw)
+    assert isinstance(got, fe.CriticStats)
+    g = upstream(N, torch.float64, "cpu", positive=f32)
+
+    def ref_run(q):
+        stats = ref.concat_critic_stats(**q, **kw)
+        grads = grads_of(stats_objective(stats, [x.to(q["u"].dtype) for x in g]), q)
+        return [*stats, *grads]
+
+    got_all = [*got, *grads_of(stats_objective(got, [x.to(device, dtype) for x in g]), p)]
+    assert_all_close(got_all, ref_run(r), tol, ["lse", "pos", "rowsum", *names],
+                     ref_run(r32) if r32 is not None else None)
+
+    c = coefficients(pos_offset, positive=f32)
+
+    def ref_loss_run(q):
+        lse, pos, rowsum = ref.concat_critic_stats(**q, **kw)
+        loss = (c["c_lse"] * lse + c["c_pos"] * pos + c["c_rowsum"] * rowsum).sum()
+        return [loss, *grads_of(loss, q)]
+
     got = fe.concat_critic_loss(**p, backend=backend, **kw, **c)
-    lse, pos, rowsum = ref.concat_critic_stats(**r, **kw)
-    exp = (c["c_lse"] * lse + c["c_pos"] * pos + c["c_rowsum"] * rowsum).sum()
-    assert_rel_close(got, exp, tol, "loss")
-    got_grads = grads_of(got, p)
-    assert got_grads[names.index("b_out")].shape == (1,)
-    assert_all_close(got_grads, grads_of(exp, r), tol, names)
+    got_all = [got, *grads_of(got, p)]
+    assert got_all[1 + names.index("b_out")].shape == (1,)
+    assert_all_close(got_all, ref_loss_run(r), tol, ["loss", *names],
+                     ref_loss_run(r32) if r32 is not None else None)
 
 
 def test_infonce_and_club_bounds_from_fused_loss(backend, device):

@@ -73,18 +73,55 @@ FCL_CLONES void form_h0(T* __restrict out, const T* __restrict a, const T* __res
   }
 }
 
-// L = 0 with relu: x[r*C + c] = w . relu(a[r] + b[c]) + bias, no buffer at all.
+// L = 0 with relu: x[r*C + c] = w . relu(a[r] + b[c]) + bias, no buffer at all. Four rows share
+// each load of b[c] and w (the loop is load-bound otherwise); columns go in chunks that stay in L1/L2.
+constexpr int64_t kL0Rows = 4;
+constexpr int64_t kL0Cols = 32;
+
+template <typename T, int kRows>
+inline void l0_relu_score_block(const T* __restrict a, const T* __restrict bc,
+                                const T* __restrict w, int64_t H, T* acc_out) {
+  T acc[kRows] = {};
+  if constexpr (kRows == 4) {
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < H; ++k) {
+      const T bk = bc[k], wk = w[k];
+      s0 += wk * relu(a[k] + bk);
+      s1 += wk * relu(a[H + k] + bk);
+      s2 += wk * relu(a[2 * H + k] + bk);
+      s3 += wk * relu(a[3 * H + k] + bk);
+    }
+    acc[0] = s0, acc[1] = s1, acc[2] = s2, acc[3] = s3;
+  } else {
+    static_assert(kRows == 1);
+    T s0 = 0;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t k = 0; k < H; ++k) s0 += w[k] * relu(a[k] + bc[k]);
+    acc[0] = s0;
+  }
+  for (int rr = 0; rr < kRows; ++rr) acc_out[rr] = acc[rr];
+}
+
 template <typename T>
 FCL_CLONES void l0_relu_score(const T* __restrict a, const T* __restrict b, int64_t R, int64_t C,
                               int64_t H, const T* __restrict w, T bias, T* __restrict x) {
-  for (int64_t r = 0; r < R; ++r) {
-    const T* ar = a + r * H;
-    for (int64_t c = 0; c < C; ++c) {
-      const T* bc = b + c * H;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < H; ++k) acc += w[k] * relu(ar[k] + bc[k]);
-      x[r * C + c] = acc + bias;
+  for (int64_t c0 = 0; c0 < C; c0 += kL0Cols) {
+    const int64_t c1 = std::min(C, c0 + kL0Cols);
+    int64_t r = 0;
+    for (; r + kL0Rows <= R; r += kL0Rows) {
+      for (int64_t c = c0; c < c1; ++c) {
+        T acc[kL0Rows];
+        l0_relu_score_block<T, kL0Rows>(a + r * H, b + c * H, w, H, acc);
+        for (int64_t rr = 0; rr < kL0Rows; ++rr) x[(r + rr) * C + c] = acc[rr] + bias;
+      }
+    }
+    for (; r < R; ++r) {
+      for (int64_t c = c0; c < c1; ++c) {
+        T acc[1];
+        l0_relu_score_block<T, 1>(a + r * H, b + c * H, w, H, acc);
+        x[r * C + c] = acc[0] + bias;
+      }
     }
   }
 }
@@ -220,26 +257,49 @@ FCL_CLONES void l0_backward(const T* __restrict h0, const T* __restrict dx,
   }
 }
 
-// L = 0 backward with relu, recomputing h0 = relu(a + b) instead of storing it.
+// L = 0 backward with relu, recomputing h0 = relu(a + b) instead of storing it. kRows rows share
+// one load and store of dB[c] and dwout per element (this pass is load/store-bound otherwise).
+template <typename T, int kRows>
+inline void l0_relu_backward_block(const T* __restrict a, const T* __restrict bc,
+                                   const T* __restrict g, const T* __restrict w, int64_t H,
+                                   T* __restrict dA, T* __restrict dBc, T* __restrict dwout) {
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) {
+    const T bk = bc[k], wk = w[k];
+    T db = 0, dw = 0;
+    for (int rr = 0; rr < kRows; ++rr) {
+      const T hv = relu(a[rr * H + k] + bk);
+      dw += g[rr] * hv;
+      const T dz = hv <= T(0) ? T(0) : g[rr] * wk;
+      dA[rr * H + k] += dz;
+      db += dz;
+    }
+    dBc[k] += db;
+    dwout[k] += dw;
+  }
+}
+
 template <typename T>
 FCL_CLONES void l0_relu_backward(const T* __restrict a, const T* __restrict b,
                                  const T* __restrict dx, const T* __restrict w, int64_t R,
                                  int64_t C, int64_t H, T* __restrict dA, T* __restrict dB,
                                  T* __restrict dwout) {
-  for (int64_t c = 0; c < C; ++c) {
-    const T* bc = b + c * H;
-    T* dBc = dB + c * H;
-    for (int64_t r = 0; r < R; ++r) {
-      const T g = dx[r * C + c];
-      const T* ar = a + r * H;
-      T* dAr = dA + r * H;
-#pragma omp simd
-      for (int64_t k = 0; k < H; ++k) {
-        const T hv = relu(ar[k] + bc[k]);
-        dwout[k] += g * hv;
-        const T dz = hv <= T(0) ? T(0) : g * w[k];
-        dAr[k] += dz;
-        dBc[k] += dz;
+  for (int64_t c0 = 0; c0 < C; c0 += kL0Cols) {
+    const int64_t c1 = std::min(C, c0 + kL0Cols);
+    int64_t r = 0;
+    for (; r + kL0Rows <= R; r += kL0Rows) {
+      for (int64_t c = c0; c < c1; ++c) {
+        T g[kL0Rows];
+        for (int64_t rr = 0; rr < kL0Rows; ++rr) g[rr] = dx[(r + rr) * C + c];
+        l0_relu_backward_block<T, kL0Rows>(a + r * H, b + c * H, g, w, H, dA + r * H,
+                                           dB + c * H, dwout);
+      }
+    }
+    for (; r < R; ++r) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const T g = dx[r * C + c];
+        l0_relu_backward_block<T, 1>(a + r * H, b + c * H, &g, w, H, dA + r * H, dB + c * H,
+                                     dwout);
       }
     }
   }
@@ -321,7 +381,7 @@ struct Net {
   T b_out;
 };
 
-// Bytes of one buffer element per pair: how many [T, H] buffers a tile needs.
+// How many [T, H] buffers a tile needs.
 int64_t num_buffers(int64_t L, bool relu, bool keep) {
   if (L == 0) return relu ? 0 : 1;  // relu L=0 recomputes relu(A_i + B_j) where needed
   return keep ? L + 2 : 2;          // keep: h_0..h_L and one backprop scratch; else ping-pong
@@ -735,7 +795,7 @@ void stats_forward(const Net<T>& net, double* lse, double* pos, double* rowsum) 
   const Budget budget = read_budget();
   const int64_t H = net.H, M = net.M, N = net.N;
   const int64_t nbuf = num_buffers(net.L, net.relu, /*keep=*/false);
-  const int64_t pair_bytes = (std::max<int64_t>(nbuf, 1) * H + 2) * int64_t(sizeof(T));
+  const int64_t pair_bytes = (nbuf * H + 2) * int64_t(sizeof(T));
   const int64_t pairs = std::max(budget.min_pairs, budget.tile_bytes / pair_bytes);
   const Tiling tl = plan_tiles(N, M, pairs, at::get_num_threads());
   const int64_t num_strips = ceil_div(N, tl.R);
@@ -789,7 +849,7 @@ Grads<T> stats_backward(const Net<T>& net, const T* gl, const T* gp, const T* gr
   const Budget budget = read_budget();
   const int64_t H = net.H, M = net.M, N = net.N;
   const int64_t nbuf = num_buffers(net.L, net.relu, /*keep=*/true);
-  const int64_t pair_bytes = (std::max<int64_t>(nbuf, 1) * H + 2) * int64_t(sizeof(T));
+  const int64_t pair_bytes = (nbuf * H + 2) * int64_t(sizeof(T));
   const int64_t pairs = std::max(budget.min_pairs, budget.tile_bytes / pair_bytes);
   const Tiling tl = plan_tiles(N, M, pairs, at::get_num_threads());
   const int64_t num_strips = ceil_div(N, tl.R);
@@ -834,8 +894,7 @@ Grads<T> loss_with_grad(const Net<T>& net, double c_lse, double c_pos, double c_
   const Budget budget = read_budget();
   const int64_t H = net.H, M = net.M, N = net.N;
   const int64_t nbuf = num_buffers(net.L, net.relu, /*keep=*/true);
-  // Planning counts at least one H-wide buffer so that relu L=0 strips stay cache-sized too.
-  const int64_t pair_bytes = (std::max<int64_t>(nbuf, 1) * H + 5) * int64_t(sizeof(T));
+  const int64_t pair_bytes = (nbuf * H + 5) * int64_t(sizeof(T));
   const int64_t threads = std::max(1, at::get_num_threads());
   const bool whole_rows = M * pair_bytes <= budget.strip_bytes;
   int64_t R = 1, C = M;
