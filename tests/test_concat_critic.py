@@ -115,14 +115,14 @@ def stats_objective(stats, g):
 # relative error of such a value measures float32's limits, not the kernel.
 def upstream(N, dtype, device, positive=False):
     def one():
-        x = torch.rand(N, dtype=torch.float64) + 0.5 if positive else torch.randn(N, dtype=torch.float64)
+        x = torch.rand(N, dtype=torch.float64) + 0.5 if positive else torch.randn(N).double()
         return x.to(device=device, dtype=dtype)
 
     return [one() for _ in range(3)]
 
 
 def coefficients(pos_offset, positive=False):
-    c = (torch.rand(3, dtype=torch.float64) + 0.5 if positive else torch.randn(3, dtype=torch.float64)).tolist()
+    c = (torch.rand(3).double() + 0.5 if positive else torch.randn(3).double()).tolist()
     return {"c_lse": c[0], "c_pos": c[1] if pos_offset is not None else 0.0, "c_rowsum": c[2]}
 
 
@@ -192,7 +192,8 @@ def check_loss_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, ba
 
 @pytest.mark.parametrize("N,M,H,L,act,out_act,pos_offset", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_stats_small_matches_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device):
+def test_stats_small_matches_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend,
+                                       device):
     check_stats_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device)
 
 
@@ -233,7 +234,8 @@ def test_loss_large_float32(backend, device):
                       (2, "tanh", "none")],
 )
 @pytest.mark.parametrize("budget", [1, 700, 3000])
-def test_small_budget_tiles_and_loss_fallback(L, act, out_act, budget, backend, device, monkeypatch):
+def test_small_budget_tiles_and_loss_fallback(L, act, out_act, budget, backend, device,
+                                              monkeypatch):
     monkeypatch.setenv(BUDGET_ENV, str(budget))
     check_loss_against_reference(7, 13, 19, L, act, out_act, 3, torch.float64, backend, device)
     check_stats_against_reference(7, 13, 19, L, act, out_act, 3, torch.float64, backend, device)
@@ -396,7 +398,8 @@ def test_gradcheck_small(L, backend, device):
         it = iter(args)
         out = {}
         for k in names:
-            out[k] = [next(it) for _ in range(nw)] if k in ("hidden_weights", "hidden_biases") else next(it)
+            is_list = k in ("hidden_weights", "hidden_biases")
+            out[k] = [next(it) for _ in range(nw)] if is_list else next(it)
         return out
 
     kw = dict(activation="tanh", out_activation="softplus", pos_offset=1, backend=backend)
@@ -593,6 +596,11 @@ def _set(key, fn):
     return mutate
 
 
+def _all_bf16(p):
+    for k, v in p.items():
+        p[k] = [t.bfloat16() for t in v] if isinstance(v, list) else v.bfloat16()
+
+
 def _set_list(key, i, fn):
     def mutate(p):
         p[key] = list(p[key])
@@ -604,7 +612,8 @@ def _set_list(key, i, fn):
 CORE_BAD = [
     ("A-rank", _set("A", lambda p: p["A"][0]), {}, ValueError, r"A must have 2 dimension"),
     ("B-rank", _set("B", lambda p: p["B"][None]), {}, ValueError, r"B must have 2 dimension"),
-    ("A-not-tensor", _set("A", lambda p: p["A"].tolist()), {}, TypeError, r"A must be a torch.Tensor"),
+    ("A-not-tensor", _set("A", lambda p: p["A"].tolist()), {}, TypeError,
+     r"A must be a torch.Tensor"),
     ("width-mismatch", _set("B", lambda p: torch.randn(6, 4, dtype=p["A"].dtype)), {}, ValueError,
      r"A has shape \(4, 5\) and B \(6, 4\)"),
     ("hidden-weight-shape", _set_list("hidden_weights", 0, lambda p: p["hidden_weights"][0][:, :4]),
@@ -614,11 +623,11 @@ CORE_BAD = [
     ("w_out-shape", _set("w_out", lambda p: p["w_out"][:3]), {}, ValueError, r"w_out"),
     ("b_out-shape", _set("b_out", lambda p: torch.zeros(2, dtype=p["A"].dtype)), {}, ValueError,
      r"b_out"),
-    ("mixed-dtype", _set("B", lambda p: p["B"].float()), {}, TypeError, r"B has dtype torch.float32"),
+    ("mixed-dtype", _set("B", lambda p: p["B"].float()), {}, TypeError,
+     r"B has dtype torch.float32"),
     ("mixed-dtype-weight", _set_list("hidden_weights", 0, lambda p: p["hidden_weights"][0].float()),
      {}, TypeError, r"hidden_weights\[0\] has dtype"),
-    ("bf16", lambda p: p.update({k: (v.bfloat16() if isinstance(v, torch.Tensor) else [t.bfloat16() for t in v]) for k, v in p.items()}),
-     {}, TypeError, r"dtype torch.bfloat16"),
+    ("bf16", _all_bf16, {}, TypeError, r"dtype torch.bfloat16"),
     ("empty-batch", _set("A", lambda p: p["A"][:0]), {}, ValueError, r"empty batch"),
     ("pos-too-big", None, {"pos_offset": 3}, ValueError, r"pos_offset=3 is out of range"),
     ("pos-negative", None, {"pos_offset": -1}, ValueError, r"pos_offset=-1"),
@@ -670,8 +679,7 @@ CPP_BAD = [
     ("A-rank", _set("A", lambda p: p["A"][0]), {}, ValueError, r"A must have 2 dimensions"),
     ("width", _set("B", lambda p: p["B"][:, :3]), {}, ValueError, r"widths must agree"),
     ("mixed-dtype", _set("w_out", lambda p: p["w_out"].float()), {}, TypeError, r"w_out has dtype"),
-    ("bf16", lambda p: p.update({k: (v.bfloat16() if isinstance(v, torch.Tensor) else [t.bfloat16() for t in v]) for k, v in p.items()}),
-     {}, TypeError, r"A has dtype"),
+    ("bf16", _all_bf16, {}, TypeError, r"A has dtype"),
     ("empty", _set("B", lambda p: p["B"][:0]), {}, ValueError, r"empty batch"),
     ("pos", None, {"pos_offset": 5}, ValueError, r"pos_offset=5 is out of range"),
     ("activation", None, {"activation": "gelu"}, ValueError, r"activation must be one of"),

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -74,7 +75,8 @@ FCL_CLONES void form_h0(T* __restrict out, const T* __restrict a, const T* __res
 }
 
 // L = 0 with relu: x[r*C + c] = w . relu(a[r] + b[c]) + bias, no buffer at all. Four rows share
-// each load of b[c] and w (the loop is load-bound otherwise); columns go in chunks that stay in L1/L2.
+// each load of b[c] and w (the loop is load-bound otherwise); columns go in chunks that stay in
+// L1/L2.
 constexpr int64_t kL0Rows = 4;
 constexpr int64_t kL0Cols = 32;
 
@@ -358,7 +360,8 @@ enum class OutAct { kNone, kSoftplus };
 Act parse_act(c10::string_view s) {
   if (s == "relu") return Act::kRelu;
   if (s == "tanh") return Act::kTanh;
-  TORCH_CHECK_VALUE(false, "activation must be one of ('relu', 'tanh'), got '", std::string(s), "'");
+  TORCH_CHECK_VALUE(false, "activation must be one of ('relu', 'tanh'), got '", std::string(s),
+                    "'");
 }
 
 OutAct parse_out_act(c10::string_view s) {
@@ -659,8 +662,8 @@ Checked check_inputs(const char* op, const at::Tensor& A, const at::Tensor& B,
                    "; supported on cpu: torch.float32, torch.float64");
   check_tensor(op, "B", B, A);
   const int64_t N = A.size(0), M = B.size(0), H = A.size(1);
-  TORCH_CHECK_VALUE(N > 0 && M > 0, op, ": empty batch: A has shape ", A.sizes(), " and B has shape ",
-                    B.sizes(), "; both need at least one row");
+  TORCH_CHECK_VALUE(N > 0 && M > 0, op, ": empty batch: A has shape ", A.sizes(),
+                    " and B has shape ", B.sizes(), "; both need at least one row");
   TORCH_CHECK_VALUE(B.size(1) == H, op, ": A has shape ", A.sizes(), " and B ", B.sizes(),
                     ": widths must agree");
   TORCH_CHECK_VALUE(H > 0, op, ": hidden width H must be at least 1, got A of shape ", A.sizes());
@@ -927,7 +930,8 @@ Grads<T> loss_with_grad(const Net<T>& net, double c_lse, double c_pos, double c_
                          ws.x_strip + j0);
           }
         }
-        for (int64_t t = 0; t < Rr * M; ++t) ws.s_strip[t] = out_act_fwd(ws.x_strip[t], net.softplus);
+        for (int64_t t = 0; t < Rr * M; ++t)
+          ws.s_strip[t] = out_act_fwd(ws.x_strip[t], net.softplus);
         for (int64_t r = 0; r < Rr; ++r) {
           const int64_t i = i0 + r, pc = pos_col_of(net, i);
           const RowStats st = row_stats(ws.s_strip + r * M, M, pc);
