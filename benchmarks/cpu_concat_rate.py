@@ -44,7 +44,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
 
 def critic(N, M, du, dv, H, L, dtype=torch.float32):
     def param(*shape, scale=1.0):
-        return (torch.randn(*shape, dtype=dtype) * scale).requires_grad_()
+        return (torch.randn(shape, dtype=dtype) * scale).requires_grad_()
 
     return dict(
         u=torch.randn(N, du, dtype=dtype), v=torch.randn(M, dv, dtype=dtype),

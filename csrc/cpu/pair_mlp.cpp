@@ -420,9 +420,14 @@ struct Tiling {
   int64_t R, C;
 };
 
+// Columns split evenly: ceil(M / pairs) tiles of equal width, not full tiles and a sliver.
+int64_t balanced_cols(int64_t M, int64_t max_cols) {
+  return ceil_div(M, ceil_div(M, std::max<int64_t>(max_cols, 1)));
+}
+
 Tiling plan_tiles(int64_t N, int64_t M, int64_t pairs, int64_t threads) {
   pairs = std::max<int64_t>(pairs, 1);
-  const int64_t C = std::min(M, pairs);
+  const int64_t C = balanced_cols(M, pairs);
   int64_t R = std::max<int64_t>(1, pairs / C);
   R = std::min(R, std::max<int64_t>(1, ceil_div(N, std::max<int64_t>(threads, 1))));
   return {R, C};
@@ -906,7 +911,7 @@ Grads<T> loss_with_grad(const Net<T>& net, double c_lse, double c_pos, double c_
     R = std::max<int64_t>(1, std::min(target, budget.strip_bytes) / (M * pair_bytes));
     R = std::min(R, std::max<int64_t>(1, ceil_div(N, threads)));
   } else {
-    C = std::max<int64_t>(1, budget.strip_bytes / pair_bytes);
+    C = balanced_cols(M, budget.strip_bytes / pair_bytes);
   }
   const int64_t num_strips = ceil_div(N, R);
   const int64_t S = std::min(num_strips, threads);
