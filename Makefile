@@ -1,16 +1,21 @@
 # Developer shortcuts; the README's commands are the user-facing ones.
 PY ?= python
 
-.PHONY: install test test-gpu bench bench-large lint
+.PHONY: install test test-gpu test-triton bench bench-large bench-gpu lint
 install:
 	pip install --no-build-isolation -e .
 test:
 	$(PY) -m pytest tests
 test-gpu:
 	$(PY) -m pytest tests -m gpu
+# the Triton backend on the CPU through the interpreter (what CI runs via test_triton_interpreter)
+test-triton:
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_triton.py
 bench:
 	$(PY) benchmarks/cpu_table.py
 bench-large:
 	$(PY) benchmarks/cpu_table.py --large
+bench-gpu:
+	$(PY) benchmarks/gpu_bench.py
 lint:
 	ruff check factorcl_ext python tests benchmarks && clang-format --dry-run -Werror csrc/*.cpp csrc/*/*.cpp csrc/*.h

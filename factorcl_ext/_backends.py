@@ -7,6 +7,7 @@ C++), ``triton`` (GPU; CPU tensors too under ``TRITON_INTERPRET=1``), ``cuda`` (
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Optional
 
@@ -46,12 +47,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Looked up once at import: torch.compile (dynamo) cannot trace an import inside a traced call.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    return _HAS_TRITON
 
 
 def available_backends() -> list[str]:

@@ -195,6 +195,25 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _autocast_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out):
+    """Under CUDA autocast, A and B come out of autocast matmuls in the low-precision dtype while
+    the parameters stay float32: run the fused op in the autocast dtype (DESIGN.md section 6)."""
+    if not (
+        isinstance(A, Tensor) and A.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        and isinstance(hidden_weights, (list, tuple)) and isinstance(hidden_biases, (list, tuple))
+    ):
+        return A, B, hidden_weights, hidden_biases, w_out, b_out
+    dtype = torch.get_autocast_dtype("cuda")
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+    return (
+        cast(A), cast(B), [cast(w) for w in hidden_weights], [cast(b) for b in hidden_biases],
+        cast(w_out), cast(b_out),
+    )
+
+
 def _wants_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -378,6 +397,9 @@ def pair_mlp_stats(
     (``B`` includes the first-layer bias), ``hidden_weights[l]`` [H, H], ``hidden_biases[l]`` [H],
     ``w_out`` [H], ``b_out`` [] or [1]. Returns ``CriticStats(lse, pos, rowsum)``, each [N].
     """
+    A, B, hidden_weights, hidden_biases, w_out, b_out = _autocast_mlp(
+        A, B, hidden_weights, hidden_biases, w_out, b_out
+    )
     device, pos_offset = _check_pair_mlp(
         A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos_offset
     )
@@ -416,6 +438,9 @@ def pair_mlp_loss(
     The training fast path: the compiled backends form every gradient in the forward pass
     (when grad mode is on and an input requires grad) and backward only scales them.
     """
+    A, B, hidden_weights, hidden_biases, w_out, b_out = _autocast_mlp(
+        A, B, hidden_weights, hidden_biases, w_out, b_out
+    )
     device, pos_offset = _check_pair_mlp(
         A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos_offset
     )

@@ -1,0 +1,143 @@
+"""Compile the Triton kernels ahead of time for sm90 / sm80, without a GPU, and print each
+variant's registers, spills and shared memory: a check that every kernel lowers for a real
+target (the interpreter does not lower anything) and a first look at register pressure.
+
+    python benchmarks/triton_compile_check.py              # first config of each list, all dtypes
+    python benchmarks/triton_compile_check.py --all-configs --dtypes bf16 --layers 1
+
+Must run without TRITON_INTERPRET (it needs the real @triton.jit functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: this script compiles the kernels for a GPU target")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from factorcl_ext.triton import _config  # noqa: E402
+from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_fwd_kernel  # noqa: E402
+from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_fwd_kernel  # noqa: E402
+
+TL = {"bf16": "bf16", "f16": "fp16", "f32": "fp32", "f64": "fp64"}
+
+
+def acc_of(dt: str) -> str:
+    return "fp64" if dt == "f64" else "fp32"
+
+
+def mlp_signature(kernel, dt: str) -> dict:
+    t, a = TL[dt], acc_of(dt)
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ("A_ptr", "B_ptr", "W_ptr", "Bias_ptr", "Wout_ptr", "Bout_ptr", "Z_ptr"):
+            sig[name] = "*" + t
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + a
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def dot_signature(kernel, dt: str) -> dict:
+    t, a = TL[dt], acc_of(dt)
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ("G_ptr", "H_ptr"):
+            sig[name] = "*" + t
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + a
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _resource_usage(cubin: bytes):
+    """(registers, spill stores) per thread, read from the cubin with the bundled cuobjdump."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    spill = re.search(r"STACK:(\d+)", out)
+    return (int(regs.group(1)) if regs else "?"), (int(spill.group(1)) if spill else "?")
+
+
+def compile_one(kernel, sig, constexprs, cfg, arch):
+    for name in constexprs:
+        sig[name] = "constexpr"
+    for name in cfg.kwargs:
+        sig[name] = "constexpr"
+    src = ASTSource(kernel, sig, constexprs={**constexprs, **cfg.kwargs})
+    target = GPUTarget("cuda", arch, 32)
+    t0 = time.time()
+    k = triton.compile(src, target=target,
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    md = k.metadata
+    n_regs, n_spills = _resource_usage(k.asm["cubin"])
+    return md.shared, n_regs, n_spills, time.time() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "f32", "f64"], choices=list(TL))
+    p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--all-configs", action="store_true")
+    args = p.parse_args()
+    failures = 0
+    for arch in args.arch:
+        fam = "hopper" if arch >= 90 else "ampere"
+        for dt in args.dtypes:
+            key = "fp64" if dt == "f64" else fam
+            mlp_cfgs = _config.MLP_CONFIGS[key]
+            dot_cfgs = _config.DOT_CONFIGS[key]
+            if not args.all_configs:
+                mlp_cfgs, dot_cfgs = mlp_cfgs[:1], dot_cfgs[:1]
+            prec = "ieee" if dt != "f32" else "tf32"
+            jobs = []
+            for L in args.layers:
+                common = dict(L=L, ACT=0, OUT=1, HAS_POS=True, PREC=prec)
+                for cfg in mlp_cfgs:
+                    jobs.append((f"mlp_fwd L={L}", mlp_fwd_kernel, mlp_signature, common, cfg))
+                    for col in (False, True):
+                        jobs.append((f"mlp_bwd L={L} col={int(col)}", mlp_bwd_kernel,
+                                     mlp_signature,
+                                     dict(common, COL_PASS=col, ATOMIC_DB=not col), cfg))
+            dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec)
+            for cfg in dot_cfgs:
+                jobs.append(("dot_fwd", dot_fwd_kernel, dot_signature, dcommon, cfg))
+                for col in (False, True):
+                    jobs.append((f"dot_bwd col={int(col)}", dot_bwd_kernel, dot_signature,
+                                 dict(dcommon, COL_PASS=col, ATOMIC_DH=not col), cfg))
+            for label, kernel, sigf, constexprs, cfg in jobs:
+                name = (f"sm{arch} {dt:4s} {label:18s} {cfg.kwargs} "
+                        f"w{cfg.num_warps} s{cfg.num_stages}")
+                try:
+                    shared, regs, spills, secs = compile_one(kernel, sigf(kernel, dt), constexprs,
+                                                             cfg, arch)
+                    print(f"{name}: smem={shared} regs={regs} stack={spills} ({secs:.1f}s)",
+                          flush=True)
+                except Exception as exc:  # report every failure, keep going
+                    failures += 1
+                    msg = str(exc).strip().splitlines()
+                    print(f"{name}: FAILED {type(exc).__name__}: {msg[-1] if msg else ''}",
+                          flush=True)
+    if failures:
+        sys.exit(f"{failures} kernel variant(s) failed to compile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Triton backend of factorcl_ext's core ops (GPU; CPU tensors under ``TRITON_INTERPRET=1``).
+
+``factorcl_ext.ops`` calls these as ``backend="triton"``: ``pair_mlp_stats``, ``pair_mlp_loss``,
+``pair_dot_stats``, ``pair_dot_loss`` (plus the two hand-written backward ops), with the schemas
+of csrc/ops.cpp, registered as ``torch.ops.factorcl.triton_*`` by ``torch.library.triton_op``.
+
+Determinism: gradients are bit-identical run to run with ``set_deterministic(True)`` (or the
+``deterministic()`` context manager, ``torch.use_deterministic_algorithms(True)``, or
+``FACTORCL_TRITON_DETERMINISTIC=1`` in the environment at import). It costs a second, column-side
+recomputing sweep of the backward instead of float32 atomics, and a fixed tile configuration
+instead of autotuning.
+
+``TRITON_INTERPRET`` is read by Triton when the kernels are decorated, i.e. when this package is
+first imported: set it before importing factorcl_ext.triton.
+"""
+
+from ._config import deterministic, is_deterministic, set_deterministic
+from .ops import (
+    pair_dot_loss,
+    pair_dot_stats,
+    pair_dot_stats_backward,
+    pair_mlp_loss,
+    pair_mlp_stats,
+    pair_mlp_stats_backward,
+)
+
+__all__ = [
+    "deterministic",
+    "is_deterministic",
+    "set_deterministic",
+    "pair_dot_loss",
+    "pair_dot_stats",
+    "pair_dot_stats_backward",
+    "pair_mlp_loss",
+    "pair_mlp_stats",
+    "pair_mlp_stats_backward",
+]

@@ -1,0 +1,134 @@
+"""Triton kernels of the separable critic's core op (DESIGN.md section 3): ``s = G H^T``.
+
+Forward: row-block programs walk all column blocks; each [BI, BJ] score tile is a tl.dot over
+BD-wide slices of the embedding, consumed at once by the online logsumexp, the positive and the
+row sum (column ``i + exclude_offset`` left out of the last two). Nothing of size N*M is stored.
+
+Backward (recompute): ``dS_ij = (g_lse_i exp(s_ij - lse_i) + g_rowsum_i) [j not excluded]
++ g_pos_i [j == i + pos_offset]``; ``dG = dS H`` from row-block programs that own their dG rows;
+``dH = dS^T G`` either by float32 atomics from the same row pass, or (deterministic mode) by a
+column pass whose programs own their dH rows.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC: tl.constexpr, PREC: tl.constexpr,
+                BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    ri = i0 + tl.arange(0, BI)
+    rj = j0 + tl.arange(0, BJ)
+    s = tl.zeros((BI, BJ), ACC)
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        md = rd < D
+        g = tl.load(G_ptr + ri[:, None] * D + rd[None, :], mask=(ri < N)[:, None] & md[None, :],
+                    other=0.0)
+        h = tl.load(H_ptr + rj[None, :] * D + rd[:, None], mask=(rj < M)[None, :] & md[:, None],
+                    other=0.0)
+        s = tl.dot(g, h, s, input_precision=PREC, out_dtype=ACC)
+    return s
+
+
+@triton.jit
+def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset, exclude_offset,
+                   HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    ACC: tl.constexpr = Lse_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for rb in range(pid, tl.cdiv(N, BI), nprog):
+        i0 = rb * BI
+        ri = i0 + tl.arange(0, BI)
+        mi = ri < N
+        m_run = tl.full((BI,), float("-inf"), ACC)
+        l_run = tl.zeros((BI,), ACC)
+        rsum = tl.zeros((BI,), ACC)
+        pos = tl.zeros((BI,), ACC)
+        for j0 in range(0, M, BJ):
+            s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
+            rj = j0 + tl.arange(0, BJ)
+            valid = mi[:, None] & (rj < M)[None, :]
+            if HAS_POS:
+                hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
+                pos += tl.sum(tl.where(hit, s, 0.0), axis=1)
+            if HAS_EXCL:
+                valid = valid & (rj[None, :] != ri[:, None] + exclude_offset)
+            s_lse = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(s_lse, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(s_lse - m_safe[:, None]), axis=1)
+            m_run = m_new
+            rsum += tl.sum(tl.where(valid, s, 0.0), axis=1)
+        tl.store(Lse_ptr + ri, m_run + tl.log(tl.where(mi, l_run, 1.0)), mask=mi)
+        tl.store(Row_ptr + ri, rsum, mask=mi)
+        tl.store(Pos_ptr + ri, pos, mask=mi)
+
+
+@triton.jit
+def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, dH_ptr,
+                   N, M, D, pos_offset, exclude_offset,
+                   HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
+                   COL_PASS: tl.constexpr, ATOMIC_DH: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """Row pass: dG (owned rows) and, when ATOMIC_DH, dH by atomics. Column pass: dH (owned
+    rows). dG and dH are float32 (float64) accumulators that start at zero."""
+    ACC: tl.constexpr = Lse_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if COL_PASS:
+        n_outer = tl.cdiv(M, BJ)
+        n_inner = tl.cdiv(N, BI)
+    else:
+        n_outer = tl.cdiv(N, BI)
+        n_inner = tl.cdiv(M, BJ)
+    for ob in range(pid, n_outer, nprog):
+        for ib in range(0, n_inner):
+            if COL_PASS:
+                i0 = ib * BI
+                j0 = ob * BJ
+            else:
+                i0 = ob * BI
+                j0 = ib * BJ
+            s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
+            ri = i0 + tl.arange(0, BI)
+            rj = j0 + tl.arange(0, BJ)
+            mi = ri < N
+            mj = rj < M
+            valid = mi[:, None] & mj[None, :]
+            keep = valid
+            if HAS_EXCL:
+                keep = keep & (rj[None, :] != ri[:, None] + exclude_offset)
+            lse = tl.load(Lse_ptr + ri, mask=mi, other=0.0)
+            g_lse = tl.load(Glse_ptr + ri, mask=mi, other=0.0)
+            g_row = tl.load(Grow_ptr + ri, mask=mi, other=0.0)
+            ds = tl.where(keep, g_lse[:, None] * tl.exp(s - lse[:, None]) + g_row[:, None], 0.0)
+            if HAS_POS:
+                hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
+                g_pos = tl.load(Gpos_ptr + ri, mask=mi, other=0.0)
+                ds += tl.where(hit, g_pos[:, None], 0.0)
+            for d0 in range(0, D, BD):
+                rd = d0 + tl.arange(0, BD)
+                md = rd < D
+                if COL_PASS:
+                    g = tl.load(G_ptr + ri[:, None] * D + rd[None, :],
+                                mask=mi[:, None] & md[None, :], other=0.0)
+                    dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC, out_dtype=ACC)
+                    ph = dH_ptr + rj[:, None] * D + rd[None, :]
+                    mh = mj[:, None] & md[None, :]
+                    tl.store(ph, tl.load(ph, mask=mh, other=0.0) + dh, mask=mh)
+                else:
+                    h = tl.load(H_ptr + rj[:, None] * D + rd[None, :],
+                                mask=mj[:, None] & md[None, :], other=0.0)
+                    dg = tl.dot(ds.to(h.dtype), h, input_precision=PREC, out_dtype=ACC)
+                    pg = dG_ptr + ri[:, None] * D + rd[None, :]
+                    mg = mi[:, None] & md[None, :]
+                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)
+                    if ATOMIC_DH:
+                        g = tl.load(G_ptr + ri[:, None] * D + rd[None, :],
+                                    mask=mi[:, None] & md[None, :], other=0.0)
+                        dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC,
+                                    out_dtype=ACC)
+                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,
+                                      mask=mj[:, None] & md[None, :])

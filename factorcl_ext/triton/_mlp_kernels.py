@@ -1,0 +1,302 @@
+"""Triton kernels of the concat critic's core op (DESIGN.md section 2).
+
+Scores ``s_ij = out_act(w_out . h_L + b_out)``, ``h_0 = act(A_i + B_j)``,
+``h_l = act(W_l h_(l-1) + b_l)``. A program takes a pair tile of ``P = BI*BJ`` pairs (BI rows x
+BJ columns, pair p = (i0 + p // BJ, j0 + p % BJ)) and runs the MLP on it:
+
+- the first-layer activations ``act(A_i + B_j)`` are formed in registers, one ``BK``-wide feature
+  slice at a time, directly as the left operand of the next layer's tl.dot; they never reach
+  memory (L = 0: they are dotted with ``w_out`` right away);
+- hidden weights are streamed in [BK, BN] slices; the output slice of a layer accumulates in
+  registers over the K loop;
+- the last hidden layer is folded into the score (``act(z) . w_out``) slice by slice, so for
+  L <= 1 nothing of the pair tile is stored. For L >= 2 the intermediate pre-activations of the
+  tile go to a program-private scratch slot ([L, P, H] per program, P*H per layer: bounded by
+  the grid size, never N*M*H), which the next layer streams back.
+
+Forward: row-block programs walk all column blocks with an online logsumexp, and also form the
+positive and the row sum in the same pass. Nothing of size N*M is stored.
+
+Backward (recompute): the same tile forward (pre-activations of every layer kept in the scratch
+slot), ``ds`` from the saved lse, then the chain back through the layers slice by slice:
+``dh_(l-1)[:, k] = sum_n dz_l[:, n] W_l[n, k]`` and ``dW_l[n, k] += dz_l[:, n]^T h_(l-1)[:, k]``
+in one pass over (k, n) slices. Races are avoided by ownership:
+
+- row pass (grid over row blocks): dA rows are owned by the program (plain read-modify-write);
+  weight and bias gradients go to the program's own float32 slot, summed over slots afterwards in
+  a fixed order (torch.sum), so they are deterministic;
+- dB: either float32 atomics from the row pass (fast, order not fixed), or, in deterministic
+  mode, a second column pass (grid over column blocks, recomputing) that owns dB rows.
+
+Programs are persistent (grid = min(#SMs, #blocks)); block b goes to program b mod grid.
+Scratch writes are followed by tl.debug_barrier() because a later read of the same slot is done
+by other threads of the program (different register layouts).
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import _act, _act_grad, _out_act, _out_act_grad
+
+
+@triton.jit
+def _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC: tl.constexpr, BI: tl.constexpr,
+        BJ: tl.constexpr, BK: tl.constexpr):
+    """First-layer pre-activations A_i + B_j of the tile's pairs on one feature slice: [P, BK]."""
+    ri = i0 + tl.arange(0, BI)
+    rj = j0 + tl.arange(0, BJ)
+    rk = k0 + tl.arange(0, BK)
+    mk = rk < H
+    a = tl.load(A_ptr + ri[:, None] * H + rk[None, :], mask=(ri < N)[:, None] & mk[None, :],
+                other=0.0).to(ACC)
+    b = tl.load(B_ptr + rj[:, None] * H + rk[None, :], mask=(rj < M)[:, None] & mk[None, :],
+                other=0.0).to(ACC)
+    return tl.reshape(a[:, None, :] + b[None, :, :], (BI * BJ, BK))
+
+
+@triton.jit
+def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, i0, j0, N, M, H,
+                ACC: tl.constexpr, L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+                BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                STORE_LAST: tl.constexpr):
+    """``w_out . h_L`` for the tile's P pairs ([P], before b_out and out_act).
+
+    Layer l's pre-activations z_(l+1) go to scratch slot ``zp + l*zls`` ([P, H], row stride H)
+    when a later layer needs them, and for the last layer when STORE_LAST (backward)."""
+    P: tl.constexpr = BI * BJ
+    rp = tl.arange(0, P)
+    t = tl.zeros((P,), ACC)
+    if L == 0:
+        for k0 in range(0, H, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < H
+            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK), ACT)
+            wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
+            t += tl.sum(h * wo[None, :], axis=1)
+    else:
+        for l in tl.static_range(L):
+            for n0 in range(0, H, BN):
+                rn = n0 + tl.arange(0, BN)
+                mn = rn < H
+                acc = tl.zeros((P, BN), ACC)
+                for k0 in range(0, H, BK):
+                    rk = k0 + tl.arange(0, BK)
+                    mk = rk < H
+                    # W_l[n, k] read transposed: the [BK, BN] right operand of h @ W_l^T
+                    w = tl.load(W_ptr + l * H * H + rn[None, :] * H + rk[:, None],
+                                mask=mk[:, None] & mn[None, :], other=0.0)
+                    if l == 0:
+                        x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK), ACT)
+                    else:
+                        x = tl.load(zp + (l - 1) * zls + rp[:, None] * H + rk[None, :],
+                                    mask=mk[None, :], other=0.0).to(ACC)
+                        x = _act(x, ACT)
+                    acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PREC, out_dtype=ACC)
+                z = acc + tl.load(Bias_ptr + l * H + rn, mask=mn, other=0.0).to(ACC)[None, :]
+                if l == L - 1:
+                    wo = tl.load(Wout_ptr + rn, mask=mn, other=0.0).to(ACC)
+                    t += tl.sum(_act(z, ACT) * wo[None, :], axis=1)
+                    if STORE_LAST:
+                        tl.store(zp + l * zls + rp[:, None] * H + rn[None, :],
+                                 z.to(zp.dtype.element_ty), mask=mn[None, :])
+                else:
+                    tl.store(zp + l * zls + rp[:, None] * H + rn[None, :],
+                             z.to(zp.dtype.element_ty), mask=mn[None, :])
+            tl.debug_barrier()
+    return t
+
+
+@triton.jit
+def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
+                   Lse_ptr, Pos_ptr, Row_ptr,
+                   N, M, H, pos_offset, z_prog_stride, z_layer_stride,
+                   L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
+                   HAS_POS: tl.constexpr, PREC: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """(lse, pos, rowsum) of every row: one pass over the columns per row block."""
+    ACC: tl.constexpr = Lse_ptr.dtype.element_ty
+    P: tl.constexpr = BI * BJ
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
+    zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
+    bout = tl.load(Bout_ptr).to(ACC)
+    rp = tl.arange(0, P)
+    for rb in range(pid, tl.cdiv(N, BI), nprog):
+        i0 = rb * BI
+        ri = i0 + tl.arange(0, BI)
+        mi = ri < N
+        m_run = tl.full((BI,), float("-inf"), ACC)
+        l_run = tl.zeros((BI,), ACC)
+        rsum = tl.zeros((BI,), ACC)
+        pos = tl.zeros((BI,), ACC)
+        for j0 in range(0, M, BJ):
+            t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, z_layer_stride,
+                            i0, j0, N, M, H, ACC, L, ACT, PREC, BI, BJ, BK, BN, False)
+            s = tl.reshape(_out_act(t + bout, OUT), (BI, BJ))
+            rj = j0 + tl.arange(0, BJ)
+            valid = mi[:, None] & (rj < M)[None, :]
+            s_lse = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(s_lse, axis=1))
+            # rows past N see only -inf; keep their (unstored) state finite-free of NaN noise
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_run = l_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(s_lse - m_safe[:, None]), axis=1)
+            m_run = m_new
+            rsum += tl.sum(tl.where(valid, s, 0.0), axis=1)
+            if HAS_POS:
+                hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
+                pos += tl.sum(tl.where(hit, s, 0.0), axis=1)
+        tl.store(Lse_ptr + ri, m_run + tl.log(tl.where(mi, l_run, 1.0)), mask=mi)
+        tl.store(Row_ptr + ri, rsum, mask=mi)
+        tl.store(Pos_ptr + ri, pos, mask=mi)
+        # the next row block rewrites the scratch slot that slow threads may still read
+        tl.debug_barrier()
+
+
+@triton.jit
+def _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS: tl.constexpr,
+                ATOMIC_DB: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+    """dA_i += sum_j dz0_ij and dB_j += sum_i dz0_ij on one feature slice."""
+    d3 = tl.reshape(dz0, (BI, BJ, BK))
+    rk = k0 + tl.arange(0, BK)
+    mk = rk < H
+    rj = j0 + tl.arange(0, BJ)
+    mb = (rj < M)[:, None] & mk[None, :]
+    pb = dB_ptr + rj[:, None] * H + rk[None, :]
+    if COL_PASS:
+        tl.store(pb, tl.load(pb, mask=mb, other=0.0) + tl.sum(d3, axis=0), mask=mb)
+    else:
+        ri = i0 + tl.arange(0, BI)
+        ma = (ri < N)[:, None] & mk[None, :]
+        pa = dA_ptr + ri[:, None] * H + rk[None, :]
+        tl.store(pa, tl.load(pa, mask=ma, other=0.0) + tl.sum(d3, axis=1), mask=ma)
+        if ATOMIC_DB:
+            tl.atomic_add(pb, tl.sum(d3, axis=0), mask=mb)
+
+
+@triton.jit
+def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
+                   Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr,
+                   dA_ptr, dB_ptr, dW_ptr, dBias_ptr, dWout_ptr, dBout_ptr,
+                   N, M, H, pos_offset, z_prog_stride, z_layer_stride,
+                   L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
+                   HAS_POS: tl.constexpr, PREC: tl.constexpr,
+                   COL_PASS: tl.constexpr, ATOMIC_DB: tl.constexpr,
+                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Recomputing backward. Row pass (COL_PASS False): dA, weight/bias slots of this program,
+    and dB by atomics when ATOMIC_DB. Column pass (COL_PASS True): dB only.
+
+    Accumulators (dA [N, H], dB [M, H], dW [G, L, H, H], dBias [G, L, H], dWout [G, H],
+    dBout [G]) are float32 (float64 for float64 inputs) and start at zero."""
+    ACC: tl.constexpr = Lse_ptr.dtype.element_ty
+    P: tl.constexpr = BI * BJ
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
+    zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
+    zls = z_layer_stride
+    bout = tl.load(Bout_ptr).to(ACC)
+    rp = tl.arange(0, P)
+    # slots owned by this program
+    dWp = dW_ptr + pid.to(tl.int64) * L * H * H
+    dBiasp = dBias_ptr + pid.to(tl.int64) * L * H
+    dWoutp = dWout_ptr + pid.to(tl.int64) * H
+    if COL_PASS:
+        n_outer = tl.cdiv(M, BJ)
+        n_inner = tl.cdiv(N, BI)
+    else:
+        n_outer = tl.cdiv(N, BI)
+        n_inner = tl.cdiv(M, BJ)
+    dbout = tl.zeros((P,), ACC)
+    for ob in range(pid, n_outer, nprog):
+        for ib in range(0, n_inner):
+            if COL_PASS:
+                i0 = ib * BI
+                j0 = ob * BJ
+            else:
+                i0 = ob * BI
+                j0 = ib * BJ
+            t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, i0, j0, N, M, H,
+                            ACC, L, ACT, PREC, BI, BJ, BK, BN, True) + bout
+            # ds_ij = g_lse_i exp(s_ij - lse_i) + g_pos_i [j == i + off] + g_rowsum_i, times
+            # out_act'(t); zero on padding pairs so nothing flows from them
+            pi = i0 + rp // BJ
+            pj = j0 + rp % BJ
+            valid = (pi < N) & (pj < M)
+            lse = tl.load(Lse_ptr + pi, mask=pi < N, other=0.0)
+            ds = (tl.load(Glse_ptr + pi, mask=pi < N, other=0.0) * tl.exp(_out_act(t, OUT) - lse)
+                  + tl.load(Grow_ptr + pi, mask=pi < N, other=0.0))
+            if HAS_POS:
+                ds += tl.where(pj == pi + pos_offset,
+                               tl.load(Gpos_ptr + pi, mask=pi < N, other=0.0), 0.0)
+            ds = tl.where(valid, ds * _out_act_grad(t, OUT), 0.0)
+            if not COL_PASS:
+                dbout += ds
+            if L == 0:
+                for k0 in range(0, H, BK):
+                    rk = k0 + tl.arange(0, BK)
+                    mk = rk < H
+                    z0 = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK)
+                    wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
+                    if not COL_PASS:
+                        g = tl.sum(ds[:, None] * _act(z0, ACT), axis=0)
+                        tl.store(dWoutp + rk, tl.load(dWoutp + rk, mask=mk, other=0.0) + g, mask=mk)
+                    dz0 = ds[:, None] * wo[None, :] * _act_grad(z0, ACT)
+                    _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS, ATOMIC_DB,
+                                BI, BJ, BK)
+            else:
+                # top: dz_L = ds w_out act'(z_L), written over z_L in the scratch slot
+                for n0 in range(0, H, BN):
+                    rn = n0 + tl.arange(0, BN)
+                    mn = rn < H
+                    pz = zp + (L - 1) * zls + rp[:, None] * H + rn[None, :]
+                    z = tl.load(pz, mask=mn[None, :], other=0.0).to(ACC)
+                    wo = tl.load(Wout_ptr + rn, mask=mn, other=0.0).to(ACC)
+                    dz = ds[:, None] * wo[None, :] * _act_grad(z, ACT)
+                    if not COL_PASS:
+                        g = tl.sum(ds[:, None] * _act(z, ACT), axis=0)
+                        tl.store(dWoutp + rn, tl.load(dWoutp + rn, mask=mn, other=0.0) + g, mask=mn)
+                        pb = dBiasp + (L - 1) * H + rn
+                        tl.store(pb, tl.load(pb, mask=mn, other=0.0) + tl.sum(dz, axis=0), mask=mn)
+                    tl.store(pz, dz.to(zp.dtype.element_ty), mask=mn[None, :])
+                tl.debug_barrier()
+                for li in tl.static_range(L):
+                    l = L - 1 - li  # constexpr: layers walk backwards
+                    for k0 in range(0, H, BK):
+                        rk = k0 + tl.arange(0, BK)
+                        mk = rk < H
+                        if l == 0:
+                            z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK)
+                        else:
+                            z_in = tl.load(zp + (l - 1) * zls + rp[:, None] * H + rk[None, :],
+                                           mask=mk[None, :], other=0.0).to(ACC)
+                        h_in = _act(z_in, ACT)
+                        dh = tl.zeros((P, BK), ACC)
+                        for n0 in range(0, H, BN):
+                            rn = n0 + tl.arange(0, BN)
+                            mn = rn < H
+                            w = tl.load(W_ptr + l * H * H + rn[:, None] * H + rk[None, :],
+                                        mask=mn[:, None] & mk[None, :], other=0.0)
+                            dz = tl.load(zp + l * zls + rp[:, None] * H + rn[None, :],
+                                         mask=mn[None, :], other=0.0).to(w.dtype)
+                            dh = tl.dot(dz, w, dh, input_precision=PREC, out_dtype=ACC)
+                            if not COL_PASS:
+                                gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
+                                            out_dtype=ACC)
+                                pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
+                                mw = mn[:, None] & mk[None, :]
+                                tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
+                        dz_in = dh * _act_grad(z_in, ACT)
+                        if l == 0:
+                            _reduce_dz0(dz_in, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS,
+                                        ATOMIC_DB, BI, BJ, BK)
+                        else:
+                            if not COL_PASS:
+                                pb = dBiasp + (l - 1) * H + rk
+                                tl.store(pb, tl.load(pb, mask=mk, other=0.0)
+                                         + tl.sum(dz_in, axis=0), mask=mk)
+                            tl.store(zp + (l - 1) * zls + rp[:, None] * H + rk[None, :],
+                                     dz_in.to(zp.dtype.element_ty), mask=mk[None, :])
+                    tl.debug_barrier()
+    if not COL_PASS:
+        tl.store(dBout_ptr + pid, tl.sum(dbout, axis=0))

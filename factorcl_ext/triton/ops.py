@@ -1,0 +1,408 @@
+"""The Triton backend's core ops, registered with ``torch.library.triton_op`` so that
+``torch.compile`` traces into the kernels (each launch goes through ``wrap_triton``).
+
+Same schemas and semantics as the C++ core ops of csrc/ops.cpp (DESIGN.md section 5), under the
+names ``factorcl::triton_<op>``:
+
+- ``triton_pair_mlp_stats`` / ``triton_pair_mlp_stats_backward`` (joined by register_autograd),
+- ``triton_pair_mlp_loss`` (gradients formed in its forward; backward scales them),
+- the same three for ``pair_dot``.
+
+triton_op uses each function body as the fake (meta) implementation as well: the bodies only
+allocate with torch and launch kernels, with no data-dependent Python.
+
+On the GPU the loss op cannot avoid a second sweep: ``ds_ij`` needs ``lse_i``, known only after
+all columns are seen, and nothing of size N*M is kept. So it is the stats forward followed by
+the recomputing backward with constant upstream gradients (c_lse, c_pos, c_rowsum).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import custom_op, triton_op, wrap_triton
+
+from . import _config
+from ._common import ACT_CODES, OUT_CODES
+from ._dot_kernels import dot_bwd_kernel, dot_fwd_kernel
+from ._mlp_kernels import mlp_bwd_kernel, mlp_fwd_kernel
+
+_MLP_KEY = ["N", "M", "H", "L"]
+_DOT_KEY = ["N", "M", "D"]
+_MLP_ACCUMULATORS = ["dA_ptr", "dB_ptr", "dW_ptr", "dBias_ptr", "dWout_ptr", "dBout_ptr"]
+
+def _tuners(kernel, configs_by_family, key, reset=None):
+    """{(family, fixed): Autotuner}. ``fixed`` holds only the family's first configuration: the
+    deterministic mode never tunes, so its reduction order is the same in every process. Single-
+    configuration Autotuners do not benchmark; going through an Autotuner either way keeps one
+    launch path for eager and for torch.compile."""
+    out = {}
+    for fam, cfgs in configs_by_family.items():
+        for fixed in (False, True):
+            out[fam, fixed] = triton.autotune(
+                configs=cfgs[:1] if fixed else cfgs, key=key, reset_to_zero=reset
+            )(kernel)
+    return out
+
+
+# Autotuning replays a kernel: the backward kernels name their accumulators for reset_to_zero.
+_MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_CONFIGS, _MLP_KEY)
+_MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
+_DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
+_DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
+
+_tracing = threading.local()
+
+
+def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
+    if getattr(_tracing, "fake", False):
+        return
+    wrap_triton(tuners[family, deterministic])[grid](*args, **kwargs)
+
+
+def _register(name: str, schema: str):
+    """``torch.library.triton_op`` on a GPU. Under the interpreter, wrap_triton hands back the
+    raw interpreted kernel, which cannot run on fake tensors; there the op is an opaque
+    ``custom_op`` whose fake implementation is the same body with the launches skipped, so that
+    torch.compile still traces the ops (as opaque calls) without a graph break."""
+
+    def wrap(fn):
+        if not _config.INTERPRETED:
+            return triton_op(name, mutates_args=(), schema=schema)(fn)
+        op = custom_op(name, fn, mutates_args=(), schema=schema)
+
+        @functools.wraps(fn)
+        def fake(*args, **kwargs):
+            _tracing.fake = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _tracing.fake = False
+
+        op.register_fake(fake)
+        return op
+
+    return wrap
+
+
+# --------------------------------------------------------------------------------------------
+# concat critic (pair MLP)
+# --------------------------------------------------------------------------------------------
+
+
+class _MlpArgs:
+    """Contiguous operands of one pair-MLP call and its launch geometry."""
+
+    def __init__(self, A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                 out_activation, pos_offset):
+        self.A = A.contiguous()
+        self.B = B.contiguous()
+        self.N, self.H = A.shape
+        self.M = B.shape[0]
+        self.L = len(hidden_weights)
+        dtype = A.dtype
+        if self.L:
+            self.W = torch.stack([w.contiguous() for w in hidden_weights])
+            self.Bias = torch.stack([b.contiguous() for b in hidden_biases])
+        else:  # never read when L == 0
+            self.W = A.new_zeros(1)
+            self.Bias = A.new_zeros(1)
+        self.w_out = w_out.contiguous()
+        self.b_out = b_out.reshape(()).contiguous()
+        self.act = ACT_CODES[activation]
+        self.out = OUT_CODES[out_activation]
+        self.has_pos = pos_offset is not None
+        self.pos_offset = int(pos_offset) if pos_offset is not None else 0
+        self.acc = _config.acc_dtype(dtype)
+        self.prec = _config.dot_precision(dtype)
+        self.family = _config.config_family(A.device, dtype)
+        self.configs = _config.MLP_CONFIGS[self.family]
+        bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
+        bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
+        self.p_max = _config.max_kwarg(self.configs, lambda k: k["BI"] * k["BJ"])
+        # grid sizes do not depend on the configuration, so neither do the slot buffers
+        self.g_row = _config.num_programs(A.device, triton.cdiv(self.N, bi_min))
+        self.g_col = _config.num_programs(A.device, triton.cdiv(self.M, bj_min))
+
+    def scratch(self, programs: int, layers: int) -> tuple[Tensor, int, int]:
+        """Program-private pre-activation slots [programs, layers, P_max, H] (input dtype)."""
+        if layers == 0:
+            return self.A.new_zeros(1), 0, 0
+        z = self.A.new_empty((programs, layers, self.p_max, self.H))
+        return z, layers * self.p_max * self.H, self.p_max * self.H
+
+    def constexprs(self) -> dict:
+        return dict(L=self.L, ACT=self.act, OUT=self.out, HAS_POS=self.has_pos, PREC=self.prec)
+
+
+def _mlp_forward(a: _MlpArgs) -> tuple[Tensor, Tensor, Tensor]:
+    lse = a.A.new_empty(a.N, dtype=a.acc)
+    pos = a.A.new_empty(a.N, dtype=a.acc)
+    rowsum = a.A.new_empty(a.N, dtype=a.acc)
+    # the forward keeps only the layers below the last one
+    z, zps, zls = a.scratch(a.g_row, a.L if a.L >= 2 else 0)
+    args = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, pos, rowsum,
+            a.N, a.M, a.H, a.pos_offset, zps, zls)
+    _launch(_MLP_FWD, a.family, (a.g_row,), args, a.constexprs(),
+            _config.is_deterministic())
+    return lse, pos, rowsum
+
+
+def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
+    det = _config.is_deterministic()
+    N, M, H, L = a.N, a.M, a.H, a.L
+    lse = lse.to(a.acc).contiguous()
+    grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
+    dA = a.A.new_zeros((N, H), dtype=a.acc)
+    dB = a.A.new_zeros((M, H), dtype=a.acc)
+    G = a.g_row
+    dW = a.A.new_zeros((G, L, H, H) if L else (1,), dtype=a.acc)
+    dBias = a.A.new_zeros((G, L, H) if L else (1,), dtype=a.acc)
+    dWout = a.A.new_zeros((G, H), dtype=a.acc)
+    dBout = a.A.new_zeros((G,), dtype=a.acc)
+    z, zps, zls = a.scratch(max(a.g_row, a.g_col) if det else a.g_row, L)
+    common = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, *grads,
+              dA, dB, dW, dBias, dWout, dBout, N, M, H, a.pos_offset, zps, zls)
+    _launch(_MLP_BWD, a.family, (a.g_row,), common,
+            dict(a.constexprs(), COL_PASS=False, ATOMIC_DB=not det), det)
+    if det:
+        _launch(_MLP_BWD, a.family, (a.g_col,), common,
+                dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False), det)
+    wdt = a.W.dtype
+    # one sum per layer (not views of one sum): custom-op outputs may not alias each other;
+    # summing the per-program slots in a fixed order keeps the weight gradients deterministic
+    return (
+        dA.to(a.A.dtype),
+        dB.to(a.B.dtype),
+        [dW[:, l].sum(0).to(wdt) for l in range(L)],
+        [dBias[:, l].sum(0).to(wdt) for l in range(L)],
+        dWout.sum(0).to(a.w_out.dtype),
+        dBout.sum().to(a.b_out.dtype),
+    )
+
+
+_MLP_STATS_SCHEMA = (
+    "(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, "
+    "Tensor b_out, str activation, str out_activation, int? pos_offset) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+_MLP_STATS_BWD_SCHEMA = (
+    "(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor A, Tensor B, "
+    "Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, Tensor b_out, Tensor lse, "
+    "str activation, str out_activation, int? pos_offset) "
+    "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)"
+)
+_MLP_LOSS_SCHEMA = (
+    "(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, "
+    "Tensor b_out, str activation, str out_activation, int? pos_offset, float c_lse, "
+    "float c_pos, float c_rowsum, bool compute_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)"
+)
+
+
+@_register("factorcl::triton_pair_mlp_stats", _MLP_STATS_SCHEMA)
+def pair_mlp_stats(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                   out_activation, pos_offset):
+    """(lse, pos, rowsum) of the concat critic on A [N, H], B [M, H]; see factorcl_ext.ops."""
+    a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
+                 pos_offset)
+    return _mlp_forward(a)
+
+
+@_register("factorcl::triton_pair_mlp_stats_backward", _MLP_STATS_BWD_SCHEMA)
+def pair_mlp_stats_backward(grad_lse, grad_pos, grad_rowsum, A, B, hidden_weights,
+                            hidden_biases, w_out, b_out, lse, activation, out_activation,
+                            pos_offset):
+    a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
+                 pos_offset)
+    dA, dB, dW, db, dwo, dbo = _mlp_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
+    return dA, dB, dW, db, dwo, dbo.reshape(b_out.shape)
+
+
+@_register("factorcl::triton_pair_mlp_loss", _MLP_LOSS_SCHEMA)
+def pair_mlp_loss(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
+                  pos_offset, c_lse, c_pos, c_rowsum, compute_grad):
+    a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
+                 pos_offset)
+    lse, pos, rowsum = _mlp_forward(a)
+    loss = (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
+    if not compute_grad:
+        return (loss, A.new_empty(0), B.new_empty(0), [w.new_empty(0) for w in hidden_weights],
+                [b.new_empty(0) for b in hidden_biases], w_out.new_empty(0), b_out.new_empty(0))
+    consts = [torch.full_like(lse, c) for c in (c_lse, c_pos, c_rowsum)]
+    dA, dB, dW, db, dwo, dbo = _mlp_backward(a, lse, *consts)
+    return loss, dA, dB, dW, db, dwo, dbo.reshape(b_out.shape)
+
+
+def _mlp_stats_setup(ctx, inputs, output):
+    A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos = inputs
+    ctx.num_layers = len(hidden_weights)
+    ctx.config = (activation, out_activation, pos)
+    ctx.save_for_backward(A, B, w_out, b_out, output[0], *hidden_weights, *hidden_biases)
+
+
+def _mlp_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
+    A, B, w_out, b_out, lse, *rest = ctx.saved_tensors
+    k = ctx.num_layers
+    grads = [g if g is not None else torch.zeros_like(lse)
+             for g in (grad_lse, grad_pos, grad_rowsum)]
+    dA, dB, dW, db, dwo, dbo = pair_mlp_stats_backward(
+        *grads, A, B, list(rest[:k]), list(rest[k:]), w_out, b_out, lse, *ctx.config
+    )
+    return dA, dB, list(dW), list(db), dwo, dbo, None, None, None
+
+
+pair_mlp_stats.register_autograd(_mlp_stats_bwd, setup_context=_mlp_stats_setup)
+
+
+def _mlp_loss_setup(ctx, inputs, output):
+    ctx.num_layers = len(inputs[2])
+    ctx.compute_grad = inputs[12]
+    _, dA, dB, dW, db, dwo, dbo = output
+    ctx.save_for_backward(dA, dB, dwo, dbo, *dW, *db)
+
+
+def _mlp_loss_bwd(ctx, grad_loss, *_unused):
+    if not ctx.compute_grad:
+        raise RuntimeError("pair_mlp_loss was called with compute_grad=False")
+    dA, dB, dwo, dbo, *rest = ctx.saved_tensors
+    k = ctx.num_layers
+    scale = grad_loss
+    return (dA * scale.to(dA.dtype), dB * scale.to(dB.dtype),
+            [g * scale.to(g.dtype) for g in rest[:k]], [g * scale.to(g.dtype) for g in rest[k:]],
+            dwo * scale.to(dwo.dtype), dbo * scale.to(dbo.dtype),
+            None, None, None, None, None, None, None)
+
+
+pair_mlp_loss.register_autograd(_mlp_loss_bwd, setup_context=_mlp_loss_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# separable critic (pair dot)
+# --------------------------------------------------------------------------------------------
+
+
+class _DotArgs:
+    def __init__(self, G, H, pos_offset, exclude_offset):
+        self.G = G.contiguous()
+        self.H = H.contiguous()
+        self.N, self.D = G.shape
+        self.M = H.shape[0]
+        self.has_pos = pos_offset is not None
+        self.pos_offset = int(pos_offset) if pos_offset is not None else 0
+        self.has_excl = exclude_offset is not None
+        self.exclude_offset = int(exclude_offset) if exclude_offset is not None else 0
+        self.acc = _config.acc_dtype(G.dtype)
+        self.prec = _config.dot_precision(G.dtype)
+        self.family = _config.config_family(G.device, G.dtype)
+        self.configs = _config.DOT_CONFIGS[self.family]
+        bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
+        bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
+        self.g_row = _config.num_programs(G.device, triton.cdiv(self.N, bi_min))
+        self.g_col = _config.num_programs(G.device, triton.cdiv(self.M, bj_min))
+
+    def head(self) -> tuple:
+        return (self.N, self.M, self.D, self.pos_offset, self.exclude_offset)
+
+    def constexprs(self) -> dict:
+        return dict(HAS_POS=self.has_pos, HAS_EXCL=self.has_excl, PREC=self.prec)
+
+
+def _dot_forward(a: _DotArgs):
+    lse = a.G.new_empty(a.N, dtype=a.acc)
+    pos = a.G.new_empty(a.N, dtype=a.acc)
+    rowsum = a.G.new_empty(a.N, dtype=a.acc)
+    args = (a.G, a.H, lse, pos, rowsum, *a.head())
+    _launch(_DOT_FWD, a.family, (a.g_row,), args, a.constexprs(),
+            _config.is_deterministic())
+    return lse, pos, rowsum
+
+
+def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
+    det = _config.is_deterministic()
+    lse = lse.to(a.acc).contiguous()
+    grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
+    dG = a.G.new_zeros((a.N, a.D), dtype=a.acc)
+    dH = a.G.new_zeros((a.M, a.D), dtype=a.acc)
+    args = (a.G, a.H, lse, *grads, dG, dH, *a.head())
+    _launch(_DOT_BWD, a.family, (a.g_row,), args,
+            dict(a.constexprs(), COL_PASS=False, ATOMIC_DH=not det), det)
+    if det:
+        _launch(_DOT_BWD, a.family, (a.g_col,), args,
+                dict(a.constexprs(), COL_PASS=True, ATOMIC_DH=False), det)
+    return dG.to(a.G.dtype), dH.to(a.H.dtype)
+
+
+_DOT_STATS_SCHEMA = (
+    "(Tensor G, Tensor H, int? pos_offset, int? exclude_offset) -> (Tensor, Tensor, Tensor)"
+)
+_DOT_STATS_BWD_SCHEMA = (
+    "(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor G, Tensor H, Tensor lse, "
+    "int? pos_offset, int? exclude_offset) -> (Tensor, Tensor)"
+)
+_DOT_LOSS_SCHEMA = (
+    "(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, float c_pos, "
+    "float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)"
+)
+
+
+@_register("factorcl::triton_pair_dot_stats", _DOT_STATS_SCHEMA)
+def pair_dot_stats(G, H, pos_offset, exclude_offset):
+    """(lse, pos, rowsum) of s = G H^T; see factorcl_ext.ops.pair_dot_stats."""
+    return _dot_forward(_DotArgs(G, H, pos_offset, exclude_offset))
+
+
+@_register("factorcl::triton_pair_dot_stats_backward", _DOT_STATS_BWD_SCHEMA)
+def pair_dot_stats_backward(grad_lse, grad_pos, grad_rowsum, G, H, lse, pos_offset,
+                            exclude_offset):
+    a = _DotArgs(G, H, pos_offset, exclude_offset)
+    return _dot_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
+
+
+@_register("factorcl::triton_pair_dot_loss", _DOT_LOSS_SCHEMA)
+def pair_dot_loss(G, H, pos_offset, exclude_offset, c_lse, c_pos, c_rowsum, compute_grad):
+    a = _DotArgs(G, H, pos_offset, exclude_offset)
+    lse, pos, rowsum = _dot_forward(a)
+    loss = (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
+    if not compute_grad:
+        return loss, G.new_empty(0), H.new_empty(0)
+    consts = [torch.full_like(lse, c) for c in (c_lse, c_pos, c_rowsum)]
+    dG, dH = _dot_backward(a, lse, *consts)
+    return loss, dG, dH
+
+
+def _dot_stats_setup(ctx, inputs, output):
+    G, H, pos_offset, exclude_offset = inputs
+    ctx.config = (pos_offset, exclude_offset)
+    ctx.save_for_backward(G, H, output[0])
+
+
+def _dot_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
+    G, H, lse = ctx.saved_tensors
+    grads = [g if g is not None else torch.zeros_like(lse)
+             for g in (grad_lse, grad_pos, grad_rowsum)]
+    dG, dH = pair_dot_stats_backward(*grads, G, H, lse, *ctx.config)
+    return dG, dH, None, None
+
+
+pair_dot_stats.register_autograd(_dot_stats_bwd, setup_context=_dot_stats_setup)
+
+
+def _dot_loss_setup(ctx, inputs, output):
+    ctx.compute_grad = inputs[7]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _dot_loss_bwd(ctx, grad_loss, *_unused):
+    if not ctx.compute_grad:
+        raise RuntimeError("pair_dot_loss was called with compute_grad=False")
+    dG, dH = ctx.saved_tensors
+    return (dG * grad_loss.to(dG.dtype), dH * grad_loss.to(dH.dtype),
+            None, None, None, None, None, None)
+
+
+pair_dot_loss.register_autograd(_dot_loss_bwd, setup_context=_dot_loss_setup)

@@ -1,0 +1,553 @@
+"""The Triton backend against the float64 materialising reference.
+
+Runs in process on a GPU (larger shapes), or on the CPU when this pytest process was started with
+``TRITON_INTERPRET=1`` (Triton reads it when the kernels are decorated, so it cannot be switched on
+here; tests/test_triton_interpreter.py starts such a process). Otherwise every test skips.
+
+Sizes are chosen so that no tile divides them: under the interpreter the tiles are 4 x 4 pairs,
+16 features and 16 x 16 scores (factorcl_ext/triton/_config.py) and a persistent grid of 3
+programs, so each of these shapes has partial row, column and feature blocks and programs that
+walk several blocks. bf16/fp16, TF32, autocast and bit-determinism run on a GPU only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import factorcl_ext
+from factorcl_ext import _backends, reference
+
+from conftest import assert_rel_close, rel_error
+
+GPU = torch.cuda.is_available()
+INTERPRET = _backends.triton_interpreted()
+
+pytestmark = pytest.mark.skipif(
+    not (_backends.has_triton() and (GPU or INTERPRET)),
+    reason="Triton tests need a GPU, or TRITON_INTERPRET=1 in this process "
+    "(tests/test_triton_interpreter.py runs them so)",
+)
+_needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+def gpu_only(test):
+    return pytest.mark.gpu(_needs_gpu(test))
+
+DEVICE = torch.device("cuda" if GPU else "cpu")
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+# (N, M, H): odd, N != M, H not a multiple of any feature slice
+if GPU:
+    MLP_SHAPES = [(150, 203, 97), (67, 67, 160)]
+    DOT_SHAPES = [(300, 419, 77), (129, 129, 200)]
+else:
+    MLP_SHAPES = [(13, 19, 21), (6, 6, 17)]
+    DOT_SHAPES = [(21, 37, 19), (17, 17, 40)]
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+    # float32 tests are IEEE (the 1e-5 tolerance); TF32 has its own GPU test
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE):
+    """Fresh random pair-MLP operands (float64 masters) scaled so that scores stay O(1-10)."""
+    kw = dict(dtype=torch.float64, device=device)
+    A = torch.randn(n, h, **kw)
+    B = torch.randn(m, h, **kw)
+    W = [torch.randn(h, h, **kw) / math.sqrt(h) for _ in range(layers)]
+    b = [0.5 * torch.randn(h, **kw) for _ in range(layers)]
+    w_out = torch.randn(h, **kw) / math.sqrt(h)
+    b_out = torch.randn((), **kw)
+    return [A, B, W, b, w_out, b_out]
+
+
+def flat(args):
+    A, B, W, b, w_out, b_out = args
+    return [A, B, *W, *b, w_out, b_out]
+
+
+def cast(args, dtype, requires_grad=True):
+    A, B, W, b, w_out, b_out = args
+
+    def c(t):
+        return t.detach().to(dtype).requires_grad_(requires_grad)
+
+    return [c(A), c(B), [c(w) for w in W], [c(x) for x in b], c(w_out), c(b_out)]
+
+
+def mlp_stats(args, backend, **kw):
+    A, B, W, b, w_out, b_out = args
+    return factorcl_ext.pair_mlp_stats(A, B, W, b, w_out, b_out, backend=backend, **kw)
+
+
+def reference_mlp(args, upstream, **kw):
+    """float64 reference stats and gradients (of sum_k <stats_k, upstream_k>)."""
+    ref_args = cast(args, torch.float64)
+    st = reference.pair_mlp_stats(*ref_args, kw["activation"], kw["out_activation"],
+                                  kw["pos_offset"])
+    loss = sum((s * g).sum() for s, g in zip(st, upstream))
+    grads = torch.autograd.grad(loss, flat(ref_args))
+    return st, grads
+
+
+def check_mlp(args, dtype, upstream=None, **kw):
+    n = args[0].shape[0]
+    if upstream is None:
+        upstream = [torch.randn(n, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+        if kw["pos_offset"] is None:
+            upstream[1] = torch.zeros_like(upstream[1])
+    ref_st, ref_grads = reference_mlp(args, upstream, **kw)
+    t_args = cast(args, dtype)
+    st = mlp_stats(t_args, "triton", **kw)
+    tol = TOL[dtype]
+    for name, a, e in zip(("lse", "pos", "rowsum"), st, ref_st):
+        assert a.dtype == dtype
+        assert_rel_close(a, e, tol, name)
+    loss = sum((s * g.to(dtype)).sum() for s, g in zip(st, upstream))
+    grads = torch.autograd.grad(loss, flat(t_args))
+    names = ["dA", "dB"] + [f"dW{i}" for i in range(len(args[2]))]
+    names += [f"db{i}" for i in range(len(args[3]))] + ["dw_out", "db_out"]
+    for name, a, e, t in zip(names, grads, ref_grads, flat(t_args)):
+        assert a.dtype == t.dtype and a.shape == t.shape, name
+        assert_rel_close(a, e, tol, name)
+
+
+# --------------------------------------------------------------------------------------------
+# concat critic
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+@pytest.mark.parametrize("acts", [("relu", "none"), ("tanh", "softplus")], ids=["relu", "tanh-sp"])
+def test_pair_mlp_stats_values_and_grads(dtype, layers, acts):
+    n, m, h = MLP_SHAPES[0]
+    args = mlp_inputs(n, m, h, layers)
+    check_mlp(args, dtype, activation=acts[0], out_activation=acts[1], pos_offset=m - n)
+
+
+@pytest.mark.parametrize("pos_offset", [None, 0, 2])
+@pytest.mark.parametrize("acts", [("relu", "softplus"), ("tanh", "none")], ids=["relu-sp", "tanh"])
+def test_pair_mlp_pos_offset(pos_offset, acts):
+    n, m, h = MLP_SHAPES[1]
+    m += 2
+    args = mlp_inputs(n, m, h, 1)
+    check_mlp(args, torch.float64, activation=acts[0], out_activation=acts[1],
+              pos_offset=pos_offset)
+
+
+def test_pair_mlp_pos_none_gives_zeros():
+    n, m, h = MLP_SHAPES[1]
+    args = cast(mlp_inputs(n, m, h, 1), torch.float64, requires_grad=False)
+    st = mlp_stats(args, "triton", pos_offset=None)
+    assert torch.equal(st.pos, torch.zeros_like(st.pos))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5), (1, 7, 3), (9, 2, 33)])
+def test_pair_mlp_tiny_shapes(shape):
+    args = mlp_inputs(*shape, 1)
+    pos_offset = 0 if shape[0] <= shape[1] else None
+    check_mlp(args, torch.float64, activation="relu", out_activation="none",
+              pos_offset=pos_offset)
+
+
+def test_pair_mlp_deterministic_mode_matches_reference():
+    # the column pass (dB owned by column programs) replaces the atomics in this mode
+    import factorcl_ext.triton as ft
+
+    n, m, h = MLP_SHAPES[0]
+    for layers in (0, 2):
+        args = mlp_inputs(n, m, h, layers)
+        with ft.deterministic():
+            assert ft.is_deterministic()
+            check_mlp(args, torch.float64, activation="tanh", out_activation="softplus",
+                      pos_offset=1)
+    assert not ft.is_deterministic()
+
+
+def test_pair_mlp_noncontiguous():
+    n, m, h = MLP_SHAPES[0]
+    args = mlp_inputs(n, m, h, 1)
+    A = torch.randn(h, n, dtype=torch.float64, device=DEVICE).t()  # column-major
+    W = [torch.randn(h, h, dtype=torch.float64, device=DEVICE).t() / math.sqrt(h)]
+    args[0], args[2] = A, W
+    assert not A.is_contiguous()
+    ref = reference.pair_mlp_stats(*args, "relu", "none", 0)
+    st = mlp_stats(args, "triton", pos_offset=0)
+    for a, e in zip(st, ref):
+        assert_rel_close(a, e, 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layers", [0, 1])
+def test_pair_mlp_loss_values_and_grads(dtype, layers):
+    n, m, h = MLP_SHAPES[0]
+    args = mlp_inputs(n, m, h, layers)
+    coefs = dict(c_lse=1.0 / n, c_pos=-1.0 / n, c_rowsum=0.3 / (n * m))
+    kw = dict(activation="tanh", out_activation="none", pos_offset=m - n)
+    upstream = [torch.full((n,), c, dtype=torch.float64, device=DEVICE) for c in coefs.values()]
+    ref_st, ref_grads = reference_mlp(args, upstream, **kw)
+    ref_loss = sum((s * g).sum() for s, g in zip(ref_st, upstream))
+    t_args = cast(args, dtype)
+    loss = factorcl_ext.pair_mlp_loss(*t_args[:6], backend="triton", **coefs, **kw)
+    assert loss.dim() == 0 and loss.dtype == dtype
+    assert_rel_close(loss, ref_loss, TOL[dtype], "loss")
+    # the loss equals the same combination of the stats op's outputs
+    st = mlp_stats(cast(args, dtype, False), "triton", **kw)
+    stats_loss = sum(c * s.sum() for c, s in zip(coefs.values(), st))
+    assert_rel_close(loss, stats_loss, TOL[dtype], "loss vs stats")
+    grads = torch.autograd.grad(2.5 * loss, flat(t_args))  # backward scales by grad_output
+    for a, e in zip(grads, ref_grads):
+        assert_rel_close(a, 2.5 * e, TOL[dtype])
+
+
+def test_pair_mlp_loss_without_grad():
+    n, m, h = MLP_SHAPES[1]
+    args = cast(mlp_inputs(n, m, h, 1), torch.float64, requires_grad=False)
+    loss = factorcl_ext.pair_mlp_loss(*args, c_lse=1.0, pos_offset=None, backend="triton")
+    ref = reference.pair_mlp_stats(*args, "relu", "none", None)[0].sum()
+    assert_rel_close(loss, ref, 1e-10)
+    out = factorcl_ext.triton.pair_mlp_loss(*args[:6], "relu", "none", None, 1.0, 0.0, 0.0, False)
+    assert all(t.numel() == 0 for t in (out[1], out[2], out[5], out[6]))
+
+
+def test_concat_critic_end_to_end():
+    """The public critic (first layer in PyTorch) on the Triton core, gradients into u, v."""
+    n, m, du, dv, h = 7, 11, 5, 9, 19
+    kw = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    u, v = torch.randn(n, du, **kw), torch.randn(m, dv, **kw)
+    w_u, w_v, b_0 = torch.randn(h, du, **kw), torch.randn(h, dv, **kw), torch.randn(h, **kw)
+    W, b = [torch.randn(h, h, **kw)], [torch.randn(h, **kw)]
+    w_out, b_out = torch.randn(h, **kw), torch.randn(1, **kw)
+    params = [u, v, w_u, w_v, b_0, *W, *b, w_out, b_out]
+    st = factorcl_ext.concat_critic_stats(u, v, w_u, w_v, b_0, W, b, w_out, b_out, pos_offset=3,
+                                          backend="triton")
+    ref = reference.concat_critic_stats(u, v, w_u, w_v, b_0, W, b, w_out, b_out, pos_offset=3)
+    bound = factorcl_ext.infonce_lower_bound(st.lse, st.pos, m)
+    ref_bound = factorcl_ext.infonce_lower_bound(ref[0], ref[1], m)
+    assert_rel_close(bound, ref_bound, 1e-10)
+    # d bound / d b_out is 0 in exact arithmetic (softmax rows sum to 1): the floor is the
+    # scale of the other gradients
+    grads, ref_grads = torch.autograd.grad(bound, params), torch.autograd.grad(ref_bound, params)
+    scale = min(g.norm().item() for g in ref_grads[:-1])
+    for a, e in zip(grads, ref_grads):
+        assert_rel_close(a, e, 1e-10, floor=scale)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_pair_mlp_nan_propagates():
+    n, m, h = MLP_SHAPES[1]
+    args = cast(mlp_inputs(n, m, h, 1), torch.float64, requires_grad=False)
+    args[0][2, 3] = float("nan")
+    st = mlp_stats(args, "triton", pos_offset=0)
+    ref = reference.pair_mlp_stats(*args, "relu", "none", 0)
+    for a, e in zip(st, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(e))
+        assert torch.isnan(a[2])
+
+
+# --------------------------------------------------------------------------------------------
+# separable critic
+# --------------------------------------------------------------------------------------------
+
+
+def check_dot(n, m, d, dtype, temperature, normalize, pos_offset, exclude_offset):
+    kw = dict(dtype=torch.float64, device=DEVICE)
+    g, h = torch.randn(n, d, **kw), torch.randn(m, d, **kw)
+    tau = torch.tensor(temperature, **kw)
+    upstream = [torch.randn(n, **kw) for _ in range(3)]
+    if pos_offset is None:
+        upstream[1].zero_()
+    ref_in = [t.clone().requires_grad_() for t in (g, h, tau)]
+    ref = reference.separable_critic_stats(
+        ref_in[0], ref_in[1], temperature=ref_in[2], normalize=normalize, pos_offset=pos_offset,
+        exclude_offset=exclude_offset,
+    )
+    ref_grads = torch.autograd.grad(sum((s * u).sum() for s, u in zip(ref, upstream)), ref_in)
+    t_in = [t.to(dtype).requires_grad_() for t in (g, h, tau)]
+    st = factorcl_ext.separable_critic_stats(
+        t_in[0], t_in[1], temperature=t_in[2], normalize=normalize, pos_offset=pos_offset,
+        exclude_offset=exclude_offset, backend="triton",
+    )
+    tol = TOL[dtype]
+    for name, a, e in zip(("lse", "pos", "rowsum"), st, ref):
+        assert_rel_close(a, e, tol, name)
+    grads = torch.autograd.grad(sum((s * u.to(dtype)).sum() for s, u in zip(st, upstream)), t_in)
+    # d/d tau = -sum_ij dg_ij g_ij / tau sums cancelling terms: in float32 even the materialising
+    # reference misses it by 3e-5 on some draws, so its floor is the scale of those terms
+    tau_floor = 0.0
+    if dtype != torch.float64:
+        tau_floor = (ref_grads[0].abs() * g.abs()).sum().item() / temperature
+    for name, a, e, floor in zip(("dg", "dh", "dtemperature"), grads, ref_grads,
+                                 (0.0, 0.0, tau_floor)):
+        assert_rel_close(a, e, tol, name, floor=floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "pos_offset,exclude_offset", [(0, None), (None, None), (3, 1), (0, 0)],
+    ids=["pos0", "nopos", "pos3-excl1", "pos0-excl0"],
+)
+def test_pair_dot_stats_values_and_grads(dtype, pos_offset, exclude_offset):
+    n, m, d = DOT_SHAPES[0]
+    check_dot(n, m, d, dtype, 0.37, False, pos_offset, exclude_offset)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pair_dot_temperature_gradient(normalize):
+    n, m, d = DOT_SHAPES[1]
+    check_dot(n, m, d, torch.float64, 0.07, normalize, 0, None)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 2, 5), (5, 40, 1)])
+def test_pair_dot_tiny_shapes(shape):
+    n, m, d = shape
+    check_dot(n, m, d, torch.float64, 1.0, False, 0, 1 if m > 1 else None)
+
+
+def test_pair_dot_deterministic_mode_matches_reference():
+    import factorcl_ext.triton as ft
+
+    n, m, d = DOT_SHAPES[0]
+    with ft.deterministic():
+        check_dot(n, m, d, torch.float64, 0.5, True, 2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_pair_dot_loss_values_and_grads(dtype):
+    n, m, d = DOT_SHAPES[0]
+    kw = dict(dtype=torch.float64, device=DEVICE)
+    G, H = torch.randn(n, d, **kw), torch.randn(m, d, **kw)
+    coefs = dict(c_lse=1.0 / n, c_pos=-1.0 / n, c_rowsum=-0.2 / (n * m))
+    offs = dict(pos_offset=m - n, exclude_offset=0)
+    ref_in = [G.clone().requires_grad_(), H.clone().requires_grad_()]
+    ref_loss = factorcl_ext.pair_dot_loss(*ref_in, backend="reference", **coefs, **offs)
+    ref_grads = torch.autograd.grad(ref_loss, ref_in)
+    t_in = [G.to(dtype).requires_grad_(), H.to(dtype).requires_grad_()]
+    loss = factorcl_ext.pair_dot_loss(*t_in, backend="triton", **coefs, **offs)
+    assert_rel_close(loss, ref_loss, TOL[dtype], "loss")
+    st = factorcl_ext.pair_dot_stats(G.to(dtype), H.to(dtype), backend="triton", **offs)
+    assert_rel_close(loss, sum(c * s.sum() for c, s in zip(coefs.values(), st)), TOL[dtype])
+    grads = torch.autograd.grad(-0.5 * loss, t_in)
+    for a, e in zip(grads, ref_grads):
+        assert_rel_close(a, -0.5 * e, TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# registration: schemas, fake tensors, autograd, torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def test_ops_registered_under_factorcl_namespace():
+    for name in ("pair_mlp_stats", "pair_mlp_stats_backward", "pair_mlp_loss", "pair_dot_stats",
+                 "pair_dot_stats_backward", "pair_dot_loss"):
+        assert hasattr(torch.ops.factorcl, f"triton_{name}")
+
+
+def test_opcheck():
+    kw = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    n, m, h = 5, 7, 17
+    A, B = torch.randn(n, h, **kw), torch.randn(m, h, **kw)
+    W, b = [torch.randn(h, h, **kw) / 4], [torch.randn(h, **kw)]
+    w_out, b_out = torch.randn(h, **kw), torch.randn((), **kw)
+    ops = torch.ops.factorcl
+    torch.library.opcheck(ops.triton_pair_mlp_stats.default,
+                          (A, B, W, b, w_out, b_out, "tanh", "softplus", 2))
+    torch.library.opcheck(ops.triton_pair_mlp_loss.default,
+                          (A, B, W, b, w_out, b_out, "relu", "none", 1, 0.5, -0.5, 0.1, True))
+    G, H = torch.randn(n, 9, **kw), torch.randn(m, 9, **kw)
+    torch.library.opcheck(ops.triton_pair_dot_stats.default, (G, H, 1, 0))
+    torch.library.opcheck(ops.triton_pair_dot_loss.default, (G, H, None, 2, 0.5, 0.0, 0.1, True))
+
+
+def test_torch_compile_fullgraph():
+    # under the interpreter the ops are opaque to the compiler (wrap_triton cannot trace
+    # interpreted kernels); on a GPU inductor traces into the Triton kernels
+    backend = "inductor" if GPU else "aot_eager"
+    n, m, h = MLP_SHAPES[1]
+    args = cast(mlp_inputs(n, m, h, 1), torch.float64)
+
+    def f(A, B, W, b, w_out, b_out, g, hh):
+        st = factorcl_ext.pair_mlp_stats(A, B, W, b, w_out, b_out, pos_offset=0, backend="triton")
+        sep = factorcl_ext.separable_critic_loss(g, hh, c_lse=1.0, c_pos=-1.0, temperature=0.5,
+                                                 backend="triton")
+        return factorcl_ext.infonce_lower_bound(st.lse, st.pos, m) + sep
+
+    g = torch.randn(n, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    hh = torch.randn(n, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    y = compiled(*args, g, hh)
+    y_eager = f(*args, g, hh)
+    assert_rel_close(y, y_eager, 1e-12)
+    params = flat(args) + [g, hh]
+    grads, eager = torch.autograd.grad(y, params), torch.autograd.grad(y_eager, params)
+    scale = min(e.norm().item() for e in eager[:-3])  # d/d b_out is 0 in exact arithmetic
+    for a, e in zip(grads, eager):
+        assert_rel_close(a, e, 1e-12, floor=scale)
+
+
+def test_backend_resolution():
+    assert "triton" in factorcl_ext.available_backends()
+    assert _backends.resolve("triton", DEVICE) == "triton"
+    if GPU and not _backends.has_cuda_kernels():
+        assert _backends.resolve("auto", torch.device("cuda")) == "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: low precision, TF32, autocast, determinism, larger shapes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layers", [0, 1])
+@gpu_only
+def test_low_precision_mlp(dtype, layers):
+    n, m, h = 500, 509, 256
+    args = mlp_inputs(n, m, h, layers)
+    upstream = [torch.randn(n, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    kw = dict(activation="relu", out_activation="none", pos_offset=m - n)
+    ref_st, ref_grads = reference_mlp(args, upstream, **kw)
+    t_args = cast(args, dtype)
+    st = mlp_stats(t_args, "triton", **kw)
+    # the same-dtype materialising reference: the kernel may be at most twice as far off
+    same = cast(args, dtype)
+    same_st = reference.pair_mlp_stats(*same, kw["activation"], kw["out_activation"],
+                                       kw["pos_offset"])
+    for a, s, e in zip(st, same_st, ref_st):
+        assert a.dtype == torch.float32
+        err = rel_error(a, e)
+        assert err <= 2e-2 and err <= 2 * max(rel_error(s, e), 1e-3), err
+    grads = torch.autograd.grad(sum((s * u.float()).sum() for s, u in zip(st, upstream)),
+                                flat(t_args))
+    same_grads = torch.autograd.grad(sum((s.float() * u.float()).sum()
+                                         for s, u in zip(same_st, upstream)), flat(same))
+    for a, s, e in zip(grads, same_grads, ref_grads):
+        err = rel_error(a, e)
+        assert err <= 2e-2 and err <= 2 * max(rel_error(s, e), 1e-3), err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@gpu_only
+def test_low_precision_dot(dtype):
+    n, m, d = 1000, 1031, 128
+    g = torch.randn(n, d, dtype=torch.float64, device=DEVICE)
+    h = torch.randn(m, d, dtype=torch.float64, device=DEVICE)
+    ref = reference.separable_critic_stats(g, h, temperature=0.1, normalize=True)
+    st = factorcl_ext.separable_critic_stats(g.to(dtype), h.to(dtype), temperature=0.1,
+                                             normalize=True, backend="triton")
+    for a, e in zip(st, ref):
+        assert a.dtype == torch.float32
+        assert_rel_close(a, e, 2e-2)
+
+
+@gpu_only
+def test_tf32():
+    n, m, h = 300, 301, 256
+    args = mlp_inputs(n, m, h, 1)
+    ref = reference.pair_mlp_stats(*args, "relu", "none", 0)
+    torch.set_float32_matmul_precision("high")
+    st = mlp_stats(cast(args, torch.float32, False), "triton", pos_offset=0)
+    for a, e in zip(st, ref):
+        assert_rel_close(a, e, 2e-3)
+
+
+@gpu_only
+def test_autocast():
+    n, m, du, h = 256, 256, 64, 128
+    u, v = torch.randn(n, du, device=DEVICE), torch.randn(m, du, device=DEVICE)
+    lin = torch.nn.Linear(2 * du, h).to(DEVICE)
+    W, b = [torch.randn(h, h, device=DEVICE) / 12], [torch.randn(h, device=DEVICE)]
+    w_out, b_out = torch.randn(h, device=DEVICE) / 12, torch.randn(1, device=DEVICE)
+    args = (u, v, lin.weight[:, :du], lin.weight[:, du:], lin.bias, W, b, w_out, b_out)
+    ref = reference.concat_critic_stats(*(a.double() if torch.is_tensor(a) else
+                                          [x.double() for x in a] for a in args))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        st = factorcl_ext.concat_critic_stats(*args, backend="triton")
+        st.lse.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+    for a, e in zip(st, ref):
+        assert_rel_close(a, e, 2e-2)
+
+
+@gpu_only
+def test_deterministic_bit_identical():
+    import factorcl_ext.triton as ft
+
+    n, m, h = 1000, 1003, 256
+    args = cast(mlp_inputs(n, m, h, 1), torch.bfloat16)
+    g = torch.randn(4000, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+
+    def run():
+        st = mlp_stats(args, "triton", pos_offset=0)
+        grads = torch.autograd.grad(st.lse.sum() - st.pos.sum() + st.rowsum.mean(), flat(args))
+        sep = factorcl_ext.separable_critic_stats(g, g, temperature=0.1, pos_offset=0,
+                                                  backend="triton")
+        return [*st, *grads, *torch.autograd.grad(sep.lse.sum(), g)]
+
+    with ft.deterministic():
+        first = run()
+        for _ in range(3):
+            again = run()
+            for a, b in zip(first, again):
+                assert torch.equal(a, b)
+
+
+@gpu_only
+def test_large_shapes_fp32():
+    n, m, h = 600, 631, 512  # the float64 reference materialises a few N*M*H tensors
+    args = mlp_inputs(n, m, h, 1)
+    check_mlp(args, torch.float32, activation="relu", out_activation="none", pos_offset=3)
+    check_dot(3000, 3011, 384, torch.float32, 0.1, True, 0, None)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/gpu_bench.py: every timed implementation computes the same loss and gradients
+# --------------------------------------------------------------------------------------------
+
+
+def _load_gpu_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.DEVICE = str(DEVICE)
+    return mod
+
+
+@pytest.mark.parametrize("critic", ["concat", "separable"])
+def test_gpu_bench_implementations_agree(critic):
+    bench = _load_gpu_bench()
+    n, chunk = 9, 4  # chunks that do not divide N
+    impls = ["triton", "reference", "chunked"]
+    results = {}
+    for impl in impls:
+        torch.manual_seed(0)
+        if critic == "concat":
+            x = bench.concat_inputs(n, 5, 19, 1, torch.float64, True)
+            params = bench._params(x)
+            step = bench.concat_step(impl, n, False, chunk, {})
+        else:
+            x = bench.separable_inputs(n, 7, torch.float64, True)
+            params = [x["g"], x["h"]]
+            step = bench.separable_step(impl, n, False, chunk, {})
+        loss = step(x)
+        results[impl] = (loss.detach(), [p.grad.clone() for p in params])
+    ref_loss, ref_grads = results["reference"]
+    for impl in impls:
+        loss, grads = results[impl]
+        assert_rel_close(loss, ref_loss, 1e-10, f"{impl} loss")
+        # concat: d/d b_out is 0 in exact arithmetic; floor at the other gradients' scale
+        scale = min(g.norm().item() for g in ref_grads[:-1]) if critic == "concat" else 0.0
+        for a, e in zip(grads, ref_grads):
+            assert_rel_close(a, e, 1e-10, f"{impl} grad", floor=scale)
