@@ -15,10 +15,17 @@
 // and the number of SMs (which fixes the grid), so reruns are bit-identical.
 #pragma once
 
+#ifdef FCL_EMULATION
+// tests/cuda_emu: the same kernels run on the CPU, one std::thread per CUDA thread.
+#include "fcl_cuda_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+#define FCL_DYNAMIC_SMEM(name) extern __shared__ __align__(128) char name[]
+#endif
 
 #include <cmath>
 #include <cstdint>

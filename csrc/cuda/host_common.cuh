@@ -3,8 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#ifndef FCL_EMULATION
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -48,7 +50,11 @@ inline at::ScalarType acc_scalar_type() {
   return std::is_same_v<typename Md::acc_t, double> ? at::kDouble : at::kFloat;
 }
 
+#ifdef FCL_EMULATION
+inline int sm_count() { return emu::sm_count(); }
+#else
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+#endif
 
 // Memory the per-block scratch and partial buffers of one launch may take: bounded, so that no
 // buffer grows with N * M; the grid shrinks (and the kernel slows) before memory grows.
@@ -87,10 +93,20 @@ inline Split plan_square(int64_t nrc, int64_t ncc,
   }
 }
 
-template <class Kernel>
-inline void set_smem(Kernel kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+// Launches kernel<<<grid, kThreads, smem>>> on the current stream and checks the launch.
+template <class... KArgs, class... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), int64_t grid, size_t smem, Args&&... args) {
+  TORCH_CHECK(grid >= 1 && grid < (int64_t(1) << 31), "factorcl CUDA: bad grid size ", grid);
+#ifdef FCL_EMULATION
+  emu::launch(kernel, unsigned(grid), kThreads, smem, KArgs(std::forward<Args>(args))...);
+#else
+  if (smem > 48 * 1024)  // dynamic shared memory beyond 48 KB must be asked for
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  kernel<<<unsigned(grid), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      KArgs(std::forward<Args>(args))...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 // lse / rowsum from S per-split partials (max, scaled sum, row sum), split 0 first.
@@ -115,10 +131,8 @@ __global__ void __launch_bounds__(kThreads)
 template <class A>
 inline void merge_stats(const at::Tensor& part, int S, int64_t N, const at::Tensor& lse,
                         const at::Tensor& rowsum) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  merge_stats_kernel<A><<<unsigned(ceil_div(N, kThreads)), kThreads, 0, stream>>>(
-      ptr<A>(part), S, N, ptr<A>(lse), ptr<A>(rowsum));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(merge_stats_kernel<A>, ceil_div(N, kThreads), 0, ptr<A>(part), S, N, ptr<A>(lse),
+                ptr<A>(rowsum));
 }
 
 // out[k] = sum_p part[p * stride + k] for p = 0, 1, ..., P - 1, cast to the output type.
@@ -140,11 +154,9 @@ inline void reduce_partials(const at::Tensor& part, int64_t offset, int64_t P, i
                             int64_t K, const at::Tensor& out) {
   if (K == 0) return;
   TORCH_CHECK(out.is_contiguous() && out.numel() == K, "reduce_partials: bad output");
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = std::min<int64_t>(ceil_div(K, kThreads), 8 * int64_t(sm_count()));
-  reduce_partials_kernel<A, O><<<unsigned(blocks), kThreads, 0, stream>>>(
-      ptr<A>(part) + offset, P, stride, K, ptr<O>(out));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(reduce_partials_kernel<A, O>, blocks, 0, ptr<A>(part) + offset, P, stride, K,
+                ptr<O>(out));
 }
 
 }  // namespace factorcl_ext::cuda

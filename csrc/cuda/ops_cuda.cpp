@@ -3,8 +3,13 @@
 // fused losses built from the stats kernels. The kernels themselves are in the .cu files here.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#ifndef FCL_EMULATION
+#include <c10/cuda/CUDAGuard.h>
+#define FCL_DEVICE_GUARD(t) const c10::cuda::CUDAGuard device_guard((t).device())
+#else
+#define FCL_DEVICE_GUARD(t) (void)(t)
+#endif
 
 #include <climits>
 #include <string>
@@ -77,7 +82,9 @@ void check_rows_cols(const char* rn, const at::Tensor& rows, const char* cn,
                     shape_str(rows), " and ", cn, " has shape ", shape_str(cols));
   TORCH_CHECK_VALUE(rows.size(1) == cols.size(1), rn, " has shape ", shape_str(rows), " and ", cn,
                     " ", shape_str(cols), ": widths must agree");
+#ifndef FCL_EMULATION
   TORCH_CHECK_VALUE(rows.is_cuda(), rn, " must be a CUDA tensor for the CUDA kernels");
+#endif
   check_like(cn, cols, rows, rn);
   mode_for(rows.scalar_type());
   // Index arithmetic inside a chunk is 32-bit; keep widths and batch sizes far from the limit.
@@ -150,7 +157,7 @@ cuda::Stats pair_mlp_stats_cuda(const at::Tensor& A, const at::Tensor& B,
                                 const at::Tensor& w_out, const at::Tensor& b_out,
                                 c10::string_view activation, c10::string_view out_activation,
                                 std::optional<int64_t> pos_offset) {
-  const c10::cuda::CUDAGuard guard(A.device());
+  FCL_DEVICE_GUARD(A);
   const MlpInputs in = prepare_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                                    out_activation, pos_offset);
   return cuda::mlp_forward(in.mode, in.A, in.B, in.W, in.bias, in.w_out, in.b_out, in.L, in.act,
@@ -176,7 +183,7 @@ MlpGrads pair_mlp_stats_backward_cuda(const at::Tensor& grad_lse, const at::Tens
                                       c10::string_view activation,
                                       c10::string_view out_activation,
                                       std::optional<int64_t> pos_offset) {
-  const c10::cuda::CUDAGuard guard(A.device());
+  FCL_DEVICE_GUARD(A);
   const MlpInputs in = prepare_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                                    out_activation, pos_offset);
   const int64_t N = A.size(0);
@@ -195,7 +202,7 @@ pair_mlp_loss_cuda(const at::Tensor& A, const at::Tensor& B, at::TensorList hidd
                    c10::string_view activation, c10::string_view out_activation,
                    std::optional<int64_t> pos_offset, double c_lse, double c_pos, double c_rowsum,
                    bool compute_grad) {
-  const c10::cuda::CUDAGuard guard(A.device());
+  FCL_DEVICE_GUARD(A);
   const MlpInputs in = prepare_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                                    out_activation, pos_offset);
   auto [lse, pos, rowsum] = cuda::mlp_forward(in.mode, in.A, in.B, in.W, in.bias, in.w_out,
@@ -243,7 +250,7 @@ DotInputs prepare_dot(const at::Tensor& G, const at::Tensor& H, std::optional<in
 cuda::Stats pair_dot_stats_cuda(const at::Tensor& G, const at::Tensor& H,
                                 std::optional<int64_t> pos_offset,
                                 std::optional<int64_t> exclude_offset) {
-  const c10::cuda::CUDAGuard guard(G.device());
+  FCL_DEVICE_GUARD(G);
   const DotInputs in = prepare_dot(G, H, pos_offset, exclude_offset);
   return cuda::dot_forward(in.mode, in.G, in.H, in.pos, in.excl);
 }
@@ -252,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cuda(
     const at::Tensor& grad_lse, const at::Tensor& grad_pos, const at::Tensor& grad_rowsum,
     const at::Tensor& G, const at::Tensor& H, const at::Tensor& lse,
     std::optional<int64_t> pos_offset, std::optional<int64_t> exclude_offset) {
-  const c10::cuda::CUDAGuard guard(G.device());
+  FCL_DEVICE_GUARD(G);
   const DotInputs in = prepare_dot(G, H, pos_offset, exclude_offset);
   const int64_t N = G.size(0);
   const auto acc = acc_type(G.scalar_type());
@@ -268,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cuda(
     const at::Tensor& G, const at::Tensor& H, std::optional<int64_t> pos_offset,
     std::optional<int64_t> exclude_offset, double c_lse, double c_pos, double c_rowsum,
     bool compute_grad) {
-  const c10::cuda::CUDAGuard guard(G.device());
+  FCL_DEVICE_GUARD(G);
   const DotInputs in = prepare_dot(G, H, pos_offset, exclude_offset);
   auto [lse, pos, rowsum] = cuda::dot_forward(in.mode, in.G, in.H, in.pos, in.excl);
   at::Tensor loss = (lse * c_lse + pos * c_pos + rowsum * c_rowsum).sum();
@@ -283,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cuda(
 
 }  // namespace
 
+#ifndef FCL_EMULATION
 TORCH_LIBRARY_IMPL(factorcl, CUDA, m) {
   m.impl("pair_mlp_stats", &pair_mlp_stats_cuda);
   m.impl("pair_mlp_stats_backward", &pair_mlp_stats_backward_cuda);
@@ -291,5 +299,6 @@ TORCH_LIBRARY_IMPL(factorcl, CUDA, m) {
   m.impl("pair_dot_stats_backward", &pair_dot_stats_backward_cuda);
   m.impl("pair_dot_loss", &pair_dot_loss_cuda);
 }
+#endif
 
 }  // namespace factorcl_ext

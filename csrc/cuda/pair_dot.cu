@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = typename Md::acc_t;
   constexpr int TPR = kThreads / Md::BM;  // threads sharing one score row in the epilogue
   static_assert(TPR >= 1 && 32 % TPR == 0, "a row's threads must sit in one warp");
-  extern __shared__ __align__(128) char smem[];
+  FCL_DYNAMIC_SMEM(smem);
   const int g = blockIdx.x, r = g / a.S, s = g % a.S, tid = threadIdx.x;
   const int row = tid / TPR, sub = tid % TPR;
   const int D = a.D;
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = typename Md::acc_t;
   using Gemm = BlockGemm<Md>;
   constexpr int BM = Md::BM, BN = Md::BN;
-  extern __shared__ __align__(128) char smem[];
+  FCL_DYNAMIC_SMEM(smem);
   acc_t* red = reinterpret_cast<acc_t*>(smem + Gemm::kSmemBytes);  // [kWarps + 2]
   const int g = blockIdx.x, r = g / a.S, s = g % a.S;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -228,10 +228,7 @@ static Stats dot_forward_impl(const at::Tensor& G, const at::Tensor& H, int64_t 
   at::Tensor rowsum = at::empty({N}, acc_opts);
   at::Tensor pos = pos_offset >= 0 ? at::empty({N}, acc_opts) : at::zeros({N}, acc_opts);
   const size_t smem = BlockGemm<Md>::kSmemBytes;
-  set_smem(dot_fwd_kernel<Md>, smem);
-  dot_fwd_kernel<Md><<<sp.blocks(), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a, ptr<acc_t>(part), ptr<acc_t>(pos));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(dot_fwd_kernel<Md>, sp.blocks(), smem, a, ptr<acc_t>(part), ptr<acc_t>(pos));
   merge_stats<acc_t>(part, a.S, N, lse, rowsum);
   return {lse, pos, rowsum};
 }
@@ -268,10 +265,7 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
   gr.dH_part = ptr<acc_t>(dH_part);
 
   const size_t smem = BlockGemm<Md>::kSmemBytes + (kWarps + 2) * sizeof(acc_t);
-  set_smem(dot_bwd_kernel<Md>, smem);
-  dot_bwd_kernel<Md><<<unsigned(Gb), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a, gr, ptr<acc_t>(acc_scratch), ptr<T>(scratch));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(dot_bwd_kernel<Md>, Gb, smem, a, gr, ptr<acc_t>(acc_scratch), ptr<T>(scratch));
 
   at::Tensor dG = at::empty({N, D}, G.options());
   at::Tensor dH = at::empty({M, D}, H.options());

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = typename Md::acc_t;
   using Gemm = BlockGemm<Md>;
   constexpr int C = Md::CHUNK;
-  extern __shared__ __align__(128) char smem[];
+  FCL_DYNAMIC_SMEM(smem);
   acc_t* t_acc = reinterpret_cast<acc_t*>(smem + Gemm::kSmemBytes);
   acc_t* dt = t_acc + C;
   acc_t* red = dt + C;  // [kWarps] block-reduction scratch, then [kWarps] = scale, [+1] = 1/scale
@@ -284,10 +284,8 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
 
   const size_t smem =
       BlockGemm<Md>::kSmemBytes + (2 * size_t(C) + kWarps + 2) * sizeof(acc_t);
-  set_smem(mlp_bwd_kernel<Md>, smem);
-  mlp_bwd_kernel<Md><<<unsigned(G), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a, gr, ptr<T>(scratch), scratch_stride, ptr<acc_t>(acc_scratch), acc_scratch_stride);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(mlp_bwd_kernel<Md>, G, smem, a, gr, ptr<T>(scratch), scratch_stride,
+                ptr<acc_t>(acc_scratch), acc_scratch_stride);
 
   at::Tensor dA = at::empty({N, H}, A.options());
   at::Tensor dB = at::empty({M, H}, A.options());

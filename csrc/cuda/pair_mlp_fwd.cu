@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kThreads)
                    int64_t scratch_stride) {
   using T = typename Md::T;
   using acc_t = typename Md::acc_t;
-  extern __shared__ __align__(128) char smem[];
+  FCL_DYNAMIC_SMEM(smem);
   acc_t* t_acc = reinterpret_cast<acc_t*>(smem + BlockGemm<Md>::kSmemBytes);
   const int g = blockIdx.x, r = g / a.S, s = g % a.S, tid = threadIdx.x;
   // Hidden layers 1..L-1 ping-pong between two scratch buffers; h_L only feeds the w_out dot.
@@ -97,10 +97,8 @@ static Stats mlp_forward_impl(const at::Tensor& A, const at::Tensor& B, const at
   if (scratch_stride > 0) scratch = at::empty({G * scratch_stride}, A.options());
 
   const size_t smem = BlockGemm<Md>::kSmemBytes + Md::CHUNK * sizeof(acc_t);
-  set_smem(mlp_fwd_kernel<Md>, smem);
-  mlp_fwd_kernel<Md><<<G, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      a, ptr<acc_t>(part), ptr<acc_t>(pos), ptr<T>(scratch), scratch_stride);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(mlp_fwd_kernel<Md>, G, smem, a, ptr<acc_t>(part), ptr<acc_t>(pos), ptr<T>(scratch),
+                scratch_stride);
   merge_stats<acc_t>(part, a.S, N, lse, rowsum);
   return {lse, pos, rowsum};
 }
