@@ -145,7 +145,7 @@ def _extensions():
     except ImportError:
         pass
     # What build_info() reports: the real targets, e.g. "sm_80;sm_90;compute_90;sm_90a".
-    targets = ";".join(f.split("code=")[1] for f in nvcc if f.startswith("-gencode="))
+    targets = ";".join(f.rsplit("code=", 1)[1] for f in nvcc if f.startswith("-gencode="))
     define_macros += [
         ("FACTORCL_EXT_WITH_CUDA", None),
         ("FACTORCL_EXT_CUDA_ARCHS", '"' + targets + '"'),
