@@ -250,3 +250,43 @@ def test_emulated_pair_dot(emu, sms, case, prec_name):
         check("loss", loss, (0.6 * lse + (0.0 if pos is None else -0.9) * p_ + 0.02 * rs).sum(),
               None, prec)
         assert dG.shape == G.shape and dH.shape == H.shape
+
+
+def test_emulated_noncontiguous_inputs_and_gradient_layout(emu, sms):
+    """Strided / transposed inputs give the reference's values, and every gradient is laid out
+    like its input (what the fake functions' empty_like promise to torch.compile and opcheck)."""
+    sms(2)
+    n, m, h = 21, 34, 24
+    A = torch.randn(h, n, dtype=F64).t()                  # transposed
+    B = torch.randn(m, 2 * h, dtype=F64)[:, ::2]          # strided rows
+    W = (torch.randn(h, h, dtype=F64) / math.sqrt(h)).t()
+    b = torch.randn(2 * h, dtype=F64)[::2]
+    w_out = torch.randn(h, dtype=F64) / math.sqrt(h)
+    b_out = torch.randn((), dtype=F64)
+    cfg = ("tanh", "none", 3)
+    up = [torch.randn(n, dtype=F64) for _ in range(3)]
+    stats = emu.pair_mlp_stats(A, B, [W], [b], w_out, b_out, *cfg)
+    grads = emu.pair_mlp_stats_backward(*up, A, B, [W], [b], w_out, b_out, stats[0], *cfg)
+    s64, g64 = mlp_reference([A, B, [W], [b], w_out, b_out], cfg, up, F64)
+    prec = Precision("float64")
+    for a, e, name in zip(stats, s64, ("lse", "pos", "rowsum")):
+        check(name, a, e, None, prec)
+    flat = [grads[0], grads[1], grads[2][0], grads[3][0], grads[4], grads[5]]
+    for g, e, x, name in zip(flat, g64, [A, B, W, b, w_out, b_out],
+                             ("dA", "dB", "dW", "db", "dw_out", "db_out")):
+        check(name, g, e, None, prec)
+        want = torch.empty_like(x).stride()  # x's layout when dense, else contiguous
+        assert g.shape == x.shape and g.stride() == want, f"{name}: {g.stride()} vs {want}"
+
+    G = torch.randn(n, 2 * h, dtype=F64)[:, ::2]
+    Ht = torch.randn(h, m, dtype=F64).t()
+    st = emu.pair_dot_stats(G, Ht, 2, 0)
+    dG, dH = emu.pair_dot_stats_backward(*up, G, Ht, st[0], 2, 0)
+    Gr, Hr = G.clone().requires_grad_(), Ht.clone().requires_grad_()
+    ref = reference.pair_dot_stats(Gr, Hr, 2, 0)
+    rg = torch.autograd.grad(sum((u * s).sum() for u, s in zip(up, ref)), [Gr, Hr])
+    for a, e, name in zip([*st, dG, dH], [*ref, *rg], ("lse", "pos", "rowsum", "dG", "dH")):
+        check(name, a, e, None, prec)
+    assert dG.stride() == torch.empty_like(G).stride() and dH.stride() == Ht.stride()
+    loss, lG, lH = emu.pair_dot_loss(G, Ht, 2, 0, 1.0, -1.0, 0.1, True)
+    assert lG.stride() == torch.empty_like(G).stride() and lH.stride() == Ht.stride()

@@ -13,6 +13,7 @@
 
 #include <climits>
 #include <string>
+#include <vector>
 
 #include "../factorcl_ext.h"
 #include "launch.h"
@@ -135,15 +136,32 @@ MlpInputs prepare_mlp(const at::Tensor& A, const at::Tensor& B, at::TensorList h
   in.out_act = parse_out_act(out_activation);
   in.pos = check_offset("pos_offset", pos_offset, A.size(0), B.size(0));
   in.L = int64_t(hidden_weights.size());
-  in.A = A.contiguous();
-  in.B = B.contiguous();
+  // Detached: nothing computed here may join an autograd graph, even when a caller reaches the
+  // kernel directly with inputs that require grad.
+  in.A = A.detach().contiguous();
+  in.B = B.detach().contiguous();
   if (in.L > 0) {
-    in.W = at::stack(hidden_weights).contiguous();  // [L, H, H]
-    in.bias = at::stack(hidden_biases).contiguous();  // [L, H]
+    std::vector<at::Tensor> ws, bs;
+    for (size_t l = 0; l < hidden_weights.size(); ++l) {
+      ws.push_back(hidden_weights[l].detach());
+      bs.push_back(hidden_biases[l].detach());
+    }
+    in.W = at::stack(ws).contiguous();    // [L, H, H]
+    in.bias = at::stack(bs).contiguous();  // [L, H]
   }
-  in.w_out = w_out.contiguous();
-  in.b_out = b_out.reshape({1}).contiguous();
+  in.w_out = w_out.detach().contiguous();
+  in.b_out = b_out.detach().reshape({1}).contiguous();
   return in;
+}
+
+// A gradient laid out like its input, as the fake functions' empty_like promises (opcheck and
+// torch.compile compare strides); the kernels write contiguous buffers.
+at::Tensor like_input(const at::Tensor& grad, const at::Tensor& input) {
+  if (input.is_contiguous() || grad.numel() == 0) return grad;
+  at::Tensor out = at::empty_like(input);
+  if (out.strides() == grad.strides()) return grad;
+  out.copy_(grad);
+  return out;
 }
 
 at::Tensor row_grad(const at::Tensor& g, int64_t n, at::ScalarType acc, const char* name) {
@@ -168,11 +186,19 @@ using MlpGrads = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>,
                             std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
 MlpGrads mlp_grads(const MlpInputs& in, const at::Tensor& g_lse, const at::Tensor& g_pos,
-                   const at::Tensor& g_rowsum, const at::Tensor& lse, const at::Tensor& b_out) {
+                   const at::Tensor& g_rowsum, const at::Tensor& lse, const at::Tensor& A,
+                   const at::Tensor& B, at::TensorList hidden_weights,
+                   at::TensorList hidden_biases, const at::Tensor& w_out,
+                   const at::Tensor& b_out) {
   auto [dA, dB, dW, db, dwo, dbo] =
       cuda::mlp_backward(in.mode, g_lse, g_pos, g_rowsum, in.A, in.B, in.W, in.bias, in.w_out,
                          in.b_out, lse, in.L, in.act, in.out_act, in.pos);
-  return {dA, dB, dW, db, dwo, dbo.reshape(b_out.sizes())};
+  for (size_t l = 0; l < dW.size(); ++l) {
+    dW[l] = like_input(dW[l], hidden_weights[l]);
+    db[l] = like_input(db[l], hidden_biases[l]);
+  }
+  return {like_input(dA, A), like_input(dB, B), dW, db, like_input(dwo, w_out),
+          dbo.reshape(b_out.sizes())};
 }
 
 MlpGrads pair_mlp_stats_backward_cuda(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
@@ -190,9 +216,10 @@ MlpGrads pair_mlp_stats_backward_cuda(const at::Tensor& grad_lse, const at::Tens
   const auto acc = acc_type(A.scalar_type());
   for (const auto* t : {&grad_lse, &grad_pos, &grad_rowsum, &lse})
     TORCH_CHECK_VALUE(t->device() == A.device(), "gradients and lse must be on ", A.device());
-  return mlp_grads(in, row_grad(grad_lse, N, acc, "grad_lse"), row_grad(grad_pos, N, acc, "grad_pos"),
-                   row_grad(grad_rowsum, N, acc, "grad_rowsum"), row_grad(lse, N, acc, "lse"),
-                   b_out);
+  return mlp_grads(in, row_grad(grad_lse, N, acc, "grad_lse"),
+                   row_grad(grad_pos, N, acc, "grad_pos"),
+                   row_grad(grad_rowsum, N, acc, "grad_rowsum"), row_grad(lse, N, acc, "lse"), A,
+                   B, hidden_weights, hidden_biases, w_out, b_out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
@@ -221,9 +248,10 @@ pair_mlp_loss_cuda(const at::Tensor& A, const at::Tensor& B, at::TensorList hidd
   // stats backward with constant upstream gradients (a second, recomputing pass on the GPU).
   const int64_t N = A.size(0);
   const auto opts = lse.options();
-  auto [dA, dB, dW, db, dwo, dbo] = mlp_grads(in, at::full({N}, c_lse, opts),
-                                              at::full({N}, c_pos, opts),
-                                              at::full({N}, c_rowsum, opts), lse, b_out);
+  auto [dA, dB, dW, db, dwo, dbo] =
+      mlp_grads(in, at::full({N}, c_lse, opts), at::full({N}, c_pos, opts),
+                at::full({N}, c_rowsum, opts), lse, A, B, hidden_weights, hidden_biases, w_out,
+                b_out);
   return {loss, dA, dB, dW, db, dwo, dbo};
 }
 
@@ -242,8 +270,8 @@ DotInputs prepare_dot(const at::Tensor& G, const at::Tensor& H, std::optional<in
   in.excl = check_offset("exclude_offset", exclude_offset, G.size(0), H.size(0));
   TORCH_CHECK_VALUE(!(H.size(0) == 1 && in.excl >= 0),
                     "exclude_offset with a single column leaves nothing in the logsumexp");
-  in.G = G.contiguous();
-  in.H = H.contiguous();
+  in.G = G.detach().contiguous();
+  in.H = H.detach().contiguous();
   return in;
 }
 
@@ -265,10 +293,11 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cuda(
   const auto acc = acc_type(G.scalar_type());
   for (const auto* t : {&grad_lse, &grad_pos, &grad_rowsum, &lse})
     TORCH_CHECK_VALUE(t->device() == G.device(), "gradients and lse must be on ", G.device());
-  return cuda::dot_backward(in.mode, row_grad(grad_lse, N, acc, "grad_lse"),
-                            row_grad(grad_pos, N, acc, "grad_pos"),
-                            row_grad(grad_rowsum, N, acc, "grad_rowsum"),
-                            in.G, in.H, row_grad(lse, N, acc, "lse"), in.pos, in.excl);
+  auto [dG, dH] = cuda::dot_backward(in.mode, row_grad(grad_lse, N, acc, "grad_lse"),
+                                     row_grad(grad_pos, N, acc, "grad_pos"),
+                                     row_grad(grad_rowsum, N, acc, "grad_rowsum"), in.G, in.H,
+                                     row_grad(lse, N, acc, "lse"), in.pos, in.excl);
+  return {like_input(dG, G), like_input(dH, H)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cuda(
@@ -285,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cuda(
   auto [dG, dH] = cuda::dot_backward(in.mode, at::full({N}, c_lse, opts),
                                      at::full({N}, c_pos, opts), at::full({N}, c_rowsum, opts),
                                      in.G, in.H, lse, in.pos, in.excl);
-  return {loss, dG, dH};
+  return {loss, like_input(dG, G), like_input(dH, H)};
 }
 
 }  // namespace
