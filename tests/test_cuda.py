@@ -112,25 +112,25 @@ def mlp_params(n, m, h, layers):
     def r(*shape, scale=1.0):
         return torch.randn(*shape, dtype=F64, device=DEV) * scale
 
-    return dict(
-        A=r(n, h),
-        B=r(m, h),
-        Ws=[r(h, h, scale=1.5 / math.sqrt(h)) for _ in range(layers)],
-        bs=[r(h, scale=0.1) for _ in range(layers)],
-        w_out=r(h, scale=2.0 / math.sqrt(h)),
-        b_out=r((), scale=0.5),
-    )
+    return {
+        "A": r(n, h),
+        "B": r(m, h),
+        "Ws": [r(h, h, scale=1.5 / math.sqrt(h)) for _ in range(layers)],
+        "bs": [r(h, scale=0.1) for _ in range(layers)],
+        "w_out": r(h, scale=2.0 / math.sqrt(h)),
+        "b_out": r((), scale=0.5),
+    }
 
 
 def mlp_leaves(p, dtype):
-    return dict(
-        A=leaf(p["A"], dtype),
-        B=leaf(p["B"], dtype),
-        Ws=[leaf(w, dtype) for w in p["Ws"]],
-        bs=[leaf(b, dtype) for b in p["bs"]],
-        w_out=leaf(p["w_out"], dtype),
-        b_out=leaf(p["b_out"], dtype),
-    )
+    return {
+        "A": leaf(p["A"], dtype),
+        "B": leaf(p["B"], dtype),
+        "Ws": [leaf(w, dtype) for w in p["Ws"]],
+        "bs": [leaf(b, dtype) for b in p["bs"]],
+        "w_out": leaf(p["w_out"], dtype),
+        "b_out": leaf(p["b_out"], dtype),
+    }
 
 
 def mlp_flat(x):
@@ -184,7 +184,7 @@ def case_id(c):
 def test_pair_mlp_stats_and_gradients(case, prec):
     n, m, h, layers, act, out_act, pos = case
     dtype = PRECISIONS[prec][0]
-    cfg = dict(activation=act, out_activation=out_act, pos_offset=pos)
+    cfg = {"activation": act, "out_activation": out_act, "pos_offset": pos}
     p = mlp_params(n, m, h, layers)
     x = mlp_leaves(p, dtype)
     upstream = [torch.randn(n, dtype=F64, device=DEV) for _ in range(3)]
@@ -215,7 +215,7 @@ def test_pair_mlp_stats_and_gradients(case, prec):
 def test_pair_mlp_loss(case, prec):
     n, m, h, layers, act, out_act, pos = case
     dtype, mm, _ = PRECISIONS[prec]
-    coefs = dict(c_lse=0.7, c_pos=-0.4 if pos is not None else 0.0, c_rowsum=0.05)
+    coefs = {"c_lse": 0.7, "c_pos": -0.4 if pos is not None else 0.0, "c_rowsum": 0.05}
     cfg = dict(activation=act, out_activation=out_act, pos_offset=pos, **coefs)
     p = mlp_params(n, m, h, layers)
 
@@ -278,7 +278,7 @@ def test_pair_mlp_factorcl_size(prec):
     n = m = 1500
     h, layers = 512, 1
     dtype = PRECISIONS[prec][0]
-    cfg = dict(activation="relu", out_activation="none", pos_offset=0)
+    cfg = {"activation": "relu", "out_activation": "none", "pos_offset": 0}
     p = mlp_params(n, m, h, layers)
     p = {k: (v.to(dtype).to(F64) if torch.is_tensor(v) else [t.to(dtype).to(F64) for t in v])
          for k, v in p.items()}
@@ -301,7 +301,7 @@ def test_pair_mlp_noncontiguous_inputs():
     Bs = torch.randn(m, 2 * h, dtype=F64, device=DEV)[:, ::2]
     Wt = p["Ws"][0].t().contiguous().t()
     assert not (At.is_contiguous() or Bs.is_contiguous() or Wt.is_contiguous())
-    cfg = dict(activation="tanh", out_activation="none", pos_offset=1)
+    cfg = {"activation": "tanh", "out_activation": "none", "pos_offset": 1}
     got = factorcl_ext.pair_mlp_stats(At, Bs, [Wt], p["bs"], p["w_out"], p["b_out"],
                                       backend="cuda", **cfg)
     want = factorcl_ext.pair_mlp_stats(p["A"], Bs.contiguous(), p["Ws"], p["bs"], p["w_out"],
@@ -314,7 +314,7 @@ def test_pair_mlp_nan_propagates_like_the_reference():
     n, m, h = 9, 11, 16
     p = mlp_params(n, m, h, 1)
     p["A"][3, 5] = float("nan")
-    cfg = dict(activation="relu", out_activation="none", pos_offset=0)
+    cfg = {"activation": "relu", "out_activation": "none", "pos_offset": 0}
     got = factorcl_ext.pair_mlp_stats(p["A"], p["B"], p["Ws"], p["bs"], p["w_out"], p["b_out"],
                                       backend="cuda", **cfg)
     want = factorcl_ext.pair_mlp_stats(p["A"], p["B"], p["Ws"], p["bs"], p["w_out"], p["b_out"],
@@ -330,7 +330,7 @@ def test_tf32_switch_changes_the_float32_kernel():
     'high' the TF32 tensor-core kernel (visibly different results, still within 2e-3)."""
     p = mlp_params(64, 96, 96, 1)
     x = mlp_leaves(p, torch.float32)
-    cfg = dict(activation="relu", out_activation="none", pos_offset=0)
+    cfg = {"activation": "relu", "out_activation": "none", "pos_offset": 0}
     outs = {}
     for mm in ("highest", "high"):
         with matmul_precision(mm):
@@ -380,7 +380,7 @@ def run_dot_stats(G, H, cfg, upstream, backend, prec):
 def test_pair_dot_stats_and_gradients(case, prec):
     n, m, d, pos, excl = case
     dtype = PRECISIONS[prec][0]
-    cfg = dict(pos_offset=pos, exclude_offset=excl)
+    cfg = {"pos_offset": pos, "exclude_offset": excl}
     g0 = torch.randn(n, d, dtype=F64, device=DEV) * (2.0 / math.sqrt(d))
     h0 = torch.randn(m, d, dtype=F64, device=DEV)
     upstream = [torch.randn(n, dtype=F64, device=DEV) for _ in range(3)]
@@ -408,8 +408,8 @@ def test_pair_dot_stats_and_gradients(case, prec):
 def test_pair_dot_loss(case, prec):
     n, m, d, pos, excl = case
     dtype = PRECISIONS[prec][0]
-    cfg = dict(pos_offset=pos, exclude_offset=excl, c_lse=0.6,
-               c_pos=-0.9 if pos is not None else 0.0, c_rowsum=0.02)
+    cfg = {"pos_offset": pos, "exclude_offset": excl, "c_lse": 0.6,
+               "c_pos": -0.9 if pos is not None else 0.0, "c_rowsum": 0.02}
     g0 = torch.randn(n, d, dtype=F64, device=DEV) * (2.0 / math.sqrt(d))
     h0 = torch.randn(m, d, dtype=F64, device=DEV)
 
@@ -435,7 +435,7 @@ def test_separable_critic_learnable_temperature_and_normalize():
     g = torch.randn(50, 24, dtype=F64, device=DEV, requires_grad=True)
     h = torch.randn(70, 24, dtype=F64, device=DEV, requires_grad=True)
     tau = torch.tensor(0.3, dtype=F64, device=DEV, requires_grad=True)
-    cfg = dict(temperature=tau, normalize=True, pos_offset=3, exclude_offset=20)
+    cfg = {"temperature": tau, "normalize": True, "pos_offset": 3, "exclude_offset": 20}
     out = {}
     for backend in ("cuda", "reference"):
         s = factorcl_ext.separable_critic_stats(g, h, backend=backend, **cfg)

@@ -288,5 +288,5 @@ def test_emulated_noncontiguous_inputs_and_gradient_layout(emu, sms):
     for a, e, name in zip([*st, dG, dH], [*ref, *rg], ("lse", "pos", "rowsum", "dG", "dH")):
         check(name, a, e, None, prec)
     assert dG.stride() == torch.empty_like(G).stride() and dH.stride() == Ht.stride()
-    loss, lG, lH = emu.pair_dot_loss(G, Ht, 2, 0, 1.0, -1.0, 0.1, True)
+    _loss, lG, lH = emu.pair_dot_loss(G, Ht, 2, 0, 1.0, -1.0, 0.1, True)
     assert lG.stride() == torch.empty_like(G).stride() and lH.stride() == Ht.stride()
