@@ -59,6 +59,11 @@ inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProc
 // Memory the per-block scratch and partial buffers of one launch may take: bounded, so that no
 // buffer grows with N * M; the grid shrinks (and the kernel slows) before memory grows.
 constexpr int64_t kWorkspaceBudget = int64_t(1) << 30;
+#ifdef FCL_EMULATION
+inline int64_t workspace_budget() { return emu::workspace_budget(kWorkspaceBudget); }
+#else
+inline int64_t workspace_budget() { return kWorkspaceBudget; }
+#endif
 
 struct Split {
   int R = 1, S = 1;
@@ -69,7 +74,7 @@ struct Split {
 inline Split plan_rows_first(int64_t nrc, int64_t ncc, int64_t per_block_bytes) {
   int64_t target = 2 * int64_t(sm_count());
   if (per_block_bytes > 0)
-    target = std::max<int64_t>(1, std::min(target, kWorkspaceBudget / per_block_bytes));
+    target = std::max<int64_t>(1, std::min(target, workspace_budget() / per_block_bytes));
   Split sp;
   sp.R = int(std::max<int64_t>(1, std::min(nrc, target)));
   sp.S = int(std::max<int64_t>(1, std::min(ncc, ceil_div(target, sp.R))));
@@ -88,7 +93,7 @@ inline Split plan_square(int64_t nrc, int64_t ncc,
     int64_t S = std::clamp<int64_t>(G / R, 1, ncc);
     sp.R = int(R);
     sp.S = int(S);
-    if (G <= 1 || bytes(R, S) <= kWorkspaceBudget) return sp;
+    if (G <= 1 || bytes(R, S) <= workspace_budget()) return sp;
     G = std::max<int64_t>(1, G * 3 / 4);
   }
 }

@@ -82,6 +82,12 @@ inline int sm_count() {
   return env != nullptr ? std::max(1, std::atoi(env)) : 2;
 }
 
+// FCL_EMU_BUDGET overrides the launchers' workspace budget (bytes), to exercise the grid shrinking.
+inline int64_t workspace_budget(int64_t dflt) {
+  const char* env = std::getenv("FCL_EMU_BUDGET");
+  return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : dflt;
+}
+
 template <class... KArgs>
 void launch(void (*kernel)(KArgs...), unsigned grid, unsigned threads, size_t smem,
             KArgs... args) {
