@@ -3,8 +3,9 @@ CUDA build of torch are present (no GPU is needed to compile them).
 
 Environment:
   FACTORCL_EXT_CUDA=0/1   force the CUDA extension off / on (default: on when it can be built)
-  TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0+PTX"; 9.0 also gets sm_90a)
-  MAX_JOBS                parallel compile jobs (ninja)
+  TORCH_CUDA_ARCH_LIST    CUDA architectures, 8.0 or newer (default "8.0;9.0+PTX": sm_80, sm_90
+                          and its PTX; "9.0a" adds the sm_90a target)
+  MAX_JOBS                parallel compile jobs (ninja); default: CPU count bounded by free memory
 
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed
 (build isolation would fetch another torch and produce an ABI mismatch).
@@ -58,6 +59,59 @@ def _want_cuda() -> bool:
     return True
 
 
+# wgmma (and other sm_90a-only instructions) need the arch-specific sm_90a target. No kernel uses
+# them yet, and an sm_90a copy of the same code only lengthens the build, so 9.0 does not add it;
+# set this when a kernel gains an sm_90a path (or list "9.0a" in TORCH_CUDA_ARCH_LIST).
+_SM90A_KERNELS = False
+
+
+def _default_max_jobs() -> None:
+    """Bound parallel nvcc jobs by memory (each takes ~2 GB with the torch headers) unless the
+    user set MAX_JOBS, which torch's ninja build honours."""
+    if os.environ.get("MAX_JOBS"):
+        return
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return
+    jobs = max(1, min(os.cpu_count() or 1, int(mem_gb // 2)))
+    os.environ["MAX_JOBS"] = str(jobs)
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    """nvcc -gencode flags for a TORCH_CUDA_ARCH_LIST value ("8.0;9.0+PTX", "8.6 9.0a", ...).
+
+    Written out here because torch's cpp_extension drops its own arch flags as soon as any
+    -gencode appears in extra_compile_args, which the sm_90a target needs.
+    """
+    flags = []
+    for item in archs.replace(" ", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        ptx = item.endswith("+PTX")
+        name = item[: -len("+PTX")] if ptx else item
+        suffix = "a" if name.endswith("a") else ""
+        try:
+            major, minor = name.rstrip("a").split(".")
+            num = int(major) * 10 + int(minor)
+        except ValueError:
+            sys.exit(f"factorcl-ext: cannot parse CUDA arch {item!r} in TORCH_CUDA_ARCH_LIST={archs!r} "
+                     "(use numbers such as 8.0;9.0+PTX)")
+        if num < 80:
+            sys.exit(f"factorcl-ext: CUDA arch {item} is not supported: the kernels use bfloat16 "
+                     "tensor cores, which need compute capability 8.0 or newer")
+        code = f"{num}{suffix}"
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+        if num == 90 and not suffix and _SM90A_KERNELS:
+            flags.append("-gencode=arch=compute_90a,code=sm_90a")
+    if not flags:
+        sys.exit(f"factorcl-ext: TORCH_CUDA_ARCH_LIST={archs!r} names no CUDA arch")
+    return sorted(set(flags), key=flags.index)
+
+
 def _extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # torch 2.14's headers need C++20; cpp_extension does not add -fopenmp, and without it
@@ -75,12 +129,9 @@ def _extensions():
                 define_macros=define_macros,
             )
         ]
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-    if "9.0" in archs:
-        # wgmma needs the arch-specific target.
-        nvcc += ["-gencode=arch=compute_90a,code=sm_90a"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + _gencode_flags(archs)
     # cuBLAS headers of the pip CUDA runtime live in site-packages, not under CUDA_HOME.
     include_dirs = []
     try:
@@ -93,11 +144,15 @@ def _extensions():
                     include_dirs.append(path)
     except ImportError:
         pass
+    # What build_info() reports: the real targets, e.g. "sm_80;sm_90;compute_90;sm_90a".
+    targets = ";".join(f.rsplit("code=", 1)[1] for f in nvcc if f.startswith("-gencode="))
     define_macros += [
         ("FACTORCL_EXT_WITH_CUDA", None),
-        ("FACTORCL_EXT_CUDA_ARCHS", '"' + archs + '"'),
+        ("FACTORCL_EXT_CUDA_ARCHS", '"' + targets + '"'),
     ]
-    _log(f"building the CPU and CUDA extension for archs {archs}")
+    _default_max_jobs()
+    _log(f"building the CPU and CUDA extension for {targets} "
+         f"(TORCH_CUDA_ARCH_LIST={archs!r}, MAX_JOBS={os.environ.get('MAX_JOBS')})")
     return [
         CUDAExtension(
             "factorcl_ext._C",

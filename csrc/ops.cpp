@@ -1,6 +1,8 @@
 // Op schemas (one TORCH_LIBRARY block) and the CPU implementations; the CUDA implementations are
 // registered from csrc/cuda/. Importing factorcl_ext._C loads this library and so registers them.
+#ifndef FACTORCL_EXT_NO_PYTHON  // set by the CMake build: a plain C++ library, no Python module
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
 #include "factorcl_ext.h"
@@ -48,6 +50,7 @@ TORCH_LIBRARY_IMPL(factorcl, CPU, m) {
 
 }  // namespace factorcl_ext
 
+#ifndef FACTORCL_EXT_NO_PYTHON
 // A plain Python module so that `import factorcl_ext._C` loads the library above. It carries the
 // build facts that factorcl_ext.build_info() reports.
 static PyModuleDef factorcl_ext_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -68,3 +71,4 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
 #endif
   return mod;
 }
+#endif  // FACTORCL_EXT_NO_PYTHON

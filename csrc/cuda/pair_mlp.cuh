@@ -1,0 +1,95 @@
+// The concat critic's per-chunk forward, shared by the forward kernel and the recomputing
+// backward kernel so that both see bit-identical scores (DESIGN.md section 2).
+#pragma once
+
+#include "common.cuh"
+
+namespace factorcl_ext::cuda {
+
+template <class T>
+struct MlpArgs {
+  const T* __restrict__ A;     // [N, H]
+  const T* __restrict__ B;     // [M, H], first-layer bias included
+  const T* __restrict__ W;     // [L, H, H] stacked hidden weights (W[l][o][k])
+  const T* __restrict__ bias;  // [L, H]
+  const T* __restrict__ w_out; // [H]
+  const T* __restrict__ b_out; // [1]
+  int64_t N, M;
+  int H, L;
+  int act, out_act;
+  int64_t pos_offset;  // -1: no positives
+  int R, S;            // work split (common.cuh)
+  int64_t nrc, ncc;    // number of row / column chunks
+};
+
+// Scores of one chunk: rows [i0, i0 + ni) x columns [j0, j0 + nj), pair p = ii * nj + jj.
+// Leaves the pre-activation output t_p = w_out . h_L(p) (without b_out) in t_acc[p].
+// hstore(l) is where h_l (l = 1..L) goes, [np, H] row-major in type T, or nullptr for "not
+// needed"; layer l >= 2 reads h_(l-1) back from hstore(l - 1), which must then be non-null.
+// h_0 = act(A_i + B_j) is never stored: it is formed in registers as the first GEMM's operand.
+template <class Md, class HStore>
+__device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, int64_t i0,
+                                 int64_t j0, int ni, int nj, typename Md::acc_t* t_acc,
+                                 HStore&& hstore) {
+  using T = typename Md::T;
+  using acc_t = typename Md::acc_t;
+  const int np = ni * nj, H = a.H, L = a.L;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const T* __restrict__ Ab = a.A + i0 * H;
+  const T* __restrict__ Bb = a.B + j0 * H;
+
+  if (L == 0) {  // element-wise critic: one warp per pair, fixed-order sum
+    for (int p = warp; p < np; p += kWarps) {
+      const T* ai = Ab + int64_t(p / nj) * H;
+      const T* bj = Bb + int64_t(p % nj) * H;
+      acc_t sum = 0;
+      for (int k = lane; k < H; k += 32)
+        sum += to_acc(a.w_out[k]) * act_fwd(to_acc(ai[k]) + to_acc(bj[k]), a.act);
+      sum = warp_sum(sum);
+      if (lane == 0) t_acc[p] = sum;
+    }
+    __syncthreads();
+    return;
+  }
+
+  for (int l = 1; l <= L; ++l) {
+    const T* __restrict__ Wl = a.W + int64_t(l - 1) * H * H;
+    const T* __restrict__ bl = a.bias + int64_t(l - 1) * H;
+    const T* hin = l >= 2 ? hstore(l - 1) : nullptr;
+    T* hout = hstore(l);
+    const bool last = l == L;
+    if (last)
+      for (int p = tid; p < np; p += kThreads) t_acc[p] = acc_t(0);
+    // (the GEMM's first barrier orders these stores before the epilogue's updates)
+    auto loadA = [&](int p, int k) -> acc_t {
+      if (l == 1)
+        return act_fwd(to_acc(Ab[int64_t(p / nj) * H + k]) + to_acc(Bb[int64_t(p % nj) * H + k]),
+                       a.act);
+      return to_acc(hin[int64_t(p) * H + k]);
+    };
+    auto loadB = [&](int k, int n) -> acc_t { return to_acc(Wl[int64_t(n) * H + k]); };
+    auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
+      // One warp per pair row: lanes walk the columns (coalesced h stores), then a fixed
+      // butterfly adds the row's share of w_out . h_L. Tiles arrive in increasing n0 for a
+      // given m0, so t_acc[p] accumulates in a fixed order.
+      for (int mr = warp; mr < mlen; mr += kWarps) {
+        const int p = m0 + mr;
+        acc_t part = 0;
+        for (int nc = lane; nc < nlen; nc += 32) {
+          const int n = n0 + nc;
+          const acc_t h = act_fwd(Cs[mr * Md::LDC + nc] + to_acc(bl[n]), a.act);
+          if (hout != nullptr) hout[int64_t(p) * H + n] = Cvt<T>::from(h);
+          if (last) part += h * to_acc(a.w_out[n]);
+        }
+        if (last) {
+          part = warp_sum(part);
+          if (lane == 0) t_acc[p] += part;
+        }
+      }
+    };
+    BlockGemm<Md>::run(smem, np, H, H, /*a_k_fastest=*/true, loadA, /*b_n_fastest=*/false, loadB,
+                       epi);
+  }
+}
+
+}  // namespace factorcl_ext::cuda

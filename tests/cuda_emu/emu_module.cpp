@@ -1,0 +1,46 @@
+// The CUDA backend's kernels and launchers, compiled for the CPU emulation in
+// fcl_cuda_emulation.h and registered as torch.ops.factorcl_emu.* (CPU tensors), with the same
+// schemas as torch.ops.factorcl.*. Built and used by tests/test_cuda_emulated.py only.
+#ifndef FCL_EMULATION
+#define FCL_EMULATION 1
+#endif
+
+#include "../../csrc/cuda/pair_dot.cu"
+#include "../../csrc/cuda/pair_mlp_bwd.cu"
+#include "../../csrc/cuda/pair_mlp_fwd.cu"
+#include "../../csrc/cuda/ops_cuda.cpp"
+
+TORCH_LIBRARY(factorcl_emu, m) {
+  m.def(
+      "pair_mlp_stats(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
+      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset) "
+      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
+  m.def(
+      "pair_mlp_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor A, "
+      "Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, Tensor b_out, "
+      "Tensor lse, str activation, str out_activation, int? pos_offset) "
+      "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
+  m.def(
+      "pair_mlp_loss(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
+      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset, "
+      "float c_lse, float c_pos, float c_rowsum, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
+  m.def(
+      "pair_dot_stats(Tensor G, Tensor H, int? pos_offset, int? exclude_offset) "
+      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
+  m.def(
+      "pair_dot_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor G, "
+      "Tensor H, Tensor lse, int? pos_offset, int? exclude_offset) -> (Tensor, Tensor)");
+  m.def(
+      "pair_dot_loss(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, "
+      "float c_pos, float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(factorcl_emu, CPU, m) {
+  m.impl("pair_mlp_stats", &factorcl_ext::pair_mlp_stats_cuda);
+  m.impl("pair_mlp_stats_backward", &factorcl_ext::pair_mlp_stats_backward_cuda);
+  m.impl("pair_mlp_loss", &factorcl_ext::pair_mlp_loss_cuda);
+  m.impl("pair_dot_stats", &factorcl_ext::pair_dot_stats_cuda);
+  m.impl("pair_dot_stats_backward", &factorcl_ext::pair_dot_stats_backward_cuda);
+  m.impl("pair_dot_loss", &factorcl_ext::pair_dot_loss_cuda);
+}

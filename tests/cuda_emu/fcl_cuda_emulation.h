@@ -1,0 +1,238 @@
+// A CPU stand-in for the small part of CUDA that csrc/cuda uses, so that the very same kernel and
+// launcher code can run (slowly) on a machine without a GPU: tests/test_cuda_emulated.py.
+//
+// - every CUDA thread is a std::thread; a block's threads run together, blocks one after another;
+// - __syncthreads is a std::barrier over the block, warp shuffles exchange through a per-warp
+//   buffer between two warp barriers;
+// - dynamic shared memory is one buffer per block, filled with 0xFF (NaN) before the block runs so
+//   that reading a shared element nobody wrote shows up;
+// - WMMA: lane 0 of a warp does the warp's whole load / mma / store on full 16 x 16 tiles (the
+//   other lanes' fragments are unused), with the same layout rules and alignment requirements
+//   (asserted) as the hardware's: ldm a multiple of 16 bytes, pointers 32-byte aligned.
+//
+// What it cannot show: timing, register or shared-memory limits, and races that the barriers of
+// this model happen to hide. compute-sanitizer on a GPU covers those (tests/run_compute_sanitizer.sh).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+
+#include <barrier>
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+template <class T>
+inline T min(T a, T b) {
+  return b < a ? b : a;
+}
+template <class T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
+
+namespace emu {
+
+struct Idx {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Warp {
+  std::barrier<> bar{32};
+  alignas(16) unsigned char buf[32][16];
+};
+
+struct Block {
+  explicit Block(unsigned threads, size_t smem_bytes)
+      : bar(threads), smem(smem_bytes + 128, 0xFF) {
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    auto base = reinterpret_cast<uintptr_t>(smem.data());
+    smem_ptr = reinterpret_cast<char*>((base + 127) / 128 * 128);
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<unsigned char> smem;
+  char* smem_ptr = nullptr;
+};
+
+struct Tls {
+  Idx thread, block, bdim, gdim;
+  Block* blk = nullptr;
+};
+
+inline thread_local Tls t_tls;
+inline Tls& tls() { return t_tls; }
+
+inline int sm_count() {
+  const char* env = std::getenv("FCL_EMU_SMS");
+  return env != nullptr ? std::max(1, std::atoi(env)) : 2;
+}
+
+// FCL_EMU_BUDGET overrides the launchers' workspace budget (bytes), to exercise the grid shrinking.
+inline int64_t workspace_budget(int64_t dflt) {
+  const char* env = std::getenv("FCL_EMU_BUDGET");
+  return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : dflt;
+}
+
+template <class... KArgs>
+void launch(void (*kernel)(KArgs...), unsigned grid, unsigned threads, size_t smem,
+            KArgs... args) {
+  if (threads % 32 != 0) throw std::runtime_error("emu: block size must be whole warps");
+  for (unsigned g = 0; g < grid; ++g) {
+    Block blk(threads, smem);
+    std::vector<std::thread> ts;
+    ts.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+      ts.emplace_back([&, t] {
+        Tls& s = tls();
+        s.thread = {t, 0, 0};
+        s.block = {g, 0, 0};
+        s.bdim = {threads, 1, 1};
+        s.gdim = {grid, 1, 1};
+        s.blk = &blk;
+        kernel(args...);
+        s.blk = nullptr;
+      });
+    }
+    for (auto& th : ts) th.join();
+  }
+}
+
+inline unsigned lane() { return tls().thread.x % 32; }
+
+}  // namespace emu
+
+#define threadIdx (emu::tls().thread)
+#define blockIdx (emu::tls().block)
+#define blockDim (emu::tls().bdim)
+#define gridDim (emu::tls().gdim)
+#define FCL_DYNAMIC_SMEM(name) char* name = emu::tls().blk->smem_ptr
+
+inline void __syncthreads() { emu::tls().blk->bar.arrive_and_wait(); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int off) {
+  static_assert(sizeof(T) <= 16, "emu shuffle");
+  emu::Tls& s = emu::tls();
+  const unsigned lane = s.thread.x % 32;
+  emu::Warp& w = *s.blk->warps[s.thread.x / 32];
+  std::memcpy(w.buf[lane], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T o;
+  std::memcpy(&o, w.buf[lane ^ unsigned(off)], sizeof(T));
+  w.bar.arrive_and_wait();
+  return o;
+}
+
+// ---- WMMA ----------------------------------------------------------------------------------------
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class T>
+struct storage {
+  using type = T;
+};
+template <>
+struct storage<precision::tf32> {
+  using type = float;
+};
+
+inline float to_f(float x) { return x; }
+inline float to_f(__half x) { return __half2float(x); }
+inline float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  using element_type = typename storage<T>::type;
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  element_type x[rows * cols]{};
+  element_type& at(int r, int c) { return x[r * cols + c]; }
+  const element_type& at(int r, int c) const { return x[r * cols + c]; }
+};
+
+template <class P>
+inline void check_ptr(const P* p, unsigned ldm, size_t elem_bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    throw std::runtime_error("emu wmma: fragment pointer is not 32-byte aligned");
+  if ((ldm * elem_bytes) % 16 != 0)
+    throw std::runtime_error("emu wmma: ldm is not a multiple of 16 bytes");
+}
+
+template <class Use, int M, int N, int K, class T, class L, class P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  check_ptr(p, ldm, sizeof(P));
+  if (emu::lane() != 0) return;
+  constexpr bool rm = std::is_same_v<L, row_major>;
+  for (int r = 0; r < f.rows; ++r)
+    for (int c = 0; c < f.cols; ++c) f.at(r, c) = rm ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, class TA, class LA, class TB, class LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d,
+                     const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
+  if (emu::lane() != 0) return;
+  fragment<accumulator, M, N, K, float> out;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.at(i, j);
+      for (int k = 0; k < K; ++k) s += to_f(a.at(i, k)) * to_f(b.at(k, j));
+      out.at(i, j) = s;
+    }
+  d = out;
+}
+
+template <int M, int N, int K>
+inline void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
+                              unsigned ldm, layout_t layout) {
+  check_ptr(p, ldm, sizeof(float));
+  if (emu::lane() != 0) return;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j)
+      (layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.at(i, j);
+}
+
+template <class F, class V>
+inline void fill_fragment(F& f, V v) {
+  for (auto& e : f.x) e = v;
+}
+
+// Round to TF32 (10 explicit mantissa bits), nearest-even on the dropped 13 bits.
+inline float __float_to_tf32(float x) {
+  if (!std::isfinite(x)) return x;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t lsb = (u >> 13) & 1u;
+  u = (u + 0xFFFu + lsb) & ~0x1FFFu;
+  float y;
+  std::memcpy(&y, &u, 4);
+  return y;
+}
+
+}  // namespace nvcuda::wmma

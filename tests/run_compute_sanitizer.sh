@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs the CUDA backend's GPU tests (tests/test_cuda.py, small shapes) under compute-sanitizer:
+#   memcheck   out-of-bounds and misaligned global / shared accesses, bad frees
+#   racecheck  shared-memory hazards between threads of a block (missing __syncthreads)
+#   synccheck  __syncthreads reached by part of a block, bad shuffle masks
+#   initcheck  reads of global memory never written (scratch, partials) -- opt in: it also
+#              reports torch's own uninitialised-allocation reads, see below
+# Usage: tests/run_compute_sanitizer.sh [tool ...]   (default: memcheck racecheck synccheck)
+# Needs a GPU machine where compute-sanitizer works (Firecracker device machines: yes; gVisor:
+# "Device not supported"). Exits non-zero on the first tool that reports an error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CS="${COMPUTE_SANITIZER:-}"
+if [ -z "$CS" ]; then
+  CS="$(command -v compute-sanitizer || true)"
+fi
+if [ -z "$CS" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ]; then
+  CS="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+fi
+if [ -z "$CS" ]; then
+  echo "compute-sanitizer not found (set COMPUTE_SANITIZER=/path/to/compute-sanitizer)" >&2
+  exit 2
+fi
+
+tools=("$@")
+if [ ${#tools[@]} -eq 0 ]; then
+  tools=(memcheck racecheck synccheck)
+fi
+
+# Small shapes (the sanitizer slows kernels down 10x to 1000x), and one cudaMalloc per tensor so
+# that memcheck sees the true bounds of every buffer instead of the caching allocator's blocks.
+export FACTORCL_CUDA_QUICK=1
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+PY="${PYTHON:-python}"
+
+status=0
+for tool in "${tools[@]}"; do
+  extra=()
+  case "$tool" in
+    racecheck) extra=(--racecheck-report all) ;;
+    initcheck) extra=(--track-unused-memory no) ;;
+  esac
+  echo "=== compute-sanitizer --tool $tool ==="
+  if ! "$CS" --tool "$tool" "${extra[@]}" --error-exitcode 99 --target-processes all \
+      --print-limit 20 "$PY" -m pytest tests/test_cuda.py -x -q -p no:cacheprovider \
+      -k "not factorcl_size"; then
+    echo "=== $tool: FAILED ===" >&2
+    status=1
+    break
+  fi
+  echo "=== $tool: clean ==="
+done
+exit $status

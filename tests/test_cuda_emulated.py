@@ -1,0 +1,330 @@
+"""The CUDA backend's kernels and launchers, run on the CPU through tests/cuda_emu (one thread per
+CUDA thread, barriers for __syncthreads, a WMMA stand-in), against the float64 reference.
+
+This is how the CUDA code is checked on a machine without a GPU: the very source files of
+csrc/cuda are compiled with -DFCL_EMULATION (only the launch, the shared-memory declaration and
+the WMMA intrinsics are swapped), so index arithmetic, tiling, work splits, barriers placement,
+partial reductions and the numerics of every mode (bf16, fp16, TF32, fp32, fp64) run for real.
+It cannot show timing, resource limits, or races its barriers hide; tests/test_cuda.py does
+that on a GPU. Slow (it compiles the kernels with g++ and runs 256 threads per block): marked
+``slow``; shapes are small but no tile divides them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import pytest
+import torch
+
+from factorcl_ext import reference
+
+from conftest import rel_error
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+HAVE_HEADERS = (pathlib.Path(CUDA_HOME) / "include" / "cuda_bf16.h").exists()
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAVE_HEADERS, reason="needs the CUDA headers (cuda_bf16.h) to compile"),
+]
+
+F64 = torch.float64
+PRECISIONS = {  # name -> (dtype, float32 matmul precision, tolerance)
+    "float64": (torch.float64, "highest", 1e-10),
+    "float32": (torch.float32, "highest", 1e-5),
+    "tf32": (torch.float32, "high", 2e-3),
+    "bfloat16": (torch.bfloat16, "highest", 2e-2),
+    "float16": (torch.float16, "highest", 2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = ROOT / "build" / "cuda_emu"
+    build.mkdir(parents=True, exist_ok=True)
+    load(
+        name="factorcl_cuda_emu",
+        sources=[str(ROOT / "tests" / "cuda_emu" / "emu_module.cpp")],
+        extra_include_paths=[str(ROOT / "csrc" / "cuda"), str(ROOT / "tests" / "cuda_emu"),
+                             str(pathlib.Path(CUDA_HOME) / "include")],
+        extra_cflags=["-O2", "-std=c++20", "-DFCL_EMULATION", "-pthread"],
+        extra_ldflags=["-pthread"],
+        build_directory=str(build),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.factorcl_emu
+
+
+@pytest.fixture
+def sms(monkeypatch):
+    """The emulated SM count sets the grid (2 * SMs blocks), hence the work split."""
+
+    def set_(n: int):
+        monkeypatch.setenv("FCL_EMU_SMS", str(n))
+
+    return set_
+
+
+class Precision:
+    def __init__(self, name):
+        self.name = name
+        self.dtype, self.mm, self.tol = PRECISIONS[name]
+        self.low = self.dtype in (torch.bfloat16, torch.float16)
+
+    def __enter__(self):
+        self.old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.mm)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.old)
+
+
+def check(name, actual, exact, lowp, prec: Precision):
+    """float64 / float32: the dtype tolerance. TF32 / 16-bit with a same-precision reference
+    ``lowp``: the dtype tolerance, or twice the reference's error where the reference itself is
+    further off (tests/test_cuda.py explains the rule)."""
+    assert actual.shape == exact.shape, f"{name}: {tuple(actual.shape)} vs {tuple(exact.shape)}"
+    err = rel_error(actual, exact)
+    allowed, note = prec.tol, ""
+    if lowp is not None and prec.name in ("tf32", "bfloat16", "float16"):
+        ref_err = rel_error(lowp, exact)
+        allowed = max(2 * ref_err, prec.tol)
+        note = f" (same-precision reference: {ref_err:.3e})"
+    assert err <= allowed, f"{name} [{prec.name}]: relative error {err:.3e} > {allowed:.3e}{note}"
+
+
+def tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest TF32 value (10 mantissa bits), as wmma::__float_to_tf32."""
+    u = x.detach().to(torch.float32).contiguous().view(torch.int32)
+    u = (u + 0xFFF + ((u >> 13) & 1)) & ~0x1FFF
+    return u.view(torch.float32)
+
+
+def tf32_scores(A, B, Ws, bs, w_out, b_out, act, out_act):
+    """reference.pair_mlp_scores with the hidden matmuls' operands rounded to TF32 (values only,
+    gradients pass straight through): the same-precision reference of the TF32 mode, which the
+    CPU cannot run."""
+
+    def r(x):
+        return x + (tf32_round(x).to(x.dtype) - x.detach())
+
+    f = torch.relu if act == "relu" else torch.tanh
+    h = f(A[:, None, :] + B[None, :, :])
+    for w, b in zip(Ws, bs):
+        h = f(torch.matmul(r(h), r(w).t()) + b)
+    s = torch.matmul(h, w_out) + b_out
+    return torch.nn.functional.softplus(s) if out_act == "softplus" else s
+
+
+def mlp_inputs(n, m, h, layers, dtype):
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, dtype=F64) * scale).to(dtype)
+
+    return [r(n, h), r(m, h), [r(h, h, scale=1.5 / math.sqrt(h)) for _ in range(layers)],
+            [r(h, scale=0.1) for _ in range(layers)], r(h, scale=2.0 / math.sqrt(h)),
+            r((), scale=0.5)]
+
+
+def mlp_reference(inputs, cfg, upstream, dtype, tf32=False):
+    """Stats and gradients of sum(g . stats) by autograd through the materialising reference."""
+    A, B, Ws, bs, w_out, b_out = inputs
+    leaves = [t.detach().to(dtype).requires_grad_() for t in [A, B, *Ws, *bs, w_out, b_out]]
+    L = len(Ws)
+    A_, B_, Ws_, bs_, wo_, bo_ = (leaves[0], leaves[1], leaves[2:2 + L], leaves[2 + L:2 + 2 * L],
+                                  leaves[-2], leaves[-1])
+    if tf32:
+        stats = reference.stats_from_scores(tf32_scores(A_, B_, Ws_, bs_, wo_, bo_, *cfg[:2]),
+                                            cfg[2])
+    else:
+        stats = reference.pair_mlp_stats(A_, B_, Ws_, bs_, wo_, bo_, *cfg)
+    loss = sum((g.to(s.dtype) * s).sum() for g, s in zip(upstream, stats))
+    grads = torch.autograd.grad(loss, leaves)
+    return [s.detach() for s in stats], list(grads)
+
+
+# (N, M, H, L, activation, out_activation, pos_offset, emulated SMs)
+MLP_CASES = [
+    (37, 53, 40, 1, "relu", "none", 0, 2),
+    (20, 19, 33, 2, "tanh", "softplus", None, 3),
+    (17, 40, 24, 0, "relu", "none", 5, 1),
+    (5, 150, 130, 1, "tanh", "none", 145, 2),  # H > 128: several output tiles per layer
+    (9, 40, 136, 2, "relu", "softplus", 3, 2),  # and two hidden layers: dz ping-pong, K tails
+]
+
+
+@pytest.mark.parametrize("prec_name", list(PRECISIONS))
+@pytest.mark.parametrize("case", MLP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_pair_mlp(emu, sms, case, prec_name):
+    n, m, h, layers, act, out_act, pos, n_sms = case
+    sms(n_sms)
+    cfg = (act, out_act, pos)
+    with Precision(prec_name) as prec:
+        inputs = mlp_inputs(n, m, h, layers, prec.dtype)
+        upstream = [torch.randn(n, dtype=F64) for _ in range(3)]
+        stats64, grads64 = mlp_reference(inputs, cfg, upstream, F64)
+        if prec.name == "tf32":
+            lowp = mlp_reference(inputs, cfg, upstream, F64, tf32=True)
+        else:
+            lowp = mlp_reference(inputs, cfg, upstream, prec.dtype) if prec.low else None
+        A, B, Ws, bs, w_out, b_out = inputs
+        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        sdt = stats[0].dtype
+        dA, dB, dW, db, dwo, dbo = emu.pair_mlp_stats_backward(
+            *(g.to(sdt) for g in upstream), A, B, Ws, bs, w_out, b_out, stats[0], *cfg)
+        grads = [dA, dB, *dW, *db, dwo, dbo]
+        for i, name in enumerate(("lse", "pos", "rowsum")):
+            check(name, stats[i], stats64[i], lowp[0][i] if lowp else None, prec)
+        names = ["dA", "dB"] + [f"dW{l}" for l in range(layers)] + [
+            f"db{l}" for l in range(layers)] + ["dw_out", "db_out"]
+        for i, name in enumerate(names):
+            assert grads[i].dtype == prec.dtype, f"{name}: {grads[i].dtype}"
+            check(name, grads[i], grads64[i], lowp[1][i] if lowp else None, prec)
+
+        # the fused loss op: value and gradients, and its no-grad path
+        c = (0.7, -0.4 if pos is not None else 0.0, 0.05)
+        loss, *lgrads = emu.pair_mlp_loss(A, B, Ws, bs, w_out, b_out, *cfg, *c, True)
+        up = [torch.full((n,), ci, dtype=F64) for ci in c]
+        s64, g64 = mlp_reference(inputs, cfg, up, F64)
+        if prec.name == "tf32":
+            gl = mlp_reference(inputs, cfg, up, F64, tf32=True)[1]
+        else:
+            gl = mlp_reference(inputs, cfg, up, prec.dtype)[1] if prec.low else [None] * len(g64)
+        check("loss", loss, sum((ci * s).sum() for ci, s in zip(c, s64)), None, prec)
+        flat = [lgrads[0], lgrads[1], *lgrads[2], *lgrads[3], lgrads[4], lgrads[5]]
+        for g, e, el, name in zip(flat, g64, gl, names):
+            check(f"loss {name}", g, e, el, prec)
+        loss_ng, *empty = emu.pair_mlp_loss(A, B, Ws, bs, w_out, b_out, *cfg, *c, False)
+        assert torch.equal(loss, loss_ng)
+        assert empty[0].numel() == 0 and len(empty[2]) == layers
+
+        # bit-identical rerun
+        stats2 = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        assert all(torch.equal(a, b) for a, b in zip(stats, stats2))
+
+
+# (N, M, D, pos_offset, exclude_offset, emulated SMs)
+DOT_CASES = [
+    (37, 53, 40, 0, 1, 2),
+    (20, 19, 33, None, None, 1),
+    (70, 140, 24, 2, 0, 3),
+    (3, 70, 8, None, 60, 2),
+]
+
+
+@pytest.mark.parametrize("prec_name", list(PRECISIONS))
+@pytest.mark.parametrize("case", DOT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_pair_dot(emu, sms, case, prec_name):
+    n, m, d, pos, excl, n_sms = case
+    sms(n_sms)
+    with Precision(prec_name) as prec:
+        G = (torch.randn(n, d, dtype=F64) * 2 / math.sqrt(d)).to(prec.dtype)
+        H = torch.randn(m, d, dtype=F64).to(prec.dtype)
+        upstream = [torch.randn(n, dtype=F64) for _ in range(3)]
+
+        def ref(dtype):
+            g, h = G.to(dtype).requires_grad_(), H.to(dtype).requires_grad_()
+            stats = reference.pair_dot_stats(g, h, pos, excl)
+            loss = sum((u.to(s.dtype) * s).sum() for u, s in zip(upstream, stats))
+            return [s.detach() for s in stats], list(torch.autograd.grad(loss, [g, h]))
+
+        stats64, grads64 = ref(F64)
+        lowp = ref(prec.dtype) if prec.low else None
+        stats = emu.pair_dot_stats(G, H, pos, excl)
+        grads = emu.pair_dot_stats_backward(*(u.to(stats[0].dtype) for u in upstream), G, H,
+                                            stats[0], pos, excl)
+        for i, name in enumerate(("lse", "pos", "rowsum")):
+            check(name, stats[i], stats64[i], lowp[0][i] if lowp else None, prec)
+        for i, name in enumerate(("dG", "dH")):
+            assert grads[i].dtype == prec.dtype
+            check(name, grads[i], grads64[i], lowp[1][i] if lowp else None, prec)
+        loss, dG, dH = emu.pair_dot_loss(G, H, pos, excl, 0.6, 0.0 if pos is None else -0.9,
+                                         0.02, True)
+        lse, p_, rs = stats64
+        check("loss", loss, (0.6 * lse + (0.0 if pos is None else -0.9) * p_ + 0.02 * rs).sum(),
+              None, prec)
+        assert dG.shape == G.shape and dH.shape == H.shape
+
+
+def test_emulated_noncontiguous_inputs_and_gradient_layout(emu, sms):
+    """Strided / transposed inputs give the reference's values, and every gradient is laid out
+    like its input (what the fake functions' empty_like promise to torch.compile and opcheck)."""
+    sms(2)
+    n, m, h = 21, 34, 24
+    A = torch.randn(h, n, dtype=F64).t()                  # transposed
+    B = torch.randn(m, 2 * h, dtype=F64)[:, ::2]          # strided rows
+    W = (torch.randn(h, h, dtype=F64) / math.sqrt(h)).t()
+    b = torch.randn(2 * h, dtype=F64)[::2]
+    w_out = torch.randn(h, dtype=F64) / math.sqrt(h)
+    b_out = torch.randn((), dtype=F64)
+    cfg = ("tanh", "none", 3)
+    up = [torch.randn(n, dtype=F64) for _ in range(3)]
+    stats = emu.pair_mlp_stats(A, B, [W], [b], w_out, b_out, *cfg)
+    grads = emu.pair_mlp_stats_backward(*up, A, B, [W], [b], w_out, b_out, stats[0], *cfg)
+    s64, g64 = mlp_reference([A, B, [W], [b], w_out, b_out], cfg, up, F64)
+    prec = Precision("float64")
+    for a, e, name in zip(stats, s64, ("lse", "pos", "rowsum")):
+        check(name, a, e, None, prec)
+    flat = [grads[0], grads[1], grads[2][0], grads[3][0], grads[4], grads[5]]
+    for g, e, x, name in zip(flat, g64, [A, B, W, b, w_out, b_out],
+                             ("dA", "dB", "dW", "db", "dw_out", "db_out")):
+        check(name, g, e, None, prec)
+        want = torch.empty_like(x).stride()  # x's layout when dense, else contiguous
+        assert g.shape == x.shape and g.stride() == want, f"{name}: {g.stride()} vs {want}"
+
+    G = torch.randn(n, 2 * h, dtype=F64)[:, ::2]
+    Ht = torch.randn(h, m, dtype=F64).t()
+    st = emu.pair_dot_stats(G, Ht, 2, 0)
+    dG, dH = emu.pair_dot_stats_backward(*up, G, Ht, st[0], 2, 0)
+    Gr, Hr = G.clone().requires_grad_(), Ht.clone().requires_grad_()
+    ref = reference.pair_dot_stats(Gr, Hr, 2, 0)
+    rg = torch.autograd.grad(sum((u * s).sum() for u, s in zip(up, ref)), [Gr, Hr])
+    for a, e, name in zip([*st, dG, dH], [*ref, *rg], ("lse", "pos", "rowsum", "dG", "dH")):
+        check(name, a, e, None, prec)
+    assert dG.stride() == torch.empty_like(G).stride() and dH.stride() == Ht.stride()
+    _loss, lG, lH = emu.pair_dot_loss(G, Ht, 2, 0, 1.0, -1.0, 0.1, True)
+    assert lG.stride() == torch.empty_like(G).stride() and lH.stride() == Ht.stride()
+
+
+@pytest.mark.parametrize("prec_name", ["float32", "bfloat16"])
+def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_name):
+    """A tiny workspace budget forces one block for the whole problem: same results."""
+    sms(4)
+    monkeypatch.setenv("FCL_EMU_BUDGET", "1")
+    n, m, h, cfg = 20, 70, 40, ("relu", "none", 1)
+    with Precision(prec_name) as prec:
+        inputs = mlp_inputs(n, m, h, 1, prec.dtype)
+        up = [torch.randn(n, dtype=F64) for _ in range(3)]
+        s64, g64 = mlp_reference(inputs, cfg, up, F64)
+        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.low else None
+        A, B, Ws, bs, w_out, b_out = inputs
+        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
+                                        b_out, stats[0], *cfg)
+        for i, (a, e) in enumerate(zip(stats, s64)):
+            check(f"stat {i}", a, e, lowp[0][i] if lowp else None, prec)
+        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
+            check(f"grad {i}", a, e, lowp[1][i] if lowp else None, prec)
+        G = torch.randn(n, h, dtype=F64).to(prec.dtype)
+        H = torch.randn(m, h, dtype=F64).to(prec.dtype)
+        st = emu.pair_dot_stats(G, H, 3, 1)
+        dG, dH = emu.pair_dot_stats_backward(*(u.to(st[0].dtype) for u in up), G, H, st[0], 3, 1)
+
+        def dot_ref(dtype):
+            Gr, Hr = G.to(dtype).requires_grad_(), H.to(dtype).requires_grad_()
+            ref = reference.pair_dot_stats(Gr, Hr, 3, 1)
+            loss = sum((u.to(s.dtype) * s).sum() for u, s in zip(up, ref))
+            return [*(r.detach() for r in ref), *torch.autograd.grad(loss, [Gr, Hr])]
+
+        exact = dot_ref(F64)
+        same = dot_ref(prec.dtype) if prec.low else [None] * 5
+        for a, e, el, name in zip([*st, dG, dH], exact, same,
+                                  ("lse", "pos", "rowsum", "dG", "dH")):
+            check(name, a, e, el, prec)
