@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--large", action="store_true", help="FactorCL critic at N=4096, H=128, L=1")
     p.add_argument("--impls", default=None, help="comma list of implementations to run")
+    p.add_argument("--ns", default=None, help="comma list of batch sizes N to run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
         plan = [(c, ["fused", "fused_stats", "authors", "compiled"]) for c in factorcl_cases()]
         plan += [(c, ["fused", "reference", "compiled"]) for c in mi_cases()]
     for case, impls in plan:
+        if args.ns and str(case.n) not in args.ns.split(","):
+            continue
         if args.impls:
             impls = [i for i in impls if i in args.impls.split(",")]
         for impl in impls:
@@ -80,8 +83,8 @@ def main(argv=None) -> int:
                      and r["impl"] in ("authors", "reference")), None)
         speedup = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
         mem = row["peak_extra_bytes"] / 2**20
-        memrel = (f" ({100 * row['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):.1f}%)"
-                  if base and base is not row else "")
+        memrel = (f" ({100 * row['peak_extra_bytes'] / base['peak_extra_bytes']:.1f}%)"
+                  if base and base is not row and base["peak_extra_bytes"] >= 2**20 else "")
         if row["gflops"] is not None:
             rate = f"{row['gflops']:.1f} GFLOP/s"
             pct = f"{100 * row['gflops'] / mm:.0f}%"
