@@ -414,17 +414,17 @@ Budget read_budget() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tile of at most `pairs` pairs: whole rows of columns first, then several rows per tile, but
-// never so many rows that fewer strips than threads remain.
-struct Tiling {
-  int64_t R, C;
-};
-
-// Columns split evenly: ceil(M / pairs) tiles of equal width, not full tiles and a sliver.
+// Columns split evenly: ceil(M / max_cols) tiles of equal width, not full tiles and a sliver.
 int64_t balanced_cols(int64_t M, int64_t max_cols) {
   return ceil_div(M, ceil_div(M, std::max<int64_t>(max_cols, 1)));
 }
 
+struct Tiling {
+  int64_t R, C;
+};
+
+// Tile of at most `pairs` pairs: whole rows of columns first, then several rows per tile, but
+// never so many rows that fewer strips than threads remain.
 Tiling plan_tiles(int64_t N, int64_t M, int64_t pairs, int64_t threads) {
   pairs = std::max<int64_t>(pairs, 1);
   const int64_t C = balanced_cols(M, pairs);
