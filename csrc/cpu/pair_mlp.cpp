@@ -414,17 +414,17 @@ Budget read_budget() {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Tile of at most `pairs` pairs: whole rows of columns first, then several rows per tile, but
-// never so many rows that fewer strips than threads remain.
-struct Tiling {
-  int64_t R, C;
-};
-
-// Columns split evenly: ceil(M / pairs) tiles of equal width, not full tiles and a sliver.
+// Columns split evenly: ceil(M / max_cols) tiles of equal width, not full tiles and a sliver.
 int64_t balanced_cols(int64_t M, int64_t max_cols) {
   return ceil_div(M, ceil_div(M, std::max<int64_t>(max_cols, 1)));
 }
 
+struct Tiling {
+  int64_t R, C;
+};
+
+// Tile of at most `pairs` pairs: whole rows of columns first, then several rows per tile, but
+// never so many rows that fewer strips than threads remain.
 Tiling plan_tiles(int64_t N, int64_t M, int64_t pairs, int64_t threads) {
   pairs = std::max<int64_t>(pairs, 1);
   const int64_t C = balanced_cols(M, pairs);
@@ -478,9 +478,9 @@ struct Workspace {
 // Gradient partials of one slot, in the accumulation dtype (the input dtype; d_b_out in double).
 template <typename T>
 struct Slot {
-  T* dB;
-  T* dW;  // [L, H, H]
-  T* db;  // [L, H]
+  T* dB;                 // [M, H]
+  std::vector<T*> dW;    // L x [H, H]
+  T* db;                 // [L, H], then dwout [H]
   T* dwout;
   double dbout = 0.0;
 };
@@ -608,7 +608,7 @@ void backward_tile_impl(const Net<T>& net, Workspace<T>& ws, Slot<T>& slot, int6
   T* cur = ws.h[L];  // dz of layer l
   T* spare = ws.h[L + 1];  // the backprop scratch buffer
   for (int64_t l = L; l >= 1; --l) {
-    mm_weight_grad(slot.dW + (l - 1) * H * H, cur, ws.h[l - 1], rows, H);
+    mm_weight_grad(slot.dW[l - 1], cur, ws.h[l - 1], rows, H);
     mm_input_grad(spare, cur, net.W[l - 1], rows, H);
     if (l > 1) {
       mid_backward<T, kRelu>(ws.h[l - 1], spare, rows, H, ws.db + (l - 2) * H);
@@ -738,49 +738,83 @@ struct WorkerGuard {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autograd_dispatch_keyset};
 };
 
-// Slot partials of the backward passes and their ordered reduction.
+// Slot partials of the backward passes and their ordered reduction. Slot 0 accumulates straight
+// into the output tensors; slots 1.. into one scratch tensor. Every slot's buffers are zeroed by
+// the worker that owns it (first touch on that thread, and no separate parallel fill), and the
+// reduction out = ((slot 0 + slot 1) + slot 2) + ... is a single parallel pass.
 template <typename T>
 struct SlotSet {
   int64_t S, M, H, L;
-  at::Tensor dB, dW, small;  // [S, M, H], [S, L, H, H], [S, L*H + H]
+  at::Tensor dB;                 // output [M, H]
+  std::vector<at::Tensor> dW;    // outputs, L x [H, H]
+  at::Tensor small;              // slot 0's db (L x H) and dwout (H)
+  at::Tensor scratch;            // slots 1..S-1, each [M*H + L*H*H + L*H + H]
   std::vector<Slot<T>> slots;
+
+  int64_t per_slot() const { return M * H + L * H * H + L * H + H; }
 
   SlotSet(int64_t S_, int64_t M_, int64_t H_, int64_t L_) : S(S_), M(M_), H(H_), L(L_) {
     auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    dB = at::zeros({S, M, H}, opts);
-    dW = at::zeros({S, std::max<int64_t>(L, 1), H, H}, opts);
-    small = at::zeros({S, L * H + H}, opts);
-    for (int64_t s = 0; s < S; ++s) {
+    dB = at::empty({M, H}, opts);
+    for (int64_t l = 0; l < L; ++l) dW.push_back(at::empty({H, H}, opts));
+    small = at::empty({L * H + H}, opts);
+    scratch = at::empty({(S - 1) * per_slot()}, opts);
+    Slot<T> s0;
+    s0.dB = dB.data_ptr<T>();
+    for (auto& w : dW) s0.dW.push_back(w.data_ptr<T>());
+    s0.db = small.data_ptr<T>();
+    s0.dwout = s0.db + L * H;
+    slots.push_back(s0);
+    for (int64_t s = 1; s < S; ++s) {
       Slot<T> sl;
-      sl.dB = dB.data_ptr<T>() + s * M * H;
-      sl.dW = dW.data_ptr<T>() + s * std::max<int64_t>(L, 1) * H * H;
-      sl.db = small.data_ptr<T>() + s * (L * H + H);
-      sl.dwout = sl.db + L * H;
+      T* base = scratch.data_ptr<T>() + (s - 1) * per_slot();
+      sl.dB = base, base += M * H;
+      for (int64_t l = 0; l < L; ++l) sl.dW.push_back(base), base += H * H;
+      sl.db = base, base += L * H;
+      sl.dwout = base;
       slots.push_back(sl);
     }
   }
 
-  // out = slot 0 + slot 1 + ... in slot order, element by element.
-  static at::Tensor reduce(const at::Tensor& parts, int64_t S, int64_t offset, int64_t size,
-                           at::IntArrayRef shape) {
-    at::Tensor out = at::empty(shape, parts.options());
-    const T* p = parts.data_ptr<T>() + offset;
-    const int64_t stride = parts.numel() / S;
-    T* o = out.data_ptr<T>();
-    at::parallel_for(0, size, 16384, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        T acc = p[k];
-        for (int64_t s = 1; s < S; ++s) acc += p[s * stride + k];
-        o[k] = acc;
-      }
-    });
-    return out;
+  // Called by the worker that owns slot s, before it accumulates.
+  void zero(int64_t s) {
+    Slot<T>& sl = slots[s];
+    std::fill(sl.dB, sl.dB + M * H, T(0));
+    for (T* w : sl.dW) std::fill(w, w + H * H, T(0));
+    std::fill(sl.db, sl.db + L * H + H, T(0));  // db and dwout are adjacent in every slot
   }
 
-  at::Tensor reduce_dB() const { return reduce(dB, S, 0, M * H, {M, H}); }
-  at::Tensor reduce_dW(int64_t l) const { return reduce(dW, S, l * H * H, H * H, {H, H}); }
-  at::Tensor reduce_db(int64_t l) const { return reduce(small, S, l * H, H, {H}); }
-  at::Tensor reduce_dwout() const { return reduce(small, S, L * H, H, {H}); }
+  void reduce() {
+    if (S == 1) return;
+    struct Segment {
+      T* dst;
+      std::vector<const T*> src;  // slots 1..S-1
+      int64_t size;
+    };
+    std::vector<Segment> segs;
+    auto add = [&](T* dst, auto&& src_of, int64_t size) {
+      Segment g{dst, {}, size};
+      for (int64_t s = 1; s < S; ++s) g.src.push_back(src_of(slots[s]));
+      segs.push_back(std::move(g));
+    };
+    add(slots[0].dB, [](const Slot<T>& x) { return x.dB; }, M * H);
+    for (int64_t l = 0; l < L; ++l)
+      add(slots[0].dW[l], [l](const Slot<T>& x) { return x.dW[l]; }, H * H);
+    add(slots[0].db, [](const Slot<T>& x) { return x.db; }, L * H + H);
+    std::vector<int64_t> start{0};
+    for (const auto& g : segs) start.push_back(start.back() + g.size);
+    at::parallel_for(0, start.back(), 16384, [&](int64_t k0, int64_t k1) {
+      for (size_t i = 0; i < segs.size(); ++i) {
+        const int64_t lo = std::max(k0, start[i]), hi = std::min(k1, start[i + 1]);
+        for (int64_t k = lo - start[i]; k < hi - start[i]; ++k) {
+          T acc = segs[i].dst[k];
+          for (const T* src : segs[i].src) acc += src[k];
+          segs[i].dst[k] = acc;
+        }
+      }
+    });
+  }
+
   double dbout() const {
     double acc = 0.0;
     for (const auto& s : slots) acc += s.dbout;
@@ -837,15 +871,15 @@ struct Grads {
 };
 
 template <typename T>
-Grads<T> collect(const SlotSet<T>& slots, at::Tensor dA, const at::Tensor& b_out) {
+Grads<T> collect(SlotSet<T>& slots, at::Tensor dA, const at::Tensor& b_out) {
+  slots.reduce();
+  const int64_t H = slots.H, L = slots.L;
   Grads<T> g;
   g.dA = std::move(dA);
-  g.dB = slots.reduce_dB();
-  for (int64_t l = 0; l < slots.L; ++l) {
-    g.dW.push_back(slots.reduce_dW(l));
-    g.db.push_back(slots.reduce_db(l));
-  }
-  g.dwout = slots.reduce_dwout();
+  g.dB = slots.dB;
+  g.dW = slots.dW;
+  for (int64_t l = 0; l < L; ++l) g.db.push_back(slots.small.narrow(0, l * H, H).clone());
+  g.dwout = slots.small.narrow(0, L * H, H).clone();
   g.dbout = at::full(b_out.sizes(), slots.dbout(), b_out.options());
   return g;
 }
@@ -863,15 +897,17 @@ Grads<T> stats_backward(const Net<T>& net, const T* gl, const T* gp, const T* gr
   const int64_t num_strips = ceil_div(N, tl.R);
   const int64_t S = std::min<int64_t>(num_strips, std::max(1, at::get_num_threads()));
   SlotSet<T> slots(S, M, H, net.L);
-  at::Tensor dA = at::zeros({N, H}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  at::Tensor dA = at::empty({N, H}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* dAp = dA.data_ptr<T>();
   at::parallel_for(0, S, 1, [&](int64_t a, int64_t b) {
     WorkerGuard guard;
     Workspace<T> ws(nbuf, tl.R * tl.C, H, net.L, 0, /*grads=*/true);
     for (int64_t s = a; s < b; ++s) {
+      slots.zero(s);
       auto [first, last] = slot_range(s, S, num_strips);
       for (int64_t strip = first; strip < last; ++strip) {
         const int64_t i0 = strip * tl.R, R = std::min(tl.R, N - i0);
+        std::fill(dAp + i0 * H, dAp + (i0 + R) * H, T(0));
         for (int64_t j0 = 0; j0 < M; j0 += tl.C) {
           const int64_t C = std::min(tl.C, M - j0);
           forward_tile(net, ws, i0, R, j0, C, /*keep=*/true, ws.x);
@@ -916,16 +952,18 @@ Grads<T> loss_with_grad(const Net<T>& net, double c_lse, double c_pos, double c_
   const int64_t num_strips = ceil_div(N, R);
   const int64_t S = std::min(num_strips, threads);
   SlotSet<T> slots(S, M, H, net.L);
-  at::Tensor dA = at::zeros({N, H}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  at::Tensor dA = at::empty({N, H}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* dAp = dA.data_ptr<T>();
   at::parallel_for(0, S, 1, [&](int64_t a, int64_t b) {
     WorkerGuard guard;
     Workspace<T> ws(nbuf, R * C, H, net.L, R * M, /*grads=*/true);
     for (int64_t s = a; s < b; ++s) {
+      slots.zero(s);
       Slot<T>& slot = slots.slots[s];
       auto [first, last] = slot_range(s, S, num_strips);
       for (int64_t strip = first; strip < last; ++strip) {
         const int64_t i0 = strip * R, Rr = std::min(R, N - i0);
+        std::fill(dAp + i0 * H, dAp + (i0 + Rr) * H, T(0));
         // Pass 1: the strip's scores (and, for whole rows, its activations).
         if (whole_rows) {
           forward_tile(net, ws, i0, Rr, 0, M, /*keep=*/true, ws.x_strip);
