@@ -1,7 +1,7 @@
 # Developer shortcuts; the README's commands are the user-facing ones.
 PY ?= python
 
-.PHONY: install test test-gpu test-triton bench bench-large bench-gpu lint
+.PHONY: install test test-gpu test-triton sanitize bench bench-large bench-gpu lint
 install:
 	pip install --no-build-isolation -e .
 test:
@@ -11,6 +11,9 @@ test-gpu:
 # the Triton backend on the CPU through the interpreter (what CI runs via test_triton_interpreter)
 test-triton:
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_triton.py
+# the CUDA backend's GPU tests under compute-sanitizer (memcheck, racecheck, synccheck)
+sanitize:
+	tests/run_compute_sanitizer.sh
 bench:
 	$(PY) benchmarks/cpu_table.py
 bench-large:
