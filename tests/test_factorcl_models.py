@@ -107,7 +107,8 @@ def test_ssl_conditional_club_uses_the_augmented_views():
     assert torch.equal(x, torch.cat([ha(e1), ha(model.backbones[0](b.x1_aug))], 1))
     assert torch.equal(y, torch.cat([hb(e2), hb(model.backbones[1](b.x2_aug))], 1))
     b2 = Batch(b.x1, b.x2, b.y, b.x1_aug + 1.0, b.x2_aug)
-    assert not torch.isclose(model.club_learning_loss(b), model.club_learning_loss(b2))
+    l1, l2 = model.club_learning_loss(b), model.club_learning_loss(b2)
+    assert (l1 - l2).abs() > 1e-3 * l1.abs()
     with pytest.raises(ValueError, match="augmented views"):
         model.training_loss(Batch(b.x1, b.x2, b.y))
 

@@ -195,8 +195,6 @@ def _cmd_train(args, log) -> int:
     comm = init_from_env(resolve_device(args.device))
     data = _load_data(args, args.seed)
     cfg = _train_config(args, args.model, args.seed)
-    if comm.is_main:
-        log(f"[train] {cfg.model} on {data.describe()}")
     res = train(cfg, data, args.out, resume=args.resume, comm=comm, log=log)
     if res["interrupted"]:
         if comm.is_main:

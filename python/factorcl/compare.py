@@ -36,7 +36,6 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
         for m in models:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.model, run_cfg.seed = m, seed
-            log(f"[compare] {_LABELS[m]} seed {seed}: training ({data.describe()})")
             res = train(run_cfg, data, os.path.join(out_dir, f"{m}-seed{seed}"), log=log)
             if res.get("interrupted"):
                 return {"interrupted": True, "checkpoint": res["checkpoint"]}

@@ -137,6 +137,8 @@ def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.
         if name in ("S1", "S2"):
             continue
         acc[name] = linear_probe(reps_tr[name], y_tr, reps_te[name], y_te)
+    if "backbone" not in acc:  # the baselines' representation is their backbone embedding
+        acc["backbone"] = acc["all"]
     out: dict = {"probe_accuracy": acc["all"], "accuracies": acc,
                  "chance_accuracy": float(torch.bincount(y_te).max()) / len(y_te)}
     mi = {}

@@ -270,11 +270,11 @@ class _Sampler:
 
 def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optional[str] = None,
           comm: Optional[Comm] = None, stop_at_step: Optional[int] = None,
-          log=print) -> dict:
+          log=None) -> dict:
     """Train ``cfg.model`` on ``data``; write ``out_dir/metrics.jsonl`` (every ``log_every``
     steps), ``out_dir/checkpoint.pt`` and, when training completes, evaluate and write
     ``out_dir/metrics.json``. Returns the summary (``interrupted`` True after a Ctrl-C,
-    ``stopped`` True after ``stop_at_step``)."""
+    ``stopped`` True after ``stop_at_step``). ``log`` receives one line at the start."""
     cfg.validate()
     comm = comm or Comm()
     device = resolve_device(cfg.device)
@@ -317,6 +317,10 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         torch.set_rng_state(state["torch_rng"])
     if comm.is_main:
         _trim_jsonl(jsonl_path, start)
+        if log is not None:
+            log(f"[train] {cfg.model} on {data.describe()}: steps {start}..{total_steps} "
+                f"(batch {cfg.batch_size}, {comm.world} process{'es' if comm.world > 1 else ''}, "
+                f"critic backend {backend})")
 
     x_scale = [_feature_std(data.x1[data.train_idx]), _feature_std(data.x2[data.train_idx])]
 
