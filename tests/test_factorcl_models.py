@@ -145,9 +145,9 @@ def test_representations():
     reps = M.build_model("factorcl-sup", (5,), (4,), 3, CFG).double().representations(b.x1, b.x2)
     e = CFG.embed_dim
     assert reps["S"].shape == (7, 4 * e) and reps["U1"].shape == (7, 3 * e)
-    assert reps["all"].shape == (7, 10 * e)
+    assert reps["S+U1+U2"].shape == (7, 10 * e) and reps["backbone"].shape == (7, 2 * CFG.embed_dim)
     base = M.build_model("simclr", (5,), (4,), 3, CFG).double().representations(b.x1, b.x2)
-    assert base["all"].shape == (7, 2 * e)
+    assert base["backbone"].shape == (7, 2 * e)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gru", "transformer"])

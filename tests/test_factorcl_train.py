@@ -213,7 +213,8 @@ def test_cli_train_end_to_end_beats_chance(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     for key in ("probe_accuracy", "accuracies", "steps", "seconds", "backend"):
         assert key in m
-    assert set(m["accuracies"]) == {"all", "S", "U1", "U2"}
+    assert set(m["accuracies"]) == {"backbone", "S+U1+U2", "S", "U1", "U2"}
+    assert m["probe_accuracy"] == m["accuracies"]["backbone"]
     assert m["steps"] == 3 * (320 // 32)
     assert m["backend"] in ("cpu", "reference")
     assert m["probe_accuracy"] > m["chance_accuracy"] + 0.15

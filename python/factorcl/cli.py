@@ -123,6 +123,10 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--num-club-iter", type=_nonneg_int, default=1)
     g.add_argument("--aug-noise", type=float, default=0.1, help="SSL augmentation noise scale")
     g.add_argument("--aug-drop", type=float, default=0.2, help="SSL feature-drop probability")
+    g.add_argument("--augmentations", type=_csv(str), default=None,
+                   help="SSL view augmentations, comma-separated (vectors: noise, drop, "
+                        "half_swap, identity; sequences: time_permute, time_drop, noise; "
+                        "default: all that apply)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:k]")
     g.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast (GPU only; auto: on for CUDA)")
@@ -149,6 +153,7 @@ def _train_config(args, model: str, seed: int):
                        club_lr=args.club_lr, num_club_iter=args.num_club_iter, seed=seed,
                        device=args.device, amp=args.amp, dtype=args.dtype,
                        aug_noise=args.aug_noise, aug_drop=args.aug_drop,
+                       augmentations=args.augmentations,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                        progress=not args.no_progress, probe=not args.no_probe,
                        mi_probe_steps=args.mi_probe_steps, model_cfg=mc)

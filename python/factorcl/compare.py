@@ -49,7 +49,7 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
         acc = [r["probe_accuracy"] for r in rs]
         parts = {}
         for key in rs[0]["accuracies"]:
-            if key != "all":
+            if key != "backbone":
                 parts[key] = _mean_std([r["accuracies"][key] for r in rs])
         mean, std = _mean_std(acc)
         summary["models"][m] = {
@@ -69,8 +69,8 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
 
 def markdown_table(summary: dict) -> str:
     seeds = summary["seeds"]
-    head = (f"| model | probe accuracy (%, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}) "
-            "| per representation (%) | steps | train s | backend |")
+    head = (f"| model | linear probe, backbone (%, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}) "
+            "| other representations (%) | steps | train s | backend |")
     lines = [head, "|---|---|---|---|---|---|"]
     for m in summary["models"].values():
         acc = f"{100 * m['probe_accuracy']:.1f}"

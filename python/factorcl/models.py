@@ -376,18 +376,18 @@ class _FactorCL(_TwoBackbones):
 
     @torch.no_grad()
     def representations(self, x1: Tensor, x2: Tensor) -> dict:
-        """``S`` (shared heads of both modalities), ``U1``, ``U2`` (unique heads), ``all`` (their
-        concatenation); ``backbone``: the two backbone embeddings (what the authors probe)."""
+        """``backbone`` (the two backbone embeddings: what the authors probe), ``S`` (shared
+        heads of both modalities), ``U1``, ``U2`` (unique heads), ``S+U1+U2``."""
         e1, e2 = self._embed(x1, x2)
         h = self.heads
         s1 = [h["infonce_x1x2"][0](e1), h["club_x1x2_cond"][0](e1)]
         s2 = [h["infonce_x1x2"][1](e2), h["club_x1x2_cond"][1](e2)]
         u1 = [h["club_x1x2"][0](e1), h["infonce_x1y"](e1), h["infonce_x1x2_cond"][0](e1)]
         u2 = [h["club_x1x2"][1](e2), h["infonce_x2y"](e2), h["infonce_x1x2_cond"][1](e2)]
-        reps = {"S": torch.cat(s1 + s2, 1), "U1": torch.cat(u1, 1), "U2": torch.cat(u2, 1),
-                "S1": torch.cat(s1, 1), "S2": torch.cat(s2, 1)}
-        reps["all"] = torch.cat([reps["S"], reps["U1"], reps["U2"]], 1)
-        reps["backbone"] = torch.cat([e1, e2], 1)
+        reps = {"backbone": torch.cat([e1, e2], 1), "S": torch.cat(s1 + s2, 1),
+                "U1": torch.cat(u1, 1), "U2": torch.cat(u2, 1)}
+        reps["S+U1+U2"] = torch.cat([reps["S"], reps["U1"], reps["U2"]], 1)
+        reps["S1"], reps["S2"] = torch.cat(s1, 1), torch.cat(s2, 1)  # for the MI probes
         return reps
 
 
@@ -465,10 +465,9 @@ class _SeparableBaseline(_TwoBackbones):
 
     @torch.no_grad()
     def representations(self, x1: Tensor, x2: Tensor) -> dict:
-        """The backbone embeddings (as the authors evaluate their baselines): ``all`` (both),
-        ``x1``, ``x2``."""
+        """``backbone`` (both backbone embeddings), ``x1``, ``x2`` (each alone)."""
         e1, e2 = self.backbones[0](x1), self.backbones[1](x2)
-        return {"all": torch.cat([e1, e2], 1), "x1": e1, "x2": e2}
+        return {"backbone": torch.cat([e1, e2], 1), "x1": e1, "x2": e2}
 
 
 class SimCLR(_SeparableBaseline):

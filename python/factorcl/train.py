@@ -43,7 +43,8 @@ __all__ = ["TrainConfig", "TrainError", "train", "save_checkpoint", "load_checkp
 CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
 # Settings a resumed run must share with its checkpoint for the result to be the same.
 _RESUME_KEYS = ("model", "batch_size", "lr", "club_lr", "num_club_iter", "seed", "aug_noise",
-                "aug_drop", "dtype")
+                "aug_drop", "augmentations", "dtype")
+DEFAULT_VECTOR_AUGS = D.VECTOR_AUGS
 
 
 class TrainError(ValueError):
@@ -64,6 +65,7 @@ class TrainConfig:
     dtype: str = "float32"
     aug_noise: float = 0.1
     aug_drop: float = 0.2
+    augmentations: Optional[tuple] = None  # default: all of data.VECTOR_AUGS / SEQUENCE_AUGS
     checkpoint_every: int = 0  # steps; 0: only at the end and on Ctrl-C
     log_every: int = 10
     progress: bool = True
@@ -88,6 +90,12 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be positive, got {v}")
         if self.amp not in ("auto", "on", "off"):
             raise TrainError(f"--amp must be auto, on or off, got {self.amp!r}")
+        if self.augmentations is not None:
+            known = set(D.VECTOR_AUGS) | set(D.SEQUENCE_AUGS)
+            bad = [a for a in self.augmentations if a not in known]
+            if bad or not self.augmentations:
+                raise TrainError(f"--augmentations: unknown {bad or 'empty list'}; choose from "
+                                 f"{', '.join(sorted(known))}")
         if self.dtype not in ("float32", "float64"):
             raise TrainError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         m = self.model_cfg
@@ -324,15 +332,29 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
 
     x_scale = [_feature_std(data.x1[data.train_idx]), _feature_std(data.x2[data.train_idx])]
 
+    def aug_ops(x: torch.Tensor) -> tuple:
+        allowed = D.VECTOR_AUGS if x.dim() == 2 else D.SEQUENCE_AUGS
+        wanted = cfg.augmentations or (DEFAULT_VECTOR_AUGS if x.dim() == 2 else D.SEQUENCE_AUGS)
+        ops = tuple(a for a in wanted if a in allowed)
+        if not ops:
+            raise TrainError(f"--augmentations {','.join(wanted)}: none applies to "
+                             f"{'vector' if x.dim() == 2 else 'sequence'} inputs; choose from "
+                             f"{', '.join(allowed)}")
+        return ops
+
+    ops1, ops2 = aug_ops(data.x1), aug_ops(data.x2)
+
     def make_batch(idx: torch.Tensor, aug_keys: tuple) -> Batch:
         x1, x2, y = data.x1[idx], data.x2[idx], data.y[idx]
         x1_aug = x2_aug = None
         if model.uses_views:
             # Augment the global batch, then slice: every rank draws the same numbers.
             x1_aug = D.augment(x1, D.make_generator(cfg.seed, "aug", *aug_keys, 1),
-                               noise_std=cfg.aug_noise, drop_prob=cfg.aug_drop, scale=x_scale[0])
+                               noise_std=cfg.aug_noise, drop_prob=cfg.aug_drop, ops=ops1,
+                               scale=x_scale[0])
             x2_aug = D.augment(x2, D.make_generator(cfg.seed, "aug", *aug_keys, 2),
-                               noise_std=cfg.aug_noise, drop_prob=cfg.aug_drop, scale=x_scale[1])
+                               noise_std=cfg.aug_noise, drop_prob=cfg.aug_drop, ops=ops2,
+                               scale=x_scale[1])
         sl = comm.local_slice(len(idx))
 
         def mv(t):
