@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
+from conftest import assert_rel_close
 from factorcl import models as M
 from factorcl.models import Batch
-from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic, SupConLoss
 
-from conftest import assert_rel_close
+from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic, SupConLoss
 
 F64 = torch.float64
 CFG = M.ModelConfig(embed_dim=6, backbone_hidden=10, critic_hidden=9, critic_layers=1,
@@ -102,7 +101,7 @@ def test_ssl_conditional_club_uses_the_augmented_views():
     model = M.build_model("factorcl-ssl", (5,), (4,), 3, CFG).double()
     b = _batch()
     e1, e2 = model.backbones[0](b.x1), model.backbones[1](b.x2)
-    x, y = model._cond_pairs("club_x1x2_cond", e1, e2, b)
+    x, y = model._cond_pairs("club_x1x2_cond", e1, e2, b, model._views(b))
     ha, hb = model.heads["club_x1x2_cond"]
     assert torch.equal(x, torch.cat([ha(e1), ha(model.backbones[0](b.x1_aug))], 1))
     assert torch.equal(y, torch.cat([hb(e2), hb(model.backbones[1](b.x2_aug))], 1))

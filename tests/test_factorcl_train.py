@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from factorcl import cli
 from factorcl import data as D
 from factorcl import models as M
@@ -245,8 +244,8 @@ def _env():
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "factorcl.cli", "train", "--model", "simclr", "--epochs", "100000",
-            "--out", str(out), "--backend", "reference", "--log-every", "1", *TINY]
+    argv = [sys.executable, "-m", "factorcl.cli", "train", "--model", "simclr", "--epochs",
+            "100000", "--out", str(out), "--backend", "reference", "--log-every", "1", *TINY]
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     jsonl = out / "metrics.jsonl"
@@ -254,7 +253,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     while time.time() < deadline and not (jsonl.exists() and jsonl.stat().st_size > 0):
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr
     assert "interrupted at step" in stderr and "--resume" in stderr

@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130
 # Defaults sized so that `factorcl compare` on the synthetic data finishes in a few minutes on
 # two CPU cores with the fused kernels; every one is a flag.
 DEFAULTS = dict(
-    epochs=6, batch_size=128, lr=1e-3, embed_dim=64, backbone_hidden=256, backbone_layers=1,
+    epochs=6, batch_size=128, lr=1e-4, embed_dim=64, backbone_hidden=256, backbone_layers=1,
     critic_hidden=128, critic_layers=1, n_examples=6000,
 )
 
@@ -66,7 +66,8 @@ def _csv(kind):
         try:
             return tuple(kind(p) for p in s.split(",") if p.strip())
         except (ValueError, argparse.ArgumentTypeError):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}") from None
+            msg = f"expected a comma-separated list, got {s!r}"
+            raise argparse.ArgumentTypeError(msg) from None
     return parse
 
 
@@ -83,7 +84,8 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--shared-dim", type=_positive_int, default=10, help="synthetic: shared latents")
     g.add_argument("--unique-dim", type=_positive_int, default=6,
                    help="synthetic: unique latents per modality")
-    g.add_argument("--x-dim", type=_positive_int, default=100, help="synthetic: features per modality")
+    g.add_argument("--x-dim", type=_positive_int, default=100,
+                   help="synthetic: features per modality")
     g.add_argument("--label-fn", choices=("linear", "nonlinear"), default="linear",
                    help="synthetic: label function")
     g.add_argument("--label-parts", type=_csv(str), default=("shared", "unique1", "unique2"),
@@ -197,7 +199,15 @@ def _cmd_train(args, log) -> int:
     from .train import resolve_device, train
 
     _preflight(args.backend, args.device)
-    comm = init_from_env(resolve_device(args.device))
+    device = resolve_device(args.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one GPU per torchrun process
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = resolve_device(args.device)
+        import torch
+
+        torch.cuda.set_device(device)
+    comm = init_from_env(device)
     data = _load_data(args, args.seed)
     cfg = _train_config(args, args.model, args.seed)
     res = train(cfg, data, args.out, resume=args.resume, comm=comm, log=log)

@@ -1,5 +1,6 @@
 """``factorcl compare``: train the four models on one dataset (one or more seeds) and write a
-Markdown table (``compare.md``), a bar chart (``compare.png``) and the numbers (``compare.json``)."""
+Markdown table (``compare.md``), a bar chart (``compare.png``) and the numbers
+(``compare.json``)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
 
 def markdown_table(summary: dict) -> str:
     seeds = summary["seeds"]
-    head = (f"| model | linear probe, backbone (%, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}) "
+    plural = "s" if len(seeds) > 1 else ""
+    head = (f"| model | linear probe, backbone (%, {len(seeds)} seed{plural}) "
             "| other representations (%) | steps | train s | backend |")
     lines = [head, "|---|---|---|---|---|---|"]
     for m in summary["models"].values():

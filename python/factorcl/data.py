@@ -407,7 +407,8 @@ def load_paired_file(path: str, test_fraction: float = 0.2, seed: int = 0) -> Pa
     except Exception as exc:  # corrupt file, pickled objects in an npz, ...
         raise DataError(f"{name}: cannot read the file ({type(exc).__name__}: {exc})") from None
     if not isinstance(content, dict):
-        raise DataError(f"{name}: expected a dict with keys x1, x2, y, got {type(content).__name__}")
+        raise DataError(
+            f"{name}: expected a dict with keys x1, x2, y, got {type(content).__name__}")
     for key in ("x1", "x2", "y"):
         if key not in content:
             raise DataError(
@@ -488,7 +489,8 @@ def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData
         block = _need(name, data, split, "the top level")
         xs = [_clean(_as_float(name, f"{split}/{m}", _need(name, block, m, split)))
               for m in modalities]
-        labels = torch.as_tensor(np.asarray(_need(name, block, "labels", split)), dtype=torch.float32)
+        labels = torch.as_tensor(np.asarray(_need(name, block, "labels", split)),
+                                 dtype=torch.float32)
         n = labels.shape[0] if labels.dim() else 0
         labels = labels.reshape(n, -1)[:, 0]
         for m, x in zip(modalities, xs):
@@ -516,8 +518,9 @@ def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData
 
 
 def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
-    xs = _clean(_as_float(name, "adm_features_all", _need(name, data, "adm_features_all", "the top level")))
-    xt = _clean(_as_float(name, "ep_tdata", _need(name, data, "ep_tdata", "the top level")))
+    top = "the top level"
+    xs = _clean(_as_float(name, "adm_features_all", _need(name, data, "adm_features_all", top)))
+    xt = _clean(_as_float(name, "ep_tdata", _need(name, data, "ep_tdata", top)))
     if xs.dim() != 2:
         raise DataError(f"{name}: adm_features_all must have shape [N, D], got {tuple(xs.shape)}")
     if xt.dim() != 3 or xt.shape[0] != xs.shape[0]:
@@ -529,7 +532,8 @@ def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
     if task < 0:
         adm = torch.as_tensor(np.asarray(_need(name, data, "adm_labels_all", "the top level")))
         if adm.dim() != 2 or adm.shape[0] != n or adm.shape[1] < 6:
-            raise DataError(f"{name}: adm_labels_all must have shape [N, >=6], got {tuple(adm.shape)}")
+            raise DataError(
+                f"{name}: adm_labels_all must have shape [N, >=6], got {tuple(adm.shape)}")
         # Mortality class: the first of columns 1..5 that is positive, else 0 (MultiBench's rule).
         pos = adm[:, 1:6] > 0
         first = torch.where(pos.any(1), pos.float().argmax(1) + 1, torch.zeros(n, dtype=torch.long))

@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -114,8 +111,11 @@ def latent_r2(rep_train: Tensor, lat_train: Tensor, rep_test: Tensor, lat_test: 
               ridge: float = 1e-3) -> float:
     """Test R^2 of a ridge regression from a representation to a latent factor."""
     mu, sd = rep_train.mean(0), rep_train.std(0).clamp_min(1e-8)
-    xtr = torch.cat([(rep_train - mu) / sd, torch.ones(rep_train.shape[0], 1, dtype=torch.float64)], 1)
-    xte = torch.cat([(rep_test - mu) / sd, torch.ones(rep_test.shape[0], 1, dtype=torch.float64)], 1)
+    def design(rep):
+        ones = torch.ones(rep.shape[0], 1, dtype=torch.float64)
+        return torch.cat([(rep - mu) / sd, ones], 1)
+
+    xtr, xte = design(rep_train), design(rep_test)
     ytr, yte = lat_train.double(), lat_test.double()
     gram = xtr.t() @ xtr + ridge * xtr.shape[0] * torch.eye(xtr.shape[1], dtype=torch.float64)
     w = torch.linalg.solve(gram, xtr.t() @ ytr)

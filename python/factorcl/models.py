@@ -338,10 +338,14 @@ class _FactorCL(_TwoBackbones):
         return self.backbones[0](x1), self.backbones[1](x2)
 
     # -- subclasses: the inputs of the x-y and conditional critics ----------------------------
-    def _xy_pairs(self, e1, e2, batch):  # pragma: no cover - abstract
+    def _views(self, batch):
+        """Backbone embeddings of the augmented views (SSL), computed once per loss."""
+        return None
+
+    def _xy_pairs(self, e1, e2, batch, views):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _cond_pairs(self, name, e1, e2, batch):  # pragma: no cover - abstract
+    def _cond_pairs(self, name, e1, e2, batch, views):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def training_loss(self, batch: Batch, comm: Comm = Comm()) -> tuple[Tensor, dict]:
@@ -353,12 +357,13 @@ class _FactorCL(_TwoBackbones):
             "club_x1x2": club_estimate(c["club_x1x2"], h["club_x1x2"][0](e1),
                                        h["club_x1x2"][1](e2), comm),
         }
-        (a1, b1), (a2, b2) = self._xy_pairs(e1, e2, batch)
+        views = self._views(batch)
+        (a1, b1), (a2, b2) = self._xy_pairs(e1, e2, batch, views)
         terms["infonce_x1y"] = infonce_loss(c["infonce_x1y"], a1, b1, comm)
         terms["infonce_x2y"] = infonce_loss(c["infonce_x2y"], a2, b2, comm)
-        x, y = self._cond_pairs("infonce_x1x2_cond", e1, e2, batch)
+        x, y = self._cond_pairs("infonce_x1x2_cond", e1, e2, batch, views)
         terms["infonce_x1x2_cond"] = infonce_loss(c["infonce_x1x2_cond"], x, y, comm)
-        x, y = self._cond_pairs("club_x1x2_cond", e1, e2, batch)
+        x, y = self._cond_pairs("club_x1x2_cond", e1, e2, batch, views)
         terms["club_x1x2_cond"] = club_estimate(c["club_x1x2_cond"], x, y, comm)
         total = sum(terms.values())
         return total, terms
@@ -370,7 +375,7 @@ class _FactorCL(_TwoBackbones):
         with torch.no_grad():
             e1, e2 = self._embed(batch.x1, batch.x2)
             x, y = h["club_x1x2"][0](e1), h["club_x1x2"][1](e2)
-            xc, yc = self._cond_pairs("club_x1x2_cond", e1, e2, batch)
+            xc, yc = self._cond_pairs("club_x1x2_cond", e1, e2, batch, self._views(batch))
         return (club_learning_loss(c["club_x1x2"], x, y, comm)
                 + club_learning_loss(c["club_x1x2_cond"], xc, yc, comm))
 
@@ -400,12 +405,12 @@ class FactorCLSUP(_FactorCL):
         super().__init__(x1_shape, x2_shape, num_classes, cfg, y_dim=1,
                          cond_x_dim=e + num_classes, cond_y_dim=e)
 
-    def _xy_pairs(self, e1, e2, batch):
+    def _xy_pairs(self, e1, e2, batch, views):
         y = batch.y.to(e1.dtype)[:, None]
         h = self.heads
         return (h["infonce_x1y"](e1), y), (h["infonce_x2y"](e2), y)
 
-    def _cond_pairs(self, name, e1, e2, batch):
+    def _cond_pairs(self, name, e1, e2, batch, views):
         a, b = self.heads[name]
         x = a(e1)
         onehot = F.one_hot(batch.y, self.num_classes).to(x.dtype)
@@ -429,14 +434,14 @@ class FactorCLSSL(_FactorCL):
             raise ValueError("FactorCL-SSL needs augmented views (batch.x1_aug, batch.x2_aug)")
         return self.backbones[0](batch.x1_aug), self.backbones[1](batch.x2_aug)
 
-    def _xy_pairs(self, e1, e2, batch):
-        a1, a2 = self._views(batch)
+    def _xy_pairs(self, e1, e2, batch, views):
+        a1, a2 = views
         h = self.heads
         return (h["infonce_x1y"](e1), h["infonce_x1y"](a1)), (h["infonce_x2y"](e2),
                                                                h["infonce_x2y"](a2))
 
-    def _cond_pairs(self, name, e1, e2, batch):
-        a1, a2 = self._views(batch)
+    def _cond_pairs(self, name, e1, e2, batch, views):
+        a1, a2 = views
         ha, hb = self.heads[name]
         return torch.cat([ha(e1), ha(a1)], 1), torch.cat([hb(e2), hb(a2)], 1)
 

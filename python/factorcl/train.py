@@ -78,12 +78,14 @@ class TrainConfig:
             raise TrainError(f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
         for name in ("epochs", "batch_size", "num_club_iter", "log_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_club_iter" else 1):
+            least = 0 if name == "num_club_iter" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
         if self.checkpoint_every < 0:
             raise TrainError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.batch_size < 2:
-            raise TrainError(f"--batch-size must be at least 2 (contrastive pairs), got {self.batch_size}")
+            raise TrainError(
+                f"--batch-size must be at least 2 (contrastive pairs), got {self.batch_size}")
         for name in ("lr", "club_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -101,7 +103,8 @@ class TrainConfig:
         m = self.model_cfg
         for name in ("embed_dim", "backbone_hidden", "critic_hidden"):
             if getattr(m, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {getattr(m, name)}")
+                flag = name.replace("_", "-")
+                raise TrainError(f"--{flag} must be positive, got {getattr(m, name)}")
         if m.critic_layers < 0 or m.backbone_layers < 0:
             raise TrainError("--critic-layers and --backbone-layers must be >= 0")
         if m.critic_backend not in _backends.BACKENDS:
@@ -196,8 +199,8 @@ def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str) 
     for key in _RESUME_KEYS:
         if old.get(key) != getattr(cfg, key):
             raise TrainError(
-                f"--resume {path}: the checkpoint was made with {key}={old.get(key)!r} but this run "
-                f"has {key}={getattr(cfg, key)!r}; use the same settings"
+                f"--resume {path}: the checkpoint was made with {key}={old.get(key)!r} but this "
+                f"run has {key}={getattr(cfg, key)!r}; use the same settings"
             )
     old_m, new_m = old.get("model_cfg", {}), asdict(cfg.model_cfg)
     for key, v in new_m.items():
