@@ -91,6 +91,9 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--label-parts", type=_csv(str), default=("shared", "unique1", "unique2"),
                    help="synthetic: latent parts the label depends on (default all three)")
     g.add_argument("--noise", type=float, default=0.1, help="synthetic: observation noise std")
+    g.add_argument("--projection", choices=("gaussian", "uniform"), default="gaussian",
+                   help="synthetic: random projection entries N(0, 1/k), or U[0, 1] as in the "
+                        "authors' generator")
     g.add_argument("--modalities", type=_csv(str), default=("text", "vision"),
                    help="multibench affect: the two modalities (default text,vision)")
     g.add_argument("--task", type=int, default=-1,
@@ -167,7 +170,8 @@ def _load_data(args, seed: int):
     syn = D.SyntheticConfig(num_examples=args.n_examples, shared_dim=args.shared_dim,
                             unique_dim=args.unique_dim, x_dim=args.x_dim,
                             label_parts=tuple(args.label_parts), label_fn=args.label_fn,
-                            noise=args.noise, test_fraction=args.test_fraction, seed=seed)
+                            noise=args.noise, projection=args.projection,
+                            test_fraction=args.test_fraction, seed=seed)
     return D.load_dataset(args.dataset, synthetic=syn, modalities=args.modalities,
                           task=args.task, test_fraction=args.test_fraction, seed=seed)
 
@@ -210,7 +214,13 @@ def _cmd_train(args, log) -> int:
     comm = init_from_env(device)
     data = _load_data(args, args.seed)
     cfg = _train_config(args, args.model, args.seed)
-    res = train(cfg, data, args.out, resume=args.resume, comm=comm, log=log)
+    try:
+        res = train(cfg, data, args.out, resume=args.resume, comm=comm, log=log)
+    finally:
+        if comm.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if res["interrupted"]:
         if comm.is_main:
             print(f"factorcl train: interrupted at step {res['steps']}/{res['total_steps']}; "

@@ -148,7 +148,10 @@ class SyntheticConfig:
 
     Gaussian latents: ``shared`` [shared_dim] seen by both modalities, ``unique1`` / ``unique2``
     [unique_dim] seen by one each. Modality k is a fixed random projection of its latents
-    ([shared; unique_k]) to ``x_dim`` features plus ``noise`` times Gaussian noise. The label is
+    ([shared; unique_k]) to ``x_dim`` features plus ``noise`` times Gaussian noise:
+    ``projection="gaussian"`` (N(0, 1/k) entries: no preferred direction) or ``"uniform"`` (the
+    authors' U[0, 1] entries, which make the sum of the latents, and so the linear label, the
+    dominant principal component of each modality). The label is
     a function of the first ``label_dims[p]`` coordinates of each part p in ``label_parts``:
     ``linear`` thresholds their sum at 0, ``nonlinear`` thresholds a random one-hidden-layer tanh
     network at its median (both give balanced classes).
@@ -162,6 +165,7 @@ class SyntheticConfig:
     label_dims: Optional[dict] = None  # part -> how many of its coordinates; default all
     label_fn: str = "linear"
     noise: float = 0.1
+    projection: str = "gaussian"
     test_fraction: float = 0.2
     seed: int = 0
 
@@ -181,6 +185,9 @@ class SyntheticConfig:
         for p in self.label_parts:
             if p not in _PARTS:
                 raise DataError(f"synthetic label part must be one of {_PARTS}, got {p!r}")
+        if self.projection not in ("gaussian", "uniform"):
+            raise DataError(
+                f"synthetic projection must be 'gaussian' or 'uniform', got {self.projection!r}")
         if not self.noise >= 0.0:
             raise DataError(f"synthetic noise must be >= 0, got {self.noise}")
 
@@ -196,9 +203,13 @@ def make_synthetic(cfg: SyntheticConfig = SyntheticConfig()) -> PairedData:
         "unique2": torch.randn(n, cfg.unique_dim, generator=g),
     }
     k = cfg.shared_dim + cfg.unique_dim
-    # Gaussian projections scaled by 1/sqrt(k) keep every feature at unit variance.
-    p1 = torch.randn(k, cfg.x_dim, generator=g) / math.sqrt(k)
-    p2 = torch.randn(k, cfg.x_dim, generator=g) / math.sqrt(k)
+    if cfg.projection == "gaussian":
+        # scaled by 1/sqrt(k): every feature has unit variance
+        p1 = torch.randn(k, cfg.x_dim, generator=g) / math.sqrt(k)
+        p2 = torch.randn(k, cfg.x_dim, generator=g) / math.sqrt(k)
+    else:
+        p1 = torch.rand(k, cfg.x_dim, generator=g)
+        p2 = torch.rand(k, cfg.x_dim, generator=g)
     x1 = torch.cat([lat["shared"], lat["unique1"]], 1) @ p1
     x2 = torch.cat([lat["shared"], lat["unique2"]], 1) @ p2
     x1 = x1 + cfg.noise * torch.randn(n, cfg.x_dim, generator=g)

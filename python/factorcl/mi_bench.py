@@ -44,12 +44,12 @@ ESTIMATORS = ("infonce", "club", "nce-club")
 class MIBenchConfig:
     dims: tuple = (20, 50, 100, 200)
     levels: tuple = (2.0, 4.0, 6.0, 8.0, 10.0)
-    steps_per_level: int = 4000
+    steps_per_level: int = 2000
     tail_steps: Optional[int] = None  # statistics over the last steps of a level; default half
     batch: int = 64
     hidden: int = 512
     layers: int = 0  # hidden-to-hidden layers of the concat critics
-    lr: float = 5e-4
+    lr: float = 1e-3
     estimators: tuple = ESTIMATORS
     cubic: bool = False
     backend: str = "auto"
@@ -59,13 +59,14 @@ class MIBenchConfig:
     large_batch_sizes: tuple = (64, 256, 1024, 4096)
     large_batch_dim: int = 20
     large_batch_mi: float = 12.0
-    large_batch_steps: int = 300
+    large_batch_steps: int = 200
     large_batch_hidden: int = 128
+    large_batch_lr: float = 5e-3
 
     @classmethod
     def quick(cls, **overrides) -> "MIBenchConfig":
         base = dict(dims=(20,), steps_per_level=150, large_batch_sizes=(16, 64, 256),
-                    large_batch_dim=10, large_batch_steps=60, large_batch_hidden=64)
+                    large_batch_dim=10, large_batch_steps=200, large_batch_hidden=64)
         base.update(overrides)
         return cls(**base)
 
@@ -269,7 +270,7 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print) -> dict:
         torch.manual_seed(D.derive_seed(cfg.seed, "lb-init", n))
         critic = InfoNCECritic(dim, dim, cfg.large_batch_hidden, cfg.layers, "relu",
                                backend=cfg.backend)
-        opt = torch.optim.Adam(critic.parameters(), lr=cfg.lr)
+        opt = torch.optim.Adam(critic.parameters(), lr=cfg.large_batch_lr)
         vals = []
         t0 = time.perf_counter()
         for s in range(cfg.large_batch_steps):
