@@ -56,10 +56,21 @@ def _changed(before, params):
     return [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
 
 
+def _zero_gradient_by_construction(model):
+    """Critics' output biases: InfoNCE and NCE-CLUB are shift invariant, so their gradient is
+    zero in exact arithmetic and Adam may leave them exactly where they were."""
+    return {id(m[-1].bias) for m in (c._f for c in model.critics.values())}
+
+
 @pytest.mark.parametrize("name", ["factorcl-sup", "factorcl-ssl"])
 def test_alternation_touches_only_the_intended_parameters(name):
     d = _data()
-    model = M.build_model(name, (12,), (12,), 2, SMALL)
+    torch.manual_seed(0)
+    # Width 16: at width 8 a head's ReLU layer is sometimes dead for a whole batch at init,
+    # which leaves its weights without gradient whatever the alternation does.
+    wide = M.ModelConfig(embed_dim=16, backbone_hidden=32, critic_hidden=16,
+                         critic_backend="reference")
+    model = M.build_model(name, (12,), (12,), 2, wide)
     main, club = model.main_parameters(), model.club_parameters()
     assert club and {id(p) for p in main}.isdisjoint({id(p) for p in club})
     assert len(main) + len(club) == len(list(model.parameters()))
@@ -69,16 +80,19 @@ def test_alternation_touches_only_the_intended_parameters(name):
     x1, x2, y = d.x1[idx], d.x2[idx], d.y[idx]
     batch = M.Batch(x1, x2, y, x1 * 0.9, x2 * 0.9)
 
+    free = _zero_gradient_by_construction(model)
     m0, c0 = _snapshot(main), _snapshot(club)
     T.main_step(model, opt, batch)
-    assert all(_changed(m0, main)), "the main step must move every non-CLUB parameter"
+    assert all(ch for ch, p in zip(_changed(m0, main), main) if id(p) not in free), \
+        "the main step must move every non-CLUB parameter"
     assert not any(_changed(c0, club)), "the main step must leave the NCE-CLUB critics alone"
     assert all(p.requires_grad for p in club)
 
     m1, c1 = _snapshot(main), _snapshot(club)
     T.club_step(model, club_opt, batch)
     assert not any(_changed(m1, main)), "the CLUB step must leave everything else alone"
-    assert all(_changed(c1, club)), "the CLUB step must move both NCE-CLUB critics"
+    assert all(ch for ch, p in zip(_changed(c1, club), club) if id(p) not in free), \
+        "the CLUB step must move both NCE-CLUB critics"
 
 
 def test_baselines_have_no_club_step():
