@@ -44,6 +44,7 @@ def test_tiny_benchmark_writes_json_and_png(tmp_path):
     assert len(js["traces"]["5"]["infonce"]) == 12
     assert js["log_batch"] == math.log(8)
     assert "infonce_saturates_near_log_batch" in out["findings"]
+    assert set(out["findings"]["club_over_exact_q_bound_by_dim"]) == {"3", "5"}
     assert (tmp_path / "mi_bench.png").stat().st_size > 1000
     lb = B.run_large_batch(cfg, str(tmp_path), log=lambda m: None)
     assert [r["batch"] for r in lb["rows"]] == [4, 8]
