@@ -1,0 +1,90 @@
+"""Time one full FactorCL training step (main step + NCE-CLUB step) per critic backend.
+
+    python -m factorcl.bench [--model factorcl-sup] [--batch 256] [--backends reference,cpu]
+                             [--critic-hidden 512] [--embed-dim 128] [--repeats 3]
+
+Prints one line per backend (median seconds per step and samples per second) and the speed-up of
+each over the first; ``step_seconds`` is the function a pytest-benchmark suite can call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from . import data as D
+from .models import MODELS, Batch, ModelConfig, build_model
+from .train import club_step, main_step
+
+__all__ = ["make_step", "step_seconds", "main"]
+
+
+def make_step(model_name: str = "factorcl-sup", batch: int = 256, backend: str = "cpu",
+              embed_dim: int = 128, backbone_hidden: int = 512, critic_hidden: int = 512,
+              critic_layers: int = 1, x_dim: int = 100, seed: int = 0):
+    """A zero-argument callable running one training step on a fixed synthetic batch."""
+    torch.manual_seed(seed)
+    data = D.make_synthetic(D.SyntheticConfig(num_examples=batch, x_dim=x_dim, test_fraction=0.5,
+                                              seed=seed))
+    cfg = ModelConfig(embed_dim=embed_dim, backbone_hidden=backbone_hidden,
+                      critic_hidden=critic_hidden, critic_layers=critic_layers,
+                      critic_backend=backend)
+    model = build_model(model_name, (x_dim,), (x_dim,), 2, cfg)
+    g = D.make_generator(seed, "bench")
+    b = Batch(data.x1, data.x2, data.y, D.augment(data.x1, g), D.augment(data.x2, g))
+    opt = torch.optim.Adam(model.main_parameters(), lr=1e-4)
+    club = model.club_parameters()
+    club_opt = torch.optim.Adam(club, lr=1e-4) if club else None
+
+    def step():
+        main_step(model, opt, b)
+        if club_opt is not None:
+            club_step(model, club_opt, b)
+
+    return step
+
+
+def step_seconds(repeats: int = 3, **kwargs) -> float:
+    """Median wall time of one training step (after one warm-up step)."""
+    step = make_step(**kwargs)
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODELS, default="factorcl-sup")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--backends", default="reference,cpu")
+    p.add_argument("--critic-hidden", type=int, default=512)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    first = None
+    for backend in [b for b in args.backends.split(",") if b]:
+        try:
+            t = step_seconds(repeats=args.repeats, model_name=args.model, batch=args.batch,
+                             backend=backend, critic_hidden=args.critic_hidden,
+                             embed_dim=args.embed_dim)
+        except (RuntimeError, ValueError) as exc:
+            print(f"{backend:>9}: cannot run ({str(exc).splitlines()[0]})")
+            continue
+        first = first or t
+        print(f"{backend:>9}: {t:.3f} s/step, {args.batch / t:.0f} samples/s, "
+              f"{first / t:.2f}x vs {args.backends.split(',')[0]} "
+              f"({args.model}, batch {args.batch}, critic H={args.critic_hidden}, "
+              f"{torch.get_num_threads()} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

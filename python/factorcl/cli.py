@@ -1,0 +1,363 @@
+"""The ``factorcl`` command: ``train``, ``compare`` and ``mi-bench``.
+
+Bad flags or unusable data end the command with one line on stderr and exit status 2; Ctrl-C
+during training saves a checkpoint and exits with status 130. Run data parallel with
+``torchrun --nproc_per_node K -m factorcl.cli train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Defaults sized so that `factorcl compare` on the synthetic data finishes in a few minutes on
+# two CPU cores with the fused kernels; every one is a flag.
+DEFAULTS = dict(
+    epochs=6, batch_size=128, lr=1e-4, embed_dim=64, backbone_hidden=256, backbone_layers=1,
+    critic_hidden=128, critic_layers=1, n_examples=6000,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _csv(kind):
+    def parse(s: str):
+        try:
+            return tuple(kind(p) for p in s.split(",") if p.strip())
+        except (ValueError, argparse.ArgumentTypeError):
+            msg = f"expected a comma-separated list, got {s!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+    return parse
+
+
+def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    from .models import BACKBONES, MODELS
+
+    d = DEFAULTS
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic",
+                   help="synthetic | npz:PATH (.npz or .pt with x1, x2, y[, split]) | "
+                        "multibench:PATH (a MultiBench affect or MIMIC pickle you have)")
+    g.add_argument("--n-examples", type=_positive_int, default=d["n_examples"],
+                   help="synthetic: number of examples (default %(default)s)")
+    g.add_argument("--shared-dim", type=_positive_int, default=10, help="synthetic: shared latents")
+    g.add_argument("--unique-dim", type=_positive_int, default=6,
+                   help="synthetic: unique latents per modality")
+    g.add_argument("--x-dim", type=_positive_int, default=100,
+                   help="synthetic: features per modality")
+    g.add_argument("--label-fn", choices=("linear", "nonlinear"), default="linear",
+                   help="synthetic: label function")
+    g.add_argument("--label-parts", type=_csv(str), default=("shared", "unique1", "unique2"),
+                   help="synthetic: latent parts the label depends on (default all three)")
+    g.add_argument("--noise", type=float, default=0.1, help="synthetic: observation noise std")
+    g.add_argument("--projection", choices=("gaussian", "uniform"), default="gaussian",
+                   help="synthetic: random projection entries N(0, 1/k), or U[0, 1] as in the "
+                        "authors' generator")
+    g.add_argument("--modalities", type=_csv(str), default=("text", "vision"),
+                   help="multibench affect: the two modalities (default text,vision)")
+    g.add_argument("--task", type=int, default=-1,
+                   help="multibench MIMIC: -1 mortality (6 classes), 0..19 an ICD-9 code")
+    g.add_argument("--test-fraction", type=float, default=0.2,
+                   help="npz/pt without a split key: held-out fraction (default %(default)s)")
+
+    g = p.add_argument_group("model")
+    if not compare:
+        g.add_argument("--model", choices=MODELS, default="factorcl-ssl")
+    g.add_argument("--embed-dim", type=_positive_int, default=d["embed_dim"])
+    g.add_argument("--backbone", choices=BACKBONES, default="auto",
+                   help="sequence model (auto: gru); vector inputs always get an MLP")
+    g.add_argument("--backbone-hidden", type=_positive_int, default=d["backbone_hidden"])
+    g.add_argument("--backbone-layers", type=_nonneg_int, default=d["backbone_layers"])
+    g.add_argument("--critic-hidden", type=_positive_int, default=d["critic_hidden"],
+                   help="concat critics' width H (the paper: 512; default %(default)s for speed)")
+    g.add_argument("--critic-layers", type=_nonneg_int, default=d["critic_layers"])
+    g.add_argument("--temperature", type=_positive_float, default=0.07,
+                   help="SimCLR / SupCon temperature")
+    g.add_argument("--backend", default="auto",
+                   choices=("auto", "cpu", "triton", "cuda", "reference"),
+                   help="critic backend (auto: fused cpu on CPU, cuda/triton on GPU)")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=d["epochs"])
+    g.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
+                   help="global batch (split over torchrun processes)")
+    g.add_argument("--lr", type=_positive_float, default=d["lr"])
+    g.add_argument("--club-lr", type=_positive_float, default=None,
+                   help="NCE-CLUB critics' learning rate (default: --lr)")
+    g.add_argument("--num-club-iter", type=_nonneg_int, default=1)
+    g.add_argument("--aug-noise", type=float, default=0.1, help="SSL augmentation noise scale")
+    g.add_argument("--aug-drop", type=float, default=0.2, help="SSL feature-drop probability")
+    g.add_argument("--augmentations", type=_csv(str), default=None,
+                   help="SSL view augmentations, comma-separated (vectors: noise, drop, "
+                        "half_swap, identity; sequences: time_permute, time_drop, noise; "
+                        "default: all that apply)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:k]")
+    g.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 autocast (GPU only; auto: on for CUDA)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--checkpoint-every", type=_nonneg_int, default=100,
+                   help="steps between checkpoints (0: only at the end and on Ctrl-C)")
+    g.add_argument("--log-every", type=_positive_int, default=10)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
+    g.add_argument("--mi-probe-steps", type=_nonneg_int, default=0,
+                   help="also estimate I(S1;S2), I(U1;U2) with an InfoNCE critic (steps)")
+    g.add_argument("--out", required=True, help="output directory")
+
+
+def _train_config(args, model: str, seed: int):
+    from .models import ModelConfig
+    from .train import TrainConfig
+
+    mc = ModelConfig(embed_dim=args.embed_dim, backbone=args.backbone,
+                     backbone_hidden=args.backbone_hidden, backbone_layers=args.backbone_layers,
+                     critic_hidden=args.critic_hidden, critic_layers=args.critic_layers,
+                     temperature=args.temperature, critic_backend=args.backend)
+    return TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       club_lr=args.club_lr, num_club_iter=args.num_club_iter, seed=seed,
+                       device=args.device, amp=args.amp, dtype=args.dtype,
+                       aug_noise=args.aug_noise, aug_drop=args.aug_drop,
+                       augmentations=args.augmentations,
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                       progress=not args.no_progress, probe=not args.no_probe,
+                       mi_probe_steps=args.mi_probe_steps, model_cfg=mc)
+
+
+def _load_data(args, seed: int):
+    from . import data as D
+
+    syn = D.SyntheticConfig(num_examples=args.n_examples, shared_dim=args.shared_dim,
+                            unique_dim=args.unique_dim, x_dim=args.x_dim,
+                            label_parts=tuple(args.label_parts), label_fn=args.label_fn,
+                            noise=args.noise, projection=args.projection,
+                            test_fraction=args.test_fraction, seed=seed)
+    return D.load_dataset(args.dataset, synthetic=syn, modalities=args.modalities,
+                          task=args.task, test_fraction=args.test_fraction, seed=seed)
+
+
+def _preflight(backend: str, device_name: str) -> str:
+    """Resolve the backend and run one tiny critic through it, so that a backend that cannot
+    run here fails now, in one line, rather than inside the first training step."""
+    import torch
+
+    from factorcl_ext.nn import InfoNCECritic
+
+    from .train import TrainError, resolve_backend, resolve_device
+
+    device = resolve_device(device_name)
+    resolved = resolve_backend(backend, device)
+    try:
+        critic = InfoNCECritic(3, 2, 4, 1, "relu", backend=resolved).to(device)
+        x = torch.randn(3, 3, device=device, requires_grad=True)
+        critic(x, torch.randn(3, 2, device=device)).backward()
+    except Exception as exc:  # a missing or unimplemented kernel
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainError(f"--backend {backend} ({resolved}) cannot run here: {msg}; try "
+                         "--backend reference") from None
+    return resolved
+
+
+def _cmd_train(args, log) -> int:
+    from .distributed import init_from_env
+    from .train import resolve_device, train
+
+    _preflight(args.backend, args.device)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # one GPU per torchrun process
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = resolve_device(args.device)
+        import torch
+
+        torch.cuda.set_device(device)
+    comm = init_from_env(device)
+    data = _load_data(args, args.seed)
+    cfg = _train_config(args, args.model, args.seed)
+    try:
+        res = train(cfg, data, args.out, resume=args.resume, comm=comm, log=log)
+    finally:
+        if comm.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if res["interrupted"]:
+        if comm.is_main:
+            print(f"factorcl train: interrupted at step {res['steps']}/{res['total_steps']}; "
+                  f"checkpoint saved to {res['checkpoint']} (continue with --resume "
+                  f"{res['checkpoint']})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if comm.is_main and "probe_accuracy" in res:
+        acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["accuracies"].items())
+        log(f"[train] {res['steps']} steps in {res['seconds']:.1f} s "
+            f"({res['samples_per_second']:.0f} samples/s, backend {res['backend']}); "
+            f"linear probe: {acc}; metrics in {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+def _cmd_compare(args, log) -> int:
+    from .compare import compare
+    from .models import MODELS
+
+    for m in args.models:
+        if m not in MODELS:
+            raise _usage(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+    _preflight(args.backend, args.device)
+    cfg = _train_config(args, args.models[0], args.seeds[0])
+    if args.dataset != "synthetic":
+        _load_data(args, args.seeds[0])  # fail early on unusable data
+    res = compare(cfg, lambda seed: _load_data(args, seed), args.out, models=args.models,
+                  seeds=args.seeds, log=log)
+    if res.get("interrupted"):
+        print(f"factorcl compare: interrupted; the last run's checkpoint is {res['checkpoint']}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(res["table"])
+    log(f"[compare] wrote {os.path.join(args.out, 'compare.md')}, compare.png, compare.json")
+    return 0
+
+
+def _cmd_mi_bench(args, log) -> int:
+    from .mi_bench import MIBenchConfig, run_large_batch, run_mi_bench
+
+    _preflight(args.backend, "cpu")
+    overrides = {k: v for k, v in dict(
+        dims=args.dims, levels=args.levels, steps_per_level=args.steps_per_level,
+        tail_steps=args.tail_steps, batch=args.batch, hidden=args.hidden, layers=args.layers,
+        lr=args.lr, estimators=args.estimators, large_batch_sizes=args.large_batch_sizes,
+        large_batch_steps=args.large_batch_steps,
+    ).items() if v is not None}
+    overrides.update(cubic=args.cubic, backend=args.backend, seed=args.seed)
+    cfg = MIBenchConfig.quick(**overrides) if args.quick else MIBenchConfig(**overrides)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise _usage(str(exc)) from None
+    out = run_mi_bench(cfg, args.out, log=log)
+    log(f"[mi-bench] findings: {json.dumps(out['findings'])}")
+    if not args.no_large_batch:
+        lb = run_large_batch(cfg, args.out, log=log)
+        log(f"[mi-bench] InfoNCE estimate rises with the batch: {lb['rises_with_batch']}")
+    log(f"[mi-bench] wrote {args.out}/mi_bench.json, mi_bench.png"
+        + ("" if args.no_large_batch else ", mi_large_batch.json, mi_large_batch.png"))
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(msg: str) -> _UsageError:
+    return _UsageError(msg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="factorcl", description="Train and evaluate FactorCL on fused critics.")
+    sub = p.add_subparsers(dest="command", metavar="{train,compare,mi-bench}", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train one model",
+                       description="Train one model; writes OUT/metrics.json, metrics.jsonl and "
+                                   "checkpoint.pt.")
+    _add_training_flags(t)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
+
+    c = sub.add_parser("compare", help="train the four models and tabulate probe accuracy",
+                       description="Train FactorCL-SUP, FactorCL-SSL, SimCLR and SupCon; writes "
+                                   "OUT/compare.md, compare.png, compare.json.")
+    _add_training_flags(c, compare=True)
+    c.add_argument("--models", type=_csv(str), default=("factorcl-sup", "factorcl-ssl", "simclr",
+                                                        "supcon"))
+    c.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds to average over (e.g. --seeds 0 1 2)")
+
+    m = sub.add_parser("mi-bench", help="the Gaussian MI benchmark",
+                       description="InfoNCE, CLUB and NCE-CLUB on correlated Gaussians; writes "
+                                   "OUT/mi_bench.json, mi_bench.png and the large-batch files.")
+    m.add_argument("--out", required=True)
+    m.add_argument("--quick", action="store_true", help="dim 20 and short levels (tens of seconds)")
+    m.add_argument("--dims", type=_csv(_positive_int), default=None)
+    m.add_argument("--levels", type=_csv(_positive_float), default=None)
+    m.add_argument("--steps-per-level", type=_positive_int, default=None)
+    m.add_argument("--tail-steps", type=_positive_int, default=None)
+    m.add_argument("--batch", type=_positive_int, default=None)
+    m.add_argument("--hidden", type=_positive_int, default=None)
+    m.add_argument("--layers", type=_nonneg_int, default=None)
+    m.add_argument("--lr", type=_positive_float, default=None)
+    m.add_argument("--estimators", type=_csv(str), default=None,
+                   help="comma-separated subset of infonce,club,nce-club")
+    m.add_argument("--cubic", action="store_true", help="y -> y^3 (same MI)")
+    m.add_argument("--no-large-batch", action="store_true", help="skip the large-batch mode")
+    m.add_argument("--large-batch-sizes", type=_csv(_positive_int), default=None)
+    m.add_argument("--large-batch-steps", type=_positive_int, default=None)
+    m.add_argument("--backend", default="auto",
+                   choices=("auto", "cpu", "triton", "cuda", "reference"))
+    m.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    from .train import TrainError
+
+    commands = {"train": _cmd_train, "compare": _cmd_compare, "mi-bench": _cmd_mi_bench}
+    try:
+        return commands[args.command](args, log)
+    except (DataError, TrainError, _UsageError) as exc:
+        print(f"factorcl {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"factorcl {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

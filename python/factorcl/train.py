@@ -1,0 +1,507 @@
+"""The training loop: alternating optimisation, seeded data order, atomic checkpoints, resume,
+Ctrl-C, progress bar, JSON-lines metrics, AMP on GPU, data parallel over ``torch.distributed``.
+
+One step (FactorCL models):
+
+1. one Adam step on every parameter except the two NCE-CLUB critics' own weights, on the total
+   loss of the batch;
+2. ``num_club_iter`` Adam steps on the NCE-CLUB critics alone, each maximising their InfoNCE
+   lower bound on a fresh batch drawn from the training split, with the backbones and heads run
+   without a graph.
+
+Reproducibility: the batch of step k (an epoch's permutation of the training split), the
+augmentations of step k and the NCE-CLUB batches of step k come from generators seeded by
+``(seed, k)``, so a run resumed from a checkpoint, or split over ranks, draws exactly the same
+data as an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from factorcl_ext import _backends
+
+from . import data as D
+from .distributed import Comm
+from .models import MODELS, Batch, ModelConfig, build_model
+
+__all__ = ["TrainConfig", "TrainError", "train", "save_checkpoint", "load_checkpoint",
+           "resolve_device", "resolve_backend", "main_step", "club_step"]
+
+CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
+# Settings a resumed run must share with its checkpoint for the result to be the same.
+_RESUME_KEYS = ("model", "batch_size", "lr", "club_lr", "num_club_iter", "seed", "aug_noise",
+                "aug_drop", "augmentations", "dtype")
+DEFAULT_VECTOR_AUGS = D.VECTOR_AUGS
+
+
+class TrainError(ValueError):
+    """A configuration, checkpoint or device problem the user can fix; the message says how."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "factorcl-ssl"
+    epochs: int = 10
+    batch_size: int = 128  # the global batch (split over ranks)
+    lr: float = 1e-4
+    club_lr: Optional[float] = None  # default: lr
+    num_club_iter: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    amp: str = "auto"  # auto: bfloat16 autocast on CUDA, off on CPU; on; off
+    dtype: str = "float32"
+    aug_noise: float = 0.1
+    aug_drop: float = 0.2
+    augmentations: Optional[tuple] = None  # default: all of data.VECTOR_AUGS / SEQUENCE_AUGS
+    checkpoint_every: int = 0  # steps; 0: only at the end and on Ctrl-C
+    log_every: int = 10
+    progress: bool = True
+    probe: bool = True
+    mi_probe_steps: int = 0  # > 0: also InfoNCE MI probes of the representations
+    model_cfg: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise TrainError(f"--model must be one of {', '.join(MODELS)}; got {self.model!r}")
+        for name in ("epochs", "batch_size", "num_club_iter", "log_every"):
+            v = getattr(self, name)
+            least = 0 if name == "num_club_iter" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        if self.checkpoint_every < 0:
+            raise TrainError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.batch_size < 2:
+            raise TrainError(
+                f"--batch-size must be at least 2 (contrastive pairs), got {self.batch_size}")
+        for name in ("lr", "club_lr"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.amp not in ("auto", "on", "off"):
+            raise TrainError(f"--amp must be auto, on or off, got {self.amp!r}")
+        if self.augmentations is not None:
+            known = set(D.VECTOR_AUGS) | set(D.SEQUENCE_AUGS)
+            bad = [a for a in self.augmentations if a not in known]
+            if bad or not self.augmentations:
+                raise TrainError(f"--augmentations: unknown {bad or 'empty list'}; choose from "
+                                 f"{', '.join(sorted(known))}")
+        if self.dtype not in ("float32", "float64"):
+            raise TrainError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        m = self.model_cfg
+        for name in ("embed_dim", "backbone_hidden", "critic_hidden"):
+            if getattr(m, name) < 1:
+                flag = name.replace("_", "-")
+                raise TrainError(f"--{flag} must be positive, got {getattr(m, name)}")
+        if m.critic_layers < 0 or m.backbone_layers < 0:
+            raise TrainError("--critic-layers and --backbone-layers must be >= 0")
+        if m.critic_backend not in _backends.BACKENDS:
+            raise TrainError(f"--backend must be one of {', '.join(_backends.BACKENDS)}, got "
+                             f"{m.critic_backend!r}")
+        if not m.temperature > 0:
+            raise TrainError(f"--temperature must be positive, got {m.temperature}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        mc = ModelConfig(**d.pop("model_cfg", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(model_cfg=mc, **{k: v for k, v in d.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and backends
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device: unknown device {name!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA GPU is available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device: {dev.type} is not supported; use cpu or cuda")
+    return dev
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete critic backend for ``device`` (``auto`` resolved), or a TrainError."""
+    try:
+        return _backends.resolve(backend, device)
+    except (ValueError, RuntimeError) as exc:
+        raise TrainError(f"--backend {backend}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, flushed to
+    disk, then renamed over ``path`` (a crash leaves the old checkpoint or the new one, never a
+    torn file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise TrainError(f"--resume: checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TrainError(f"--resume: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"--resume: {path} is not a factorcl checkpoint")
+    return state
+
+
+def _data_fingerprint(data: D.PairedData) -> dict:
+    return {"name": data.name, "n": int(data.y.shape[0]), "num_train": data.num_train,
+            "x1": list(data.x1.shape[1:]), "x2": list(data.x2.shape[1:]),
+            "num_classes": data.num_classes,
+            "checksum": float(data.x1[:64].double().sum() + data.x2[:64].double().sum())}
+
+
+def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str) -> None:
+    old = state["config"]
+    for key in _RESUME_KEYS:
+        if old.get(key) != getattr(cfg, key):
+            raise TrainError(
+                f"--resume {path}: the checkpoint was made with {key}={old.get(key)!r} but this "
+                f"run has {key}={getattr(cfg, key)!r}; use the same settings"
+            )
+    old_m, new_m = old.get("model_cfg", {}), asdict(cfg.model_cfg)
+    for key, v in new_m.items():
+        if key != "critic_backend" and old_m.get(key) != v:
+            raise TrainError(
+                f"--resume {path}: the checkpoint was made with {key}={old_m.get(key)!r} but this "
+                f"run has {key}={v!r}; use the same settings"
+            )
+    if state.get("data") != _data_fingerprint(data):
+        raise TrainError(f"--resume {path}: the checkpoint was trained on different data")
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT sets a flag the loop checks after each step (a checkpoint is saved, the run ends
+    cleanly); a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is optional
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+class _Sampler:
+    """Global batch indices of each step: epoch permutations of the training split (drop last)."""
+
+    def __init__(self, data: D.PairedData, batch_size: int, seed: int):
+        self.train_idx = data.train_idx
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = data.num_train // batch_size
+        self._epoch, self._perm = None, None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = D.epoch_permutation(len(self.train_idx), self.seed, epoch)
+        b = self.batch_size
+        return self.train_idx[self._perm[i * b:(i + 1) * b]]
+
+    def club_batch(self, step: int, k: int) -> torch.Tensor:
+        g = D.make_generator(self.seed, "club", step, k)
+        return self.train_idx[torch.randperm(len(self.train_idx), generator=g)[:self.batch_size]]
+
+
+def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optional[str] = None,
+          comm: Optional[Comm] = None, stop_at_step: Optional[int] = None,
+          log=None) -> dict:
+    """Train ``cfg.model`` on ``data``; write ``out_dir/metrics.jsonl`` (every ``log_every``
+    steps), ``out_dir/checkpoint.pt`` and, when training completes, evaluate and write
+    ``out_dir/metrics.json``. Returns the summary (``interrupted`` True after a Ctrl-C,
+    ``stopped`` True after ``stop_at_step``). ``log`` receives one line at the start."""
+    cfg.validate()
+    comm = comm or Comm()
+    device = resolve_device(cfg.device)
+    backend = resolve_backend(cfg.model_cfg.critic_backend, device)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    use_amp = device.type == "cuda" and cfg.amp in ("auto", "on")
+    if cfg.amp == "on" and device.type != "cuda":
+        raise TrainError("--amp on needs a CUDA device (AMP runs in bfloat16 on the GPU only)")
+    if cfg.batch_size % comm.world:
+        raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
+                         f"processes ({comm.world})")
+    sampler = _Sampler(data, cfg.batch_size, cfg.seed)
+    if sampler.steps_per_epoch < 1:
+        raise TrainError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                         f"({data.num_train} examples)")
+    total_steps = cfg.epochs * sampler.steps_per_epoch
+
+    torch.manual_seed(D.derive_seed(cfg.seed, "init"))
+    model = build_model(cfg.model, data.x1.shape[1:], data.x2.shape[1:], data.num_classes,
+                        cfg.model_cfg).to(device=device, dtype=dtype)
+    main_params = model.main_parameters()
+    club_params = model.club_parameters()
+    if not main_params:
+        raise TrainError(f"{cfg.model} has no trainable parameters")
+    opt = torch.optim.Adam(main_params, lr=cfg.lr)
+    club_opt = torch.optim.Adam(club_params, lr=cfg.club_lr or cfg.lr) if club_params else None
+
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    jsonl_path = os.path.join(out_dir, "metrics.jsonl")
+    start, elapsed_before = 0, 0.0
+    if resume:
+        state = load_checkpoint(resume)
+        _check_resume(state, cfg, data, resume)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if club_opt is not None:
+            club_opt.load_state_dict(state["club_opt"])
+        start, elapsed_before = int(state["step"]), float(state["elapsed"])
+        torch.set_rng_state(state["torch_rng"])
+    if comm.is_main:
+        _trim_jsonl(jsonl_path, start)
+        if log is not None:
+            log(f"[train] {cfg.model} on {data.describe()}: steps {start}..{total_steps} "
+                f"(batch {cfg.batch_size}, {comm.world} process{'es' if comm.world > 1 else ''}, "
+                f"critic backend {backend})")
+
+    x_scale = [_feature_std(data.x1[data.train_idx]), _feature_std(data.x2[data.train_idx])]
+
+    def aug_ops(x: torch.Tensor) -> tuple:
+        allowed = D.VECTOR_AUGS if x.dim() == 2 else D.SEQUENCE_AUGS
+        wanted = cfg.augmentations or (DEFAULT_VECTOR_AUGS if x.dim() == 2 else D.SEQUENCE_AUGS)
+        ops = tuple(a for a in wanted if a in allowed)
+        if not ops:
+            raise TrainError(f"--augmentations {','.join(wanted)}: none applies to "
+                             f"{'vector' if x.dim() == 2 else 'sequence'} inputs; choose from "
+                             f"{', '.join(allowed)}")
+        return ops
+
+    ops1, ops2 = aug_ops(data.x1), aug_ops(data.x2)
+
+    def make_batch(idx: torch.Tensor, aug_keys: tuple) -> Batch:
+        x1, x2, y = data.x1[idx], data.x2[idx], data.y[idx]
+        x1_aug = x2_aug = None
+        if model.uses_views:
+            # Augment the global batch, then slice: every rank draws the same numbers.
+            x1_aug = D.augment(x1, D.make_generator(cfg.seed, "aug", *aug_keys, 1),
+                               noise_std=cfg.aug_noise, drop_prob=cfg.aug_drop, ops=ops1,
+                               scale=x_scale[0])
+            x2_aug = D.augment(x2, D.make_generator(cfg.seed, "aug", *aug_keys, 2),
+                               noise_std=cfg.aug_noise, drop_prob=cfg.aug_drop, ops=ops2,
+                               scale=x_scale[1])
+        sl = comm.local_slice(len(idx))
+
+        def mv(t):
+            return None if t is None else t[sl].to(device=device, dtype=dtype)
+
+        return Batch(mv(x1), mv(x2), y[sl].to(device), mv(x1_aug), mv(x2_aug))
+
+    def autocast():
+        if use_amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def checkpoint(step: int, elapsed: float) -> None:
+        if comm.is_main:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed,
+                "config": cfg.to_dict(), "data": _data_fingerprint(data),
+                "model": model.state_dict(), "opt": opt.state_dict(),
+                "club_opt": club_opt.state_dict() if club_opt is not None else None,
+                "torch_rng": torch.get_rng_state(),
+            })
+        comm.barrier()
+
+    bar = _progress_bar(total_steps, start, cfg.progress and comm.is_main)
+    jsonl = open(jsonl_path, "a") if comm.is_main else None
+    t0 = time.perf_counter()
+    step = start
+    interrupted = stopped = False
+    last_loss = float("nan")
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            while step < total_steps:
+                batch = make_batch(sampler.batch(step), (step,))
+                loss, terms = main_step(model, opt, batch, comm, autocast)
+                club_value = None
+                for k in range(cfg.num_club_iter if club_opt is not None else 0):
+                    cb = make_batch(sampler.club_batch(step, k), ("club", step, k))
+                    club_value = club_step(model, club_opt, cb, comm, autocast)
+                step += 1
+                last_loss = float(loss.detach())
+                if not torch.isfinite(loss.detach()):
+                    raise TrainError(f"the loss became {last_loss} at step {step}; lower --lr")
+                elapsed = elapsed_before + time.perf_counter() - t0
+                done = step - start
+                rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    rec = {"step": step, "epoch": (step - 1) // sampler.steps_per_epoch,
+                           "loss": comm.mean(last_loss), "samples_per_s": rate,
+                           "seconds": elapsed}
+                    rec.update({k: comm.mean(float(v.detach())) for k, v in terms.items()})
+                    if club_value is not None:
+                        rec["club_learning_loss"] = comm.mean(club_value)
+                    if jsonl is not None:
+                        jsonl.write(json.dumps(rec) + "\n")
+                        jsonl.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{rate:.0f}")
+                if comm.any(stop.set):
+                    interrupted = True
+                    break
+                if stop_at_step is not None and step >= stop_at_step:
+                    stopped = True
+                    break
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    checkpoint(step, elapsed)
+    finally:
+        if bar is not None:
+            bar.close()
+        if jsonl is not None:
+            jsonl.close()
+    seconds = elapsed_before + time.perf_counter() - t0
+    checkpoint(step, seconds)
+    summary = {
+        "model": cfg.model, "dataset": data.name, "backend": backend, "device": str(device),
+        "steps": step, "total_steps": total_steps, "seconds": seconds,
+        "samples_per_second": (step - start) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
+        "final_loss": last_loss, "world_size": comm.world, "checkpoint": ckpt_path,
+        "interrupted": interrupted, "stopped": stopped, "config": cfg.to_dict(),
+    }
+    if interrupted or stopped or not comm.is_main:
+        return summary
+    summary["model_ref"] = model
+    if cfg.probe:
+        from .eval import evaluate
+
+        t_eval = time.perf_counter()
+        summary.update(evaluate(model, data, device=device, dtype=dtype, seed=cfg.seed,
+                                mi_probe_steps=cfg.mi_probe_steps, backend=backend))
+        summary["eval_seconds"] = time.perf_counter() - t_eval
+    out = {k: v for k, v in summary.items() if k != "model_ref"}
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return summary
+
+
+def main_step(model, opt, batch: Batch, comm: Comm = Comm(),
+              autocast=contextlib.nullcontext) -> tuple[torch.Tensor, dict]:
+    """One Adam step on every parameter but the NCE-CLUB critics' own weights, on the total loss
+    (their gradients are not even formed: the critics' weights are frozen for the pass)."""
+    club_params = model.club_parameters()
+    for p in club_params:
+        p.requires_grad_(False)
+    try:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss, terms = model.training_loss(batch, comm)
+        loss.backward()
+        comm.average_gradients(model.main_parameters())
+        opt.step()
+    finally:
+        for p in club_params:
+            p.requires_grad_(True)
+    return loss.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+def club_step(model, club_opt, batch: Batch, comm: Comm = Comm(),
+              autocast=contextlib.nullcontext) -> float:
+    """One Adam step on the NCE-CLUB critics alone, minimising their negative InfoNCE bound."""
+    club_opt.zero_grad(set_to_none=True)
+    with autocast():
+        loss = model.club_learning_loss(batch, comm)
+    loss.backward()
+    comm.average_gradients(model.club_parameters())
+    club_opt.step()
+    return float(loss.detach())
+
+
+def _feature_std(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.std(0).clamp_min(1e-6)
+
+
+def _trim_jsonl(path: str, upto_step: int) -> None:
+    """Keep the metric lines of steps <= ``upto_step`` (a resumed run rewrites the rest)."""
+    if not os.path.exists(path):
+        return
+    if upto_step == 0:
+        os.unlink(path)
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

@@ -1,0 +1,252 @@
+"""factorcl.data: the synthetic generator, augmentations (inputs never modified), the MI samplers,
+and the loaders' errors on bad files."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from factorcl import data as D
+
+# ---- synthetic ------------------------------------------------------------------------------
+
+
+def test_synthetic_shapes_balance_and_determinism():
+    cfg = D.SyntheticConfig(num_examples=500, shared_dim=4, unique_dim=3, x_dim=17, seed=3)
+    a, b = D.make_synthetic(cfg), D.make_synthetic(cfg)
+    assert a.x1.shape == (500, 17) and a.x2.shape == (500, 17) and a.y.shape == (500,)
+    assert a.x1.dtype == torch.float32 and a.y.dtype == torch.int64
+    assert torch.equal(a.x1, b.x1) and torch.equal(a.y, b.y)
+    assert torch.equal(a.train_idx, b.train_idx)
+    assert len(a.train_idx) + len(a.test_idx) == 500
+    assert not set(a.train_idx.tolist()) & set(a.test_idx.tolist())
+    assert 0.4 < a.y.float().mean() < 0.6
+    c = D.make_synthetic(D.SyntheticConfig(num_examples=500, shared_dim=4, unique_dim=3, x_dim=17,
+                                           seed=4))
+    assert not torch.equal(a.x1, c.x1)
+
+
+def test_synthetic_label_depends_on_chosen_parts_only():
+    # Labels from the shared part only: a linear probe on the shared latent alone is perfect,
+    # on the unique latents it is at chance.
+    cfg = D.SyntheticConfig(num_examples=2000, label_parts=("shared",), noise=0.0, seed=1)
+    d = D.make_synthetic(cfg)
+    s = d.latents["shared"]
+    assert torch.equal(d.y, (s.sum(1) > 0).long())
+    u = d.latents["unique1"]
+    corr = torch.corrcoef(torch.stack([u.sum(1), d.y.float()]))[0, 1]
+    assert abs(corr) < 0.1
+
+
+def test_synthetic_nonlinear_is_balanced_and_not_linear_in_sum():
+    d = D.make_synthetic(D.SyntheticConfig(num_examples=1000, label_fn="nonlinear", seed=2))
+    assert abs(d.y.float().mean() - 0.5) < 0.01
+    z = torch.cat([d.latents[p] for p in ("shared", "unique1", "unique2")], 1)
+    assert not torch.equal(d.y, (z.sum(1) > 0).long())
+
+
+@pytest.mark.parametrize("bad", [dict(num_examples=0), dict(label_fn="cubic"),
+                                 dict(label_parts=("shared", "nope")), dict(noise=-1.0),
+                                 dict(label_dims={"shared": 99}), dict(projection="sparse")])
+def test_synthetic_bad_config(bad):
+    with pytest.raises(D.DataError):
+        D.make_synthetic(D.SyntheticConfig(**bad))
+
+
+def test_uniform_projection_makes_the_label_direction_dominant():
+    # The authors' U[0, 1] projections: the top principal component of a modality is (nearly)
+    # the sum of its latents; with Gaussian projections no direction is preferred.
+    for projection, lo, hi in (("uniform", 0.9, 1.0), ("gaussian", 0.0, 0.6)):
+        d = D.make_synthetic(D.SyntheticConfig(num_examples=3000, noise=0.0, projection=projection,
+                                               seed=4))
+        x = d.x1 - d.x1.mean(0)
+        top = torch.linalg.svd(x, full_matrices=False)[2][0]
+        s = torch.cat([d.latents["shared"], d.latents["unique1"]], 1).sum(1)
+        corr = torch.corrcoef(torch.stack([x @ top, s]))[0, 1].abs()
+        assert lo <= corr <= hi, (projection, corr)
+
+
+def test_epoch_permutation_seeded():
+    p0 = D.epoch_permutation(50, seed=1, epoch=0)
+    assert torch.equal(p0, D.epoch_permutation(50, seed=1, epoch=0))
+    assert not torch.equal(p0, D.epoch_permutation(50, seed=1, epoch=1))
+    assert sorted(p0.tolist()) == list(range(50))
+
+
+# ---- augmentations --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(37, 11), (9, 7, 5)])
+def test_augment_leaves_input_intact_and_is_seeded(shape):
+    x = torch.randn(*shape)
+    before = x.clone()
+    a = D.augment(x, D.make_generator(0, "t"))
+    assert torch.equal(x, before)
+    assert a.shape == x.shape and a.data_ptr() != x.data_ptr()
+    assert torch.equal(a, D.augment(x, D.make_generator(0, "t")))
+    assert not torch.equal(a, D.augment(x, D.make_generator(1, "t")))
+
+
+def test_each_vector_augmentation():
+    x = torch.randn(8, 6) + 3.0
+    g = lambda: D.make_generator(5)  # noqa: E731
+    assert torch.equal(D.augment_vectors(x, g(), ops=("identity",)), x)
+    swap = D.augment_vectors(x, g(), ops=("half_swap",))
+    assert torch.equal(swap, torch.cat([x[:, 3:], x[:, :3]], 1))
+    drop = D.augment_vectors(x, g(), drop_prob=0.5, ops=("drop",))
+    kept = drop != 0
+    assert torch.equal(drop[kept], x[kept]) and 0 < kept.sum() < x.numel()
+    noisy = D.augment_vectors(x, g(), noise_std=0.1, ops=("noise",))
+    assert 0 < (noisy - x).abs().max() < 2.0
+    mixed = D.augment_vectors(torch.randn(400, 6), g())
+    assert mixed.shape == (400, 6)
+
+
+def test_each_sequence_augmentation():
+    x = torch.randn(4, 9, 3)
+    g = lambda: D.make_generator(6)  # noqa: E731
+    perm = D.augment_sequences(x, g(), ops=("time_permute",))
+    for i in range(4):  # the same time steps, reordered
+        assert sorted(map(tuple, perm[i].tolist())) == sorted(map(tuple, x[i].tolist()))
+    drop = D.augment_sequences(x, g(), drop_prob=0.5, ops=("time_drop",))
+    zero_steps = (drop == 0).all(2)
+    assert torch.equal(drop[~zero_steps], x[~zero_steps])
+    noisy = D.augment_sequences(x, g(), ops=("noise",))
+    assert not torch.equal(noisy, x)
+
+
+def test_augment_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown vector augmentation"):
+        D.augment_vectors(torch.randn(3, 4), D.make_generator(0), ops=("flip",))
+    with pytest.raises(ValueError):
+        D.augment(torch.randn(3), D.make_generator(0))
+
+
+# ---- MI samplers ----------------------------------------------------------------------------
+
+
+def test_correlated_gaussian_has_the_requested_mi():
+    dim, mi = 5, 4.0
+    rho = D.mi_to_rho(mi, dim)
+    assert math.isclose(-dim / 2 * math.log(1 - rho**2), mi, rel_tol=1e-12)
+    x, y = D.sample_correlated_gaussian(20000, dim, mi, D.make_generator(0), dtype=torch.float64)
+    emp = torch.stack([torch.corrcoef(torch.stack([x[:, k], y[:, k]]))[0, 1] for k in range(dim)])
+    assert torch.allclose(emp, torch.full((dim,), rho, dtype=torch.float64), atol=0.01)
+    _, yc = D.sample_correlated_gaussian(10, dim, mi, D.make_generator(0), cubic=True,
+                                         dtype=torch.float64)
+    _, yl = D.sample_correlated_gaussian(10, dim, mi, D.make_generator(0), dtype=torch.float64)
+    assert torch.allclose(yc, yl**3)
+
+
+# ---- loaders --------------------------------------------------------------------------------
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_and_pt_round_trip(tmp_path):
+    x1, x2 = np.random.randn(40, 5), np.random.randn(40, 3, 2)
+    y = np.arange(40) % 3
+    split = (np.arange(40) % 4 == 0).astype(np.int64)
+    d = D.load_dataset("npz:" + _write_npz(tmp_path / "a.npz", x1=x1, x2=x2, y=y, split=split))
+    assert d.num_classes == 3 and d.x2.shape == (40, 3, 2)
+    assert d.test_idx.tolist() == [i for i in range(40) if i % 4 == 0]
+    torch.save({"x1": torch.tensor(x1), "x2": torch.tensor(x2), "y": torch.tensor(y)},
+               tmp_path / "b.pt")
+    d2 = D.load_dataset(f"pt:{tmp_path / 'b.pt'}", test_fraction=0.25)
+    assert len(d2.test_idx) == 10 and torch.allclose(d2.x1, torch.tensor(x1).float())
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x1=np.zeros((4, 2)), y=np.arange(4) % 2), "missing key 'x2'"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((5, 2)), y=np.arange(4) % 2), "x2 has 5 examples"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2, 2, 2)), y=np.arange(4) % 2), r"\[N, T, D\]"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.array([0.5, 1, 0, 1])), "integer class"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.zeros(4)), "single class"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.zeros((4, 2))), r"shape \[N\]"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.arange(4) % 2, split=np.arange(4)),
+     "only 0"),
+    (dict(x1=np.full((4, 2), np.nan), x2=np.zeros((4, 2)), y=np.arange(4) % 2), "NaN"),
+])
+def test_npz_errors_name_the_problem(tmp_path, arrays, message):
+    path = _write_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset("npz:" + path)
+
+
+def test_loader_file_errors(tmp_path):
+    with pytest.raises(D.DataError, match="not found"):
+        D.load_dataset(f"npz:{tmp_path / 'nope.npz'}")
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(D.DataError, match="unsupported file type"):
+        D.load_dataset(f"npz:{tmp_path / 'x.csv'}")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(D.DataError, match="cannot read"):
+        D.load_dataset(f"npz:{tmp_path / 'junk.npz'}")
+    with pytest.raises(D.DataError, match="unknown dataset"):
+        D.load_dataset("imagenet")
+
+
+def _affect(n_train=6, n_test=4, t=5):
+    def block(n):
+        return {"text": np.random.randn(n, t, 7), "vision": np.random.randn(n, t, 3),
+                "audio": np.random.randn(n, t, 2), "labels": np.random.randn(n, 1, 1)}
+    return {"train": block(n_train), "valid": block(2), "test": block(n_test)}
+
+
+def test_multibench_affect_layout(tmp_path):
+    raw = _affect()
+    raw["test"]["labels"][:2] = 1.0
+    raw["test"]["labels"][2:] = -1.0
+    raw["train"]["vision"][0, 0, 0] = np.nan  # MultiBench features carry missing values
+    path = tmp_path / "mosi.pkl"
+    path.write_bytes(pickle.dumps(raw))
+    d = D.load_dataset(f"multibench:{path}", modalities=("text", "audio"))
+    assert d.x1.shape == (12, 5, 7) and d.x2.shape == (12, 5, 2)
+    assert len(d.train_idx) == 8 and len(d.test_idx) == 4
+    assert d.y[d.test_idx].tolist() == [1, 1, 0, 0]
+    assert torch.isfinite(d.x1).all()
+
+
+def test_multibench_mimic_layout(tmp_path):
+    n = 30
+    adm = np.zeros((n, 6))
+    adm[::2, 1] = 1
+    adm[1::3, 3] = 1
+    raw = {"adm_features_all": np.random.randn(n, 5), "ep_tdata": np.random.randn(n, 24, 12),
+           "adm_labels_all": adm, "y_icd9": np.random.randint(0, 2, (n, 20))}
+    path = tmp_path / "im.pk"
+    path.write_bytes(pickle.dumps(raw))
+    d = D.load_dataset(f"multibench:{path}")
+    assert d.x1.shape == (n, 5) and d.x2.shape == (n, 24, 12)
+    expected = np.where(adm[:, 1] > 0, 1, np.where(adm[:, 3] > 0, 3, 0))
+    assert d.y.tolist() == expected.tolist()
+    d9 = D.load_dataset(f"multibench:{path}", task=4)
+    assert d9.y.tolist() == raw["y_icd9"][:, 4].tolist()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["train"].pop("vision"), "missing key 'vision' in train"),
+    (lambda r: r.pop("test"), "missing key 'test'"),
+    (lambda r: r["train"].__setitem__("text", np.zeros((6, 7))), r"train/text must have shape"),
+    (lambda r: r.clear() or r.__setitem__("foo", 1), "not a MultiBench"),
+])
+def test_multibench_errors(tmp_path, mutate, message):
+    raw = _affect()
+    mutate(raw)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps(raw))
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset(f"multibench:{path}")
+
+
+def test_multibench_bad_modalities(tmp_path):
+    path = tmp_path / "m.pkl"
+    path.write_bytes(pickle.dumps(_affect()))
+    with pytest.raises(D.DataError, match="unknown modality"):
+        D.load_dataset(f"multibench:{path}", modalities=("text", "smell"))

@@ -1,0 +1,93 @@
+"""factorcl.mi_bench and the MI probes: the closed-form CLUB against its materialising form, a tiny
+benchmark run writing its JSON and PNG, and the Gaussian MI probe on data with known MI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from conftest import assert_rel_close
+from factorcl import cli
+from factorcl import data as D
+from factorcl import eval as E
+from factorcl import mi_bench as B
+
+F64 = torch.float64
+
+
+def test_club_gaussian_closed_form_matches_pairs():
+    club = B.CLUBGaussian(4, 3, 10).double()
+    x, y = torch.randn(9, 4, dtype=F64), torch.randn(9, 3, dtype=F64)
+    mu, logvar = club.p_mu(x), club.p_logvar(x)
+    positive = -((mu - y) ** 2) / 2.0 / logvar.exp()
+    negative = -((y[None, :, :] - mu[:, None, :]) ** 2).mean(1) / 2.0 / logvar.exp()
+    expected = (positive.sum(-1) - negative.sum(-1)).mean()
+    assert_rel_close(club(x, y), expected, 1e-12)
+    nll = ((mu - y) ** 2 / logvar.exp() + logvar).sum(1).mean()
+    assert_rel_close(club.learning_loss(x, y), nll, 1e-12)
+
+
+def test_tiny_benchmark_writes_json_and_png(tmp_path):
+    cfg = B.MIBenchConfig(dims=(3, 5), levels=(1.0, 2.0), steps_per_level=6, tail_steps=3,
+                          batch=8, hidden=8, backend="reference", large_batch_sizes=(4, 8),
+                          large_batch_dim=3, large_batch_steps=4, large_batch_hidden=8)
+    out = B.run_mi_bench(cfg, str(tmp_path), log=lambda m: None)
+    js = json.loads((tmp_path / "mi_bench.json").read_text())
+    assert set(js["results"]) == {"3", "5"}
+    for est in B.ESTIMATORS:
+        for level in ("1", "2"):
+            r = js["results"]["3"][est][level]
+            assert math.isfinite(r["bias"]) and r["variance"] >= 0
+            assert math.isclose(r["mse"], r["bias"] ** 2 + r["variance"], rel_tol=1e-6,
+                                abs_tol=1e-9)
+    assert len(js["traces"]["5"]["infonce"]) == 12
+    assert js["log_batch"] == math.log(8)
+    assert "infonce_saturates_near_log_batch" in out["findings"]
+    assert set(out["findings"]["club_over_exact_q_bound_by_dim"]) == {"3", "5"}
+    assert (tmp_path / "mi_bench.png").stat().st_size > 1000
+    lb = B.run_large_batch(cfg, str(tmp_path), log=lambda m: None)
+    assert [r["batch"] for r in lb["rows"]] == [4, 8]
+    assert (tmp_path / "mi_large_batch.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "mi_large_batch.json").read_text())["rows"][1]["log_batch"] == \
+        math.log(8)
+
+
+def test_infonce_estimate_tracks_truth_at_low_mi(tmp_path):
+    # One level at 1 nat in 2 dimensions: the trained InfoNCE critic lands near the truth.
+    cfg = B.MIBenchConfig(dims=(2,), levels=(1.0,), steps_per_level=150, tail_steps=50, batch=32,
+                          hidden=32, lr=3e-3, estimators=("infonce",), backend="reference")
+    out = B.run_mi_bench(cfg, str(tmp_path), log=lambda m: None)
+    assert abs(out["results"]["2"]["infonce"]["1"]["bias"]) < 0.35
+
+
+def test_cli_mi_bench_quick_shape(tmp_path):
+    code = cli.main(["mi-bench", "--out", str(tmp_path), "--quick", "--dims", "3", "--levels",
+                     "1,2", "--steps-per-level", "4", "--hidden", "8", "--large-batch-sizes",
+                     "4,8", "--large-batch-steps", "2", "--backend", "reference"])
+    assert code == 0
+    for name in ("mi_bench.json", "mi_bench.png", "mi_large_batch.json", "mi_large_batch.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_gaussian_mi_probe_on_known_mi():
+    g = D.make_generator(0)
+    x, y = D.sample_correlated_gaussian(4000, 3, 1.5, g, dtype=F64)
+    assert abs(E.gaussian_mi(x, y, k=3) - 1.5) < 0.1
+    assert E.gaussian_mi(x, torch.randn(4000, 3, dtype=F64, generator=g), k=3) < 0.05
+    # invariant to invertible linear maps of either side
+    a = x @ torch.randn(3, 3, dtype=F64, generator=g)
+    assert abs(E.gaussian_mi(a, y, k=3) - E.gaussian_mi(x, y, k=3)) < 1e-6
+
+
+def test_latent_r2_and_linear_probe():
+    g = D.make_generator(1)
+    z = torch.randn(600, 2, dtype=F64, generator=g)
+    rep = torch.cat([z @ torch.randn(2, 5, dtype=F64, generator=g),
+                     torch.randn(600, 3, dtype=F64, generator=g)], 1)
+    assert E.latent_r2(rep[:400], z[:400], rep[400:], z[400:]) > 0.99
+    noise = torch.randn(600, 8, dtype=F64, generator=g)
+    assert E.latent_r2(noise[:400], z[:400], noise[400:], z[400:]) < 0.05
+    y = (z.sum(1) > 0).long()
+    assert E.linear_probe(rep[:400], y[:400], rep[400:], y[400:]) > 0.95
+    assert E.linear_probe(noise[:400], y[:400], noise[400:], y[400:]) < 0.65

@@ -1,0 +1,278 @@
+"""factorcl.train and the CLI: the alternation touches only the intended parameters, a resumed
+run equals an uninterrupted one, checkpoints are atomic, Ctrl-C saves and exits cleanly, bad flags
+and data give one line and exit status 2, and a short end-to-end run beats chance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from factorcl import cli
+from factorcl import data as D
+from factorcl import models as M
+from factorcl import train as T
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = M.ModelConfig(embed_dim=8, backbone_hidden=16, critic_hidden=12,
+                      critic_backend="reference")
+
+
+def _fused_or_reference() -> str:
+    """``auto`` once the fused CPU kernels work in this build, else ``reference``."""
+    from factorcl_ext.nn import InfoNCECritic
+
+    try:
+        x = torch.randn(3, 2, requires_grad=True)
+        InfoNCECritic(2, 2, 4, 1, "relu", backend="auto")(x, torch.randn(3, 2)).backward()
+        return "auto"
+    except RuntimeError:
+        return "reference"
+
+
+def _data(n=160, seed=0):
+    return D.make_synthetic(D.SyntheticConfig(num_examples=n, shared_dim=3, unique_dim=2,
+                                              x_dim=12, seed=seed))
+
+
+def _cfg(model="factorcl-sup", **kw):
+    base = dict(model=model, epochs=2, batch_size=16, lr=1e-3, progress=False, probe=False,
+                model_cfg=SMALL)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def _changed(before, params):
+    return [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
+
+
+def _zero_gradient_by_construction(model):
+    """Critics' output biases: InfoNCE and NCE-CLUB are shift invariant, so their gradient is
+    zero in exact arithmetic and Adam may leave them exactly where they were."""
+    return {id(m[-1].bias) for m in (c._f for c in model.critics.values())}
+
+
+@pytest.mark.parametrize("name", ["factorcl-sup", "factorcl-ssl"])
+def test_alternation_touches_only_the_intended_parameters(name):
+    d = _data()
+    torch.manual_seed(0)
+    # Width 16: at width 8 a head's ReLU layer is sometimes dead for a whole batch at init,
+    # which leaves its weights without gradient whatever the alternation does.
+    wide = M.ModelConfig(embed_dim=16, backbone_hidden=32, critic_hidden=16,
+                         critic_backend="reference")
+    model = M.build_model(name, (12,), (12,), 2, wide)
+    main, club = model.main_parameters(), model.club_parameters()
+    assert club and {id(p) for p in main}.isdisjoint({id(p) for p in club})
+    assert len(main) + len(club) == len(list(model.parameters()))
+    opt = torch.optim.Adam(main, lr=1e-2)
+    club_opt = torch.optim.Adam(club, lr=1e-2)
+    idx = torch.arange(16)
+    x1, x2, y = d.x1[idx], d.x2[idx], d.y[idx]
+    batch = M.Batch(x1, x2, y, x1 * 0.9, x2 * 0.9)
+
+    free = _zero_gradient_by_construction(model)
+    m0, c0 = _snapshot(main), _snapshot(club)
+    T.main_step(model, opt, batch)
+    assert all(ch for ch, p in zip(_changed(m0, main), main) if id(p) not in free), \
+        "the main step must move every non-CLUB parameter"
+    assert not any(_changed(c0, club)), "the main step must leave the NCE-CLUB critics alone"
+    assert all(p.requires_grad for p in club)
+
+    m1, c1 = _snapshot(main), _snapshot(club)
+    T.club_step(model, club_opt, batch)
+    assert not any(_changed(m1, main)), "the CLUB step must leave everything else alone"
+    assert all(ch for ch, p in zip(_changed(c1, club), club) if id(p) not in free), \
+        "the CLUB step must move both NCE-CLUB critics"
+
+
+def test_baselines_have_no_club_step():
+    model = M.build_model("simclr", (12,), (12,), 2, SMALL)
+    assert model.club_parameters() == []
+    with pytest.raises(NotImplementedError):
+        model.club_learning_loss(M.Batch(torch.randn(4, 12), torch.randn(4, 12), torch.zeros(4)))
+
+
+@pytest.mark.parametrize("name", ["factorcl-ssl", "supcon"])
+def test_resume_equals_uninterrupted(tmp_path, name):
+    d = _data()
+    cfg = _cfg(name, epochs=2, checkpoint_every=3)
+    full = T.train(cfg, d, str(tmp_path / "full"))
+    part = T.train(cfg, d, str(tmp_path / "part"), stop_at_step=7)
+    assert part["stopped"] and part["steps"] == 7
+    ckpt = torch.load(part["checkpoint"], weights_only=False)
+    assert ckpt["step"] == 7
+    resumed = T.train(cfg, d, str(tmp_path / "part"), resume=part["checkpoint"])
+    assert resumed["steps"] == full["steps"] == 2 * (128 // 16)
+    a, b = full["model_ref"].state_dict(), resumed["model_ref"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["final_loss"] == full["final_loss"]
+    # the metric log of the resumed run continues without duplicates
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == full["steps"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    d = _data()
+    part = T.train(_cfg(), d, str(tmp_path), stop_at_step=2)
+    with pytest.raises(T.TrainError, match="batch_size=16 but this run has batch_size=32"):
+        T.train(_cfg(batch_size=32), d, str(tmp_path), resume=part["checkpoint"])
+    with pytest.raises(T.TrainError, match="different data"):
+        T.train(_cfg(), _data(seed=5), str(tmp_path), resume=part["checkpoint"])
+    with pytest.raises(T.TrainError, match="not found"):
+        T.train(_cfg(), d, str(tmp_path), resume=str(tmp_path / "nope.pt"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    T.save_checkpoint(path, {"a": 1})
+
+    def boom(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        T.save_checkpoint(path, {"a": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"a": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    d = _data()
+    a = T.train(_cfg("factorcl-ssl", epochs=1), d, str(tmp_path / "a"))
+    b = T.train(_cfg("factorcl-ssl", epochs=1), d, str(tmp_path / "b"))
+    c = T.train(_cfg("factorcl-ssl", epochs=1, seed=1), d, str(tmp_path / "c"))
+    assert a["final_loss"] == b["final_loss"] != c["final_loss"]
+
+
+def test_bad_config_raises_train_error(tmp_path):
+    d = _data()
+    for bad in (dict(batch_size=1000), dict(model="clip"), dict(batch_size=1),
+                dict(model_cfg=M.ModelConfig(critic_backend="gpu"))):
+        with pytest.raises(T.TrainError):
+            T.train(_cfg(**bad), d, str(tmp_path))
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+TINY = ["--n-examples", "200", "--shared-dim", "3", "--unique-dim", "2", "--x-dim", "12",
+        "--embed-dim", "8", "--backbone-hidden", "16", "--critic-hidden", "12",
+        "--batch-size", "32", "--no-progress"]
+
+
+def _one_line_error(capsys, code, expected):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert expected in err[0], err[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--out", "x", "--epochs", "0"], "--epochs: expected a positive integer"),
+    (["train", "--out", "x", "--model", "clip"], "invalid choice: 'clip'"),
+    (["train", "--out", "x", "--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["train", "--out", "x", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train"], "required: --out"),
+    (["mi-bench", "--out", "x", "--dims", "a,b"], "--dims"),
+])
+def test_cli_bad_flags(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    _one_line_error(capsys, exc.value.code, expected)
+
+
+def test_cli_bad_data_and_values(capsys, tmp_path):
+    np.savez(tmp_path / "d.npz", x1=np.zeros((10, 3)), y=np.arange(10) % 2)
+    out = str(tmp_path / "o")
+    cases = [
+        (["--dataset", f"npz:{tmp_path / 'd.npz'}"], "missing key 'x2'"),
+        (["--dataset", f"npz:{tmp_path / 'none.npz'}"], "not found"),
+        (["--dataset", "imagenet"], "unknown dataset"),
+        (["--label-parts", "shared,colour"], "label part"),
+        (["--batch-size", "100000"], "larger than the training split"),
+        (["--device", "tpu"], "--device"),
+        (["--resume", str(tmp_path / "none.pt")], "checkpoint not found"),
+        (["--mi-probe-steps", "1", "--backend", "cuda"], "--backend cuda"),
+    ]
+    for extra, expected in cases:
+        code = cli.main(["train", "--out", out, "--backend", "reference", *TINY, *extra])
+        _one_line_error(capsys, code, expected)
+    code = cli.main(["compare", "--out", out, "--backend", "reference", "--models", "simclr,clip",
+                     *TINY])
+    _one_line_error(capsys, code, "unknown model 'clip'")
+    code = cli.main(["mi-bench", "--out", out, "--estimators", "infonce,mine", "--backend",
+                     "reference"])
+    _one_line_error(capsys, code, "unknown estimator 'mine'")
+
+
+def test_cli_train_end_to_end_beats_chance(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", "factorcl-sup", "--epochs", "3", "--out", str(out),
+                     "--backend", _fused_or_reference(), *TINY[:-3], "--batch-size", "32",
+                     "--n-examples", "400", "--no-progress"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("probe_accuracy", "accuracies", "steps", "seconds", "backend"):
+        assert key in m
+    assert set(m["accuracies"]) == {"backbone", "S+U1+U2", "S", "U1", "U2"}
+    assert m["probe_accuracy"] == m["accuracies"]["backbone"]
+    assert m["steps"] == 3 * (320 // 32)
+    assert m["backend"] in ("cpu", "reference")
+    assert m["probe_accuracy"] > m["chance_accuracy"] + 0.15
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == m["steps"]
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_cli_compare_writes_table_and_chart(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = cli.main(["compare", "--out", str(out), "--epochs", "1", "--backend", "reference",
+                     *TINY, "--seeds", "0", "1"])
+    assert code == 0
+    table = (out / "compare.md").read_text()
+    for label in ("FactorCL-SUP", "FactorCL-SSL", "SimCLR", "SupCon"):
+        assert label in table
+    assert "±" in table and table in capsys.readouterr().out
+    summary = json.loads((out / "compare.json").read_text())
+    assert len(summary["models"]["simclr"]["per_seed"]) == 2
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "python")] + sys.path)
+    return env
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "factorcl.cli", "train", "--model", "simclr", "--epochs",
+            "100000", "--out", str(out), "--backend", "reference", "--log-every", "1", *TINY]
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    jsonl = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (jsonl.exists() and jsonl.stat().st_size > 0):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] >= 1
+    logged = [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
+    assert logged[-1] == state["step"]
+    assert not (out / "metrics.json").exists()
