@@ -299,7 +299,7 @@ def run_case(step, make_inputs, args, heavy: bool) -> dict:
         torch.cuda.empty_cache()
 
 
-def chunk_rows(n, h, layers, dtype, budget_bytes=512 * 2**20) -> int:
+def chunk_rows(n, h, layers, dtype, budget_bytes=2 * 2**30) -> int:
     """Rows per chunk so that one chunk's pair activations stay near ``budget_bytes``."""
     per_row = n * h * torch.finfo(dtype).bits // 8 * (2 + 2 * layers)
     return max(1, min(n, budget_bytes // max(per_row, 1)))
@@ -309,7 +309,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="N = 256, 1024 and separable N = 4096")
     p.add_argument("--ns", type=int, nargs="+", default=[256, 1024, 4096, 16384])
-    p.add_argument("--sep-ns", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--sep-ns", type=int, nargs="*", default=[4096, 16384, 65536])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--dim", type=int, default=128, help="input width du = dv of the concat critic")
     p.add_argument("--sep-dim", type=int, default=512)
@@ -319,6 +319,8 @@ def main() -> None:
                    default=["triton", "cuda", "reference", "compiled", "chunked", "matmuls"])
     p.add_argument("--fp32-precision", default="high", choices=["highest", "high"],
                    help="torch.set_float32_matmul_precision for fp32 (high = TF32)")
+    p.add_argument("--max-ref-n", type=int, default=1024,
+                   help="largest N for reference and compiled (they materialise N*N*H)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--budget", type=float, default=5.0, help="seconds of timed runs per case")
@@ -364,6 +366,8 @@ def main() -> None:
                         if impl == "matmuls":
                             continue
                         pass_name = "fwd" if fwd_only else "fwd+bwd"
+                        if impl in ("reference", "compiled") and n > args.max_ref_n:
+                            continue
                         step = concat_step(impl, n, fwd_only, chunk, compiled_cache)
                         res = run_case(step, lambda: concat_inputs(
                             n, args.dim, args.hidden, layers, dtype, not fwd_only), args,
@@ -382,6 +386,8 @@ def main() -> None:
             for fwd_only in (True, False):
                 for impl in impls:
                     pass_name = "fwd" if fwd_only else "fwd+bwd"
+                    if impl in ("reference", "compiled") and n > 4 * args.max_ref_n:
+                        continue
                     step = separable_step(impl, n, fwd_only, chunk, compiled_cache)
                     res = run_case(step, lambda: separable_inputs(n, args.sep_dim, dtype,
                                                                   not fwd_only), args,

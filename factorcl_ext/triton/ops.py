@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Optional
 
 import torch
 import triton
@@ -75,7 +76,7 @@ def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
     wrap_triton(tuners[family, deterministic])[grid](*args, **kwargs)
 
 
-def _register(name: str, schema: str):
+def _register(name: str):
     """``torch.library.triton_op`` on a GPU. Under the interpreter, wrap_triton hands back the
     raw interpreted kernel, which cannot run on fake tensors; there the op is an opaque
     ``custom_op`` whose fake implementation is the same body with the launches skipped, so that
@@ -83,8 +84,8 @@ def _register(name: str, schema: str):
 
     def wrap(fn):
         if not _config.INTERPRETED:
-            return triton_op(name, mutates_args=(), schema=schema)(fn)
-        op = custom_op(name, fn, mutates_args=(), schema=schema)
+            return triton_op(name, mutates_args=())(fn)
+        op = custom_op(name, fn, mutates_args=())
 
         @functools.wraps(fn)
         def fake(*args, **kwargs):
@@ -198,46 +199,37 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     )
 
 
-_MLP_STATS_SCHEMA = (
-    "(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, "
-    "Tensor b_out, str activation, str out_activation, int? pos_offset) "
-    "-> (Tensor, Tensor, Tensor)"
-)
-_MLP_STATS_BWD_SCHEMA = (
-    "(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor A, Tensor B, "
-    "Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, Tensor b_out, Tensor lse, "
-    "str activation, str out_activation, int? pos_offset) "
-    "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)"
-)
-_MLP_LOSS_SCHEMA = (
-    "(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, "
-    "Tensor b_out, str activation, str out_activation, int? pos_offset, float c_lse, "
-    "float c_pos, float c_rowsum, bool compute_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)"
-)
 
 
-@_register("factorcl::triton_pair_mlp_stats", _MLP_STATS_SCHEMA)
-def pair_mlp_stats(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
-                   out_activation, pos_offset):
+@_register("factorcl::triton_pair_mlp_stats")
+def pair_mlp_stats(A: Tensor, B: Tensor, hidden_weights: list[Tensor],
+                   hidden_biases: list[Tensor], w_out: Tensor, b_out: Tensor, activation: str,
+                   out_activation: str, pos_offset: Optional[int]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, pos, rowsum) of the concat critic on A [N, H], B [M, H]; see factorcl_ext.ops."""
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset)
     return _mlp_forward(a)
 
 
-@_register("factorcl::triton_pair_mlp_stats_backward", _MLP_STATS_BWD_SCHEMA)
-def pair_mlp_stats_backward(grad_lse, grad_pos, grad_rowsum, A, B, hidden_weights,
-                            hidden_biases, w_out, b_out, lse, activation, out_activation,
-                            pos_offset):
+@_register("factorcl::triton_pair_mlp_stats_backward")
+def pair_mlp_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Tensor, A: Tensor,
+                            B: Tensor, hidden_weights: list[Tensor],
+                            hidden_biases: list[Tensor], w_out: Tensor, b_out: Tensor,
+                            lse: Tensor, activation: str, out_activation: str,
+                            pos_offset: Optional[int]
+                            ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset)
     return _mlp_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
-@_register("factorcl::triton_pair_mlp_loss", _MLP_LOSS_SCHEMA)
-def pair_mlp_loss(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
-                  pos_offset, c_lse, c_pos, c_rowsum, compute_grad):
+@_register("factorcl::triton_pair_mlp_loss")
+def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_biases: list[Tensor],
+                  w_out: Tensor, b_out: Tensor, activation: str, out_activation: str,
+                  pos_offset: Optional[int], c_lse: float, c_pos: float, c_rowsum: float,
+                  compute_grad: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset)
     lse, pos, rowsum = _mlp_forward(a)
@@ -349,34 +341,27 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     return _like(dG, a.src[0]), _like(dH, a.src[1])
 
 
-_DOT_STATS_SCHEMA = (
-    "(Tensor G, Tensor H, int? pos_offset, int? exclude_offset) -> (Tensor, Tensor, Tensor)"
-)
-_DOT_STATS_BWD_SCHEMA = (
-    "(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor G, Tensor H, Tensor lse, "
-    "int? pos_offset, int? exclude_offset) -> (Tensor, Tensor)"
-)
-_DOT_LOSS_SCHEMA = (
-    "(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, float c_pos, "
-    "float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)"
-)
 
 
-@_register("factorcl::triton_pair_dot_stats", _DOT_STATS_SCHEMA)
-def pair_dot_stats(G, H, pos_offset, exclude_offset):
+@_register("factorcl::triton_pair_dot_stats")
+def pair_dot_stats(G: Tensor, H: Tensor, pos_offset: Optional[int],
+                   exclude_offset: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, pos, rowsum) of s = G H^T; see factorcl_ext.ops.pair_dot_stats."""
     return _dot_forward(_DotArgs(G, H, pos_offset, exclude_offset))
 
 
-@_register("factorcl::triton_pair_dot_stats_backward", _DOT_STATS_BWD_SCHEMA)
-def pair_dot_stats_backward(grad_lse, grad_pos, grad_rowsum, G, H, lse, pos_offset,
-                            exclude_offset):
+@_register("factorcl::triton_pair_dot_stats_backward")
+def pair_dot_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Tensor, G: Tensor,
+                            H: Tensor, lse: Tensor, pos_offset: Optional[int],
+                            exclude_offset: Optional[int]) -> tuple[Tensor, Tensor]:
     a = _DotArgs(G, H, pos_offset, exclude_offset)
     return _dot_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
-@_register("factorcl::triton_pair_dot_loss", _DOT_LOSS_SCHEMA)
-def pair_dot_loss(G, H, pos_offset, exclude_offset, c_lse, c_pos, c_rowsum, compute_grad):
+@_register("factorcl::triton_pair_dot_loss")
+def pair_dot_loss(G: Tensor, H: Tensor, pos_offset: Optional[int], exclude_offset: Optional[int],
+                  c_lse: float, c_pos: float, c_rowsum: float, compute_grad: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     a = _DotArgs(G, H, pos_offset, exclude_offset)
     lse, pos, rowsum = _dot_forward(a)
     loss = (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine is for, in one command that fits a short lease:
+#
+#   benchmarks/gpu_session.sh OUTDIR STAGE...
+#
+# Stages (run in the order given; a failing stage is logged and the next one still runs):
+#   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST defaults to
+#              the GPU's own arch, MAX_JOBS to the core count), then build_info()
+#   cuda       pytest tests/test_cuda.py (the CUDA backend against float64 references)
+#   triton     pytest tests/test_triton.py on the GPU (bf16/fp16, TF32, determinism included)
+#   suites     the shared op and module suites with backends cuda,triton on CUDA tensors
+#   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
+#   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
+#
+# Each stage's log is OUTDIR/<stage>.log (pytest stages also write OUTDIR/<stage>.xml); the last
+# lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${1:?usage: benchmarks/gpu_session.sh OUTDIR STAGE...}"
+shift
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+limit="${FACTORCL_STAGE_TIMEOUT:-300}"
+summary=()
+
+run_stage() {  # name, command...
+  local name="$1"
+  shift
+  local t0=$SECONDS
+  echo "=== $name: $* ==="
+  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  summary+=("$(printf '%-22s rc=%-4s %5ss  %s' "$name" "$rc" "$((SECONDS - t0))" \
+    "$(grep -E '^(=+ .* (passed|failed|error).* =+|.* (passed|failed)( |,).* in [0-9.]+s)' \
+      "$out/$name.log" | tail -n 1)")")
+}
+
+pytest_stage() {  # name, pytest args...
+  local name="$1"
+  shift
+  run_stage "$name" "$PY" -m pytest -p no:cacheprovider -q -rfE --timeout 240 \
+    --junitxml "$out/$name.xml" "$@"
+}
+
+for stage in "$@"; do
+  case "$stage" in
+    build)
+      if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+        TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+        export TORCH_CUDA_ARCH_LIST
+      fi
+      export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+        --format=csv >"$out/device.txt" 2>&1
+      "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
+        >>"$out/device.txt" 2>&1
+      cat "$out/device.txt"
+      run_stage build "$PY" -m pip install --no-build-isolation --no-deps -e . -v
+      "$PY" -c 'import factorcl_ext, json; print(json.dumps(factorcl_ext.build_info()))' \
+        | tee "$out/build_info.json"
+      ;;
+    cuda) pytest_stage cuda tests/test_cuda.py ;;
+    triton) pytest_stage triton tests/test_triton.py ;;
+    suites)
+      FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites tests/test_concat_critic.py \
+        tests/test_separable_critic.py tests/test_nn.py
+      ;;
+    sanitize) run_stage sanitize tests/run_compute_sanitizer.sh ;;
+    bench-*)
+      IFS=' ' read -r -a bench_args <<<"${stage#bench-}"
+      run_stage "bench" "$PY" benchmarks/gpu_bench.py --out "$out" "${bench_args[@]}"
+      ;;
+    *) echo "unknown stage $stage" >&2 ;;
+  esac
+done
+
+echo "=== summary ==="
+printf '%s\n' "${summary[@]}"
