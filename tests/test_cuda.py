@@ -45,6 +45,11 @@ PRECISIONS = {
     "float16": (torch.float16, "highest", 2e-2),
 }
 PREC_NAMES = list(PRECISIONS)
+# Precisions checked against max(tolerance, 2x the same-precision reference's error) (see check):
+# float32 too, since a float32 relu network's rounding flips hidden-unit masks, and at
+# N = 203, M = 1023, H = 129, L = 2 the float32 materialising reference's own grad-B error is
+# 7e-5 .. 6e-4 (three seeds, CPU), far above 1e-5.
+SAME_PRECISION_RULE = ("float32", "tf32", "bfloat16", "float16")
 
 
 @contextmanager
@@ -71,9 +76,9 @@ def check(name: str, actual: torch.Tensor, exact: torch.Tensor, lowp: torch.Tens
           prec: str) -> None:
     """Relative error of ``actual`` against the float64 ``exact``.
 
-    float64 / float32 IEEE: the dtype tolerance (1e-10, 1e-5). TF32, bfloat16, float16 with a
+    float64: the dtype tolerance (1e-10). float32 (IEEE), TF32, bfloat16, float16 with a
     same-precision reference ``lowp`` (the materialising reference run in that precision): the
-    dtype tolerance (2e-3, 2e-2), relaxed to twice the reference's error where the reference
+    dtype tolerance (1e-5, 2e-3, 2e-2), relaxed to twice the reference's error where the reference
     itself is further off (DESIGN.md section 6; flash-attention's rule). The relaxation is needed:
     rounding h_0 or z_l to 8 or 10 mantissa bits flips a few relu masks of the hidden layers and
     each flip moves a gradient by an O(1) step, so the bfloat16 reference itself misses 2e-2 on
@@ -87,7 +92,7 @@ def check(name: str, actual: torch.Tensor, exact: torch.Tensor, lowp: torch.Tens
     assert actual.device.type == "cuda", f"{name} is on {actual.device}"
     err = rel_error(actual, exact)
     allowed, note = tol, ""
-    if lowp is not None and prec in ("tf32", "bfloat16", "float16"):
+    if lowp is not None and prec in SAME_PRECISION_RULE:
         ref_err = rel_error(lowp, exact)
         allowed = max(2 * ref_err, tol)
         note = f" (reference in {prec}: {ref_err:.3e})"
@@ -194,7 +199,7 @@ def test_pair_mlp_stats_and_gradients(case, prec):
     stats64, grads64 = run_mlp_stats(exact, cfg, upstream, "reference", "float64")
     stats, grads = run_mlp_stats(x, cfg, upstream, "cuda", prec)
     low = dtype in (torch.bfloat16, torch.float16)
-    if prec in ("tf32", "bfloat16", "float16"):  # the same-precision reference
+    if prec in SAME_PRECISION_RULE:  # the same-precision reference
         lowp = run_mlp_stats(mlp_leaves(p, dtype), cfg, upstream, "reference", prec)
     else:
         lowp = ([None] * 3, [None] * len(grads))
@@ -232,8 +237,8 @@ def test_pair_mlp_loss(case, prec):
 
     loss64, grads64 = run(mlp_leaves(mlp_leaves(p, dtype), F64), "reference", "float64")
     loss, grads = run(mlp_leaves(p, dtype), "cuda", prec)
-    lowp = run(mlp_leaves(p, dtype), "reference", prec) if prec in (
-        "tf32", "bfloat16", "float16") else (None, [None] * len(grads))
+    lowp = run(mlp_leaves(p, dtype), "reference", prec) if prec in SAME_PRECISION_RULE else (
+        None, [None] * len(grads))
     check("loss", loss, loss64, lowp[0], prec)
     for g, g64, gl, name in zip(grads, grads64, lowp[1], mlp_names(layers)):
         assert g.dtype == dtype
@@ -287,8 +292,7 @@ def test_pair_mlp_factorcl_size(prec):
     upstream = [torch.randn(n, dtype=F64, device=DEV) / n for _ in range(3)]
     stats64, grads64 = chunked_mlp_reference(p, cfg, upstream)
     stats, grads = run_mlp_stats(mlp_leaves(p, dtype), cfg, upstream, "cuda", prec)
-    lowp = chunked_mlp_reference(p, cfg, upstream, prec) if prec != "float32" else (
-        [None] * 3, [None] * len(grads))
+    lowp = chunked_mlp_reference(p, cfg, upstream, prec)
     for s, s64, sl, name in zip(stats, stats64, lowp[0], ("lse", "pos", "rowsum")):
         check(name, s, s64, sl, prec)
     for g, g64, gl, name in zip(grads, grads64, lowp[1], mlp_names(layers)):
@@ -392,8 +396,7 @@ def test_pair_dot_stats_and_gradients(case, prec):
     stats, grads = run_dot_stats(G, H, cfg, upstream, "cuda", prec)
     low = dtype in (torch.bfloat16, torch.float16)
     lowp = run_dot_stats(leaf(g0, dtype), leaf(h0, dtype), cfg, upstream, "reference",
-                         prec) if prec != "float64" and prec != "float32" else ([None] * 3,
-                                                                                [None] * 2)
+                         prec) if prec in SAME_PRECISION_RULE else ([None] * 3, [None] * 2)
     for i, name in enumerate(("lse", "pos", "rowsum")):
         assert stats[i].dtype == (torch.float32 if low else dtype)
         check(name, stats[i], stats64[i], lowp[0][i], prec)
@@ -427,7 +430,7 @@ def test_pair_dot_loss(case, prec):
                           "float64")
     loss, grads = run(leaf(g0, dtype), leaf(h0, dtype), "cuda", prec)
     lowp = run(leaf(g0, dtype), leaf(h0, dtype), "reference", prec) if prec in (
-        "tf32", "bfloat16", "float16") else (None, [None] * 2)
+        SAME_PRECISION_RULE) else (None, [None] * 2)
     check("loss", loss, loss64, lowp[0], prec)
     for g, g64, gl, name in zip(grads, grads64, lowp[1], ("dG", "dH")):
         check(name, g, g64, gl, prec)
