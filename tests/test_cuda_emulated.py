@@ -157,6 +157,7 @@ MLP_CASES = [
     (17, 40, 24, 0, "relu", "none", 5, 1),
     (5, 150, 130, 1, "tanh", "none", 145, 2),  # H > 128: several output tiles per layer
     (9, 40, 136, 2, "relu", "softplus", 3, 2),  # and two hidden layers: dz ping-pong, K tails
+    (1, 1, 16, 2, "tanh", "none", 0, 1),  # one pair: failed in bf16 on an H100 (lse 5.5e-2 off)
 ]
 
 
