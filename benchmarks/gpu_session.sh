@@ -66,9 +66,12 @@ for stage in "$@"; do
         | tee "$out/build_info.json"
       ;;
     cuda) pytest_stage cuda tests/test_cuda.py ;;
-    triton) pytest_stage triton tests/test_triton.py ;;
+    # The test suites use the fixed tile configuration: autotuning every small test shape costs
+    # ~40 s per test. gpu_bench.py autotunes.
+    triton) FACTORCL_TRITON_AUTOTUNE=0 pytest_stage triton tests/test_triton.py ;;
     suites)
-      FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites tests/test_concat_critic.py \
+      FACTORCL_TRITON_AUTOTUNE=0 FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites \
+        tests/test_concat_critic.py \
         tests/test_separable_critic.py tests/test_nn.py
       ;;
     sanitize) run_stage sanitize tests/run_compute_sanitizer.sh ;;

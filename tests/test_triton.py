@@ -173,6 +173,33 @@ def test_pair_mlp_deterministic_mode_matches_reference():
     assert not ft.is_deterministic()
 
 
+def test_autotune_off_launches_the_fixed_configuration(monkeypatch):
+    # FACTORCL_TRITON_AUTOTUNE=0 (read at import) sets _config.AUTOTUNE: every launch then goes
+    # through the single-configuration tuner, as in the deterministic mode, but keeps the
+    # atomic (one-sweep) backward. The values still match the reference.
+    from factorcl_ext.triton import _config, ops
+
+    launched = []
+    real = ops.wrap_triton
+
+    def spy(tuner):
+        launched.append(tuner)
+        return real(tuner)
+
+    monkeypatch.setattr(ops, "wrap_triton", spy)
+    n, m, h = MLP_SHAPES[0]
+    for autotune in (True, False):
+        monkeypatch.setattr(_config, "AUTOTUNE", autotune)
+        launched.clear()
+        check_mlp(mlp_inputs(n, m, h, 1), torch.float64, activation="relu",
+                  out_activation="none", pos_offset=0)
+        fams = {fam for fam, _ in ops._MLP_FWD}
+        fixed = {id(ops._MLP_FWD[f, True]) for f in fams} | {id(ops._MLP_BWD[f, True])
+                                                             for f in fams}
+        assert len(launched) == 2  # forward and the one backward sweep
+        assert all((id(t) in fixed) != autotune for t in launched), autotune
+
+
 def test_pair_mlp_noncontiguous():
     n, m, h = MLP_SHAPES[0]
     args = mlp_inputs(n, m, h, 1)

@@ -10,6 +10,10 @@ Determinism: gradients are bit-identical run to run with ``set_deterministic(Tru
 recomputing sweep of the backward instead of float32 atomics, and a fixed tile configuration
 instead of autotuning.
 
+Autotuning: on a GPU each new (N, M, H, L, dtype) compiles and times a short list of tile
+configurations (tens of seconds, once per shape and process). ``FACTORCL_TRITON_AUTOTUNE=0`` in the
+environment at import uses the fixed first configuration instead (what the GPU tests do).
+
 ``TRITON_INTERPRET`` is read by Triton when the kernels are decorated, i.e. when this package is
 first imported: set it before importing factorcl_ext.triton.
 """

@@ -13,7 +13,8 @@ turn: small tiles keep the tests fast and still exercise every mask). On a GPU t
 kernels and the non-deterministic backward kernels are autotuned among a short list per
 architecture family, keyed on (N, M, H, L) and the dtypes (the Autotuner adds the dtype of every
 tensor argument to the key). Deterministic mode uses the first configuration of the list, never
-autotuning, so that the reduction order is fixed across processes as well as runs.
+autotuning, so that the reduction order is fixed across processes as well as runs; so does every
+launch when ``FACTORCL_TRITON_AUTOTUNE=0`` is in the environment at import.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ import triton
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _deterministic = os.environ.get("FACTORCL_TRITON_DETERMINISTIC", "0") not in ("", "0")
+
+# FACTORCL_TRITON_AUTOTUNE=0: every launch uses the family's first (fixed) configuration instead of
+# autotuning. Autotuning compiles and times every configuration of a list for each new (N, M, H,
+# L, dtype): tens of seconds per new shape, which a test suite of many small shapes (or a short
+# job) pays on every shape; the fixed tile is the one the deterministic mode uses.
+AUTOTUNE = os.environ.get("FACTORCL_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
 def set_deterministic(flag: bool) -> None:

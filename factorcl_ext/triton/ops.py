@@ -73,7 +73,8 @@ def _like(grad: Tensor, t: Tensor) -> Tensor:
 def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
     if getattr(_tracing, "fake", False):
         return
-    wrap_triton(tuners[family, deterministic])[grid](*args, **kwargs)
+    fixed = deterministic or not _config.AUTOTUNE
+    wrap_triton(tuners[family, fixed])[grid](*args, **kwargs)
 
 
 def _register(name: str):
