@@ -112,13 +112,44 @@ def _gencode_flags(archs: str) -> list[str]:
     return sorted(set(flags), key=flags.index)
 
 
+def _libstdcxx_link_args() -> list:
+    """Link libstdc++ dynamically even where its development symlink (libstdc++.so) is missing.
+
+    There g++ resolves -lstdc++ to libstdc++.a and silently copies the C++ runtime into _C.so; a
+    second copy of the iostreams beside the process's libstdc++.so.6 crashed (SIGSEGV in
+    ostream::_M_insert<long>, formatting a TORCH_CHECK message) on the GPU machine's toolchain,
+    whose build of _C.so had no NEEDED libstdc++ entry. Naming the runtime library itself
+    resolves every C++ runtime symbol before g++'s trailing -lstdc++ is reached.
+    """
+    import shutil
+    import subprocess
+
+    cxx = shutil.which((os.environ.get("CXX") or "c++").split()[0])
+    if cxx is None:
+        return []
+
+    def find(name):
+        try:
+            out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out if os.path.isabs(out) and os.path.exists(out) else None
+
+    if find("libstdc++.so") or not find("libstdc++.so.6"):
+        return []
+    _log("libstdc++.so (the development symlink) is missing: linking libstdc++.so.6 by name "
+         "so that the C++ runtime is not linked statically into the extension")
+    return ["-l:libstdc++.so.6"]
+
+
 def _extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # torch 2.14's headers need C++20; cpp_extension does not add -fopenmp, and without it
     # at::parallel_for silently runs serially.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
     define_macros = []
-    link_args = ["-fopenmp"]
+    link_args = ["-fopenmp"] + _libstdcxx_link_args()
     if not _want_cuda():
         return [
             CppExtension(
