@@ -149,11 +149,11 @@ class SyntheticConfig:
     Gaussian latents: ``shared`` [shared_dim] seen by both modalities, ``unique1`` / ``unique2``
     [unique_dim] seen by one each. Modality k is a fixed random projection of its latents
     ([shared; unique_k]) to ``x_dim`` features plus ``noise`` times Gaussian noise:
-    ``projection="gaussian"`` (N(0, 1/k) entries: no preferred direction) or ``"uniform"`` (the
-    authors' U[0, 1] entries, which make the sum of the latents, and so the linear label, the
-    dominant principal component of each modality). The label is
-    a function of the first ``label_dims[p]`` coordinates of each part p in ``label_parts``:
-    ``linear`` thresholds their sum at 0, ``nonlinear`` thresholds a random one-hidden-layer tanh
+    ``projection="uniform"`` (the default: the authors' U[0, 1] entries, which make the sum of
+    the latents, and so the linear label, the dominant principal component of each modality) or
+    ``"gaussian"`` (N(0, 1/k) entries: no preferred direction). The label is a function of
+    the first ``label_dims[p]`` coordinates of each part p in ``label_parts``: ``linear``
+    thresholds their sum at 0, ``nonlinear`` thresholds a random one-hidden-layer tanh
     network at its median (both give balanced classes).
     """
 
@@ -165,7 +165,7 @@ class SyntheticConfig:
     label_dims: Optional[dict] = None  # part -> how many of its coordinates; default all
     label_fn: str = "linear"
     noise: float = 0.1
-    projection: str = "gaussian"
+    projection: str = "uniform"
     test_fraction: float = 0.2
     seed: int = 0
 
