@@ -64,6 +64,8 @@ for stage in "$@"; do
       run_stage build "$PY" -m pip install --no-build-isolation --no-deps -e . -v
       "$PY" -c 'import factorcl_ext, json; print(json.dumps(factorcl_ext.build_info()))' \
         | tee "$out/build_info.json"
+      # the C++ runtime must be the shared libstdc++.so.6 (a static copy crashed in session 2)
+      readelf -d factorcl_ext/_C*.so | grep NEEDED | tee "$out/needed.txt"
       ;;
     cuda) pytest_stage cuda tests/test_cuda.py ;;
     # The test suites use the fixed tile configuration: autotuning every small test shape costs
