@@ -429,8 +429,8 @@ def test_pair_dot_loss(case, prec):
     loss64, grads64 = run(leaf(leaf(g0, dtype), F64), leaf(leaf(h0, dtype), F64), "reference",
                           "float64")
     loss, grads = run(leaf(g0, dtype), leaf(h0, dtype), "cuda", prec)
-    lowp = run(leaf(g0, dtype), leaf(h0, dtype), "reference", prec) if prec in (
-        SAME_PRECISION_RULE) else (None, [None] * 2)
+    lowp = run(leaf(g0, dtype), leaf(h0, dtype), "reference", prec) if (
+        prec in SAME_PRECISION_RULE) else (None, [None] * 2)
     check("loss", loss, loss64, lowp[0], prec)
     for g, g64, gl, name in zip(grads, grads64, lowp[1], ("dG", "dH")):
         check(name, g, g64, gl, prec)

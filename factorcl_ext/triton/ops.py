@@ -200,8 +200,6 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     )
 
 
-
-
 @_register("factorcl::triton_pair_mlp_stats")
 def pair_mlp_stats(A: Tensor, B: Tensor, hidden_weights: list[Tensor],
                    hidden_biases: list[Tensor], w_out: Tensor, b_out: Tensor, activation: str,
@@ -340,8 +338,6 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
         _launch(_DOT_BWD, a.family, (a.g_col,), args,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DH=False), det)
     return _like(dG, a.src[0]), _like(dH, a.src[1])
-
-
 
 
 @_register("factorcl::triton_pair_dot_stats")
