@@ -77,6 +77,8 @@ class Precision:
         self.name = name
         self.dtype, self.mm, self.tol = PRECISIONS[name]
         self.low = self.dtype in (torch.bfloat16, torch.float16)
+        # checked against a reference run in the same dtype (TF32 has its own, tf32_scores)
+        self.same_dtype = name in ("float32", "bfloat16", "float16")
 
     def __enter__(self):
         self.old = torch.get_float32_matmul_precision()
@@ -88,22 +90,33 @@ class Precision:
 
 
 def check(name, actual, exact, lowp, prec: Precision):
-    """float64 / float32: the dtype tolerance. TF32 / 16-bit with a same-precision reference
+    """float64: the dtype tolerance. float32 / TF32 / 16-bit with a same-precision reference
     ``lowp``: the dtype tolerance, or a multiple of the reference's error where the reference
     itself is further off (tests/test_cuda.py explains the rule)."""
     assert actual.shape == exact.shape, f"{name}: {tuple(actual.shape)} vs {tuple(exact.shape)}"
     err = rel_error(actual, exact)
     allowed, note = prec.tol, ""
-    if lowp is not None and prec.name in ("tf32", "bfloat16", "float16"):
+    if lowp is not None and prec.name in ("float32", "tf32", "bfloat16", "float16"):
         ref_err = rel_error(lowp, exact)
         # DESIGN.md's bar is 2x; 16-bit inputs get 4x here. Rounding hidden activations to 16 bits
         # flips relu masks, each flip an O(1) step in a gradient, and the kernel and the reference
         # flip different units: at reference errors near 1e-2 (two hidden layers) their ratio
         # spreads up to ~3-4 between seeds (seen: fp16 dB 3.6e-2 against 1.3e-2, CI run of
         # 2026-11-24), while a real bug gives errors of order 1. The GPU tests keep 2x.
+        # float32 gets the 2x rule as in tests/test_cuda.py.
         allowed = max((4 if prec.low else 2) * ref_err, prec.tol)
         note = f" (same-precision reference: {ref_err:.3e})"
     assert err <= allowed, f"{name} [{prec.name}]: relative error {err:.3e} > {allowed:.3e}{note}"
+
+
+def upstream_grads(n: int, prec: Precision) -> list[torch.Tensor]:
+    """Upstream gradients of (lse, pos, rowsum). float32: positive (as in test_concat_critic.py),
+    so that no checked gradient is small by cancellation: db_out sums every pair's ds, and with
+    random signs its float32 error passed 1e-5 (1.15e-5, CI run of 2026-11-24) for the kernel and
+    came near it for the float32 reference itself; that measures float32, not the kernel."""
+    if prec.name == "float32":
+        return [torch.rand(n, dtype=F64) + 0.5 for _ in range(3)]
+    return [torch.randn(n, dtype=F64) for _ in range(3)]
 
 
 def tf32_round(x: torch.Tensor) -> torch.Tensor:
@@ -174,12 +187,12 @@ def test_emulated_pair_mlp(emu, sms, case, prec_name):
     cfg = (act, out_act, pos)
     with Precision(prec_name) as prec:
         inputs = mlp_inputs(n, m, h, layers, prec.dtype)
-        upstream = [torch.randn(n, dtype=F64) for _ in range(3)]
+        upstream = upstream_grads(n, prec)
         stats64, grads64 = mlp_reference(inputs, cfg, upstream, F64)
         if prec.name == "tf32":
             lowp = mlp_reference(inputs, cfg, upstream, F64, tf32=True)
         else:
-            lowp = mlp_reference(inputs, cfg, upstream, prec.dtype) if prec.low else None
+            lowp = mlp_reference(inputs, cfg, upstream, prec.dtype) if prec.same_dtype else None
         A, B, Ws, bs, w_out, b_out = inputs
         stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
         sdt = stats[0].dtype
@@ -201,7 +214,7 @@ def test_emulated_pair_mlp(emu, sms, case, prec_name):
         s64, g64 = mlp_reference(inputs, cfg, up, F64)
         if prec.name == "tf32":
             sl, gl = mlp_reference(inputs, cfg, up, F64, tf32=True)
-        elif prec.low:
+        elif prec.same_dtype:
             sl, gl = mlp_reference(inputs, cfg, up, prec.dtype)
         else:
             sl, gl = None, [None] * len(g64)
@@ -226,6 +239,7 @@ DOT_CASES = [
     (20, 19, 33, None, None, 1),
     (70, 140, 24, 2, 0, 3),
     (3, 70, 8, None, 60, 2),
+    (7, 300, 1, 293, 0, 2),  # D = 1: TF32 failed here on an H100 (dG 1.1e-2 off), see prepare_dot
 ]
 
 
@@ -237,7 +251,7 @@ def test_emulated_pair_dot(emu, sms, case, prec_name):
     with Precision(prec_name) as prec:
         G = (torch.randn(n, d, dtype=F64) * 2 / math.sqrt(d)).to(prec.dtype)
         H = torch.randn(m, d, dtype=F64).to(prec.dtype)
-        upstream = [torch.randn(n, dtype=F64) for _ in range(3)]
+        upstream = upstream_grads(n, prec)
 
         def ref(dtype):
             g, h = G.to(dtype).requires_grad_(), H.to(dtype).requires_grad_()
@@ -246,7 +260,7 @@ def test_emulated_pair_dot(emu, sms, case, prec_name):
             return [s.detach() for s in stats], list(torch.autograd.grad(loss, [g, h]))
 
         stats64, grads64 = ref(F64)
-        lowp = ref(prec.dtype) if prec.low else None
+        lowp = ref(prec.dtype) if prec.same_dtype else None
         stats = emu.pair_dot_stats(G, H, pos, excl)
         grads = emu.pair_dot_stats_backward(*(u.to(stats[0].dtype) for u in upstream), G, H,
                                             stats[0], pos, excl)
@@ -311,9 +325,9 @@ def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_
     n, m, h, cfg = 20, 70, 40, ("relu", "none", 1)
     with Precision(prec_name) as prec:
         inputs = mlp_inputs(n, m, h, 1, prec.dtype)
-        up = [torch.randn(n, dtype=F64) for _ in range(3)]
+        up = upstream_grads(n, prec)
         s64, g64 = mlp_reference(inputs, cfg, up, F64)
-        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.low else None
+        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
         A, B, Ws, bs, w_out, b_out = inputs
         stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
         g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
@@ -334,7 +348,7 @@ def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_
             return [*(r.detach() for r in ref), *torch.autograd.grad(loss, [Gr, Hr])]
 
         exact = dot_ref(F64)
-        same = dot_ref(prec.dtype) if prec.low else [None] * 5
+        same = dot_ref(prec.dtype) if prec.same_dtype else [None] * 5
         for a, e, el, name in zip([*st, dG, dH], exact, same,
                                   ("lse", "pos", "rowsum", "dG", "dH")):
             check(name, a, e, el, prec)

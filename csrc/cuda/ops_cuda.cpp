@@ -45,6 +45,9 @@ ModeId mode_for(at::ScalarType t) {
   }
 }
 
+// Separable critics narrower than this run float32 inputs on the SIMT kernel (see prepare_dot).
+constexpr int64_t kTf32MinFeatures = 8;
+
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int parse_act(c10::string_view s) {
@@ -266,6 +269,12 @@ DotInputs prepare_dot(const at::Tensor& G, const at::Tensor& H, std::optional<in
   check_rows_cols("g", G, "h", H);
   DotInputs in;
   in.mode = mode_for(G.scalar_type());
+  // Scores with fewer features than one TF32 MMA step (k = 8) take the IEEE SIMT kernel: the
+  // tensor cores would pad most of each step with zeros. At D = 1 on an H100, cuBLAS (the
+  // reference's GEMM) kept the product in float32 (dG 7.6e-7 off) while the TF32 rounding of the
+  // inputs, with no sum over features to average it and amplified by the exponential, put the
+  // kernel's dG 1.1e-2 off.
+  if (in.mode == ModeId::TF32 && G.size(1) < kTf32MinFeatures) in.mode = ModeId::F32;
   in.pos = check_offset("pos_offset", pos_offset, G.size(0), H.size(0));
   in.excl = check_offset("exclude_offset", exclude_offset, G.size(0), H.size(0));
   TORCH_CHECK_VALUE(!(H.size(0) == 1 && in.excl >= 0),
