@@ -412,10 +412,25 @@ def main() -> None:
         "device": dev.name, "capability": f"{dev.major}.{dev.minor}", "torch": torch.__version__,
         "triton": _triton_version(), "build_info": info, "fp32_precision": args.fp32_precision,
         "matmul_peak_tflops": peaks, "rows": rows, "targets": targets,
+        "autotune_choices": _autotune_choices(),
         "argv": sys.argv[1:], "env": {k: v for k, v in os.environ.items()
                                       if k.startswith(("FACTORCL", "TRITON"))},
     }, indent=1))
+    for kernel, choices in (_autotune_choices() or {}).items():
+        for c in choices:
+            print(f"# autotune {kernel} {','.join(c['key'])}: {c['config']}")
     print(f"# wrote {path}")
+
+
+def _autotune_choices():
+    """Which tile configuration the autotuner picked for each timed shape (None without Triton)."""
+    if not factorcl_ext.build_info().get("triton", True):
+        return None
+    try:
+        from factorcl_ext.triton.ops import autotune_choices
+    except ImportError:
+        return None
+    return autotune_choices()
 
 
 def _triton_version():

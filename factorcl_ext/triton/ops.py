@@ -60,6 +60,24 @@ _DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_CONFIGS, _DOT_KEY, ["dG_ptr", "dH
 _tracing = threading.local()
 
 
+def autotune_choices() -> dict[str, list[dict]]:
+    """The tile configuration each autotuned kernel chose, per key seen so far in this process:
+    ``{"mlp_fwd": [{"key": [...], "config": "BI: 16, BJ: 8, ..., num_warps: 8, ..."}], ...}``
+    (the key is (N, M, H, L) or (N, M, D), then the argument dtypes). Empty before any tuning,
+    under the interpreter and with ``FACTORCL_TRITON_AUTOTUNE=0``."""
+    kernels = {"mlp_fwd": _MLP_FWD, "mlp_bwd": _MLP_BWD, "dot_fwd": _DOT_FWD, "dot_bwd": _DOT_BWD}
+    out = {}
+    for name, tuners in kernels.items():
+        rows = []
+        for (fam, fixed), tuner in tuners.items():
+            if fixed:
+                continue
+            for key, cfg in getattr(tuner, "cache", {}).items():
+                rows.append({"family": fam, "key": [str(k) for k in key], "config": str(cfg)})
+        out[name] = rows
+    return out
+
+
 def _like(grad: Tensor, t: Tensor) -> Tensor:
     """``grad`` in the dtype and memory layout of ``t``, as the fake functions promise
     (``empty_like``): the accumulators are contiguous float32, the inputs need not be."""
