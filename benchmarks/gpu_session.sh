@@ -11,6 +11,8 @@
 #   suites     the shared op and module suites with backends cuda,triton on CUDA tensors
 #   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
 #   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
+#   ablation-* benchmarks/triton_bwd_ablation.py with the arguments after the dash, e.g.
+#              'ablation---configs 0 3' (each config x variant compiles: ~10-20 s apiece)
 #
 # Each stage's log is OUTDIR/<stage>.log (pytest stages also write OUTDIR/<stage>.xml); the last
 # lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300).
@@ -85,6 +87,10 @@ for stage in "$@"; do
     bench-*)
       IFS=' ' read -r -a bench_args <<<"${stage#bench-}"
       run_stage "bench" "$PY" benchmarks/gpu_bench.py --out "$out" "${bench_args[@]}"
+      ;;
+    ablation-*)
+      IFS=' ' read -r -a abl_args <<<"${stage#ablation-}"
+      run_stage "ablation" "$PY" benchmarks/triton_bwd_ablation.py "${abl_args[@]}"
       ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac

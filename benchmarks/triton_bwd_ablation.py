@@ -1,0 +1,235 @@
+"""Where the Triton concat-critic backward spends its time, without hardware counters.
+
+    python benchmarks/triton_bwd_ablation.py                    # GPU: N = 4096, H = 512, L = 1, bf16
+    python benchmarks/triton_bwd_ablation.py --n 4096 --configs 0 3 --variants full no_dw_update
+    TRITON_INTERPRET=1 python benchmarks/triton_bwd_ablation.py --check   # CPU: run every variant once
+
+On a GPU it times variants of ``mlp_bwd_kernel`` that leave one stage out or change how it is
+done (device/METHOD.md: "time variants that leave one stage out ... and take differences"), for
+each tile configuration of the device's list, with ``triton.testing.do_bench`` (median), and
+prints a table: milliseconds, the backward's useful TFLOP/s (4*L*H^2 per pair, DESIGN.md's
+count: forward+backward 6*L*H^2 less the forward's 2*L*H^2) and the difference to ``full``.
+
+Variants (edits of factorcl_ext/triton/_mlp_kernels.py made here, in a temporary module; the
+package's kernel is not touched; each edit names the exact text it replaces and fails loudly if
+the kernel no longer contains it):
+
+- ``full``: the kernel as shipped (row pass, dB by float32 atomics);
+- ``no_dw_update``: without the hidden weights' gradient (its tl.dot and its slot update);
+- ``dw_dot_only``: the weight-gradient tl.dot, its result never stored (a store under a
+  condition the compiler cannot decide, never true), so no slot traffic;
+- ``dw_store_no_load``: the slot update as a plain store (half the traffic, no dependent load;
+  wrong values, timing only);
+- ``dw_atomic_slots``: float32 atomic adds into ``--slots`` shared slots (program p -> slot
+  p mod slots) instead of a read-modify-write of the program's own slot: fewer slots that fit L2,
+  order not fixed (a candidate for the non-deterministic mode; values are right);
+- ``no_db_atomic``: without dB (ATOMIC_DB off);
+- ``forward``: the forward kernel with the same tile, for scale.
+
+``--check`` (any device, meant for the interpreter): runs each variant once on a small shape and
+checks that ``full`` and ``dw_atomic_slots`` give the production op's gradients (float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from factorcl_ext.triton import _config, ops  # noqa: E402
+
+KERNEL_SRC = ROOT / "factorcl_ext" / "triton" / "_mlp_kernels.py"
+
+_DW_UPDATE = """\
+                            if not COL_PASS:
+                                gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
+                                            out_dtype=ACC)
+                                pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
+                                mw = mn[:, None] & mk[None, :]
+                                tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
+"""
+_DW_HEAD = _DW_UPDATE.rsplit("                                tl.store", 1)[0]
+
+EDITS = {
+    "full": [],
+    "no_dw_update": [(_DW_UPDATE, "")],
+    "dw_dot_only": [(_DW_UPDATE, _DW_HEAD + """\
+                                if N < 0:
+                                    tl.store(pw, gw, mask=mw)
+""")],
+    "dw_store_no_load": [(_DW_UPDATE, _DW_HEAD + """\
+                                tl.store(pw, gw, mask=mw)
+""")],
+    "dw_atomic_slots": [
+        ("    dWp = dW_ptr + pid.to(tl.int64) * L * H * H\n",
+         "    dWp = dW_ptr + (pid % DW_SLOTS).to(tl.int64) * L * H * H\n"),
+        ("                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):\n"
+         '    """Recomputing backward.',
+         "                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,\n"
+         "                   DW_SLOTS: tl.constexpr):\n"
+         '    """Recomputing backward.'),
+        (_DW_UPDATE, _DW_HEAD + """\
+                                tl.atomic_add(pw, gw, mask=mw)
+"""),
+    ],
+    "no_db_atomic": [],
+}
+VARIANTS = list(EDITS) + ["forward"]
+
+
+def load_variant(name: str, tmp: Path):
+    """The kernels module with variant ``name``'s edits, imported from a file (Triton reads a
+    kernel's source through inspect)."""
+    src = KERNEL_SRC.read_text().replace("from ._common import", "from factorcl_ext.triton._common import")
+    for old, new in EDITS.get(name, []):
+        if src.count(old) != 1:
+            raise SystemExit(f"variant {name}: the kernel no longer contains the text it edits "
+                             f"({src.count(old)} matches of {old.splitlines()[0].strip()!r}...)")
+        src = src.replace(old, new)
+    path = tmp / f"mlp_kernels_{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"_fcl_ablation_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_problem(n: int, d_hidden: int, layers: int, dtype, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    h = d_hidden
+    A, B = r(n, h), r(n, h)
+    Ws = [r(h, h, scale=h ** -0.5) for _ in range(layers)]
+    bs = [r(h, scale=0.1) for _ in range(layers)]
+    w_out, b_out = r(h, scale=h ** -0.5), r((), scale=0.1)
+    return A, B, Ws, bs, w_out, b_out
+
+
+def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
+    """A zero-argument function that runs one backward (or forward) launch of ``variant``."""
+    N, M, H, L = a.N, a.M, a.H, a.L
+    G = a.g_row
+    kw = dict(a.constexprs(), **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dev = a.A.device
+    g = torch.Generator().manual_seed(1)  # the same upstream values for every variant
+    lse, *grads = [torch.randn(N, generator=g, dtype=torch.float64).to(dev, a.acc)
+                   for _ in range(4)]
+    if variant == "forward":
+        z, zps, zls = a.scratch(G, L if L >= 2 else 0)
+        outs = [a.A.new_empty(N, dtype=a.acc) for _ in range(3)]
+
+        def run():
+            mod.mlp_fwd_kernel[(G,)](a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, *outs,
+                                     N, M, H, a.pos_offset, zps, zls, **kw)
+            return outs
+        return run
+    z, zps, zls = a.scratch(G, L)
+    acc = dict(device=dev, dtype=a.acc)
+    bufs = [torch.zeros(N, H, **acc), torch.zeros(M, H, **acc),
+            torch.zeros((G, L, H, H) if L else (1,), **acc), torch.zeros((G, L, H) if L else (1,), **acc),
+            torch.zeros(G, H, **acc), torch.zeros(G, **acc)]
+    kw.update(COL_PASS=False, ATOMIC_DB=variant != "no_db_atomic")
+    if variant == "dw_atomic_slots":
+        kw["DW_SLOTS"] = slots
+
+    def run():
+        for b in bufs:
+            b.zero_()
+        mod.mlp_bwd_kernel[(G,)](a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, *grads, *bufs,
+                                 N, M, H, a.pos_offset, zps, zls, **kw)
+        return bufs, lse, grads
+    return run
+
+
+def check(tmp: Path, slots: int) -> None:
+    """Each variant runs; ``full`` and ``dw_atomic_slots`` match the production backward. The
+    small shape gives 3 programs: ``slots`` = 2 makes two of them share a slot."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n, h, layers = 11, 24, 1
+    p = make_problem(n, h, layers, torch.float64, dev)
+    a = ops._MlpArgs(*p, "relu", "none", 0)
+    cfg = a.configs[0]
+    want = None
+    for name in VARIANTS:
+        mod = load_variant(name, tmp)
+        out = launcher(mod, name, a, cfg, slots)()
+        if name in ("full", "dw_atomic_slots"):
+            bufs, lse, (g_lse, g_pos, g_row) = out
+            got = [bufs[0], bufs[1], bufs[2].sum(0), bufs[3].sum(0), bufs[4].sum(0), bufs[5].sum()]
+            if want is None:
+                want = ops._mlp_backward(a, lse, g_lse, g_pos, g_row)
+                want = [want[0], want[1], torch.stack(want[2]), torch.stack(want[3]), want[4],
+                        want[5]]
+            for w, g_, what in zip(want, got, ("dA", "dB", "dW", "dBias", "dWout", "dBout")):
+                err = ((g_ - w).norm() / w.norm().clamp_min(1e-30)).item()
+                if not err < 1e-10:
+                    raise SystemExit(f"{name}: {what} relative error {err:.2e} against the op")
+        print(f"{name}: ran" + (" and matches the op" if name in ("full", "dw_atomic_slots")
+                                  else ""))
+    print("check passed")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=4096, help="N = M")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--configs", type=int, nargs="*", help="indices into the device's tile list")
+    ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=VARIANTS)
+    ap.add_argument("--slots", type=int, default=8,
+                    help="shared slots of dw_atomic_slots (--check: use 2, fewer than programs)")
+    ap.add_argument("--check", action="store_true", help="run each variant once on a small shape")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        if args.check:
+            check(tmp, args.slots)
+            return
+        if not torch.cuda.is_available() or _config.INTERPRETED:
+            raise SystemExit("timing needs a GPU (use --check under TRITON_INTERPRET=1)")
+        from triton.testing import do_bench
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        p = make_problem(args.n, args.hidden, args.layers, dtype, "cuda")
+        a = ops._MlpArgs(*p, "relu", "none", 0)
+        idx = args.configs if args.configs else range(len(a.configs))
+        mods = {v: load_variant(v, tmp) for v in args.variants}
+        useful = 4 * args.layers * args.hidden ** 2 * args.n * args.n  # backward's share
+        dev = torch.cuda.get_device_properties(0)
+        print(f"# {dev.name}, {args.dtype}, N = M = {args.n}, H = {args.hidden}, L = {args.layers}, "
+              f"{a.g_row} programs, torch {torch.__version__}")
+        print("| config | variant | ms (median) | bwd useful TFLOP/s | minus full, ms |")
+        print("|---|---|---|---|---|")
+        for i in idx:
+            cfg = a.configs[i]
+            full_ms = None
+            for v in args.variants:
+                try:
+                    ms = do_bench(launcher(mods[v], v, a, cfg, args.slots), warmup=100, rep=500,
+                                  return_mode="median")
+                except Exception as e:  # a tile that does not compile for this variant
+                    print(f"| {i} | {v} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+                    continue
+                if v == "full":
+                    full_ms = ms
+                rate = f"{useful / (ms * 1e-3) / 1e12:.1f}" if v != "forward" else "-"
+                diff = f"{ms - full_ms:+.2f}" if full_ms is not None and v != "full" else ""
+                print(f"| {i} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} | {v} | {ms:.2f} "
+                      f"| {rate} | {diff} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
