@@ -9,6 +9,8 @@ Concat critic (DESIGN.md section 2), H = 512, L = 0 and 1, bf16 and fp32, N = M 
 of the negative InfoNCE bound:
 
 - ``triton``: factorcl_ext with backend="triton" (the fused loss op for forward+backward);
+- ``triton_det`` (not in the default list): the same in Triton's deterministic mode (a second,
+  column-side recomputing pass instead of float32 atomics; the fixed tile, no autotuning);
 - ``cuda``: backend="cuda", only when ``factorcl_ext.build_info()["cuda_kernels"]``;
 - ``reference``: factorcl_ext.reference (materialises N x M x H; OOM is recorded, not fatal);
 - ``compiled``: torch.compile of the reference;
@@ -146,6 +148,16 @@ def _chunked_neg_bound(x, n, chunk):
     return -factorcl_ext.infonce_lower_bound(torch.cat(lse), torch.cat(pos), n)
 
 
+def _deterministic(step):
+    """``step`` run in the Triton backend's deterministic mode."""
+    from factorcl_ext.triton import deterministic
+
+    def det_step(x):
+        with deterministic():
+            return step(x)
+    return det_step
+
+
 def concat_step(impl, n, fwd_only, chunk, compiled_cache):
     def fused(backend):
         def step(x):
@@ -164,6 +176,8 @@ def concat_step(impl, n, fwd_only, chunk, compiled_cache):
 
     if impl in ("triton", "cuda"):
         return fused(impl)
+    if impl == "triton_det":
+        return _deterministic(fused("triton"))
     if impl == "reference":
         fn = lambda x: _ref_neg_bound(x, n)  # noqa: E731
     elif impl == "compiled":
@@ -237,6 +251,8 @@ def separable_step(impl, n, fwd_only, chunk, compiled_cache):
             g = s @ h
         return g
 
+    if impl == "triton_det":
+        return _deterministic(separable_step("triton", n, fwd_only, chunk, compiled_cache))
     if impl in ("triton", "cuda"):
         def step(x):
             if fwd_only:
@@ -333,7 +349,8 @@ def main() -> None:
     if args.quick:
         args.ns, args.sep_ns = [256, 1024], [4096]
     torch.set_float32_matmul_precision(args.fp32_precision)
-    impls = [i for i in args.impls if i not in ("triton", "cuda") or i in fused_backends()]
+    impls = [i for i in args.impls
+             if i not in ("triton", "triton_det", "cuda") or i.split("_")[0] in fused_backends()]
 
     dev = torch.cuda.get_device_properties(0)
     info = factorcl_ext.build_info()

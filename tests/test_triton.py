@@ -617,7 +617,7 @@ def test_backward_ablation_variants_run_and_the_atomic_slots_are_right(capsys):
 def test_gpu_bench_implementations_agree(critic):
     bench = _load_gpu_bench()
     n, chunk = 9, 4  # chunks that do not divide N
-    impls = ["triton", "reference", "chunked"]
+    impls = ["triton", "triton_det", "reference", "chunked"]
     results = {}
     for impl in impls:
         torch.manual_seed(0)
