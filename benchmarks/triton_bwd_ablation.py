@@ -1,7 +1,8 @@
-"""Where the Triton concat-critic backward spends its time, without hardware counters.
+"""Where the Triton backward kernels spend their time, without hardware counters.
 
     python benchmarks/triton_bwd_ablation.py                    # GPU: N = 4096, H = 512, L = 1, bf16
     python benchmarks/triton_bwd_ablation.py --n 4096 --configs 0 3 --variants full no_dw_update
+    python benchmarks/triton_bwd_ablation.py --critic separable --n 65536 --hidden 512
     TRITON_INTERPRET=1 python benchmarks/triton_bwd_ablation.py --check   # CPU: run every variant once
 
 On a GPU it times variants of ``mlp_bwd_kernel`` that leave one stage out or change how it is
@@ -26,8 +27,14 @@ the kernel no longer contains it):
 - ``no_db_atomic``: without dB (ATOMIC_DB off);
 - ``forward``: the forward kernel with the same tile, for scale.
 
-``--check`` (any device, meant for the interpreter): runs each variant once on a small shape and
-checks that ``full`` and ``dw_atomic_slots`` give the production op's gradients (float64).
+Separable critic (``--critic separable``, N = M, D = ``--hidden``; ``dot_bwd_kernel``):
+``full``; ``no_dh_atomic`` (without dH); ``dh_store_not_atomic`` (dH by plain stores: atomics
+against stores; wrong values, timing only); ``dg_store_no_load`` (the dG update without its load);
+``forward``. Useful backward FLOPs there: 4*N*M*D.
+
+``--check`` (any device, meant for the interpreter): runs each variant of both critics once on a
+small shape and checks that ``full`` and ``dw_atomic_slots`` give the production op's gradients
+(float64).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ if str(ROOT) not in sys.path:
 
 from factorcl_ext.triton import _config, ops  # noqa: E402
 
-KERNEL_SRC = ROOT / "factorcl_ext" / "triton" / "_mlp_kernels.py"
+KERNELS = ROOT / "factorcl_ext" / "triton"
 
 _DW_UPDATE = """\
                             if not COL_PASS:
@@ -83,21 +90,39 @@ EDITS = {
     ],
     "no_db_atomic": [],
 }
-VARIANTS = list(EDITS) + ["forward"]
+_DG_UPDATE = "                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)\n"
+_DH_ATOMIC = "                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,\n"
+DOT_EDITS = {
+    "full": [],
+    "no_dh_atomic": [],
+    "dh_store_not_atomic": [(_DH_ATOMIC, _DH_ATOMIC.replace("tl.atomic_add(", "tl.store("))],
+    "dg_store_no_load": [(_DG_UPDATE, "                    tl.store(pg, dg, mask=mg)\n")],
+}
+CRITICS = {  # critic -> (kernel source, edits)
+    "concat": ("_mlp_kernels.py", EDITS),
+    "separable": ("_dot_kernels.py", DOT_EDITS),
+}
+VARIANTS = sorted({*EDITS, *DOT_EDITS, "forward"}, key=[*EDITS, *DOT_EDITS, "forward"].index)
 
 
-def load_variant(name: str, tmp: Path):
+def variants_of(critic: str) -> list[str]:
+    return [*CRITICS[critic][1], "forward"]
+
+
+def load_variant(critic: str, name: str, tmp: Path):
     """The kernels module with variant ``name``'s edits, imported from a file (Triton reads a
     kernel's source through inspect)."""
-    src = KERNEL_SRC.read_text().replace("from ._common import", "from factorcl_ext.triton._common import")
-    for old, new in EDITS.get(name, []):
+    file, edits = CRITICS[critic]
+    src = (KERNELS / file).read_text().replace("from ._common import",
+                                               "from factorcl_ext.triton._common import")
+    for old, new in edits.get(name, []):
         if src.count(old) != 1:
             raise SystemExit(f"variant {name}: the kernel no longer contains the text it edits "
                              f"({src.count(old)} matches of {old.splitlines()[0].strip()!r}...)")
         src = src.replace(old, new)
-    path = tmp / f"mlp_kernels_{name}.py"
+    path = tmp / f"{critic}_kernels_{name}.py"
     path.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"_fcl_ablation_{name}", path)
+    spec = importlib.util.spec_from_file_location(f"_fcl_ablation_{critic}_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -153,6 +178,50 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
     return run
 
 
+def dot_launcher(mod, variant: str, a: "ops._DotArgs", cfg):
+    """A zero-argument function that runs one separable backward (or forward) launch."""
+    N, M, D = a.N, a.M, a.D
+    G = a.g_row
+    kw = dict(a.constexprs(), **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dev = a.G.device
+    g = torch.Generator().manual_seed(1)
+    lse, *grads = [torch.randn(N, generator=g, dtype=torch.float64).to(dev, a.acc)
+                   for _ in range(4)]
+    if variant == "forward":
+        outs = [a.G.new_empty(N, dtype=a.acc) for _ in range(3)]
+
+        def run():
+            mod.dot_fwd_kernel[(G,)](a.G, a.H, *outs, *a.head(), **kw)
+            return outs
+        return run
+    bufs = [torch.zeros(N, D, device=dev, dtype=a.acc), torch.zeros(M, D, device=dev, dtype=a.acc)]
+    kw.update(COL_PASS=False, ATOMIC_DH=variant != "no_dh_atomic")
+
+    def run():
+        for b in bufs:
+            b.zero_()
+        mod.dot_bwd_kernel[(G,)](a.G, a.H, lse, *grads, *bufs, *a.head(), **kw)
+        return bufs, lse, grads
+    return run
+
+
+def check_separable(tmp: Path) -> None:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    Gm, Hm = (torch.randn(n, 20, generator=gen, dtype=torch.float64).to(dev) for n in (37, 37))
+    a = ops._DotArgs(Gm, Hm, 0, None)
+    for name in variants_of("separable"):
+        out = dot_launcher(load_variant("separable", name, tmp), name, a, a.configs[0])()
+        if name == "full":
+            (dG, dH), lse, (g_lse, g_pos, g_row) = out
+            want = ops._dot_backward(a, lse, g_lse, g_pos, g_row)
+            for w, g_, what in zip(want, (dG, dH), ("dG", "dH")):
+                err = ((g_ - w).norm() / w.norm()).item()
+                if not err < 1e-10:
+                    raise SystemExit(f"separable {name}: {what} relative error {err:.2e}")
+        print(f"separable {name}: ran" + (" and matches the op" if name == "full" else ""))
+
+
 def check(tmp: Path, slots: int) -> None:
     """Each variant runs; ``full`` and ``dw_atomic_slots`` match the production backward. The
     small shape gives 3 programs: ``slots`` = 2 makes two of them share a slot."""
@@ -162,8 +231,8 @@ def check(tmp: Path, slots: int) -> None:
     a = ops._MlpArgs(*p, "relu", "none", 0)
     cfg = a.configs[0]
     want = None
-    for name in VARIANTS:
-        mod = load_variant(name, tmp)
+    for name in variants_of("concat"):
+        mod = load_variant("concat", name, tmp)
         out = launcher(mod, name, a, cfg, slots)()
         if name in ("full", "dw_atomic_slots"):
             bufs, lse, (g_lse, g_pos, g_row) = out
@@ -176,59 +245,97 @@ def check(tmp: Path, slots: int) -> None:
                 err = ((g_ - w).norm() / w.norm().clamp_min(1e-30)).item()
                 if not err < 1e-10:
                     raise SystemExit(f"{name}: {what} relative error {err:.2e} against the op")
-        print(f"{name}: ran" + (" and matches the op" if name in ("full", "dw_atomic_slots")
-                                  else ""))
+        print(f"concat {name}: ran" + (" and matches the op" if name in ("full", "dw_atomic_slots")
+                                         else ""))
+    check_separable(tmp)
     print("check passed")
+
+
+def table(args, tmp: Path, bench, device: str) -> int:
+    """Time every (configuration, variant) with ``bench(fn) -> ms`` and print the table; return
+    how many failed."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             "fp64": torch.float64}[args.dtype]
+    variants = args.variants or variants_of(args.critic)
+    bad = [v for v in variants if v not in variants_of(args.critic)]
+    if bad:
+        raise SystemExit(f"not variants of the {args.critic} critic: {bad}")
+    mods = {v: load_variant(args.critic, v, tmp) for v in variants}
+    if args.critic == "concat":
+        a = ops._MlpArgs(*make_problem(args.n, args.hidden, args.layers, dtype, device),
+                         "relu", "none", 0)
+        useful = 4 * args.layers * args.hidden ** 2 * args.n * args.n  # backward's share
+        shape = f"H = {args.hidden}, L = {args.layers}"
+
+        def make(v, cfg):
+            return launcher(mods[v], v, a, cfg, args.slots)
+    else:
+        Gm, Hm = (torch.randn(args.n, args.hidden, device=device, dtype=dtype) for _ in "gh")
+        a = ops._DotArgs(Gm, Hm, 0, None)
+        useful = 4 * args.n * args.n * args.hidden
+        shape = f"D = {args.hidden}"
+
+        def make(v, cfg):
+            return dot_launcher(mods[v], v, a, cfg)
+    idx = args.configs if args.configs else range(len(a.configs))
+    name = torch.cuda.get_device_properties(0).name if device == "cuda" else device
+    print(f"# {args.critic} critic, {name}, {args.dtype}, N = M = {args.n}, {shape}, "
+          f"{a.g_row} programs, torch {torch.__version__}")
+    print("| config | variant | ms (median) | bwd useful TFLOP/s | minus full, ms |")
+    print("|---|---|---|---|---|")
+    failed = 0
+    for i in idx:
+        cfg = a.configs[i]
+        full_ms = None
+        for v in variants:
+            try:
+                ms = bench(make(v, cfg))
+            except Exception as e:  # a tile that does not compile for this variant
+                print(f"| {i} | {v} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
+                failed += 1
+                continue
+            if v == "full":
+                full_ms = ms
+            rate = f"{useful / (ms * 1e-3) / 1e12:.1f}" if v != "forward" else "-"
+            diff = f"{ms - full_ms:+.2f}" if full_ms is not None and v != "full" else ""
+            print(f"| {i} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} | {v} | {ms:.2f} "
+                  f"| {rate} | {diff} |", flush=True)
+    return failed
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--critic", choices=list(CRITICS), default="concat")
     ap.add_argument("--n", type=int, default=4096, help="N = M")
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=512, help="H (concat) or D (separable)")
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--configs", type=int, nargs="*", help="indices into the device's tile list")
-    ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=VARIANTS)
+    ap.add_argument("--variants", nargs="*", choices=VARIANTS,
+                    help="default: all of the critic's")
     ap.add_argument("--slots", type=int, default=8,
                     help="shared slots of dw_atomic_slots (--check: use 2, fewer than programs)")
-    ap.add_argument("--check", action="store_true", help="run each variant once on a small shape")
+    ap.add_argument("--check", action="store_true",
+                    help="run each variant once on a small shape and check two against the op")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if args.check:
             check(tmp, args.slots)
+            # the table's code path on a tiny float64 problem, each launch run once, not timed
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            for critic in CRITICS:
+                small = argparse.Namespace(**{**vars(args), "critic": critic, "n": 9, "hidden": 20,
+                                              "dtype": "fp64", "configs": [0], "variants": None})
+                if table(small, tmp, lambda fn: (fn(), 1.0)[1], device):
+                    raise SystemExit(f"{critic}: a variant failed in the table")
             return
         if not torch.cuda.is_available() or _config.INTERPRETED:
             raise SystemExit("timing needs a GPU (use --check under TRITON_INTERPRET=1)")
         from triton.testing import do_bench
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        p = make_problem(args.n, args.hidden, args.layers, dtype, "cuda")
-        a = ops._MlpArgs(*p, "relu", "none", 0)
-        idx = args.configs if args.configs else range(len(a.configs))
-        mods = {v: load_variant(v, tmp) for v in args.variants}
-        useful = 4 * args.layers * args.hidden ** 2 * args.n * args.n  # backward's share
-        dev = torch.cuda.get_device_properties(0)
-        print(f"# {dev.name}, {args.dtype}, N = M = {args.n}, H = {args.hidden}, L = {args.layers}, "
-              f"{a.g_row} programs, torch {torch.__version__}")
-        print("| config | variant | ms (median) | bwd useful TFLOP/s | minus full, ms |")
-        print("|---|---|---|---|---|")
-        for i in idx:
-            cfg = a.configs[i]
-            full_ms = None
-            for v in args.variants:
-                try:
-                    ms = do_bench(launcher(mods[v], v, a, cfg, args.slots), warmup=100, rep=500,
-                                  return_mode="median")
-                except Exception as e:  # a tile that does not compile for this variant
-                    print(f"| {i} | {v} | failed: {type(e).__name__}: {str(e)[:80]} | | |")
-                    continue
-                if v == "full":
-                    full_ms = ms
-                rate = f"{useful / (ms * 1e-3) / 1e12:.1f}" if v != "forward" else "-"
-                diff = f"{ms - full_ms:+.2f}" if full_ms is not None and v != "full" else ""
-                print(f"| {i} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} | {v} | {ms:.2f} "
-                      f"| {rate} | {diff} |", flush=True)
+        table(args, tmp, lambda fn: do_bench(fn, warmup=100, rep=500, return_mode="median"),
+              "cuda")
 
 
 if __name__ == "__main__":
