@@ -341,7 +341,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--budget", type=float, default=5.0, help="seconds of timed runs per case")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="Triton: the fixed first tile configuration (as FACTORCL_TRITON_AUTOTUNE=0): "
+                        "for peak-memory runs at large N, where autotuning takes minutes")
     args = p.parse_args()
+    if args.no_autotune:
+        from factorcl_ext.triton import _config as triton_config
+
+        triton_config.AUTOTUNE = False
 
     if not torch.cuda.is_available():
         sys.exit("gpu_bench.py needs a CUDA GPU (torch.cuda.is_available() is False); "
