@@ -25,12 +25,14 @@ the kernel no longer contains it):
   p mod slots) instead of a read-modify-write of the program's own slot: fewer slots that fit L2,
   order not fixed (a candidate for the non-deterministic mode; values are right);
 - ``no_db_atomic``: without dB (ATOMIC_DB off);
+- ``db_atomic_acq_rel``: the dB atomics with Triton's default ``sem="acq_rel"`` (the kernel uses
+  ``relaxed`` since session 4; acq_rel puts MEMBAR.ALL.GPU and CCTL.IVALL around each one);
 - ``forward``: the forward kernel with the same tile, for scale.
 
 Separable critic (``--critic separable``, N = M, D = ``--hidden``; ``dot_bwd_kernel``):
 ``full``; ``no_dh_atomic`` (without dH); ``dh_store_not_atomic`` (dH by plain stores: atomics
-against stores; wrong values, timing only); ``dg_store_no_load`` (the dG update without its load);
-``forward``. Useful backward FLOPs there: 4*N*M*D.
+against stores; wrong values, timing only); ``dh_atomic_acq_rel`` (the dH atomics as before
+session 4, acq_rel); ``dg_store_no_load`` (the dG update without its load); ``forward``. Useful backward FLOPs there: 4*N*M*D.
 
 ``--check`` (any device, meant for the interpreter): runs each variant of both critics once on a
 small shape and checks that ``full`` and ``dw_atomic_slots`` give the production op's gradients
@@ -65,6 +67,7 @@ _DW_UPDATE = """\
                                 tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
 """
 _DW_HEAD = _DW_UPDATE.rsplit("                                tl.store", 1)[0]
+_DB_ATOMIC = '            tl.atomic_add(pb, tl.sum(d3, axis=0), mask=mb, sem="relaxed")\n'
 
 EDITS = {
     "full": [],
@@ -85,17 +88,21 @@ EDITS = {
          "                   DW_SLOTS: tl.constexpr):\n"
          '    """Recomputing backward.'),
         (_DW_UPDATE, _DW_HEAD + """\
-                                tl.atomic_add(pw, gw, mask=mw)
+                                tl.atomic_add(pw, gw, mask=mw, sem="relaxed")
 """),
     ],
     "no_db_atomic": [],
+    "db_atomic_acq_rel": [(_DB_ATOMIC, _DB_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
 }
 _DG_UPDATE = "                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)\n"
-_DH_ATOMIC = "                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,\n"
+_DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,\n"
+              '                                      mask=mj[:, None] & md[None, :], sem="relaxed")')
 DOT_EDITS = {
     "full": [],
     "no_dh_atomic": [],
-    "dh_store_not_atomic": [(_DH_ATOMIC, _DH_ATOMIC.replace("tl.atomic_add(", "tl.store("))],
+    "dh_store_not_atomic": [(_DH_ATOMIC, _DH_ATOMIC.replace("tl.atomic_add(", "tl.store(")
+                             .replace(', sem="relaxed"', ""))],
+    "dh_atomic_acq_rel": [(_DH_ATOMIC, _DH_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
     "dg_store_no_load": [(_DG_UPDATE, "                    tl.store(pg, dg, mask=mg)\n")],
 }
 CRITICS = {  # critic -> (kernel source, edits)

@@ -130,5 +130,7 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
                                     mask=mi[:, None] & md[None, :], other=0.0)
                         dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC,
                                     out_dtype=ACC)
+                        # relaxed: no ordering needed (read after the kernel); the default
+                        # acq_rel adds MEMBAR.ALL.GPU and CCTL.IVALL around each atomic (SASS)
                         tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,
-                                      mask=mj[:, None] & md[None, :])
+                                      mask=mj[:, None] & md[None, :], sem="relaxed")
