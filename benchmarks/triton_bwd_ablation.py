@@ -4,6 +4,7 @@
     python benchmarks/triton_bwd_ablation.py --n 4096 --configs 0 3 --variants full no_dw_update
     python benchmarks/triton_bwd_ablation.py --critic separable --n 65536 --hidden 512
     TRITON_INTERPRET=1 python benchmarks/triton_bwd_ablation.py --check   # CPU: run every variant once
+    python benchmarks/triton_bwd_ablation.py --compile    # CPU: compile every variant for sm_90
 
 On a GPU it times variants of ``mlp_bwd_kernel`` that leave one stage out or change how it is
 done (device/METHOD.md: "time variants that leave one stage out ... and take differences"), for
@@ -310,6 +311,36 @@ def table(args, tmp: Path, bench, device: str) -> int:
     return failed
 
 
+def compile_variants(tmp: Path, arch: int = 90) -> list[str]:
+    """Compile every variant of both critics ahead of time for ``arch`` (no GPU needed, no
+    interpreter): a variant whose edit breaks lowering fails here, not on a GPU lease. Returns
+    one line per variant."""
+    spec = importlib.util.spec_from_file_location(
+        "triton_compile_check", ROOT / "benchmarks" / "triton_compile_check.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    out = []
+    for critic, (_, edits) in CRITICS.items():
+        for name in edits:
+            mod = load_variant(critic, name, tmp)
+            if critic == "concat":
+                cfg = _config.MLP_HOPPER[0]
+                kernel, sig = mod.mlp_bwd_kernel, cc.mlp_signature(mod.mlp_bwd_kernel, "bf16")
+                cx = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee", COL_PASS=False,
+                          ATOMIC_DB=name != "no_db_atomic")
+                if name == "dw_atomic_slots":
+                    cx["DW_SLOTS"] = 8
+            else:
+                cfg = _config.DOT_HOPPER[0]
+                kernel, sig = mod.dot_bwd_kernel, cc.dot_signature(mod.dot_bwd_kernel, "bf16")
+                cx = dict(HAS_POS=True, HAS_EXCL=False, PREC="ieee", COL_PASS=False,
+                          ATOMIC_DH=name != "no_dh_atomic")
+            k = cc.compile_kernel(kernel, sig, cx, cfg, arch)
+            ops = cc.sass_counts(k.asm["cubin"])
+            out.append(f"{critic} {name}: " + " ".join(f"{o}={v}" for o, v in ops.items() if v))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--critic", choices=list(CRITICS), default="concat")
@@ -324,9 +355,15 @@ def main(argv=None) -> None:
                     help="shared slots of dw_atomic_slots (--check: use 2, fewer than programs)")
     ap.add_argument("--check", action="store_true",
                     help="run each variant once on a small shape and check two against the op")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile every variant for sm_90 without a GPU and print its SASS counts")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
+        if args.compile:
+            for line in compile_variants(tmp):
+                print(line, flush=True)
+            return
         if args.check:
             check(tmp, args.slots)
             # the table's code path on a tiny float64 problem, each launch run once, not timed

@@ -1,9 +1,18 @@
 """Compile the Triton kernels ahead of time for sm90 / sm80, without a GPU, and print each
-variant's registers, spills and shared memory: a check that every kernel lowers for a real
-target (the interpreter does not lower anything) and a first look at register pressure.
+variant's registers, spills, shared memory and what its machine code (SASS) holds: a check that
+every kernel lowers for a real target (the interpreter does not lower anything) and a look at
+what a GPU would run.
 
     python benchmarks/triton_compile_check.py              # first config of each list, all dtypes
     python benchmarks/triton_compile_check.py --all-configs --dtypes bf16 --layers 1
+
+The kernels are compiled as a launch specialises them when every pointer is 16-byte aligned and
+every integer argument a multiple of 16 (N, M, H = 4096, 512, ...): Triton marks such arguments
+divisible by 16, which is what lets it vectorise loads and pipeline them with cp.async (without
+it the same kernels compile to 2-byte loads and no pipelining, and the report would describe
+code that never runs). SASS counts: HGMMA (Hopper tensor-core instructions), HMMA (mma.sync),
+REDG/ATOMG (global reductions / atomics), MEMBAR.ALL.GPU and CCTL.IVALL (the GPU-wide fence and
+L1 invalidation that acq_rel atomics bring), LDL/STL (local memory: spills).
 
 Must run without TRITON_INTERPRET (it needs the real @triton.jit functions).
 """
@@ -59,9 +68,10 @@ def dot_signature(kernel, dt: str) -> dict:
     return sig
 
 
-def _resource_usage(cubin: bytes):
-    """(registers, spill stores) per thread, read from the cubin with the bundled cuobjdump."""
-    import re
+SASS_OPS = ("HGMMA", "HMMA", "REDG", "ATOMG", "MEMBAR.ALL.GPU", "CCTL.IVALL", "LDL", "STL")
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import subprocess
     import tempfile
 
@@ -69,25 +79,48 @@ def _resource_usage(cubin: bytes):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin: bytes):
+    """(registers, stack bytes) per thread, read from the cubin with the bundled cuobjdump."""
+    import re
+
+    out = _cuobjdump(cubin, "-res-usage")
     regs = re.search(r"REG:(\d+)", out)
     spill = re.search(r"STACK:(\d+)", out)
     return (int(regs.group(1)) if regs else "?"), (int(spill.group(1)) if spill else "?")
 
 
-def compile_one(kernel, sig, constexprs, cfg, arch):
+def sass_counts(cubin: bytes) -> dict:
+    """How many instructions of each SASS_OPS kind the kernel's machine code holds."""
+    import re
+
+    sass = _cuobjdump(cubin, "-sass")
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
+    return {name: sum(1 for op in ops if op == name or op.startswith(name + "."))
+            for name in SASS_OPS}
+
+
+def compile_kernel(kernel, sig, constexprs, cfg, arch):
+    """The compiled kernel, specialised as a launch with aligned pointers and integer arguments
+    that are multiples of 16 would be."""
     for name in constexprs:
         sig[name] = "constexpr"
     for name in cfg.kwargs:
         sig[name] = "constexpr"
-    src = ASTSource(kernel, sig, constexprs={**constexprs, **cfg.kwargs})
-    target = GPUTarget("cuda", arch, 32)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if sig.get(name) != "constexpr"}
+    src = ASTSource(kernel, sig, constexprs={**constexprs, **cfg.kwargs}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def compile_one(kernel, sig, constexprs, cfg, arch):
     t0 = time.time()
-    k = triton.compile(src, target=target,
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    md = k.metadata
+    k = compile_kernel(kernel, sig, constexprs, cfg, arch)
     n_regs, n_spills = _resource_usage(k.asm["cubin"])
-    return md.shared, n_regs, n_spills, time.time() - t0
+    return k.metadata.shared, n_regs, n_spills, sass_counts(k.asm["cubin"]), time.time() - t0
 
 
 def main() -> None:
@@ -126,10 +159,11 @@ def main() -> None:
                 name = (f"sm{arch} {dt:4s} {label:18s} {cfg.kwargs} "
                         f"w{cfg.num_warps} s{cfg.num_stages}")
                 try:
-                    shared, regs, spills, secs = compile_one(kernel, sigf(kernel, dt), constexprs,
-                                                             cfg, arch)
-                    print(f"{name}: smem={shared} regs={regs} stack={spills} ({secs:.1f}s)",
-                          flush=True)
+                    shared, regs, spills, ops, secs = compile_one(kernel, sigf(kernel, dt),
+                                                                  constexprs, cfg, arch)
+                    sass = " ".join(f"{k}={v}" for k, v in ops.items() if v)
+                    print(f"{name}: smem={shared} regs={regs} stack={spills} {sass} "
+                          f"({secs:.1f}s)", flush=True)
                 except Exception as exc:  # report every failure, keep going
                     failures += 1
                     msg = str(exc).strip().splitlines()
