@@ -342,8 +342,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=5.0, help="seconds of timed runs per case")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--no-autotune", action="store_true",
-                   help="Triton: the fixed first tile configuration (as FACTORCL_TRITON_AUTOTUNE=0): "
-                        "for peak-memory runs at large N, where autotuning takes minutes")
+                   help="Triton: the fixed first tile configuration (as "
+                        "FACTORCL_TRITON_AUTOTUNE=0): for peak-memory runs at large N, where "
+                        "autotuning takes minutes")
     args = p.parse_args()
     if args.no_autotune:
         from factorcl_ext.triton import _config as triton_config

@@ -1,10 +1,10 @@
 """Where the Triton backward kernels spend their time, without hardware counters.
 
-    python benchmarks/triton_bwd_ablation.py                    # GPU: N = 4096, H = 512, L = 1, bf16
+    python benchmarks/triton_bwd_ablation.py             # GPU: N = 4096, H = 512, L = 1, bf16
     python benchmarks/triton_bwd_ablation.py --n 4096 --configs 0 3 --variants full no_dw_update
     python benchmarks/triton_bwd_ablation.py --critic separable --n 65536 --hidden 512
-    TRITON_INTERPRET=1 python benchmarks/triton_bwd_ablation.py --check   # CPU: run every variant once
-    python benchmarks/triton_bwd_ablation.py --compile    # CPU: compile every variant for sm_90
+    TRITON_INTERPRET=1 python benchmarks/triton_bwd_ablation.py --check  # CPU: run each variant
+    python benchmarks/triton_bwd_ablation.py --compile   # CPU: compile every variant for sm_90
 
 On a GPU it times variants of ``mlp_bwd_kernel`` that leave one stage out or change how it is
 done (device/METHOD.md: "time variants that leave one stage out ... and take differences"), for
@@ -28,12 +28,16 @@ the kernel no longer contains it):
 - ``no_db_atomic``: without dB (ATOMIC_DB off);
 - ``db_atomic_acq_rel``: the dB atomics with Triton's default ``sem="acq_rel"`` (the kernel uses
   ``relaxed`` since session 4; acq_rel puts MEMBAR.ALL.GPU and CCTL.IVALL around each one);
-- ``forward``: the forward kernel with the same tile, for scale.
+- ``full_grid2``: as shipped, with twice the persistent programs (2 per SM; twice the slots);
+- ``forward``: the forward kernel with the same tile, for scale; ``forward_grid2``: with 2
+  programs per SM (the forward keeps no slots for L <= 1, so its grid need not be capped at one
+  program per SM; 8 warps per SM may be too few to hide the latency of each wgmma wait).
 
 Separable critic (``--critic separable``, N = M, D = ``--hidden``; ``dot_bwd_kernel``):
 ``full``; ``no_dh_atomic`` (without dH); ``dh_store_not_atomic`` (dH by plain stores: atomics
-against stores; wrong values, timing only); ``dh_atomic_acq_rel`` (the dH atomics as before
-session 4, acq_rel); ``dg_store_no_load`` (the dG update without its load); ``forward``. Useful backward FLOPs there: 4*N*M*D.
+against stores; wrong values, timing only); ``full_grid2``; ``dh_atomic_acq_rel`` (the dH
+atomics as before session 4, acq_rel); ``dg_store_no_load`` (the dG update without its load); ``forward``,
+``forward_grid2``. Useful backward FLOPs there: 4*N*M*D.
 
 ``--check`` (any device, meant for the interpreter): runs each variant of both critics once on a
 small shape and checks that ``full`` and ``dw_atomic_slots`` give the production op's gradients
@@ -93,6 +97,7 @@ EDITS = {
 """),
     ],
     "no_db_atomic": [],
+    "full_grid2": [],
     "db_atomic_acq_rel": [(_DB_ATOMIC, _DB_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
 }
 _DG_UPDATE = "                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)\n"
@@ -101,6 +106,7 @@ _DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + rj[:, None] * D + 
 DOT_EDITS = {
     "full": [],
     "no_dh_atomic": [],
+    "full_grid2": [],
     "dh_store_not_atomic": [(_DH_ATOMIC, _DH_ATOMIC.replace("tl.atomic_add(", "tl.store(")
                              .replace(', sem="relaxed"', ""))],
     "dh_atomic_acq_rel": [(_DH_ATOMIC, _DH_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
@@ -110,11 +116,17 @@ CRITICS = {  # critic -> (kernel source, edits)
     "concat": ("_mlp_kernels.py", EDITS),
     "separable": ("_dot_kernels.py", DOT_EDITS),
 }
-VARIANTS = sorted({*EDITS, *DOT_EDITS, "forward"}, key=[*EDITS, *DOT_EDITS, "forward"].index)
+FORWARDS = ["forward", "forward_grid2"]
+VARIANTS = sorted({*EDITS, *DOT_EDITS, *FORWARDS}, key=[*EDITS, *DOT_EDITS, *FORWARDS].index)
 
 
 def variants_of(critic: str) -> list[str]:
-    return [*CRITICS[critic][1], "forward"]
+    return [*CRITICS[critic][1], *FORWARDS]
+
+
+def programs(a, variant: str) -> int:
+    """The persistent grid: one program per SM as the ops launch it; twice that for *_grid2."""
+    return a.g_row * (2 if variant.endswith("_grid2") else 1)
 
 
 def load_variant(critic: str, name: str, tmp: Path):
@@ -153,13 +165,13 @@ def make_problem(n: int, d_hidden: int, layers: int, dtype, device, seed: int = 
 def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
     """A zero-argument function that runs one backward (or forward) launch of ``variant``."""
     N, M, H, L = a.N, a.M, a.H, a.L
-    G = a.g_row
+    G = programs(a, variant)
     kw = dict(a.constexprs(), **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dev = a.A.device
     g = torch.Generator().manual_seed(1)  # the same upstream values for every variant
     lse, *grads = [torch.randn(N, generator=g, dtype=torch.float64).to(dev, a.acc)
                    for _ in range(4)]
-    if variant == "forward":
+    if variant.startswith("forward"):
         z, zps, zls = a.scratch(G, L if L >= 2 else 0)
         outs = [a.A.new_empty(N, dtype=a.acc) for _ in range(3)]
 
@@ -171,7 +183,8 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
     z, zps, zls = a.scratch(G, L)
     acc = dict(device=dev, dtype=a.acc)
     bufs = [torch.zeros(N, H, **acc), torch.zeros(M, H, **acc),
-            torch.zeros((G, L, H, H) if L else (1,), **acc), torch.zeros((G, L, H) if L else (1,), **acc),
+            torch.zeros((G, L, H, H) if L else (1,), **acc),
+            torch.zeros((G, L, H) if L else (1,), **acc),
             torch.zeros(G, H, **acc), torch.zeros(G, **acc)]
     kw.update(COL_PASS=False, ATOMIC_DB=variant != "no_db_atomic")
     if variant == "dw_atomic_slots":
@@ -189,13 +202,13 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
 def dot_launcher(mod, variant: str, a: "ops._DotArgs", cfg):
     """A zero-argument function that runs one separable backward (or forward) launch."""
     N, M, D = a.N, a.M, a.D
-    G = a.g_row
+    G = programs(a, variant)
     kw = dict(a.constexprs(), **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dev = a.G.device
     g = torch.Generator().manual_seed(1)
     lse, *grads = [torch.randn(N, generator=g, dtype=torch.float64).to(dev, a.acc)
                    for _ in range(4)]
-    if variant == "forward":
+    if variant.startswith("forward"):
         outs = [a.G.new_empty(N, dtype=a.acc) for _ in range(3)]
 
         def run():
@@ -220,14 +233,18 @@ def check_separable(tmp: Path) -> None:
     a = ops._DotArgs(Gm, Hm, 0, None)
     for name in variants_of("separable"):
         out = dot_launcher(load_variant("separable", name, tmp), name, a, a.configs[0])()
-        if name == "full":
+        if name in ("full", "full_grid2"):
             (dG, dH), lse, (g_lse, g_pos, g_row) = out
             want = ops._dot_backward(a, lse, g_lse, g_pos, g_row)
             for w, g_, what in zip(want, (dG, dH), ("dG", "dH")):
                 err = ((g_ - w).norm() / w.norm()).item()
                 if not err < 1e-10:
                     raise SystemExit(f"separable {name}: {what} relative error {err:.2e}")
-        print(f"separable {name}: ran" + (" and matches the op" if name == "full" else ""))
+        print(f"separable {name}: ran"
+              + (" and matches the op" if name in ("full", "full_grid2") else ""))
+
+
+CHECKED = ("full", "dw_atomic_slots", "full_grid2")  # concat variants whose values are right
 
 
 def check(tmp: Path, slots: int) -> None:
@@ -242,7 +259,7 @@ def check(tmp: Path, slots: int) -> None:
     for name in variants_of("concat"):
         mod = load_variant("concat", name, tmp)
         out = launcher(mod, name, a, cfg, slots)()
-        if name in ("full", "dw_atomic_slots"):
+        if name in CHECKED:
             bufs, lse, (g_lse, g_pos, g_row) = out
             got = [bufs[0], bufs[1], bufs[2].sum(0), bufs[3].sum(0), bufs[4].sum(0), bufs[5].sum()]
             if want is None:
@@ -253,8 +270,7 @@ def check(tmp: Path, slots: int) -> None:
                 err = ((g_ - w).norm() / w.norm().clamp_min(1e-30)).item()
                 if not err < 1e-10:
                     raise SystemExit(f"{name}: {what} relative error {err:.2e} against the op")
-        print(f"concat {name}: ran" + (" and matches the op" if name in ("full", "dw_atomic_slots")
-                                         else ""))
+        print(f"concat {name}: ran" + (" and matches the op" if name in CHECKED else ""))
     check_separable(tmp)
     print("check passed")
 
@@ -304,8 +320,9 @@ def table(args, tmp: Path, bench, device: str) -> int:
                 continue
             if v == "full":
                 full_ms = ms
-            rate = f"{useful / (ms * 1e-3) / 1e12:.1f}" if v != "forward" else "-"
-            diff = f"{ms - full_ms:+.2f}" if full_ms is not None and v != "full" else ""
+            fwd = v.startswith("forward")
+            rate = f"{useful / (ms * 1e-3) / 1e12:.1f}" if not fwd else "-"
+            diff = f"{ms - full_ms:+.2f}" if full_ms is not None and v != "full" and not fwd else ""
             print(f"| {i} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages} | {v} | {ms:.2f} "
                   f"| {rate} | {diff} |", flush=True)
     return failed
