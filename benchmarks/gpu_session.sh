@@ -12,7 +12,7 @@
 #   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
 #   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
 #   ablation-* benchmarks/triton_bwd_ablation.py with the arguments after the dash, e.g.
-#              'ablation---configs 0 3' (each config x variant compiles: ~10-20 s apiece)
+#              'ablation---configs 0' (each config x variant compiles: ~10-20 s apiece)
 #
 # Each stage's log is OUTDIR/<stage>.log (pytest stages also write OUTDIR/<stage>.xml); the last
 # lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300).
@@ -86,11 +86,13 @@ for stage in "$@"; do
     sanitize) run_stage sanitize tests/run_compute_sanitizer.sh ;;
     bench-*)
       IFS=' ' read -r -a bench_args <<<"${stage#bench-}"
-      run_stage "bench" "$PY" benchmarks/gpu_bench.py --out "$out" "${bench_args[@]}"
+      n_bench=$((${n_bench:-0} + 1))  # one log per bench stage: bench-1.log, bench-2.log, ...
+      run_stage "bench-$n_bench" "$PY" benchmarks/gpu_bench.py --out "$out" "${bench_args[@]}"
       ;;
     ablation-*)
       IFS=' ' read -r -a abl_args <<<"${stage#ablation-}"
-      run_stage "ablation" "$PY" benchmarks/triton_bwd_ablation.py "${abl_args[@]}"
+      n_abl=$((${n_abl:-0} + 1))
+      run_stage "ablation-$n_abl" "$PY" benchmarks/triton_bwd_ablation.py "${abl_args[@]}"
       ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
