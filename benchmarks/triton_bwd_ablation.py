@@ -16,7 +16,12 @@ Variants (edits of factorcl_ext/triton/_mlp_kernels.py made here, in a temporary
 package's kernel is not touched; each edit names the exact text it replaces and fails loudly if
 the kernel no longer contains it):
 
-- ``full``: the kernel as shipped (row pass, dB by float32 atomics);
+- ``full``: the kernel's row pass with dB by float32 atomics and the weight gradient added into
+  each program's float32 slot tile by tile (``FACTORCL_TRITON_DW=slots``; the only form before
+  session 5);
+- ``dw_chunk``: the production default since session 5 (``FACTORCL_TRITON_DW=chunk``): the
+  same row pass without the slot updates, leaving each chunk's dz in a buffer, and
+  ``mlp_dw_kernel`` reducing it per chunk (all chunks and their dW launches are timed);
 - ``no_dw_update``: without the hidden weights' gradient (its tl.dot and its slot update);
 - ``dw_dot_only``: the weight-gradient tl.dot, its result never stored (a store under a
   condition the compiler cannot decide, never true), so no slot traffic;
@@ -64,7 +69,7 @@ from factorcl_ext.triton import _config, ops  # noqa: E402
 KERNELS = ROOT / "factorcl_ext" / "triton"
 
 _DW_UPDATE = """\
-                            if not COL_PASS:
+                            if not COL_PASS and not DW_CHUNK:
                                 gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
                                             out_dtype=ACC)
                                 pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
@@ -88,14 +93,15 @@ EDITS = {
         ("    dWp = dW_ptr + pid.to(tl.int64) * L * H * H\n",
          "    dWp = dW_ptr + (pid % DW_SLOTS).to(tl.int64) * L * H * H\n"),
         ("                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):\n"
-         '    """Recomputing backward.',
+         '    """Recomputing backward',
          "                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,\n"
          "                   DW_SLOTS: tl.constexpr):\n"
-         '    """Recomputing backward.'),
+         '    """Recomputing backward'),
         (_DW_UPDATE, _DW_HEAD + """\
                                 tl.atomic_add(pw, gw, mask=mw, sem="relaxed")
 """),
     ],
+    "dw_chunk": [],
     "no_db_atomic": [],
     "full_grid2": [],
     "db_atomic_acq_rel": [(_DB_ATOMIC, _DB_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
@@ -180,21 +186,35 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
                                      N, M, H, a.pos_offset, zps, zls, **kw)
             return outs
         return run
-    z, zps, zls = a.scratch(G, L)
     acc = dict(device=dev, dtype=a.acc)
     bufs = [torch.zeros(N, H, **acc), torch.zeros(M, H, **acc),
             torch.zeros((G, L, H, H) if L else (1,), **acc),
             torch.zeros((G, L, H) if L else (1,), **acc),
             torch.zeros(G, H, **acc), torch.zeros(G, **acc)]
     kw.update(COL_PASS=False, ATOMIC_DB=variant != "no_db_atomic")
+    if variant == "dw_chunk":
+        tile = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+        def launch_bwd(grid, args, kwargs):
+            mod.mlp_bwd_kernel[grid](*args, **kwargs, **tile)
+
+        def run():
+            for b in bufs:
+                b.zero_()
+            dws = ops._mlp_row_pass_chunked(a, lse, grads, bufs, a.constexprs() | dict(
+                COL_PASS=False, ATOMIC_DB=True), False, launch_bwd)
+            return [*bufs[:2], torch.stack(dws)[None], *bufs[3:]], lse, grads
+        return run
+    z, zps, zls = a.scratch(G, L)
+    kw["DW_CHUNK"] = False
     if variant == "dw_atomic_slots":
         kw["DW_SLOTS"] = slots
 
     def run():
         for b in bufs:
             b.zero_()
-        mod.mlp_bwd_kernel[(G,)](a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, *grads, *bufs,
-                                 N, M, H, a.pos_offset, zps, zls, **kw)
+        mod.mlp_bwd_kernel[(G,)](a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, z, lse, *grads,
+                                 *bufs, N, M, H, a.pos_offset, zps, zls, 0, N, 0, M, 0, **kw)
         return bufs, lse, grads
     return run
 
@@ -244,11 +264,12 @@ def check_separable(tmp: Path) -> None:
               + (" and matches the op" if name in ("full", "full_grid2") else ""))
 
 
-CHECKED = ("full", "dw_atomic_slots", "full_grid2")  # concat variants whose values are right
+# concat variants whose values are right
+CHECKED = ("full", "dw_atomic_slots", "dw_chunk", "full_grid2")
 
 
 def check(tmp: Path, slots: int) -> None:
-    """Each variant runs; ``full`` and ``dw_atomic_slots`` match the production backward. The
+    """Each variant runs; those in CHECKED match the production backward. The
     small shape gives 3 programs: ``slots`` = 2 makes two of them share a slot."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, h, layers = 11, 24, 1
@@ -344,7 +365,7 @@ def compile_variants(tmp: Path, arch: int = 90) -> list[str]:
                 cfg = _config.MLP_HOPPER[0]
                 kernel, sig = mod.mlp_bwd_kernel, cc.mlp_signature(mod.mlp_bwd_kernel, "bf16")
                 cx = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee", COL_PASS=False,
-                          ATOMIC_DB=name != "no_db_atomic")
+                          ATOMIC_DB=name != "no_db_atomic", DW_CHUNK=name == "dw_chunk")
                 if name == "dw_atomic_slots":
                     cx["DW_SLOTS"] = 8
             else:

@@ -33,7 +33,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from factorcl_ext.triton import _config  # noqa: E402
 from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_fwd_kernel  # noqa: E402
-from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_fwd_kernel  # noqa: E402
+from factorcl_ext.triton._mlp_kernels import (  # noqa: E402
+    mlp_bwd_kernel,
+    mlp_dw_kernel,
+    mlp_fwd_kernel,
+)
 
 TL = {"bf16": "bf16", "f16": "fp16", "f32": "fp32", "f64": "fp64"}
 
@@ -46,7 +50,8 @@ def mlp_signature(kernel, dt: str) -> dict:
     t, a = TL[dt], acc_of(dt)
     sig = {}
     for name in kernel.arg_names:
-        if name in ("A_ptr", "B_ptr", "W_ptr", "Bias_ptr", "Wout_ptr", "Bout_ptr", "Z_ptr"):
+        if name in ("A_ptr", "B_ptr", "W_ptr", "Bias_ptr", "Wout_ptr", "Bout_ptr", "Z_ptr",
+                    "Hin_ptr", "Dz_ptr"):
             sig[name] = "*" + t
         elif name.endswith("_ptr"):
             sig[name] = "*" + a
@@ -145,10 +150,15 @@ def main() -> None:
                 common = dict(L=L, ACT=0, OUT=1, HAS_POS=True, PREC=prec)
                 for cfg in mlp_cfgs:
                     jobs.append((f"mlp_fwd L={L}", mlp_fwd_kernel, mlp_signature, common, cfg))
-                    for col in (False, True):
-                        jobs.append((f"mlp_bwd L={L} col={int(col)}", mlp_bwd_kernel,
-                                     mlp_signature,
-                                     dict(common, COL_PASS=col, ATOMIC_DB=not col), cfg))
+                    for col, chunk in ((False, True), (False, False), (True, False)):
+                        jobs.append((f"mlp_bwd L={L} col={int(col)} chunk={int(chunk)}",
+                                     mlp_bwd_kernel, mlp_signature,
+                                     dict(common, COL_PASS=col, ATOMIC_DB=not col,
+                                          DW_CHUNK=chunk), cfg))
+            for first in (True, False):
+                jobs.append((f"mlp_dw first={int(first)}", mlp_dw_kernel, mlp_signature,
+                             dict(FIRST=first, ACT=0, PREC=prec),
+                             _config.MLP_DW_CONFIGS[key][0]))
             dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec)
             for cfg in dot_cfgs:
                 jobs.append(("dot_fwd", dot_fwd_kernel, dot_signature, dcommon, cfg))
@@ -156,7 +166,7 @@ def main() -> None:
                     jobs.append((f"dot_bwd col={int(col)}", dot_bwd_kernel, dot_signature,
                                  dict(dcommon, COL_PASS=col, ATOMIC_DH=not col), cfg))
             for label, kernel, sigf, constexprs, cfg in jobs:
-                name = (f"sm{arch} {dt:4s} {label:18s} {cfg.kwargs} "
+                name = (f"sm{arch} {dt:4s} {label:26s} {cfg.kwargs} "
                         f"w{cfg.num_warps} s{cfg.num_stages}")
                 try:
                     shared, regs, spills, ops, secs = compile_one(kernel, sigf(kernel, dt),

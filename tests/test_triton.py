@@ -178,6 +178,51 @@ def test_pair_mlp_deterministic_mode_matches_reference():
     assert not ft.is_deterministic()
 
 
+@pytest.mark.parametrize("dw_mode, layers, deterministic", [
+    ("chunk", 1, False), ("chunk", 2, True), ("slots", 2, False), ("slots", 1, True)])
+def test_pair_mlp_weight_gradient_modes(monkeypatch, dw_mode, layers, deterministic):
+    # chunk mode with a buffer of a few pair tiles: the backward runs over a 2-D grid of chunks
+    # (rows and columns both split, the last chunk of each partial) and mlp_dw_kernel reduces
+    # each one into split partials; slots mode adds into per-program slots
+    import factorcl_ext.triton as ft
+    from factorcl_ext.triton import _config, ops
+
+    n, m, h = MLP_SHAPES[0]
+    cfgs = _config.MLP_CONFIGS[_config.config_family(DEVICE, torch.float64)]
+    bi = _config.max_kwarg(cfgs, lambda k: k["BI"])
+    bj = _config.max_kwarg(cfgs, lambda k: k["BJ"])
+    per_pair = (2 * layers - 1) * h * 8
+    monkeypatch.setattr(_config, "DW_CHUNK_BYTES", 2 * bi * bj * per_pair)
+    rows, cols = _config.dw_chunk(n, m, per_pair, bi, bj)
+    assert math.ceil(n / rows) >= 2 and math.ceil(m / cols) >= 2 and n % rows and m % cols
+    launched = []
+    real = ops._launch
+
+    def spy(tuners, *rest):
+        launched.append(tuners)
+        return real(tuners, *rest)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    old = _config.dw_mode()
+    _config.set_dw_mode(dw_mode)
+    try:
+        with ft.deterministic(deterministic):
+            check_mlp(mlp_inputs(n, m, h, layers), torch.float64, activation="tanh",
+                      out_activation="softplus", pos_offset=m - n)
+    finally:
+        _config.set_dw_mode(old)
+    n_dw = sum(t is ops._MLP_DW for t in launched)
+    chunks = math.ceil(n / rows) * math.ceil(m / cols)
+    assert n_dw == (chunks * layers if dw_mode == "chunk" else 0)
+
+
+def test_dw_mode_is_checked():
+    from factorcl_ext.triton import _config
+
+    with pytest.raises(ValueError, match="chunk"):
+        _config.set_dw_mode("atomic")
+
+
 def test_autotune_off_launches_the_fixed_configuration(monkeypatch):
     # FACTORCL_TRITON_AUTOTUNE=0 (read at import) sets _config.AUTOTUNE: every launch then goes
     # through the single-configuration tuner, as in the deterministic mode, but keeps the
@@ -199,9 +244,9 @@ def test_autotune_off_launches_the_fixed_configuration(monkeypatch):
         check_mlp(mlp_inputs(n, m, h, 1), torch.float64, activation="relu",
                   out_activation="none", pos_offset=0)
         fams = {fam for fam, _ in ops._MLP_FWD}
-        fixed = {id(ops._MLP_FWD[f, True]) for f in fams} | {id(ops._MLP_BWD[f, True])
-                                                             for f in fams}
-        assert len(launched) == 2  # forward and the one backward sweep
+        fixed = {id(t[f, True]) for f in fams for t in (ops._MLP_FWD, ops._MLP_BWD, ops._MLP_DW)}
+        # forward, the one backward sweep (one chunk at this size), the weight-gradient GEMM
+        assert len(launched) == 3
         assert all((id(t) in fixed) != autotune for t in launched), autotune
 
 

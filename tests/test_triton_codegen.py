@@ -49,17 +49,24 @@ def kernels(check):
     """(label, kernel, signature, constexprs, config) of both critics, bf16, L = 1, first tile."""
     from factorcl_ext.triton import _config
     from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_fwd_kernel
-    from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_fwd_kernel
+    from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
 
     mlp = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee")
     dot = dict(HAS_POS=True, HAS_EXCL=False, PREC="ieee")
     mcfg, dcfg = _config.MLP_HOPPER[0], _config.DOT_HOPPER[0]
+    wcfg = _config.MLP_DW_CONFIGS["hopper"][0]
     return [
         ("mlp_fwd", mlp_fwd_kernel, check.mlp_signature, mlp, mcfg),
         ("mlp_bwd row", mlp_bwd_kernel, check.mlp_signature,
-         dict(mlp, COL_PASS=False, ATOMIC_DB=True), mcfg),
+         dict(mlp, COL_PASS=False, ATOMIC_DB=True, DW_CHUNK=True), mcfg),
+        ("mlp_bwd row slots", mlp_bwd_kernel, check.mlp_signature,
+         dict(mlp, COL_PASS=False, ATOMIC_DB=True, DW_CHUNK=False), mcfg),
         ("mlp_bwd col", mlp_bwd_kernel, check.mlp_signature,
-         dict(mlp, COL_PASS=True, ATOMIC_DB=False), mcfg),
+         dict(mlp, COL_PASS=True, ATOMIC_DB=False, DW_CHUNK=False), mcfg),
+        ("mlp_dw first", mlp_dw_kernel, check.mlp_signature,
+         dict(FIRST=True, ACT=0, PREC="ieee"), wcfg),
+        ("mlp_dw hidden", mlp_dw_kernel, check.mlp_signature,
+         dict(FIRST=False, ACT=0, PREC="ieee"), wcfg),
         ("dot_fwd", dot_fwd_kernel, check.dot_signature, dot, dcfg),
         ("dot_bwd row", dot_bwd_kernel, check.dot_signature,
          dict(dot, COL_PASS=False, ATOMIC_DH=True), dcfg),

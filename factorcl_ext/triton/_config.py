@@ -114,6 +114,76 @@ MLP_AMPERE = [
     _cfg(8, 2, BI=16, BJ=16, BK=32, BN=64),
 ]
 
+# ---- concat critic: hidden weights' gradient (mlp_dw_kernel) ----------------------------------
+# How the backward forms the hidden weights' gradient dW_l = sum over pairs of dz_l^T h_(l-1):
+#
+# - "chunk" (default): the backward kernel leaves dz (and the inputs of layers >= 2) of a chunk of
+#   pairs in a buffer (at most DW_CHUNK_BYTES), and mlp_dw_kernel reduces them as one GEMM whose
+#   reduction dimension is the chunk's pairs: [BN, BK] output tiles held in registers, split
+#   over the pairs into a few float32 partials summed in a fixed order. Memory traffic per pair:
+#   one write and about H / BK reads of dz (2 bytes per feature in bf16).
+# - "slots": each backward program adds every pair tile's dz^T h into its own float32 H x H slot
+#   (a read-modify-write of 8 H^2 bytes per tile of P pairs, 8 H^2 / P bytes per pair: 16 KiB at
+#   H = 512, P = 128), slots summed afterwards. Measured on an H100 in session 2 (12.7 % of the
+#   bf16 matmul rate for the whole forward + backward); kept for comparison.
+#
+# FACTORCL_TRITON_DW=slots|chunk and FACTORCL_TRITON_DW_CHUNK_MB (256) are read at import;
+# set_dw_mode() changes the mode at run time.
+DW_MODES = ("chunk", "slots")
+_dw_mode = os.environ.get("FACTORCL_TRITON_DW", "chunk")
+if _dw_mode not in DW_MODES:
+    raise ValueError(f"FACTORCL_TRITON_DW must be one of {DW_MODES}, got {_dw_mode!r}")
+DW_CHUNK_BYTES = int(float(os.environ.get("FACTORCL_TRITON_DW_CHUNK_MB", "256")) * 2**20)
+
+
+def set_dw_mode(mode: str) -> None:
+    """How the concat critic's backward forms the hidden weights' gradient: ``"chunk"`` or
+    ``"slots"`` (see the comment above DW_MODES). Both are deterministic."""
+    global _dw_mode
+    if mode not in DW_MODES:
+        raise ValueError(f"dw mode must be one of {DW_MODES}, got {mode!r}")
+    _dw_mode = mode
+
+
+def dw_mode() -> str:
+    return _dw_mode
+
+
+def dw_chunk(N: int, M: int, stored_per_pair: int, row_align: int, col_align: int
+             ) -> tuple[int, int]:
+    """(rows, columns) of a chunk of pairs whose ``stored_per_pair`` bytes fit DW_CHUNK_BYTES:
+    whole columns of rows first (so that a chunk's backward has every row block to spread over
+    the programs), multiples of the largest tile so that no pair tile straddles two chunks, at
+    least one tile."""
+    rows = triton.cdiv(N, row_align) * row_align
+    cols = triton.cdiv(M, col_align) * col_align
+    pairs = max(1, DW_CHUNK_BYTES // max(1, stored_per_pair))
+    if rows * cols <= pairs:
+        return rows, cols
+    if pairs // rows >= col_align:
+        return rows, pairs // rows // col_align * col_align
+    return max(row_align, pairs // col_align // row_align * row_align), col_align
+
+
+def dw_splits(device: torch.device, tiles: int) -> int:
+    """Splits of mlp_dw_kernel's pair reduction: enough programs to fill the GPU (2 under the
+    interpreter, so that the split is tested)."""
+    if INTERPRETED or device.type != "cuda":
+        return 2
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, sms // max(1, tiles))
+
+
+# One fixed configuration per family (no autotuning): BN x BK output tile, BQI x BQJ pairs per
+# reduction step. 128 x 128 float32 accumulators over 8 warps; 64 pairs per tl.dot.
+MLP_DW_CONFIGS = {
+    "interpret": [_cfg(4, 1, BN=16, BK=16, BQI=4, BQJ=4)],
+    "hopper": [_cfg(8, 3, BN=128, BK=128, BQI=8, BQJ=8)],
+    "ampere": [_cfg(8, 3, BN=128, BK=64, BQI=8, BQJ=8)],
+    "fp64": [_cfg(4, 2, BN=32, BK=32, BQI=4, BQJ=8)],
+}
+
+
 # ---- separable critic (pair dot) -------------------------------------------------------------
 DOT_INTERPRET = [_cfg(4, 1, BI=16, BJ=16, BD=16)]
 DOT_HOPPER = [

@@ -55,16 +55,16 @@ def _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC: tl.constexpr, BI: tl.constexpr,
 
 
 @triton.jit
-def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, i0, j0, N, M, H,
+def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N, M, H,
                 ACC: tl.constexpr, L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
                 BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
                 STORE_LAST: tl.constexpr):
     """``w_out . h_L`` for the tile's P pairs ([P], before b_out and out_act).
 
-    Layer l's pre-activations z_(l+1) go to scratch slot ``zp + l*zls`` ([P, H], row stride H)
-    when a later layer needs them, and for the last layer when STORE_LAST (backward)."""
+    Layer l's pre-activations z_(l+1) go to scratch ``zp + l*zls``, pair p in row ``zr[p]``
+    (row stride H), when a later layer needs them, and for the last layer when STORE_LAST
+    (backward)."""
     P: tl.constexpr = BI * BJ
-    rp = tl.arange(0, P)
     t = tl.zeros((P,), ACC)
     if L == 0:
         for k0 in range(0, H, BK):
@@ -88,7 +88,7 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, i0, j0, N, M, 
                     if l == 0:
                         x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK), ACT)
                     else:
-                        x = tl.load(zp + (l - 1) * zls + rp[:, None] * H + rk[None, :],
+                        x = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                     mask=mk[None, :], other=0.0).to(ACC)
                         x = _act(x, ACT)
                     acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PREC, out_dtype=ACC)
@@ -97,10 +97,10 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, i0, j0, N, M, 
                     wo = tl.load(Wout_ptr + rn, mask=mn, other=0.0).to(ACC)
                     t += tl.sum(_act(z, ACT) * wo[None, :], axis=1)
                     if STORE_LAST:
-                        tl.store(zp + l * zls + rp[:, None] * H + rn[None, :],
+                        tl.store(zp + l * zls + zr[:, None] * H + rn[None, :],
                                  z.to(zp.dtype.element_ty), mask=mn[None, :])
                 else:
-                    tl.store(zp + l * zls + rp[:, None] * H + rn[None, :],
+                    tl.store(zp + l * zls + zr[:, None] * H + rn[None, :],
                              z.to(zp.dtype.element_ty), mask=mn[None, :])
             tl.debug_barrier()
     return t
@@ -132,7 +132,7 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
         rsum = tl.zeros((BI,), ACC)
         pos = tl.zeros((BI,), ACC)
         for j0 in range(0, M, BJ):
-            t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, z_layer_stride,
+            t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, z_layer_stride, rp,
                             i0, j0, N, M, H, ACC, L, ACT, PREC, BI, BJ, BK, BN, False)
             s = tl.reshape(_out_act(t + bout, OUT), (BI, BJ))
             rj = j0 + tl.arange(0, BJ)
@@ -174,54 +174,69 @@ def _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS: tl.constexpr
 
 
 @triton.jit
-def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
+def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin_ptr,
                    Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr,
                    dA_ptr, dB_ptr, dW_ptr, dBias_ptr, dWout_ptr, dBout_ptr,
                    N, M, H, pos_offset, z_prog_stride, z_layer_stride,
+                   row0, row1, col0, col1, chunk_w,
                    L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
                    HAS_POS: tl.constexpr, PREC: tl.constexpr,
-                   COL_PASS: tl.constexpr, ATOMIC_DB: tl.constexpr,
+                   COL_PASS: tl.constexpr, ATOMIC_DB: tl.constexpr, DW_CHUNK: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """Recomputing backward. Row pass (COL_PASS False): dA, weight/bias slots of this program,
-    and dB by atomics when ATOMIC_DB. Column pass (COL_PASS True): dB only.
+    """Recomputing backward over the pairs of rows [row0, row1) x columns [col0, col1) (row0 a
+    multiple of BI, col0 of BJ). Row pass (COL_PASS False): dA, bias slots of this program, dB by
+    atomics when ATOMIC_DB, and the hidden weights' gradients: DW_CHUNK False, into this
+    program's float32 slot, tile by tile; DW_CHUNK True, not here: every layer's dz (and, for
+    layers >= 2, their input h) is left in the chunk buffers Z_ptr / Hin_ptr (pair (i, j) in row
+    (i - row0) * chunk_w + j - col0, layer stride z_layer_stride) for mlp_dw_kernel.
+    Column pass (COL_PASS True): dB only.
 
     Accumulators (dA [N, H], dB [M, H], dW [G, L, H, H], dBias [G, L, H], dWout [G, H],
-    dBout [G]) are float32 (float64 for float64 inputs) and start at zero."""
+    dBout [G]) are float32 (float64 for float64 inputs) and are added to."""
     ACC: tl.constexpr = Lse_ptr.dtype.element_ty
     P: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
-    zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
     zls = z_layer_stride
+    if DW_CHUNK:
+        zp = Z_ptr
+    else:
+        # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
+        zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
     bout = tl.load(Bout_ptr).to(ACC)
     rp = tl.arange(0, P)
     # slots owned by this program
     dWp = dW_ptr + pid.to(tl.int64) * L * H * H
     dBiasp = dBias_ptr + pid.to(tl.int64) * L * H
     dWoutp = dWout_ptr + pid.to(tl.int64) * H
+    rb0 = row0 // BI
+    cb0 = col0 // BJ
     if COL_PASS:
-        n_outer = tl.cdiv(M, BJ)
-        n_inner = tl.cdiv(N, BI)
+        n_outer = tl.cdiv(col1, BJ) - cb0
+        n_inner = tl.cdiv(row1, BI) - rb0
     else:
-        n_outer = tl.cdiv(N, BI)
-        n_inner = tl.cdiv(M, BJ)
+        n_outer = tl.cdiv(row1, BI) - rb0
+        n_inner = tl.cdiv(col1, BJ) - cb0
     dbout = tl.zeros((P,), ACC)
     for ob in range(pid, n_outer, nprog):
         for ib in range(0, n_inner):
             if COL_PASS:
-                i0 = ib * BI
-                j0 = ob * BJ
+                i0 = (rb0 + ib) * BI
+                j0 = (cb0 + ob) * BJ
             else:
-                i0 = ob * BI
-                j0 = ib * BJ
-            t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, i0, j0, N, M, H,
-                            ACC, L, ACT, PREC, BI, BJ, BK, BN, True) + bout
+                i0 = (rb0 + ob) * BI
+                j0 = (cb0 + ib) * BJ
+            if DW_CHUNK:
+                zr = (((i0 - row0) + rp // BJ).to(tl.int64) * chunk_w + (j0 - col0)) + rp % BJ
+            else:
+                zr = rp
+            t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0,
+                            N, M, H, ACC, L, ACT, PREC, BI, BJ, BK, BN, True) + bout
             # ds_ij = g_lse_i exp(s_ij - lse_i) + g_pos_i [j == i + off] + g_rowsum_i, times
             # out_act'(t); zero on padding pairs so nothing flows from them
             pi = i0 + rp // BJ
             pj = j0 + rp % BJ
-            valid = (pi < N) & (pj < M)
+            valid = (pi < row1) & (pj < col1)
             lse = tl.load(Lse_ptr + pi, mask=pi < N, other=0.0)
             ds = (tl.load(Glse_ptr + pi, mask=pi < N, other=0.0) * tl.exp(_out_act(t, OUT) - lse)
                   + tl.load(Grow_ptr + pi, mask=pi < N, other=0.0))
@@ -244,11 +259,11 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                     _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS, ATOMIC_DB,
                                 BI, BJ, BK)
             else:
-                # top: dz_L = ds w_out act'(z_L), written over z_L in the scratch slot
+                # top: dz_L = ds w_out act'(z_L), written over z_L in the scratch
                 for n0 in range(0, H, BN):
                     rn = n0 + tl.arange(0, BN)
                     mn = rn < H
-                    pz = zp + (L - 1) * zls + rp[:, None] * H + rn[None, :]
+                    pz = zp + (L - 1) * zls + zr[:, None] * H + rn[None, :]
                     z = tl.load(pz, mask=mn[None, :], other=0.0).to(ACC)
                     wo = tl.load(Wout_ptr + rn, mask=mn, other=0.0).to(ACC)
                     dz = _act_bwd(ds[:, None] * wo[None, :], z, ACT)
@@ -267,19 +282,23 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                         if l == 0:
                             z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK)
                         else:
-                            z_in = tl.load(zp + (l - 1) * zls + rp[:, None] * H + rk[None, :],
+                            z_in = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                            mask=mk[None, :], other=0.0).to(ACC)
                         h_in = _act(z_in, ACT)
+                        if DW_CHUNK and not COL_PASS and l > 0:
+                            # the layer's input, for mlp_dw_kernel (its slot is about to take dz)
+                            tl.store(Hin_ptr + (l - 1) * zls + zr[:, None] * H + rk[None, :],
+                                     h_in.to(Hin_ptr.dtype.element_ty), mask=mk[None, :])
                         dh = tl.zeros((P, BK), ACC)
                         for n0 in range(0, H, BN):
                             rn = n0 + tl.arange(0, BN)
                             mn = rn < H
                             w = tl.load(W_ptr + l * H * H + rn[:, None] * H + rk[None, :],
                                         mask=mn[:, None] & mk[None, :], other=0.0)
-                            dz = tl.load(zp + l * zls + rp[:, None] * H + rn[None, :],
+                            dz = tl.load(zp + l * zls + zr[:, None] * H + rn[None, :],
                                          mask=mn[None, :], other=0.0).to(w.dtype)
                             dh = tl.dot(dz, w, dh, input_precision=PREC, out_dtype=ACC)
-                            if not COL_PASS:
+                            if not COL_PASS and not DW_CHUNK:
                                 gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
                                             out_dtype=ACC)
                                 pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
@@ -294,8 +313,57 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                                 pb = dBiasp + (l - 1) * H + rk
                                 tl.store(pb, tl.load(pb, mask=mk, other=0.0)
                                          + tl.sum(dz_in, axis=0), mask=mk)
-                            tl.store(zp + (l - 1) * zls + rp[:, None] * H + rk[None, :],
+                            tl.store(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                      dz_in.to(zp.dtype.element_ty), mask=mk[None, :])
                     tl.debug_barrier()
     if not COL_PASS:
-        tl.store(dBout_ptr + pid, tl.sum(dbout, axis=0))
+        tl.store(dBout_ptr + pid, tl.load(dBout_ptr + pid) + tl.sum(dbout, axis=0))
+
+
+@triton.jit
+def mlp_dw_kernel(A_ptr, B_ptr, Dz_ptr, Hin_ptr, Part_ptr,
+                  N, M, H, row0, row1, col0, col1, chunk_w, n_split,
+                  FIRST: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, BQI: tl.constexpr, BQJ: tl.constexpr):
+    """One layer's weight gradient over a chunk of pairs, ``dW[n, k] += sum_p dz[p, n] h[p, k]``,
+    as a GEMM whose reduction dimension is the chunk's pairs (rows [row0, row1) x columns
+    [col0, col1), laid out as mlp_bwd_kernel leaves them in Dz_ptr). ``h`` is the layer's input:
+    ``act(A_i + B_j)``, formed here, for the first layer (FIRST), else read from Hin_ptr.
+
+    Program ``(tile, s)`` owns one [BN, BK] tile of split ``s`` of the float32 partial sums
+    ``Part [n_split, H, H]`` and adds the chunk's pair blocks s, s + n_split, ... to it: every
+    element has one writer and a fixed order, and the splits are summed in order afterwards."""
+    ACC: tl.constexpr = Part_ptr.dtype.element_ty
+    BQ: tl.constexpr = BQI * BQJ
+    pid = tl.program_id(0)
+    tile = pid // n_split
+    s = pid % n_split
+    n_k_tiles = tl.cdiv(H, BK)
+    rn = (tile // n_k_tiles) * BN + tl.arange(0, BN)
+    k0 = (tile % n_k_tiles) * BK
+    rk = k0 + tl.arange(0, BK)
+    mn = rn < H
+    mk = rk < H
+    rq = tl.arange(0, BQ)
+    nbj = tl.cdiv(col1 - col0, BQJ)
+    n_blocks = tl.cdiv(row1 - row0, BQI) * nbj
+    acc = tl.zeros((BN, BK), ACC)
+    for b in range(s, n_blocks, n_split):
+        i0 = row0 + (b // nbj) * BQI
+        j0 = col0 + (b % nbj) * BQJ
+        pi = i0 + rq // BQJ
+        pj = j0 + rq % BQJ
+        valid = (pi < row1) & (pj < col1)
+        zr = (pi - row0).to(tl.int64) * chunk_w + (pj - col0)
+        dz = tl.load(Dz_ptr + zr[:, None] * H + rn[None, :], mask=valid[:, None] & mn[None, :],
+                     other=0.0)
+        if FIRST:
+            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BQI, BQJ, BK), ACT)
+            h = tl.where(valid[:, None], h, 0.0)
+        else:
+            h = tl.load(Hin_ptr + zr[:, None] * H + rk[None, :],
+                        mask=valid[:, None] & mk[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dz), h.to(dz.dtype), acc, input_precision=PREC, out_dtype=ACC)
+    pp = Part_ptr + s.to(tl.int64) * H * H + rn[:, None] * H + rk[None, :]
+    mw = mn[:, None] & mk[None, :]
+    tl.store(pp, tl.load(pp, mask=mw, other=0.0) + acc, mask=mw)

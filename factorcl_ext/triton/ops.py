@@ -30,7 +30,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from . import _config
 from ._common import ACT_CODES, OUT_CODES
 from ._dot_kernels import dot_bwd_kernel, dot_fwd_kernel
-from ._mlp_kernels import mlp_bwd_kernel, mlp_fwd_kernel
+from ._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
 
 _MLP_KEY = ["N", "M", "H", "L"]
 _DOT_KEY = ["N", "M", "D"]
@@ -54,6 +54,7 @@ def _tuners(kernel, configs_by_family, key, reset=None):
 # Autotuning replays a kernel: the backward kernels name their accumulators for reset_to_zero.
 _MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_CONFIGS, _MLP_KEY)
 _MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
+_MLP_DW = _tuners(mlp_dw_kernel, _config.MLP_DW_CONFIGS, ["H"])
 _DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
 _DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
 
@@ -193,29 +194,81 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     dA = a.A.new_zeros((N, H), dtype=a.acc)
     dB = a.A.new_zeros((M, H), dtype=a.acc)
     G = a.g_row
-    dW = a.A.new_zeros((G, L, H, H) if L else (1,), dtype=a.acc)
+    chunked = L > 0 and _config.dw_mode() == "chunk"
+    dW = a.A.new_zeros((G, L, H, H) if L and not chunked else (1,), dtype=a.acc)
     dBias = a.A.new_zeros((G, L, H) if L else (1,), dtype=a.acc)
     dWout = a.A.new_zeros((G, H), dtype=a.acc)
     dBout = a.A.new_zeros((G,), dtype=a.acc)
-    z, zps, zls = a.scratch(max(a.g_row, a.g_col) if det else a.g_row, L)
-    common = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, *grads,
-              dA, dB, dW, dBias, dWout, dBout, N, M, H, a.pos_offset, zps, zls)
-    _launch(_MLP_BWD, a.family, (a.g_row,), common,
-            dict(a.constexprs(), COL_PASS=False, ATOMIC_DB=not det), det)
+    accs = (dA, dB, dW, dBias, dWout, dBout)
+    row_kw = dict(a.constexprs(), COL_PASS=False, ATOMIC_DB=not det)
+    if chunked:
+        dW_layers = _mlp_row_pass_chunked(a, lse, grads, accs, row_kw, det)
+    else:
+        z, zps, zls = a.scratch(a.g_row, L)
+        _launch(_MLP_BWD, a.family, (a.g_row,),
+                _mlp_bwd_args(a, z, z, lse, grads, accs, zps, zls, 0, N, 0, M, 0),
+                dict(row_kw, DW_CHUNK=False), det)
+        dW_layers = [dW[:, l].sum(0) for l in range(L)]
     if det:
-        _launch(_MLP_BWD, a.family, (a.g_col,), common,
-                dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False), det)
+        z, zps, zls = a.scratch(a.g_col, L)
+        _launch(_MLP_BWD, a.family, (a.g_col,),
+                _mlp_bwd_args(a, z, z, lse, grads, accs, zps, zls, 0, N, 0, M, 0),
+                dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False, DW_CHUNK=False), det)
     A, B, W, b, w_out, b_out = a.src
     # one sum per layer (not views of one sum): custom-op outputs may not alias each other;
     # summing the per-program slots in a fixed order keeps the weight gradients deterministic
     return (
         _like(dA, A),
         _like(dB, B),
-        [_like(dW[:, l].sum(0), W[l]) for l in range(L)],
+        [_like(dW_layers[l], W[l]) for l in range(L)],
         [_like(dBias[:, l].sum(0), b[l]) for l in range(L)],
         _like(dWout.sum(0), w_out),
         _like(dBout.sum().reshape(b_out.shape), b_out),
     )
+
+
+def _mlp_bwd_args(a: _MlpArgs, z, hin, lse, grads, accs, zps, zls, row0, row1, col0, col1,
+                  chunk_w) -> tuple:
+    return (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, hin, lse, *grads, *accs,
+            a.N, a.M, a.H, a.pos_offset, zps, zls, row0, row1, col0, col1, chunk_w)
+
+
+def _mlp_row_pass_chunked(a: _MlpArgs, lse, grads, accs, row_kw, det, launch_bwd=None
+                          ) -> list[Tensor]:
+    """The backward's row pass chunk by chunk of pairs, each followed by mlp_dw_kernel per layer
+    (_config.DW_MODES): returns the hidden weights' gradients [H, H] per layer.
+    ``launch_bwd(grid, args, kwargs)`` replaces the autotuned backward launch (benchmarks)."""
+    if launch_bwd is None:
+        def launch_bwd(grid, args, kwargs):
+            _launch(_MLP_BWD, a.family, grid, args, kwargs, det)
+    N, M, H, L = a.N, a.M, a.H, a.L
+    bi_max = _config.max_kwarg(a.configs, lambda k: k["BI"])
+    bj_max = _config.max_kwarg(a.configs, lambda k: k["BJ"])
+    per_pair = (2 * L - 1) * H * a.A.element_size()  # dz of every layer, inputs of layers >= 2
+    rows, cols = _config.dw_chunk(N, M, per_pair, bi_max, bj_max)
+    zls = rows * cols * H
+    z = a.A.new_empty((L, rows * cols, H))
+    hin = a.A.new_empty((L - 1, rows * cols, H)) if L >= 2 else z
+    dw_cfg = _config.MLP_DW_CONFIGS[a.family][0].kwargs
+    tiles = triton.cdiv(H, dw_cfg["BN"]) * triton.cdiv(H, dw_cfg["BK"])
+    splits = _config.dw_splits(a.A.device, tiles)
+    part = a.A.new_zeros((L, splits, H, H), dtype=a.acc)
+    bi_min = _config.min_kwarg(a.configs, lambda k: k["BI"])
+    for row0 in range(0, N, rows):
+        row1 = min(N, row0 + rows)
+        grid = min(a.g_row, _config.num_programs(a.A.device, triton.cdiv(row1 - row0, bi_min)))
+        for col0 in range(0, M, cols):
+            col1 = min(M, col0 + cols)
+            launch_bwd((grid,),
+                       _mlp_bwd_args(a, z, hin, lse, grads, accs, 0, zls, row0, row1, col0,
+                                     col1, cols),
+                       dict(row_kw, DW_CHUNK=True))
+            for l in range(L):
+                _launch(_MLP_DW, a.family, (tiles * splits,),
+                        (a.A, a.B, z[l], hin[l - 1] if l else z[l], part[l],
+                         N, M, H, row0, row1, col0, col1, cols, splits),
+                        dict(FIRST=l == 0, ACT=a.act, PREC=a.prec), det)
+    return [part[l].sum(0) for l in range(L)]
 
 
 @_register("factorcl::triton_pair_mlp_stats")
