@@ -11,6 +11,9 @@ of the negative InfoNCE bound:
 - ``triton``: factorcl_ext with backend="triton" (the fused loss op for forward+backward);
 - ``triton_det`` (not in the default list): the same in Triton's deterministic mode (a second,
   column-side recomputing pass instead of float32 atomics; the fixed tile, no autotuning);
+- ``triton_dwslots`` (concat only, not in the default list): the Triton backward forming the
+  hidden weights' gradient in per-program float32 slots, pair tile by pair tile (the form before
+  session 5; ``FACTORCL_TRITON_DW=slots``), against the default chunked GEMM (``mlp_dw_kernel``);
 - ``cuda``: backend="cuda", only when ``factorcl_ext.build_info()["cuda_kernels"]``;
 - ``reference``: factorcl_ext.reference (materialises N x M x H; OOM is recorded, not fatal);
 - ``compiled``: torch.compile of the reference;
@@ -158,6 +161,20 @@ def _deterministic(step):
     return det_step
 
 
+def _dw_slots(step):
+    """``step`` with the Triton concat backward's weight gradient in per-program slots."""
+    from factorcl_ext.triton import _config as triton_config
+
+    def slots_step(x):
+        old = triton_config.dw_mode()
+        triton_config.set_dw_mode("slots")
+        try:
+            return step(x)
+        finally:
+            triton_config.set_dw_mode(old)
+    return slots_step
+
+
 def concat_step(impl, n, fwd_only, chunk, compiled_cache):
     def fused(backend):
         def step(x):
@@ -178,6 +195,8 @@ def concat_step(impl, n, fwd_only, chunk, compiled_cache):
         return fused(impl)
     if impl == "triton_det":
         return _deterministic(fused("triton"))
+    if impl == "triton_dwslots":
+        return _dw_slots(fused("triton"))
     if impl == "reference":
         fn = lambda x: _ref_neg_bound(x, n)  # noqa: E731
     elif impl == "compiled":
@@ -358,7 +377,8 @@ def main() -> None:
         args.ns, args.sep_ns = [256, 1024], [4096]
     torch.set_float32_matmul_precision(args.fp32_precision)
     impls = [i for i in args.impls
-             if i not in ("triton", "triton_det", "cuda") or i.split("_")[0] in fused_backends()]
+             if i not in ("triton", "triton_det", "triton_dwslots", "cuda")
+             or i.split("_")[0] in fused_backends()]
 
     dev = torch.cuda.get_device_properties(0)
     info = factorcl_ext.build_info()
@@ -410,6 +430,8 @@ def main() -> None:
             chunk = max(1, min(n, (1 << 30) // (n * 4)))
             for fwd_only in (True, False):
                 for impl in impls:
+                    if impl == "triton_dwslots":  # the concat critic's weights only
+                        continue
                     pass_name = "fwd" if fwd_only else "fwd+bwd"
                     if impl in ("reference", "compiled") and n > 4 * args.max_ref_n:
                         continue

@@ -663,6 +663,8 @@ def test_gpu_bench_implementations_agree(critic):
     bench = _load_gpu_bench()
     n, chunk = 9, 4  # chunks that do not divide N
     impls = ["triton", "triton_det", "reference", "chunked"]
+    if critic == "concat":
+        impls.append("triton_dwslots")
     results = {}
     for impl in impls:
         torch.manual_seed(0)

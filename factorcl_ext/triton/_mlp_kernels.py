@@ -23,8 +23,16 @@ slot), ``ds`` from the saved lse, then the chain back through the layers slice b
 in one pass over (k, n) slices. Races are avoided by ownership:
 
 - row pass (grid over row blocks): dA rows are owned by the program (plain read-modify-write);
-  weight and bias gradients go to the program's own float32 slot, summed over slots afterwards in
-  a fixed order (torch.sum), so they are deterministic;
+  bias gradients go to the program's own float32 slot, summed over slots afterwards in a fixed
+  order (torch.sum), so they are deterministic;
+- hidden weights' gradients, two forms (_config.DW_MODES). ``chunk`` (default): the row pass runs
+  over chunks of pairs (rows x columns, a bounded buffer) and leaves each tile's ``dz_l`` (and the
+  inputs of layers >= 2) in the chunk buffer instead of a per-program slot; ``mlp_dw_kernel`` then
+  reduces the chunk as one GEMM over its pairs, ``dW_l += dz_l^T h_(l-1)``, with ``act(A_i + B_j)``
+  formed again for the first layer: [BN, BK] output tiles stay in registers over thousands of
+  pairs, in a fixed split into float32 partials summed in order. ``slots``: every pair tile adds
+  its ``dz^T h`` into the program's own float32 H x H slot (a read-modify-write of the whole slot
+  per P pairs);
 - dB: either float32 atomics from the row pass (fast, order not fixed), or, in deterministic
   mode, a second column pass (grid over column blocks, recomputing) that owns dB rows.
 
