@@ -402,6 +402,7 @@ def test_pair_dot_stats_and_gradients(case, prec):
     g0 = torch.randn(n, d, dtype=F64, device=DEV) * (2.0 / math.sqrt(d))
     h0 = torch.randn(m, d, dtype=F64, device=DEV)
     upstream = [torch.randn(n, dtype=F64, device=DEV) for _ in range(3)]
+    upstream[2] /= m  # the rowsum's weight, as in every loss (tests/test_cuda_emulated.py)
     stats64, grads64 = run_dot_stats(leaf(leaf(g0, dtype), F64), leaf(leaf(h0, dtype), F64), cfg,
                                      upstream, "reference", "float64")
     G, H = leaf(g0, dtype), leaf(h0, dtype)

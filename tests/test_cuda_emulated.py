@@ -254,6 +254,14 @@ def test_emulated_pair_dot(emu, sms, case, prec_name):
         G = (torch.randn(n, d, dtype=F64) * 2 / math.sqrt(d)).to(prec.dtype)
         H = torch.randn(m, d, dtype=F64).to(prec.dtype)
         upstream = upstream_grads(n, prec)
+        # The rowsum's weight per score is c_rowsum / (N M) in every loss (the lse's c_lse / N
+        # against softmax weights of order 1 / M). With an O(1) weight instead, ds_ij = g_lse p_ij
+        # + g_rowsum is g_rowsum plus a small part, and rounding it to bf16 once shifts a whole
+        # row alike: dG_i picks up that shift times sum_j H_j. Exact ds rounded once to bf16
+        # gives 1.5e-2 to 3.8e-2 relative error on dG at D = 1 (5 seeds), which the kernel
+        # matched (2.3e-2 to 2.9e-2 on the 3 of 40 seeds that failed, CI run of 2026-12-05),
+        # while the bf16 reference, rounding differently, stayed near 3e-3.
+        upstream[2] = upstream[2] / m
 
         def ref(dtype):
             g, h = G.to(dtype).requires_grad_(), H.to(dtype).requires_grad_()
