@@ -177,6 +177,12 @@ def stats_floor(stat: torch.Tensor) -> float:
     return math.sqrt(stat.numel())
 
 
+def loss_floor(coefs, stats) -> float:
+    """Denominator floor for a fused loss's relative error: the size of its terms,
+    sum_k |c_k| ||stat_k||_1 (the loss is a signed sum; tests/test_cuda_emulated.py)."""
+    return sum(abs(c) * s.detach().double().abs().sum().item() for c, s in zip(coefs, stats))
+
+
 # (N, M, H, L, activation, out_activation, pos_offset): odd sizes that no tile divides
 MLP_CASES = [
     (113, 203, 72, 1, "relu", "none", 0),
@@ -247,11 +253,15 @@ def test_pair_mlp_loss(case, prec):
             grads = torch.autograd.grad(2.5 * loss, mlp_flat(x))  # backward scales by grad_output
         return loss.detach(), [g.detach() for g in grads]
 
-    loss64, grads64 = run(mlp_leaves(mlp_leaves(p, dtype), F64), "reference", "float64")
+    exact = mlp_leaves(mlp_leaves(p, dtype), F64)
+    loss64, grads64 = run(exact, "reference", "float64")
     loss, grads = run(mlp_leaves(p, dtype), "cuda", prec)
     lowp = run(mlp_leaves(p, dtype), "reference", prec) if prec in SAME_PRECISION_RULE else (
         None, [None] * len(grads))
-    check("loss", loss, loss64, lowp[0], prec)
+    stats64 = factorcl_ext.pair_mlp_stats(
+        exact["A"], exact["B"], exact["Ws"], exact["bs"], exact["w_out"], exact["b_out"],
+        activation=act, out_activation=out_act, pos_offset=pos, backend="reference")
+    check("loss", loss, loss64, lowp[0], prec, loss_floor(coefs.values(), stats64))
     for g, g64, gl, name in zip(grads, grads64, lowp[1], mlp_names(layers)):
         assert g.dtype == dtype
         check(f"grad {name}", g, g64, gl, prec)
@@ -439,12 +449,15 @@ def test_pair_dot_loss(case, prec):
             grads = torch.autograd.grad(-1.5 * loss, [G, H])
         return loss.detach(), [g.detach() for g in grads]
 
-    loss64, grads64 = run(leaf(leaf(g0, dtype), F64), leaf(leaf(h0, dtype), F64), "reference",
-                          "float64")
+    g64, h64 = leaf(leaf(g0, dtype), F64), leaf(leaf(h0, dtype), F64)
+    loss64, grads64 = run(g64, h64, "reference", "float64")
     loss, grads = run(leaf(g0, dtype), leaf(h0, dtype), "cuda", prec)
     lowp = run(leaf(g0, dtype), leaf(h0, dtype), "reference", prec) if (
         prec in SAME_PRECISION_RULE) else (None, [None] * 2)
-    check("loss", loss, loss64, lowp[0], prec)
+    stats64 = factorcl_ext.pair_dot_stats(g64, h64, pos_offset=pos, exclude_offset=excl,
+                                          backend="reference")
+    coefs = (cfg["c_lse"], cfg["c_pos"], cfg["c_rowsum"])
+    check("loss", loss, loss64, lowp[0], prec, loss_floor(coefs, stats64))
     for g, g64, gl, name in zip(grads, grads64, lowp[1], ("dG", "dH")):
         check(name, g, g64, gl, prec)
 
