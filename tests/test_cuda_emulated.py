@@ -107,7 +107,7 @@ def check(name, actual, exact, lowp, prec: Precision, floor: float = 0.0):
         # TF32 rounds the hidden activations to 10 bits, the same mechanism: its kernel errors
         # track the TF32 reference's at a ratio near 1 (60 seeds of (9, 40, 136, L = 2, relu):
         # every gradient at 0.50 of the 2x bar), yet one full run of this file on 2026-12-05
-        # failed that case in TF32 (its message was not kept; 400 seeds of the case alone and
+        # failed that case in TF32 (its message was not kept; ~250 seeds of the case alone and
         # 80 repeated runs under load, checked bit for bit, did not fail again): 4x as well.
         # float32 (IEEE) keeps the 2x rule of tests/test_cuda.py.
         allowed = max((4 if prec.low or prec.name == "tf32" else 2) * ref_err, prec.tol)
