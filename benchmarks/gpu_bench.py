@@ -163,15 +163,11 @@ def _deterministic(step):
 
 def _dw_slots(step):
     """``step`` with the Triton concat backward's weight gradient in per-program slots."""
-    from factorcl_ext.triton import _config as triton_config
+    from factorcl_ext.triton import using_dw_mode
 
     def slots_step(x):
-        old = triton_config.dw_mode()
-        triton_config.set_dw_mode("slots")
-        try:
+        with using_dw_mode("slots"):
             return step(x)
-        finally:
-            triton_config.set_dw_mode(old)
     return slots_step
 
 

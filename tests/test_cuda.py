@@ -25,7 +25,7 @@ import torch
 import factorcl_ext
 from factorcl_ext import reference
 
-from conftest import rel_error
+from conftest import loss_floor, rel_error, stats_floor
 
 pytestmark = [
     pytest.mark.gpu,
@@ -85,7 +85,7 @@ def check(name: str, actual: torch.Tensor, exact: torch.Tensor, lowp: torch.Tens
     dB for some seeds (4e-2 .. 8e-2 seen), and the kernel's error tracks it. A tighter "at most 2x
     the reference" bar below the tolerance is flaky for the same reason (a few flips more or less:
     ratios up to ~4 seen at errors near 1e-2, in the CPU emulation of these kernels). Without
-    ``lowp`` (shapes too large for it) the dtype tolerance applies. ``floor``: see stats_floor.
+    ``lowp`` (shapes too large for it) the dtype tolerance applies. ``floor``: conftest's stats_floor / loss_floor.
     """
     _, _, tol = PRECISIONS[prec]
     assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
@@ -163,24 +163,6 @@ def run_mlp_stats(x, cfg, upstream, backend, prec):
         grads = torch.autograd.grad(loss, mlp_flat(x))
     torch.cuda.synchronize()
     return [s.detach() for s in stats], [g.detach() for g in grads]
-
-
-def stats_floor(stat: torch.Tensor) -> float:
-    """Denominator floor for a statistic's relative error: the norm it would have if every entry
-    were 1, the scale of the scores these inputs give. A score's rounding error scales with its
-    terms (sum_n |w_out[n] h_L[n]|, O(1) here), not with its value, so a statistic that is small by
-    cancellation has a large relative error in every implementation: with one pair (N = M = 1,
-    H = 16, L = 2, tanh, bf16) the kernel's lse was 0.2535 against 0.2403 on an H100 (5.5e-2
-    relative, 1.3e-2 absolute) while the bf16 reference happened to land at 0.2402; in the CPU
-    emulation, 200 seeds of that case spread the kernel's relative error to 0.37 and the bf16
-    reference's to 0.42 (scores near 0), and 1 seed failed the rule without this floor."""
-    return math.sqrt(stat.numel())
-
-
-def loss_floor(coefs, stats) -> float:
-    """Denominator floor for a fused loss's relative error: the size of its terms,
-    sum_k |c_k| ||stat_k||_1 (the loss is a signed sum; tests/test_cuda_emulated.py)."""
-    return sum(abs(c) * s.detach().double().abs().sum().item() for c, s in zip(coefs, stats))
 
 
 # (N, M, H, L, activation, out_activation, pos_offset): odd sizes that no tile divides

@@ -21,7 +21,7 @@ import torch
 
 from factorcl_ext import reference
 
-from conftest import rel_error
+from conftest import loss_floor, rel_error, stats_floor
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
@@ -93,7 +93,7 @@ def check(name, actual, exact, lowp, prec: Precision, floor: float = 0.0):
     """float64: the dtype tolerance. float32 / TF32 / 16-bit with a same-precision reference
     ``lowp``: the dtype tolerance, or a multiple of the reference's error where the reference
     itself is further off (tests/test_cuda.py explains the rule). ``floor``: the denominator's floor
-    for statistics (tests/test_cuda.py, stats_floor)."""
+    for statistics and losses (conftest's stats_floor / loss_floor)."""
     assert actual.shape == exact.shape, f"{name}: {tuple(actual.shape)} vs {tuple(exact.shape)}"
     err = rel_error(actual, exact, floor)
     allowed, note = prec.tol, ""
@@ -113,14 +113,6 @@ def check(name, actual, exact, lowp, prec: Precision, floor: float = 0.0):
         allowed = max((4 if prec.low or prec.name == "tf32" else 2) * ref_err, prec.tol)
         note = f" (same-precision reference: {ref_err:.3e})"
     assert err <= allowed, f"{name} [{prec.name}]: relative error {err:.3e} > {allowed:.3e}{note}"
-
-
-def loss_floor(coefs, stats) -> float:
-    """Denominator floor for a fused loss's relative error: the size of its terms,
-    sum_k |c_k| ||stat_k||_1. The loss is a signed sum (c_pos < 0), so it can be small by
-    cancellation while each statistic carries its own rounding: a bf16 loss was 2.03e-2 off
-    against the 2e-2 tolerance (CPU emulation, 2026-12-05), with every statistic within its own."""
-    return sum(abs(ci) * s.double().abs().sum().item() for ci, s in zip(coefs, stats))
 
 
 def upstream_grads(n: int, prec: Precision) -> list[torch.Tensor]:
@@ -215,7 +207,7 @@ def test_emulated_pair_mlp(emu, sms, case, prec_name):
         grads = [dA, dB, *dW, *db, dwo, dbo]
         for i, name in enumerate(("lse", "pos", "rowsum")):
             check(name, stats[i], stats64[i], lowp[0][i] if lowp else None, prec,
-                  math.sqrt(stats64[i].numel()))
+                  stats_floor(stats64[i]))
         names = ["dA", "dB"] + [f"dW{l}" for l in range(layers)] + [
             f"db{l}" for l in range(layers)] + ["dw_out", "db_out"]
         for i, name in enumerate(names):
@@ -290,7 +282,7 @@ def test_emulated_pair_dot(emu, sms, case, prec_name):
                                             stats[0], pos, excl)
         for i, name in enumerate(("lse", "pos", "rowsum")):
             check(name, stats[i], stats64[i], lowp[0][i] if lowp else None, prec,
-                  math.sqrt(stats64[i].numel()))
+                  stats_floor(stats64[i]))
         for i, name in enumerate(("dG", "dH")):
             assert grads[i].dtype == prec.dtype
             check(name, grads[i], grads64[i], lowp[1][i] if lowp else None, prec)

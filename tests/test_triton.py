@@ -203,14 +203,9 @@ def test_pair_mlp_weight_gradient_modes(monkeypatch, dw_mode, layers, determinis
         return real(tuners, *rest)
 
     monkeypatch.setattr(ops, "_launch", spy)
-    old = _config.dw_mode()
-    _config.set_dw_mode(dw_mode)
-    try:
-        with ft.deterministic(deterministic):
-            check_mlp(mlp_inputs(n, m, h, layers), torch.float64, activation="tanh",
-                      out_activation="softplus", pos_offset=m - n)
-    finally:
-        _config.set_dw_mode(old)
+    with ft.using_dw_mode(dw_mode), ft.deterministic(deterministic):
+        check_mlp(mlp_inputs(n, m, h, layers), torch.float64, activation="tanh",
+                  out_activation="softplus", pos_offset=m - n)
     n_dw = sum(t is ops._MLP_DW for t in launched)
     chunks = math.ceil(n / rows) * math.ceil(m / cols)
     assert n_dw == (chunks * layers if dw_mode == "chunk" else 0)

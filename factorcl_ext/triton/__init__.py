@@ -12,8 +12,8 @@ instead of autotuning.
 
 Weight gradients of the concat critic: ``set_dw_mode("chunk")`` (default) reduces them as a GEMM
 over chunks of pairs (a buffer of at most ``FACTORCL_TRITON_DW_CHUNK_MB``, 256 MiB), ``"slots"``
-in per-program float32 slots, pair tile by pair tile (``FACTORCL_TRITON_DW`` at import). Both are
-deterministic.
+in per-program float32 slots, pair tile by pair tile (``FACTORCL_TRITON_DW`` at import;
+``using_dw_mode(mode)`` is the context-manager form). Both are deterministic.
 
 Autotuning: on a GPU each new (N, M, H, L, dtype) compiles and times a short list of tile
 configurations (tens of seconds, once per shape and process). ``FACTORCL_TRITON_AUTOTUNE=0`` in the
@@ -23,7 +23,14 @@ environment at import uses the fixed first configuration instead (what the GPU t
 first imported: set it before importing factorcl_ext.triton.
 """
 
-from ._config import deterministic, dw_mode, is_deterministic, set_deterministic, set_dw_mode
+from ._config import (
+    deterministic,
+    dw_mode,
+    is_deterministic,
+    set_deterministic,
+    set_dw_mode,
+    using_dw_mode,
+)
 from .ops import (
     pair_dot_loss,
     pair_dot_stats,
@@ -39,6 +46,7 @@ __all__ = [
     "set_deterministic",
     "dw_mode",
     "set_dw_mode",
+    "using_dw_mode",
     "pair_dot_loss",
     "pair_dot_stats",
     "pair_dot_stats_backward",

@@ -149,6 +149,17 @@ def dw_mode() -> str:
     return _dw_mode
 
 
+@contextlib.contextmanager
+def using_dw_mode(mode: str) -> Iterator[None]:
+    """Context manager form of :func:`set_dw_mode`."""
+    old = _dw_mode
+    set_dw_mode(mode)
+    try:
+        yield
+    finally:
+        set_dw_mode(old)
+
+
 def dw_chunk(N: int, M: int, stored_per_pair: int, row_align: int, col_align: int
              ) -> tuple[int, int]:
     """(rows, columns) of a chunk of pairs whose ``stored_per_pair`` bytes fit DW_CHUNK_BYTES:

@@ -201,18 +201,18 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     dBout = a.A.new_zeros((G,), dtype=a.acc)
     accs = (dA, dB, dW, dBias, dWout, dBout)
     row_kw = dict(a.constexprs(), COL_PASS=False, ATOMIC_DB=not det)
+    # program-private slots for the passes over the whole pair grid (one buffer for both)
+    grids = ([] if chunked else [a.g_row]) + ([a.g_col] if det else [])
+    if grids:
+        z, zps, zls = a.scratch(max(grids), L)
+        whole = _mlp_bwd_args(a, z, z, lse, grads, accs, zps, zls, 0, N, 0, M, 0)
     if chunked:
         dW_layers = _mlp_row_pass_chunked(a, lse, grads, accs, row_kw, det)
     else:
-        z, zps, zls = a.scratch(a.g_row, L)
-        _launch(_MLP_BWD, a.family, (a.g_row,),
-                _mlp_bwd_args(a, z, z, lse, grads, accs, zps, zls, 0, N, 0, M, 0),
-                dict(row_kw, DW_CHUNK=False), det)
+        _launch(_MLP_BWD, a.family, (a.g_row,), whole, dict(row_kw, DW_CHUNK=False), det)
         dW_layers = [dW[:, l].sum(0) for l in range(L)]
     if det:
-        z, zps, zls = a.scratch(a.g_col, L)
-        _launch(_MLP_BWD, a.family, (a.g_col,),
-                _mlp_bwd_args(a, z, z, lse, grads, accs, zps, zls, 0, N, 0, M, 0),
+        _launch(_MLP_BWD, a.family, (a.g_col,), whole,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False, DW_CHUNK=False), det)
     A, B, W, b, w_out, b_out = a.src
     # one sum per layer (not views of one sum): custom-op outputs may not alias each other;
