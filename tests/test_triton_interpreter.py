@@ -18,6 +18,8 @@ import torch
 
 from factorcl_ext import _backends
 
+from conftest import SESSION_SEED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
@@ -35,6 +37,9 @@ SHARED = ["tests/test_concat_critic.py", "tests/test_separable_critic.py", "test
 def run_interpreted(args: list[str], extra_env: dict | None = None, timeout: int = 600) -> None:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1"
+    # the child draws the same per-test seeds as this session, so that a failure there can be
+    # rerun with the FACTORCL_TEST_SEED this session's header prints
+    env["FACTORCL_TEST_SEED"] = str(SESSION_SEED)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
