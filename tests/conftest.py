@@ -96,6 +96,28 @@ def loss_floor(coefs, stats) -> float:
     return sum(abs(c) * s.detach().double().abs().sum().item() for c, s in zip(coefs, stats))
 
 
+def temperature_floor(g, h, temperature, objective, *, normalize: bool = False,
+                      pos_offset=0, exclude_offset=None) -> float:
+    """Denominator floor for the separable critic's temperature gradient: the size of its terms.
+    d objective / d tau = -(1/tau) sum_(i,d) G_id dG_id with G = g^ / tau (g^ = g, or g
+    normalised), so it is a signed sum of N*D terms and can be small by cancellation while each
+    term carries its own rounding: float32 CPU dtemperature was 1.26e-5 off against 1e-5 (ci-local,
+    2026-12-05), and on 400 seeds of one float32 case the materialising float32 reference's own
+    error reached 1.3e-4 when the sum was 1 % of its terms. Returns (1/|tau|) sum |G dG| in
+    float64 from ``reference.pair_dot_stats``; ``objective`` maps its (lse, pos, rowsum) to the
+    scalar whose gradient is checked."""
+    from factorcl_ext import reference
+
+    tau = float(temperature)
+    g, h = g.detach().double(), h.detach().double()
+    if normalize:
+        g, h = torch.nn.functional.normalize(g, dim=1), torch.nn.functional.normalize(h, dim=1)
+    G = (g / tau).requires_grad_()
+    (dG,) = torch.autograd.grad(objective(reference.pair_dot_stats(G, h, pos_offset,
+                                                                   exclude_offset)), G)
+    return (G * dG).abs().sum().item() / abs(tau)
+
+
 def assert_rel_close(actual, expected, tol: float, name: str = "tensor", floor: float = 0.0) -> None:
     """DESIGN.md section 6 tolerance check, with the worst element in the message."""
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
