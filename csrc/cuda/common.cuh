@@ -25,6 +25,15 @@
 #include <mma.h>
 
 #define FCL_DYNAMIC_SMEM(name) extern __shared__ __align__(128) char name[]
+
+// 16-byte moves: an operand group from memory into registers (fcl_load16), registers into the
+// shared tile (fcl_store16). Both addresses 16-byte aligned, which the emulation asserts.
+__device__ __forceinline__ void fcl_load16(void* regs, const void* src) {
+  *reinterpret_cast<uint4*>(regs) = *reinterpret_cast<const uint4*>(src);
+}
+__device__ __forceinline__ void fcl_store16(void* dst, const void* regs) {
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(regs);
+}
 #endif
 
 #include <cmath>
@@ -326,6 +335,53 @@ struct TileAcc<Md, Kind::Simt> {
   }
 };
 
+// ---- GEMM operands -------------------------------------------------------------------------------------
+// BlockGemm reads an operand X (opA(m, k) or opB(k, n): "x" the first index, "y" the second)
+// through scalar(x, y) -> acc_t, any element in range; and through vec(x, y, out), which writes
+// the kVec = 16 / sizeof(T) elements that start at (x, y) and run along the index the GEMM is
+// told is the contiguous one (y if `y_fastest`, else x), with one 16-byte load, where
+// vec_ok(y_fastest) says it may. BlockGemm calls vec only for whole groups in range whose start
+// is a multiple of kVec along that index; vec_ok therefore means: that index has stride 1, the
+// other's stride is a multiple of kVec elements, the base is 16-byte aligned.
+
+template <class T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+template <class T>
+__host__ __device__ inline bool vec_aligned(const T* base, int64_t stride) {
+  return base != nullptr && reinterpret_cast<uintptr_t>(base) % 16 == 0 && stride % kVec<T> == 0;
+}
+
+// X(x, y) = base[x * sx + y * sy].
+template <class T>
+struct Strided {
+  const T* base;
+  int64_t sx, sy;
+  __device__ Strided(const T* b, int64_t sx_, int64_t sy_) : base(b), sx(sx_), sy(sy_) {}
+  __device__ bool vec_ok(bool y_fastest) const {
+    return y_fastest ? sy == 1 && vec_aligned(base, sx) : sx == 1 && vec_aligned(base, sy);
+  }
+  __device__ __forceinline__ auto scalar(int x, int y) const { return to_acc(base[x * sx + y * sy]); }
+  __device__ __forceinline__ void vec(int x, int y, T* out) const {
+    fcl_load16(out, base + x * sx + y * sy);
+  }
+};
+
+// An operand computed element by element (act(A_i + B_j), say): scalar and vector forms from the
+// caller, which must give identical values; `ok` is vec_ok for the direction the call site
+// declares to BlockGemm.
+template <class Scalar, class Vec>
+struct Computed {
+  Scalar scalar;
+  Vec vec;
+  bool ok;
+  __device__ bool vec_ok(bool) const { return ok; }
+};
+template <class Scalar, class Vec>
+__device__ Computed<Scalar, Vec> computed(bool vec_ok, Scalar s, Vec v) {
+  return {s, v, vec_ok};
+}
+
 // ---- the block GEMM -----------------------------------------------------------------------------------
 
 template <class Md>
@@ -342,11 +398,22 @@ struct BlockGemm {
   static constexpr size_t kSmemBytes =
       ((kOperandBytes > kStageBytes ? kOperandBytes : kStageBytes) + 127) / 128 * 128;
 
-  // Element e of this thread's share of a tile, as (row, col) within the tile. `row_major_src`
-  // says which index is contiguous in the source, so that consecutive threads read consecutive
-  // addresses (coalesced) whichever way the caller's operand is laid out.
-  __device__ static __forceinline__ void coords(int idx, int rows, int cols, bool col_fastest,
-                                                int& r, int& c) {
+  // Operand moves go in groups of V consecutive elements along the source's contiguous index
+  // (one 16-byte load where the operand allows it, V scalar reads where it does not or where the
+  // group crosses the edge of the operand), so a thread owns PER_THREAD / V groups of a tile.
+  static constexpr int V = kVec<op_t>;
+  static_assert(std::is_same_v<op_t, typename Md::T>, "operands are moved in the input type");
+  static_assert(A_PER_THREAD % V == 0 && B_PER_THREAD % V == 0 && BK % V == 0 && BM % V == 0 &&
+                    BN % V == 0,
+                "operand groups must tile the block tiles");
+  static constexpr bool kVecStoreA = (Md::LDA * sizeof(op_t)) % 16 == 0;
+  static constexpr bool kVecStoreB = (Md::LDB * sizeof(op_t)) % 16 == 0;
+
+  // Group g of a rows x cols tile: (r, c) of its first element. `col_fastest` says which index is
+  // contiguous in the source, so that consecutive threads read consecutive addresses.
+  __device__ static __forceinline__ void group_coords(int g, int rows, int cols, bool col_fastest,
+                                                      int& r, int& c) {
+    const int idx = g * V;
     if (col_fastest) {
       r = idx / cols;
       c = idx % cols;
@@ -356,59 +423,82 @@ struct BlockGemm {
     }
   }
 
+  // This thread's groups of the tile at (row0, col0) of the Rdim x Cdim operand X into regs.
+  template <int GROUPS, class X>
+  __device__ static __forceinline__ void fetch(const X& x, int rows, int cols, bool col_fastest,
+                                               int row0, int col0, int Rdim, int Cdim,
+                                               op_t* regs) {
+    const bool vec = x.vec_ok(col_fastest);
+#pragma unroll
+    for (int e = 0; e < GROUPS; ++e) {
+      int r, c;
+      group_coords(threadIdx.x + e * kThreads, rows, cols, col_fastest, r, c);
+      const int gr = row0 + r, gc = col0 + c;
+      op_t* out = regs + e * V;
+      const bool whole = col_fastest ? (gr < Rdim && gc + V <= Cdim) : (gc < Cdim && gr + V <= Rdim);
+      if (vec && whole) {
+        x.vec(gr, gc, out);
+      } else {
+#pragma unroll
+        for (int t = 0; t < V; ++t) {
+          const int xr = col_fastest ? gr : gr + t, xc = col_fastest ? gc + t : gc;
+          out[t] = (xr < Rdim && xc < Cdim) ? Cvt<op_t>::from(x.scalar(xr, xc))
+                                            : Cvt<op_t>::from(acc_t(0));
+        }
+      }
+    }
+  }
+
+  // regs (from fetch with the same arguments) into the shared tile S[rows][LD].
+  template <int GROUPS, int LD, bool VEC_STORE>
+  __device__ static __forceinline__ void stash(const op_t* regs, int rows, int cols,
+                                               bool col_fastest, op_t* S) {
+#pragma unroll
+    for (int e = 0; e < GROUPS; ++e) {
+      int r, c;
+      group_coords(threadIdx.x + e * kThreads, rows, cols, col_fastest, r, c);
+      if (VEC_STORE && col_fastest) {
+        fcl_store16(S + r * LD + c, regs + e * V);
+      } else {
+#pragma unroll
+        for (int t = 0; t < V; ++t)
+          S[(col_fastest ? r : r + t) * LD + (col_fastest ? c + t : c)] = regs[e * V + t];
+      }
+    }
+  }
+
   // C = opA * opB over the whole Mdim x Ndim output, in BM x BN tiles, rows outer, columns inner
   // (callers rely on this order for their fixed-order row reductions). Must be called by every
-  // thread of the block. loadA(m, k) / loadB(k, n) return acc_t and are called only in range;
+  // thread of the block. opA is an operand (above) read as (m, k), opB as (k, n), only in range;
   // a_k_fastest: opA's k index is the contiguous one; b_n_fastest: opB's n index is.
   // epi(m0, n0, mlen, nlen, Cs) sees the finished tile in shared memory (row stride Md::LDC);
   // a barrier follows it, so it may use any thread mapping (but no early return).
-  template <class LoadA, class LoadB, class Epi>
+  template <class OpA, class OpB, class Epi>
   __device__ static void run(char* smem, int Mdim, int Ndim, int Kdim, bool a_k_fastest,
-                             LoadA&& loadA, bool b_n_fastest, LoadB&& loadB, Epi&& epi) {
+                             const OpA& opA, bool b_n_fastest, const OpB& opB, Epi&& epi) {
+    constexpr int AG = A_PER_THREAD / V, BG = B_PER_THREAD / V;
     op_t* As = reinterpret_cast<op_t*>(smem);
     op_t* Bs = As + BM * Md::LDA;
     acc_t* Cs = reinterpret_cast<acc_t*>(smem);
-    const int tid = threadIdx.x;
     const int nk = Kdim > 0 ? (Kdim + BK - 1) / BK : 1;
     for (int m0 = 0; m0 < Mdim; m0 += BM) {
       for (int n0 = 0; n0 < Ndim; n0 += BN) {
         TileAcc<Md> acc;
         acc.zero();
-        op_t ra[A_PER_THREAD], rb[B_PER_THREAD];
         // Registers hold the next K-slab while the tensor cores work on the current one.
-        auto fetch = [&](int k0) {
-#pragma unroll
-          for (int e = 0; e < A_PER_THREAD; ++e) {
-            int r, c;
-            coords(tid + e * kThreads, BM, BK, a_k_fastest, r, c);
-            const int gm = m0 + r, gk = k0 + c;
-            ra[e] = (gm < Mdim && gk < Kdim) ? Cvt<op_t>::from(loadA(gm, gk)) : Cvt<op_t>::from(acc_t(0));
-          }
-#pragma unroll
-          for (int e = 0; e < B_PER_THREAD; ++e) {
-            int r, c;
-            coords(tid + e * kThreads, BK, BN, b_n_fastest, r, c);
-            const int gk = k0 + r, gn = n0 + c;
-            rb[e] = (gk < Kdim && gn < Ndim) ? Cvt<op_t>::from(loadB(gk, gn)) : Cvt<op_t>::from(acc_t(0));
-          }
+        alignas(16) op_t ra[A_PER_THREAD];
+        alignas(16) op_t rb[B_PER_THREAD];
+        auto fetch_slab = [&](int k0) {
+          fetch<AG>(opA, BM, BK, a_k_fastest, m0, k0, Mdim, Kdim, ra);
+          fetch<BG>(opB, BK, BN, b_n_fastest, k0, n0, Kdim, Ndim, rb);
         };
-        fetch(0);
+        fetch_slab(0);
         for (int kt = 0; kt < nk; ++kt) {
           __syncthreads();  // the previous slab (or the previous epilogue's Cs) is no longer read
-#pragma unroll
-          for (int e = 0; e < A_PER_THREAD; ++e) {
-            int r, c;
-            coords(tid + e * kThreads, BM, BK, a_k_fastest, r, c);
-            As[r * Md::LDA + c] = ra[e];
-          }
-#pragma unroll
-          for (int e = 0; e < B_PER_THREAD; ++e) {
-            int r, c;
-            coords(tid + e * kThreads, BK, BN, b_n_fastest, r, c);
-            Bs[r * Md::LDB + c] = rb[e];
-          }
+          stash<AG, Md::LDA, kVecStoreA>(ra, BM, BK, a_k_fastest, As);
+          stash<BG, Md::LDB, kVecStoreB>(rb, BK, BN, b_n_fastest, Bs);
           __syncthreads();
-          if (kt + 1 < nk) fetch((kt + 1) * BK);
+          if (kt + 1 < nk) fetch_slab((kt + 1) * BK);
           acc.mma(As, Bs);
         }
         __syncthreads();  // every warp is done reading As / Bs before Cs overwrites them

@@ -28,6 +28,7 @@ template <class Md>
 __global__ void __launch_bounds__(kThreads)
     dot_fwd_kernel(DotArgs<typename Md::T> a, typename Md::acc_t* __restrict__ part,
                    typename Md::acc_t* __restrict__ pos_out) {
+  using T = typename Md::T;
   using acc_t = typename Md::acc_t;
   constexpr int TPR = kThreads / Md::BM;  // threads sharing one score row in the epilogue
   static_assert(TPR >= 1 && 32 % TPR == 0, "a row's threads must sit in one warp");
@@ -46,8 +47,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t ct = s; ct < a.nct; ct += a.S) {
       const int64_t j0 = ct * Md::BN;
       const int nj = int(min(int64_t(Md::BN), a.M - j0));
-      auto loadA = [&](int m, int k) -> acc_t { return to_acc(a.G[(i0 + m) * D + k]); };
-      auto loadB = [&](int k, int n) -> acc_t { return to_acc(a.H[(j0 + n) * D + k]); };
+      const Strided<T> opA(a.G + i0 * D, D, 1);  // opA(m, k) = G[i0 + m][k]
+      const Strided<T> opB(a.H + j0 * D, 1, D);  // opB(k, n) = H[j0 + n][k]
       auto epi = [&](int, int, int mlen, int nlen, const acc_t* Cs) {
         acc_t m = -INFINITY, l = 0, rs = 0;
         if (row < mlen) {
@@ -76,8 +77,8 @@ __global__ void __launch_bounds__(kThreads)
           run_r += rs;
         }
       };
-      BlockGemm<Md>::run(smem, ni, nj, D, /*a_k_fastest=*/true, loadA, /*b_n_fastest=*/false,
-                         loadB, epi);
+      BlockGemm<Md>::run(smem, ni, nj, D, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/false, opB,
+                         epi);
     }
     if (sub == 0 && row < ni) {
       const int64_t k = int64_t(s) * a.N + i0 + row;
@@ -126,8 +127,8 @@ __global__ void __launch_bounds__(kThreads)
       // ---- recompute the score tile, turn it into ds ------------------------------------------
       acc_t local_max = 0;
       {
-        auto loadA = [&](int m, int k) -> acc_t { return to_acc(a.G[(i0 + m) * D + k]); };
-        auto loadB = [&](int k, int n) -> acc_t { return to_acc(a.H[(j0 + n) * D + k]); };
+        const Strided<T> opA(a.G + i0 * D, D, 1);  // opA(m, k) = G[i0 + m][k]
+        const Strided<T> opB(a.H + j0 * D, 1, D);  // opB(k, n) = H[j0 + n][k]
         auto epi = [&](int, int, int mlen, int nlen, const acc_t* Cs) {
           for (int e = tid; e < BM * BN; e += kThreads) {
             const int mr = e / BN, nc = e % BN;
@@ -144,8 +145,7 @@ __global__ void __launch_bounds__(kThreads)
             }
           }
         };
-        Gemm::run(smem, ni, nj, D, /*a_k_fastest=*/true, loadA, /*b_n_fastest=*/false, loadB,
-                  epi);
+        Gemm::run(smem, ni, nj, D, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/false, opB, epi);
       }
       local_max = warp_max(local_max);
       if (lane == 0) red[warp] = local_max;
@@ -167,8 +167,8 @@ __global__ void __launch_bounds__(kThreads)
 
       // ---- dG_i += sum_j ds_ij H_j: M = rows, N = D, K = columns ------------------------------
       {
-        auto loadA = [&](int m, int n) -> acc_t { return to_acc(dst[m * BN + n]); };
-        auto loadB = [&](int n, int d) -> acc_t { return to_acc(a.H[(j0 + n) * D + d]); };
+        const Strided<T> opA(dst, BN, 1);          // opA(m, n) = ds[m][n], scaled
+        const Strided<T> opB(a.H + j0 * D, D, 1);  // opB(n, d) = H[j0 + n][d]
         auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
           for (int e = tid; e < BM * BN; e += kThreads) {
             const int mr = e / BN, nc = e % BN;
@@ -176,12 +176,12 @@ __global__ void __launch_bounds__(kThreads)
               dG_part[(i0 + m0 + mr) * D + n0 + nc] += Cs[mr * Md::LDC + nc] * inv_scale;
           }
         };
-        Gemm::run(smem, ni, D, nj, /*a_k_fastest=*/true, loadA, /*b_n_fastest=*/true, loadB, epi);
+        Gemm::run(smem, ni, D, nj, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/true, opB, epi);
       }
       // ---- dH_j += sum_i ds_ij G_i: M = columns, N = D, K = rows -------------------------------
       {
-        auto loadA = [&](int n, int m) -> acc_t { return to_acc(dst[m * BN + n]); };
-        auto loadB = [&](int m, int d) -> acc_t { return to_acc(a.G[(i0 + m) * D + d]); };
+        const Strided<T> opA(dst, 1, BN);          // opA(n, m) = ds[m][n], scaled
+        const Strided<T> opB(a.G + i0 * D, D, 1);  // opB(m, d) = G[i0 + m][d]
         auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
           for (int e = tid; e < BM * BN; e += kThreads) {
             const int mr = e / BN, nc = e % BN;
@@ -189,8 +189,7 @@ __global__ void __launch_bounds__(kThreads)
               dH_part[(j0 + m0 + mr) * D + n0 + nc] += Cs[mr * Md::LDC + nc] * inv_scale;
           }
         };
-        Gemm::run(smem, nj, D, ni, /*a_k_fastest=*/false, loadA, /*b_n_fastest=*/true, loadB,
-                  epi);
+        Gemm::run(smem, nj, D, ni, /*a_k_fastest=*/false, opA, /*b_n_fastest=*/true, opB, epi);
       }
       // (the last GEMM's closing barrier protects dsf / dst / red from the next tile)
     }

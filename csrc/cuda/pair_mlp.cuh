@@ -22,6 +22,36 @@ struct MlpArgs {
   int64_t nrc, ncc;    // number of row / column chunks
 };
 
+// The input of a hidden layer as a GEMM operand X(p, k), k contiguous: h_(l-1)(p, k) read from
+// hin ([np, H] row-major), or with hin == nullptr h_0(p, k) = act(A_i + B_j) formed on the fly
+// for pair p = ii * nj + jj of the chunk whose rows start at Ab and columns at Bb. The scalar
+// and vector forms compute identical values (the backward's recomputation relies on it).
+template <class Md>
+__device__ auto layer_input(int act, const typename Md::T* Ab, const typename Md::T* Bb, int H,
+                            int nj, const typename Md::T* hin) {
+  using T = typename Md::T;
+  using acc_t = typename Md::acc_t;
+  constexpr int V = kVec<T>;
+  const bool ok = hin != nullptr ? vec_aligned(hin, H) : vec_aligned(Ab, H) && vec_aligned(Bb, H);
+  auto scalar = [=](int p, int k) -> acc_t {
+    if (hin != nullptr) return to_acc(hin[int64_t(p) * H + k]);
+    return act_fwd(to_acc(Ab[int64_t(p / nj) * H + k]) + to_acc(Bb[int64_t(p % nj) * H + k]), act);
+  };
+  auto vec = [=](int p, int k, T* out) {
+    if (hin != nullptr) {
+      fcl_load16(out, hin + int64_t(p) * H + k);
+      return;
+    }
+    alignas(16) T av[V];
+    alignas(16) T bv[V];
+    fcl_load16(av, Ab + int64_t(p / nj) * H + k);
+    fcl_load16(bv, Bb + int64_t(p % nj) * H + k);
+#pragma unroll
+    for (int t = 0; t < V; ++t) out[t] = Cvt<T>::from(act_fwd(to_acc(av[t]) + to_acc(bv[t]), act));
+  };
+  return computed(ok, scalar, vec);
+}
+
 // Scores of one chunk: rows [i0, i0 + ni) x columns [j0, j0 + nj), pair p = ii * nj + jj.
 // Leaves the pre-activation output t_p = w_out . h_L(p) (without b_out) in t_acc[p].
 // hstore(l) is where h_l (l = 1..L) goes, [np, H] row-major in type T, or nullptr for "not
@@ -61,13 +91,8 @@ __device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, i
     if (last)
       for (int p = tid; p < np; p += kThreads) t_acc[p] = acc_t(0);
     // (the GEMM's first barrier orders these stores before the epilogue's updates)
-    auto loadA = [&](int p, int k) -> acc_t {
-      if (l == 1)
-        return act_fwd(to_acc(Ab[int64_t(p / nj) * H + k]) + to_acc(Bb[int64_t(p % nj) * H + k]),
-                       a.act);
-      return to_acc(hin[int64_t(p) * H + k]);
-    };
-    auto loadB = [&](int k, int n) -> acc_t { return to_acc(Wl[int64_t(n) * H + k]); };
+    const auto opA = layer_input<Md>(a.act, Ab, Bb, H, nj, hin);  // opA(p, k)
+    const Strided<T> opB(Wl, 1, H);  // opB(k, n) = W_l[n][k]
     auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
       // One warp per pair row: lanes walk the columns (coalesced h stores), then a fixed
       // butterfly adds the row's share of w_out . h_L. Tiles arrive in increasing n0 for a
@@ -87,8 +112,7 @@ __device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, i
         }
       }
     };
-    BlockGemm<Md>::run(smem, np, H, H, /*a_k_fastest=*/true, loadA, /*b_n_fastest=*/false, loadB,
-                       epi);
+    BlockGemm<Md>::run(smem, np, H, H, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/false, opB, epi);
   }
 }
 

@@ -157,10 +157,8 @@ __global__ void __launch_bounds__(kThreads)
           // dW_l[o, k] += sum_p dz_l(p, o) h_(l-1)(p, k): M = H (o), N = H (k), K = pairs
           {
             acc_t* dWl = dW_part + int64_t(l - 1) * H * H;
-            auto loadA = [&](int o, int p) -> acc_t { return to_acc(dzc[int64_t(p) * H + o]); };
-            auto loadB = [&](int p, int k) -> acc_t {
-              return l >= 2 ? to_acc(hprev[int64_t(p) * H + k]) : h0(p, k);
-            };
+            const Strided<T> opA(dzc, 1, H);  // opA(o, p) = dz_l[p][o]
+            const auto opB = layer_input<Md>(a.act, Ab, Bb, H, nj, hprev);  // h_(l-1)(p, k)
             auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
               for (int e = tid; e < Md::BM * Md::BN; e += kThreads) {
                 const int mr = e / Md::BN, nc = e % Md::BN;
@@ -168,14 +166,13 @@ __global__ void __launch_bounds__(kThreads)
                   dWl[int64_t(m0 + mr) * H + n0 + nc] += Cs[mr * Md::LDC + nc] * inv_scale;
               }
             };
-            Gemm::run(smem, H, H, np, /*a_k_fastest=*/false, loadA, /*b_n_fastest=*/true, loadB,
-                      epi);
+            Gemm::run(smem, H, H, np, /*a_k_fastest=*/false, opA, /*b_n_fastest=*/true, opB, epi);
           }
 
           // dh_(l-1)[p, k] = sum_o dz_l(p, o) W_l[o, k]: M = pairs, N = H (k), K = H (o)
           {
-            auto loadA = [&](int p, int o) -> acc_t { return to_acc(dzc[int64_t(p) * H + o]); };
-            auto loadB = [&](int o, int k) -> acc_t { return to_acc(Wl[int64_t(o) * H + k]); };
+            const Strided<T> opA(dzc, H, 1);  // opA(p, o) = dz_l[p][o]
+            const Strided<T> opB(Wl, H, 1);   // opB(o, k) = W_l[o][k]
             auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
               for (int e = tid; e < Md::BM * Md::BN; e += kThreads) {
                 const int mr = e / Md::BN, nc = e % Md::BN;
@@ -190,8 +187,7 @@ __global__ void __launch_bounds__(kThreads)
                 }
               }
             };
-            Gemm::run(smem, np, H, H, /*a_k_fastest=*/true, loadA, /*b_n_fastest=*/true, loadB,
-                      epi);
+            Gemm::run(smem, np, H, H, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/true, opB, epi);
           }
           cur = 1 - cur;
         }

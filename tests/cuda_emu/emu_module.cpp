@@ -34,6 +34,8 @@ TORCH_LIBRARY(factorcl_emu, m) {
   m.def(
       "pair_dot_loss(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, "
       "float c_pos, float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  // 16-byte operand loads made since the last call (fcl_cuda_emulation.h), and reset
+  m.def("take_vector_loads() -> int", [] { return int64_t(emu::vector_loads.exchange(0)); });
 }
 
 TORCH_LIBRARY_IMPL(factorcl_emu, CPU, m) {

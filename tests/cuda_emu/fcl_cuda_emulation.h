@@ -6,6 +6,7 @@
 //   buffer between two warp barriers;
 // - dynamic shared memory is one buffer per block, filled with 0xFF (NaN) before the block runs so
 //   that reading a shared element nobody wrote shows up;
+// - 16-byte vector moves check their alignment as the hardware would (a misaligned one faults);
 // - WMMA: lane 0 of a warp does the warp's whole load / mma / store on full 16 x 16 tiles (the
 //   other lanes' fragments are unused), with the same layout rules and alignment requirements
 //   (asserted) as the hardware's: ldm a multiple of 16 bytes, pointers 32-byte aligned.
@@ -18,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -123,6 +125,22 @@ inline unsigned lane() { return tls().thread.x % 32; }
 #define FCL_DYNAMIC_SMEM(name) char* name = emu::tls().blk->smem_ptr
 
 inline void __syncthreads() { emu::tls().blk->bar.arrive_and_wait(); }
+
+// common.cuh's 16-byte moves (uint4 loads / stores on the GPU, which fault when misaligned); the
+// loads from operands are counted so that a test can see the vector path taken.
+namespace emu {
+inline std::atomic<int64_t> vector_loads{0};
+inline void move16(void* dst, const void* src) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    throw std::runtime_error("emu: 16-byte vector access is not 16-byte aligned");
+  std::memcpy(dst, src, 16);
+}
+}  // namespace emu
+inline void fcl_load16(void* regs, const void* src) {
+  emu::move16(regs, src);
+  emu::vector_loads.fetch_add(1, std::memory_order_relaxed);
+}
+inline void fcl_store16(void* dst, const void* regs) { emu::move16(dst, regs); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int off) {
