@@ -117,26 +117,37 @@ __global__ void __launch_bounds__(kThreads)
           const T* hL = hptr(L);
           for (int p = 0; p < np; ++p) sw += dt[p] * to_acc(hL[int64_t(p) * H + n]);
         } else {
-          for (int p = 0; p < np; ++p) sw += dt[p] * h0(p, n);
+          for (int ii = 0, p = 0; ii < ni; ++ii)
+            for (int jj = 0; jj < nj; ++jj, ++p)
+              sw += dt[p] * act_fwd(to_acc(Ab[int64_t(ii) * H + n]) + to_acc(Bb[int64_t(jj) * H + n]),
+                                    a.act);
         }
         dwo_part[n] += sw;
       }
 
+      // (element loops over the chunk's [np, H] run one warp per pair, lanes along H: no
+      // division per element)
       if (L == 0) {
-        for (int64_t e = tid; e < int64_t(np) * H; e += kThreads) {
-          const int p = int(e / H), k = int(e % H);
-          dz0[e] = dt[p] * to_acc(a.w_out[k]) * act_grad_from_out(h0(p, k), a.act);
+        for (int p = warp; p < np; p += kWarps) {
+          const T* ai = Ab + int64_t(p / nj) * H;
+          const T* bj = Bb + int64_t(p % nj) * H;
+          acc_t* dzp = dz0 + int64_t(p) * H;
+          for (int k = lane; k < H; k += 32)
+            dzp[k] = dt[p] * to_acc(a.w_out[k]) *
+                     act_grad_from_out(act_fwd(to_acc(ai[k]) + to_acc(bj[k]), a.act), a.act);
         }
         __syncthreads();
       } else {
         // dz_L = dt_p * w_out * act'(h_L), scaled, into dz buffer 0
         {
           const T* hL = hptr(L);
-          for (int64_t e = tid; e < int64_t(np) * H; e += kThreads) {
-            const int p = int(e / H), k = int(e % H);
-            const acc_t v = dt[p] * scale * to_acc(a.w_out[k]) *
-                            act_grad_from_out(to_acc(hL[e]), a.act);
-            dzbuf[e] = Cvt<T>::from(v);
+          for (int p = warp; p < np; p += kWarps) {
+            const acc_t dts = dt[p] * scale;
+            for (int k = lane; k < H; k += 32) {
+              const int64_t e = int64_t(p) * H + k;
+              dzbuf[e] = Cvt<T>::from(dts * to_acc(a.w_out[k]) *
+                                      act_grad_from_out(to_acc(hL[e]), a.act));
+            }
           }
         }
         __syncthreads();
