@@ -72,11 +72,7 @@ __global__ void __launch_bounds__(kThreads)
       const int np = ni * nj;
       const T* __restrict__ Ab = a.A + i0 * H;
       const T* __restrict__ Bb = a.B + j0 * H;
-      // h_0 = act(A_i + B_j) of pair p, feature k, in the accumulation type.
-      auto h0 = [&](int p, int k) -> acc_t {
-        return act_fwd(to_acc(Ab[int64_t(p / nj) * H + k]) + to_acc(Bb[int64_t(p % nj) * H + k]),
-                       a.act);
-      };
+      // (h_0 = act(A_i + B_j) is formed again wherever it is needed, never stored)
 
       mlp_chunk_scores<Md>(smem, a, i0, j0, ni, nj, t_acc, hptr);  // ends with a barrier
 
@@ -185,16 +181,21 @@ __global__ void __launch_bounds__(kThreads)
             const Strided<T> opA(dzc, H, 1);  // opA(p, o) = dz_l[p][o]
             const Strided<T> opB(Wl, H, 1);   // opB(o, k) = W_l[o][k]
             auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
-              for (int e = tid; e < Md::BM * Md::BN; e += kThreads) {
-                const int mr = e / Md::BN, nc = e % Md::BN;
-                if (mr < mlen && nc < nlen) {
-                  const int p = m0 + mr, k = n0 + nc;
+              // one warp per pair row, lanes along k (h_0's row pointers once per pair)
+              for (int mr = warp; mr < mlen; mr += kWarps) {
+                const int p = m0 + mr;
+                const T* ai = Ab + int64_t(p / nj) * H;
+                const T* bj = Bb + int64_t(p % nj) * H;
+                for (int nc = lane; nc < nlen; nc += 32) {
+                  const int k = n0 + nc;
                   const int64_t idx = int64_t(p) * H + k;
                   const acc_t dh = Cs[mr * Md::LDC + nc];
-                  if (l >= 2)
+                  if (l >= 2) {
                     dzn[idx] = Cvt<T>::from(dh * act_grad_from_out(to_acc(hprev[idx]), a.act));
-                  else
-                    dz0[idx] = dh * inv_scale * act_grad_from_out(h0(p, k), a.act);
+                  } else {
+                    const acc_t h = act_fwd(to_acc(ai[k]) + to_acc(bj[k]), a.act);
+                    dz0[idx] = dh * inv_scale * act_grad_from_out(h, a.act);
+                  }
                 }
               }
             };
