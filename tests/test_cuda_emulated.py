@@ -414,3 +414,48 @@ def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_
         for a, e, el, name in zip([*st, dG, dH], exact, same,
                                   ("lse", "pos", "rowsum", "dG", "dH")):
             check(name, a, e, el, prec)
+
+
+@pytest.mark.parametrize("prec_name", ["bfloat16", "float32", "float64"])
+def test_emulated_separable_backward_two_passes(emu, sms, monkeypatch, prec_name):
+    """When the budget squeezes the one-pass split (its [S, N, D] and [R, M, D] partials), the
+    separable backward runs two passes over the whole tile grid instead, one forming dG over row
+    tiles and one dH over column tiles, with no partials: the values of the reference, and the
+    launches say which path ran."""
+    sms(4)
+    n, m, d = 290, 300, 24
+    with Precision(prec_name) as prec:
+        tc = prec.low or prec.name == "tf32"
+        tile = 128 if tc else 64  # csrc/cuda/common.cuh: Mode::BM = BN
+        elem = torch.empty((), dtype=prec.dtype).element_size()
+        per_block = tile * tile * (elem + (8 if prec.dtype == F64 else 4))
+        G = torch.randn(n, d, dtype=F64).to(prec.dtype)
+        H = torch.randn(m, d, dtype=F64).to(prec.dtype)
+        up = upstream_grads(n, prec)
+
+        def backward():
+            st = emu.pair_dot_stats(G, H, 3, 1)
+            emu.take_launch_grids()
+            grads = emu.pair_dot_stats_backward(*(u.to(st[0].dtype) for u in up), G, H, st[0],
+                                                3, 1)
+            return st, grads, emu.take_launch_grids()
+
+        _, one_pass, grids = backward()
+        assert len(grids) == 3, grids  # the backward kernel, then two fixed-order reductions
+        monkeypatch.setenv("FCL_EMU_BUDGET", str(4 * per_block))
+        st, two_pass, grids = backward()
+        nrt, nct = -(-n // tile), -(-m // tile)
+        assert grids[:2] == [min(nrt, 8, 4), min(nct, 8, 4)] and len(grids) == 4, grids
+
+        Gr, Hr = G.double().requires_grad_(), H.double().requires_grad_()
+        ref = reference.pair_dot_stats(Gr, Hr, 3, 1)
+        exact = torch.autograd.grad(sum((u * s).sum() for u, s in zip(up, ref)), [Gr, Hr])
+        same = [None, None]
+        if prec.same_dtype:
+            Gs, Hs = G.clone().requires_grad_(), H.clone().requires_grad_()
+            rs = reference.pair_dot_stats(Gs, Hs, 3, 1)
+            same = torch.autograd.grad(sum((u.to(s.dtype) * s).sum() for u, s in zip(up, rs)),
+                                       [Gs, Hs])
+        for a, b, e, el, name in zip(two_pass, one_pass, exact, same, ("dG", "dH")):
+            check(f"{name} two passes", a, e, el, prec)
+            check(f"{name} one pass", b, e, el, prec)

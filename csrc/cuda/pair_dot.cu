@@ -99,10 +99,13 @@ struct DotGrads {
   A* dH_part;  // [R, M, D]
 };
 
+// Which gradients a backward launch forms (from the same recomputed ds tiles).
+constexpr int kDotGradG = 1, kDotGradH = 2;
+
 template <class Md>
 __global__ void __launch_bounds__(kThreads)
     dot_bwd_kernel(DotArgs<typename Md::T> a, DotGrads<typename Md::acc_t> gr,
-                   typename Md::acc_t* acc_scratch, typename Md::T* scratch) {
+                   typename Md::acc_t* acc_scratch, typename Md::T* scratch, int parts) {
   using T = typename Md::T;
   using acc_t = typename Md::acc_t;
   using Gemm = BlockGemm<Md>;
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
 
       // ---- dG_i += sum_j ds_ij H_j: M = rows, N = D, K = columns ------------------------------
-      {
+      if (parts & kDotGradG) {
         const Strided<T> opA(dst, BN, 1);          // opA(m, n) = ds[m][n], scaled
         const Strided<T> opB(a.H + j0 * D, D, 1);  // opB(n, d) = H[j0 + n][d]
         auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
@@ -179,7 +182,7 @@ __global__ void __launch_bounds__(kThreads)
         Gemm::run(smem, ni, D, nj, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/true, opB, epi);
       }
       // ---- dH_j += sum_i ds_ij G_i: M = columns, N = D, K = rows -------------------------------
-      {
+      if (parts & kDotGradH) {
         const Strided<T> opA(dst, 1, BN);          // opA(n, m) = ds[m][n], scaled
         const Strided<T> opB(a.G + i0 * D, D, 1);  // opB(m, d) = G[i0 + m][d]
         auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
@@ -191,7 +194,8 @@ __global__ void __launch_bounds__(kThreads)
         };
         Gemm::run(smem, nj, D, ni, /*a_k_fastest=*/false, opA, /*b_n_fastest=*/true, opB, epi);
       }
-      // (the last GEMM's closing barrier protects dsf / dst / red from the next tile)
+      // (the last GEMM's closing barrier protects dsf / dst / red from the next tile; `parts`
+      // is the same for the whole block, so at least one GEMM runs)
     }
   }
 }
@@ -243,33 +247,64 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
   const int64_t N = a.N, M = a.M, D = a.D;
   const int64_t tile = int64_t(Md::BM) * Md::BN;
   const int64_t per_block = tile * int64_t(sizeof(acc_t) + sizeof(T));
-  const Split sp = plan_square(a.nrt, a.nct, [&](int64_t R, int64_t S) {
-    return R * S * per_block + (S * N + R * M) * D * int64_t(sizeof(acc_t));
-  });
-  a.R = sp.R;
-  a.S = sp.S;
-  const int64_t Gb = sp.blocks();
   const auto acc_opts = G.options().dtype(acc_scalar_type<Md>());
-  at::Tensor dG_part = at::zeros({a.S, N, D}, acc_opts);
-  at::Tensor dH_part = at::zeros({a.R, M, D}, acc_opts);
-  at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
-  at::Tensor scratch = at::empty({Gb * tile}, G.options());
-
   DotGrads<acc_t> gr{};
   gr.g_lse = ptr<acc_t>(g_lse);
   gr.g_pos = ptr<acc_t>(g_pos);
   gr.g_rowsum = ptr<acc_t>(g_rowsum);
   gr.lse = ptr<acc_t>(lse);
-  gr.dG_part = ptr<acc_t>(dG_part);
-  gr.dH_part = ptr<acc_t>(dH_part);
-
   const size_t smem = BlockGemm<Md>::kSmemBytes + (kWarps + 2) * sizeof(acc_t);
-  launch_kernel(dot_bwd_kernel<Md>, Gb, smem, a, gr, ptr<acc_t>(acc_scratch), ptr<T>(scratch));
+
+  // One pass forms dG and dH from each ds tile, with [S, N, D] and [R, M, D] partials for an
+  // R x S split of the tile grid. Those partials are what the workspace budget bounds, so at
+  // large N * D the split shrinks far below the GPU (N = M = 65536, D = 512: 134 MB per float32
+  // slice, a handful of blocks). Then two passes run instead, each over the whole grid with no
+  // partials at all: blocks own row tiles and form dG, then own column tiles and form dH, each
+  // recomputing ds (four tile products instead of three).
+  const int64_t full = std::min<int64_t>(2 * int64_t(sm_count()), a.nrt * a.nct);
+  const Split one = plan_square(a.nrt, a.nct, [&](int64_t R, int64_t S) {
+    return R * S * per_block + (S * N + R * M) * D * int64_t(sizeof(acc_t));
+  });
+  const int64_t scratch_blocks = std::max<int64_t>(1, workspace_budget() / per_block);
+  Split rows, cols;  // the two passes' splits: R x 1 and 1 x S
+  rows.R = int(std::min({a.nrt, 2 * int64_t(sm_count()), scratch_blocks}));
+  cols.S = int(std::min({a.nct, 2 * int64_t(sm_count()), scratch_blocks}));
+  const bool two_pass =
+      one.blocks() < full && std::min(rows.blocks(), cols.blocks()) > one.blocks();
+
+  at::Tensor dG_part, dH_part;
+  if (!two_pass) {
+    a.R = one.R;
+    a.S = one.S;
+    dG_part = at::zeros({a.S, N, D}, acc_opts);
+    dH_part = at::zeros({a.R, M, D}, acc_opts);
+    const int64_t Gb = one.blocks();
+    at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
+    at::Tensor scratch = at::empty({Gb * tile}, G.options());
+    gr.dG_part = ptr<acc_t>(dG_part);
+    gr.dH_part = ptr<acc_t>(dH_part);
+    launch_kernel(dot_bwd_kernel<Md>, Gb, smem, a, gr, ptr<acc_t>(acc_scratch), ptr<T>(scratch),
+                  kDotGradG | kDotGradH);
+  } else {
+    dG_part = at::zeros({1, N, D}, acc_opts);
+    dH_part = at::zeros({1, M, D}, acc_opts);
+    const int64_t Gb = std::max(rows.blocks(), cols.blocks());
+    at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
+    at::Tensor scratch = at::empty({Gb * tile}, G.options());
+    gr.dG_part = ptr<acc_t>(dG_part);
+    gr.dH_part = ptr<acc_t>(dH_part);
+    for (const auto& [sp, part] : {std::pair{rows, kDotGradG}, std::pair{cols, kDotGradH}}) {
+      a.R = sp.R;
+      a.S = sp.S;
+      launch_kernel(dot_bwd_kernel<Md>, sp.blocks(), smem, a, gr, ptr<acc_t>(acc_scratch),
+                    ptr<T>(scratch), part);
+    }
+  }
 
   at::Tensor dG = at::empty({N, D}, G.options());
   at::Tensor dH = at::empty({M, D}, H.options());
-  reduce_partials<acc_t, T>(dG_part, 0, a.S, N * D, N * D, dG);
-  reduce_partials<acc_t, T>(dH_part, 0, a.R, M * D, M * D, dH);
+  reduce_partials<acc_t, T>(dG_part, 0, dG_part.size(0), N * D, N * D, dG);
+  reduce_partials<acc_t, T>(dH_part, 0, dH_part.size(0), M * D, M * D, dH);
   return {dG, dH};
 }
 

@@ -5,6 +5,8 @@
 #define FCL_EMULATION 1
 #endif
 
+#include <utility>
+
 #include "../../csrc/cuda/pair_dot.cu"
 #include "../../csrc/cuda/pair_mlp_bwd.cu"
 #include "../../csrc/cuda/pair_mlp_fwd.cu"
@@ -36,6 +38,8 @@ TORCH_LIBRARY(factorcl_emu, m) {
       "float c_pos, float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   // 16-byte operand loads made since the last call (fcl_cuda_emulation.h), and reset
   m.def("take_vector_loads() -> int", [] { return int64_t(emu::vector_loads.exchange(0)); });
+  // grid sizes of the kernel launches since the last call, and reset
+  m.def("take_launch_grids() -> int[]", [] { return std::exchange(emu::launch_grids, {}); });
 }
 
 TORCH_LIBRARY_IMPL(factorcl_emu, CPU, m) {

@@ -90,10 +90,15 @@ inline int64_t workspace_budget(int64_t dflt) {
   return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : dflt;
 }
 
+// Grid size of every launch, in order (the host side launches one kernel at a time), so that a
+// test can see which work split a launcher chose.
+inline std::vector<int64_t> launch_grids;
+
 template <class... KArgs>
 void launch(void (*kernel)(KArgs...), unsigned grid, unsigned threads, size_t smem,
             KArgs... args) {
   if (threads % 32 != 0) throw std::runtime_error("emu: block size must be whole warps");
+  launch_grids.push_back(grid);
   for (unsigned g = 0; g < grid; ++g) {
     Block blk(threads, smem);
     std::vector<std::thread> ts;
