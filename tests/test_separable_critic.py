@@ -490,8 +490,14 @@ def test_compile_fullgraph(backend, device):
     ref = step(*b)
     ref.backward()
     assert_rel_close(loss, ref, F32_TOL, "loss")
-    for name, x, y in zip(("dg", "dh", "dtemperature"), a, b):
-        assert_rel_close(x.grad, y.grad, F32_TOL, name)
+    # compiled and eager autograd round the temperature's cancelling sum differently (9.3e-5 of
+    # a 0.0035 value on one seed): its floor is the size of its terms
+    tau_floor = temperature_floor(
+        g, h, temperature,
+        lambda st: (st[0] / n - st[1] / n + 0.1 * st[2]).sum(),
+        normalize=True, pos_offset=2, exclude_offset=0)
+    for name, x, y, floor in zip(("dg", "dh", "dtemperature"), a, b, (0.0, 0.0, tau_floor)):
+        assert_rel_close(x.grad, y.grad, F32_TOL, name, floor=floor)
 
 
 # ---------------------------------------------------------------------------------------------
