@@ -87,12 +87,17 @@ def _stats_run(fn, g, h, temperature, w, **kw):
     return list(stats), list(grads)
 
 
+def _combined(coefs, stats):
+    """The fused loss op's value from (lse, pos, rowsum): sum of c_lse lse + c_pos pos + ..."""
+    return (coefs["c_lse"] * stats[0] + coefs["c_pos"] * stats[1]
+            + coefs["c_rowsum"] * stats[2]).sum()
+
+
 def _loss_run(fn, g, h, temperature, coefs, **kw):
     args = _leaves(g, h, temperature)
     loss = fn(args[0], args[1], temperature=args[2], **kw)
     if isinstance(loss, tuple):  # the reference gives stats: combine them as the loss op does
-        loss = (coefs["c_lse"] * loss[0] + coefs["c_pos"] * loss[1]
-                + coefs["c_rowsum"] * loss[2]).sum()
+        loss = _combined(coefs, loss)
     return [loss], list(_grads(loss, args))
 
 
@@ -155,9 +160,7 @@ def _check_loss_and_grads(backend, g, h, temperature, normalize, pos_offset, exc
     same = None
     if g.dtype != torch.float64:
         same = sum(_loss_run(reference.separable_critic_stats, g, h, temperature, coefs, **kw), [])
-    objective = lambda st: (coefs["c_lse"] * st[0] + coefs["c_pos"] * st[1]  # noqa: E731
-                            + coefs["c_rowsum"] * st[2]).sum()
-    floors = _floors(g, h, temperature, objective, kw)
+    floors = _floors(g, h, temperature, lambda st: _combined(coefs, st), kw)
     g64, h64, tau64 = _double(g, h, temperature)
     ref_stats = reference.separable_critic_stats(g64, h64, temperature=tau64, **kw)
     floors["loss"] = loss_floor((coefs["c_lse"], coefs["c_pos"], coefs["c_rowsum"]), ref_stats)
@@ -476,10 +479,12 @@ def test_compile_fullgraph(backend, device):
     torch._dynamo.reset()
     n, m, d = 8, 13, 6
 
+    coefs = dict(c_lse=1.0 / n, c_pos=-1.0 / n, c_rowsum=0.1)
+    kw = dict(normalize=True, pos_offset=2, exclude_offset=0)
+
     def step(g, h, t):
-        return factorcl_ext.separable_critic_loss(
-            g, h, c_lse=1.0 / n, c_pos=-1.0 / n, c_rowsum=0.1, temperature=t, normalize=True,
-            pos_offset=2, exclude_offset=0, backend=backend)
+        return factorcl_ext.separable_critic_loss(g, h, temperature=t, backend=backend, **coefs,
+                                                  **kw)
 
     compiled = torch.compile(step, fullgraph=True)
     g, h, temperature = _inputs(n, m, d, device, dtype=torch.float32)
@@ -492,10 +497,7 @@ def test_compile_fullgraph(backend, device):
     assert_rel_close(loss, ref, F32_TOL, "loss")
     # compiled and eager autograd round the temperature's cancelling sum differently (9.3e-5 of
     # a 0.0035 value on one seed): its floor is the size of its terms
-    tau_floor = temperature_floor(
-        g, h, temperature,
-        lambda st: (st[0] / n - st[1] / n + 0.1 * st[2]).sum(),
-        normalize=True, pos_offset=2, exclude_offset=0)
+    tau_floor = temperature_floor(g, h, temperature, lambda st: _combined(coefs, st), **kw)
     for name, x, y, floor in zip(("dg", "dh", "dtemperature"), a, b, (0.0, 0.0, tau_floor)):
         assert_rel_close(x.grad, y.grad, F32_TOL, name, floor=floor)
 

@@ -261,44 +261,34 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
   // slice, a handful of blocks). Then two passes run instead, each over the whole grid with no
   // partials at all: blocks own row tiles and form dG, then own column tiles and form dH, each
   // recomputing ds (four tile products instead of three).
-  const int64_t full = std::min<int64_t>(2 * int64_t(sm_count()), a.nrt * a.nct);
+  const int64_t two_per_sm = 2 * int64_t(sm_count());
   const Split one = plan_square(a.nrt, a.nct, [&](int64_t R, int64_t S) {
     return R * S * per_block + (S * N + R * M) * D * int64_t(sizeof(acc_t));
   });
   const int64_t scratch_blocks = std::max<int64_t>(1, workspace_budget() / per_block);
   Split rows, cols;  // the two passes' splits: R x 1 and 1 x S
-  rows.R = int(std::min({a.nrt, 2 * int64_t(sm_count()), scratch_blocks}));
-  cols.S = int(std::min({a.nct, 2 * int64_t(sm_count()), scratch_blocks}));
-  const bool two_pass =
-      one.blocks() < full && std::min(rows.blocks(), cols.blocks()) > one.blocks();
-
-  at::Tensor dG_part, dH_part;
-  if (!two_pass) {
-    a.R = one.R;
-    a.S = one.S;
-    dG_part = at::zeros({a.S, N, D}, acc_opts);
-    dH_part = at::zeros({a.R, M, D}, acc_opts);
-    const int64_t Gb = one.blocks();
-    at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
-    at::Tensor scratch = at::empty({Gb * tile}, G.options());
-    gr.dG_part = ptr<acc_t>(dG_part);
-    gr.dH_part = ptr<acc_t>(dH_part);
-    launch_kernel(dot_bwd_kernel<Md>, Gb, smem, a, gr, ptr<acc_t>(acc_scratch), ptr<T>(scratch),
-                  kDotGradG | kDotGradH);
-  } else {
-    dG_part = at::zeros({1, N, D}, acc_opts);
-    dH_part = at::zeros({1, M, D}, acc_opts);
-    const int64_t Gb = std::max(rows.blocks(), cols.blocks());
-    at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
-    at::Tensor scratch = at::empty({Gb * tile}, G.options());
-    gr.dG_part = ptr<acc_t>(dG_part);
-    gr.dH_part = ptr<acc_t>(dH_part);
-    for (const auto& [sp, part] : {std::pair{rows, kDotGradG}, std::pair{cols, kDotGradH}}) {
-      a.R = sp.R;
-      a.S = sp.S;
-      launch_kernel(dot_bwd_kernel<Md>, sp.blocks(), smem, a, gr, ptr<acc_t>(acc_scratch),
-                    ptr<T>(scratch), part);
-    }
+  rows.R = int(std::min({a.nrt, two_per_sm, scratch_blocks}));
+  cols.S = int(std::min({a.nct, two_per_sm, scratch_blocks}));
+  const bool two_pass = one.blocks() < std::min(two_per_sm, a.nrt * a.nct) &&
+                        std::min(rows.blocks(), cols.blocks()) > one.blocks();
+  // (split, gradients it forms) per launch; partial slices: S of dG and R of dH in one pass,
+  // one of each in two
+  const std::vector<std::pair<Split, int>> passes =
+      two_pass ? std::vector<std::pair<Split, int>>{{rows, kDotGradG}, {cols, kDotGradH}}
+               : std::vector<std::pair<Split, int>>{{one, kDotGradG | kDotGradH}};
+  at::Tensor dG_part = at::zeros({two_pass ? 1 : one.S, N, D}, acc_opts);
+  at::Tensor dH_part = at::zeros({two_pass ? 1 : one.R, M, D}, acc_opts);
+  gr.dG_part = ptr<acc_t>(dG_part);
+  gr.dH_part = ptr<acc_t>(dH_part);
+  int64_t Gb = 1;
+  for (const auto& pass : passes) Gb = std::max<int64_t>(Gb, pass.first.blocks());
+  at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
+  at::Tensor scratch = at::empty({Gb * tile}, G.options());
+  for (const auto& [sp, parts] : passes) {
+    a.R = sp.R;
+    a.S = sp.S;
+    launch_kernel(dot_bwd_kernel<Md>, sp.blocks(), smem, a, gr, ptr<acc_t>(acc_scratch),
+                  ptr<T>(scratch), parts);
   }
 
   at::Tensor dG = at::empty({N, D}, G.options());

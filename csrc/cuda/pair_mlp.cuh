@@ -22,6 +22,14 @@ struct MlpArgs {
   int64_t nrc, ncc;    // number of row / column chunks
 };
 
+// h_0 of one pair and feature, act(A_i[k] + B_j[k]) in the accumulation type: the one definition
+// that the forward, the recomputing backward and both operand forms below share (they must agree
+// bit for bit).
+template <class T>
+__device__ __forceinline__ auto pair_act(T a, T b, int act) {
+  return act_fwd(to_acc(a) + to_acc(b), act);
+}
+
 // The input of a hidden layer as a GEMM operand X(p, k), k contiguous: h_(l-1)(p, k) read from
 // hin ([np, H] row-major), or with hin == nullptr h_0(p, k) = act(A_i + B_j) formed on the fly
 // for pair p = ii * nj + jj of the chunk whose rows start at Ab and columns at Bb. The scalar
@@ -35,7 +43,7 @@ __device__ auto layer_input(int act, const typename Md::T* Ab, const typename Md
   const bool ok = hin != nullptr ? vec_aligned(hin, H) : vec_aligned(Ab, H) && vec_aligned(Bb, H);
   auto scalar = [=](int p, int k) -> acc_t {
     if (hin != nullptr) return to_acc(hin[int64_t(p) * H + k]);
-    return act_fwd(to_acc(Ab[int64_t(p / nj) * H + k]) + to_acc(Bb[int64_t(p % nj) * H + k]), act);
+    return pair_act(Ab[int64_t(p / nj) * H + k], Bb[int64_t(p % nj) * H + k], act);
   };
   auto vec = [=](int p, int k, T* out) {
     if (hin != nullptr) {
@@ -47,7 +55,7 @@ __device__ auto layer_input(int act, const typename Md::T* Ab, const typename Md
     fcl_load16(av, Ab + int64_t(p / nj) * H + k);
     fcl_load16(bv, Bb + int64_t(p % nj) * H + k);
 #pragma unroll
-    for (int t = 0; t < V; ++t) out[t] = Cvt<T>::from(act_fwd(to_acc(av[t]) + to_acc(bv[t]), act));
+    for (int t = 0; t < V; ++t) out[t] = Cvt<T>::from(pair_act(av[t], bv[t], act));
   };
   return computed(ok, scalar, vec);
 }
@@ -74,7 +82,7 @@ __device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, i
       const T* bj = Bb + int64_t(p % nj) * H;
       acc_t sum = 0;
       for (int k = lane; k < H; k += 32)
-        sum += to_acc(a.w_out[k]) * act_fwd(to_acc(ai[k]) + to_acc(bj[k]), a.act);
+        sum += to_acc(a.w_out[k]) * pair_act(ai[k], bj[k], a.act);
       sum = warp_sum(sum);
       if (lane == 0) t_acc[p] = sum;
     }

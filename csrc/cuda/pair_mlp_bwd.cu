@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
       const int np = ni * nj;
       const T* __restrict__ Ab = a.A + i0 * H;
       const T* __restrict__ Bb = a.B + j0 * H;
-      // (h_0 = act(A_i + B_j) is formed again wherever it is needed, never stored)
+      // (h_0 = act(A_i + B_j) is formed again wherever it is needed, by pair_act; never stored)
 
       mlp_chunk_scores<Md>(smem, a, i0, j0, ni, nj, t_acc, hptr);  // ends with a barrier
 
@@ -115,8 +115,7 @@ __global__ void __launch_bounds__(kThreads)
         } else {
           for (int ii = 0, p = 0; ii < ni; ++ii)
             for (int jj = 0; jj < nj; ++jj, ++p)
-              sw += dt[p] * act_fwd(to_acc(Ab[int64_t(ii) * H + n]) + to_acc(Bb[int64_t(jj) * H + n]),
-                                    a.act);
+              sw += dt[p] * pair_act(Ab[int64_t(ii) * H + n], Bb[int64_t(jj) * H + n], a.act);
         }
         dwo_part[n] += sw;
       }
@@ -130,7 +129,7 @@ __global__ void __launch_bounds__(kThreads)
           acc_t* dzp = dz0 + int64_t(p) * H;
           for (int k = lane; k < H; k += 32)
             dzp[k] = dt[p] * to_acc(a.w_out[k]) *
-                     act_grad_from_out(act_fwd(to_acc(ai[k]) + to_acc(bj[k]), a.act), a.act);
+                     act_grad_from_out(pair_act(ai[k], bj[k], a.act), a.act);
         }
         __syncthreads();
       } else {
@@ -193,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
                   if (l >= 2) {
                     dzn[idx] = Cvt<T>::from(dh * act_grad_from_out(to_acc(hprev[idx]), a.act));
                   } else {
-                    const acc_t h = act_fwd(to_acc(ai[k]) + to_acc(bj[k]), a.act);
+                    const acc_t h = pair_act(ai[k], bj[k], a.act);
                     dz0[idx] = dh * inv_scale * act_grad_from_out(h, a.act);
                   }
                 }
