@@ -13,6 +13,11 @@
 #   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
 #   ablation-* benchmarks/triton_bwd_ablation.py with the arguments after the dash, e.g.
 #              'ablation---configs 0' (each config x variant compiles: ~10-20 s apiece)
+#   ncu-*      Nsight Compute on benchmarks/profile_kernels.py (arguments after the dash): one
+#              forward + backward per critic and backend, this package's kernels only, with the
+#              speed-of-light, occupancy, warp-state, scheduler, compute and memory sections
+#              (hardware counters: Firecracker machines only, see the device tool's KINDS.md);
+#              e.g. 'ncu---n 1024 --sep-n 16384'. NCU overrides where ncu is found.
 #
 # Each stage's log is OUTDIR/<stage>.log (pytest stages also write OUTDIR/<stage>.xml); the last
 # lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300).
@@ -93,6 +98,18 @@ for stage in "$@"; do
       IFS=' ' read -r -a abl_args <<<"${stage#ablation-}"
       n_abl=$((${n_abl:-0} + 1))
       run_stage "ablation-$n_abl" "$PY" benchmarks/triton_bwd_ablation.py "${abl_args[@]}"
+      ;;
+    ncu-*)
+      IFS=' ' read -r -a ncu_args <<<"${stage#ncu-}"
+      n_ncu=$((${n_ncu:-0} + 1))
+      ncu_bin="${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+        2>/dev/null | head -n 1)}"
+      # --clock-control none: leave the card's clocks as they are (device METHOD.md)
+      run_stage "ncu-$n_ncu" "${ncu_bin:-ncu}" --clock-control none --profile-from-start off \
+        -k 'regex:(mlp|dot)_\w*kernel' --section SpeedOfLight --section LaunchStats \
+        --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        "$PY" benchmarks/profile_kernels.py "${ncu_args[@]}"
       ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac

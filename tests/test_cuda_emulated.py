@@ -379,6 +379,28 @@ def test_emulated_vector_loads_where_aligned(emu, sms, prec_name):
         assert rel_error(a, e, stats_floor(e)) <= tol, name
 
 
+@pytest.mark.parametrize("prec_name", ["float32", "float64"])
+def test_emulated_wide_hidden_layer(emu, sms, prec_name):
+    """The backward's sums over a chunk's pairs (dw_out, db, and dz_0's dA / dB) give each thread
+    a group of 16 bytes of features, 256 groups at a time: H = 1030 takes two rounds of groups in
+    float32 (groups of 4, the element path: 1030 is not a multiple of 4) and three in float64
+    (groups of 2, the vector path)."""
+    sms(1)
+    n, m, h, cfg = 3, 5, 1030, ("tanh", "none", 1)
+    with Precision(prec_name) as prec:
+        inputs = mlp_inputs(n, m, h, 1, prec.dtype)
+        up = upstream_grads(n, prec)
+        s64, g64 = mlp_reference(inputs, cfg, up, F64)
+        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
+        A, B, Ws, bs, w_out, b_out = inputs
+        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
+                                        b_out, stats[0], *cfg)
+        names = ("dA", "dB", "dW0", "db0", "dw_out", "db_out")
+        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
+            check(names[i], a, e, lowp[1][i] if lowp else None, prec)
+
+
 @pytest.mark.parametrize("prec_name", ["float32", "bfloat16"])
 def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_name):
     """A tiny workspace budget forces one block for the whole problem: same results."""

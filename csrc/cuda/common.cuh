@@ -472,7 +472,8 @@ struct BlockGemm {
   // thread of the block. opA is an operand (above) read as (m, k), opB as (k, n), only in range;
   // a_k_fastest: opA's k index is the contiguous one; b_n_fastest: opB's n index is.
   // epi(m0, n0, mlen, nlen, Cs) sees the finished tile in shared memory (row stride Md::LDC);
-  // a barrier follows it, so it may use any thread mapping (but no early return).
+  // a barrier follows it, so it may use any thread mapping (but no early return), rewrite the
+  // tile in place, and call __syncthreads() itself (every thread runs the epilogue).
   template <class OpA, class OpB, class Epi>
   __device__ static void run(char* smem, int Mdim, int Ndim, int Kdim, bool a_k_fastest,
                              const OpA& opA, bool b_n_fastest, const OpB& opB, Epi&& epi) {
@@ -504,7 +505,7 @@ struct BlockGemm {
         __syncthreads();  // every warp is done reading As / Bs before Cs overwrites them
         acc.store(Cs);
         __syncthreads();
-        epi(m0, n0, min(BM, Mdim - m0), min(BN, Ndim - n0), static_cast<const acc_t*>(Cs));
+        epi(m0, n0, min(BM, Mdim - m0), min(BN, Ndim - n0), Cs);
         __syncthreads();
       }
     }

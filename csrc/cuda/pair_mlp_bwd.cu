@@ -13,6 +13,11 @@
 // its row split r (common.cuh); reduce_partials_kernel then sums the slices in fixed order.
 // dz_l is stored in the input dtype (it is a tensor-core operand) with a per-chunk power-of-two
 // scale, removed again wherever it is summed into a float32 partial.
+//
+// Sums over a chunk's pairs (db_l, dw_out, dA, dB) are spread over the block, never one thread
+// walking hundreds of pairs: column_sums gives each thread a group of features and a share of
+// the pairs, and dz_0 never leaves shared memory for L >= 1 (add_pair_sums reduces it in the last
+// GEMM's epilogue). Every sum still has one fixed order for a given shape.
 #include "host_common.cuh"
 #include "pair_mlp.cuh"
 
@@ -32,6 +37,103 @@ struct MlpGrads {
   A* dbo_part;   // [G]
 };
 
+// NS sums over the pairs of a chunk, feature by feature, for every feature k < H. Thread (q, f)
+// of a Q x F layout takes feature group f (V = 16 / sizeof(T) consecutive features, so a caller
+// can move them with one 16-byte access), and walk(k, n, q, Q, sums) adds the pairs q, q + Q, ...
+// of features k .. k + n - 1 (n <= V) into sums[s][0 .. n). The Q partial sums of a feature meet
+// in shared memory (the GEMM tile's, free between GEMMs) and emit(s, k, total) gets them added in
+// order of q. Called by every thread of the block (barriers inside).
+template <class Md, int NS, class Walk, class Emit>
+__device__ void column_sums(char* smem, int H, Walk&& walk, Emit&& emit) {
+  using acc_t = typename Md::acc_t;
+  constexpr int V = kVec<typename Md::T>;
+  static_assert(size_t(NS) * kThreads * V * sizeof(acc_t) <= BlockGemm<Md>::kSmemBytes,
+                "column_sums' partials must fit the GEMM tile's shared memory");
+  acc_t* part = reinterpret_cast<acc_t*>(smem);
+  const int tid = threadIdx.x;
+  const int NG = (H + V - 1) / V;  // feature groups
+  const int F = NG < kThreads ? NG : kThreads;
+  const int Q = kThreads / F;
+  const int q = tid / F, f = tid % F;
+  for (int g0 = 0; g0 < NG; g0 += F) {
+    const int gi = g0 + f, k = gi * V;
+    const bool mine = q < Q && gi < NG;
+    const int n = mine ? min(V, H - k) : 0;
+    acc_t sums[NS][V];
+#pragma unroll
+    for (int s = 0; s < NS; ++s)
+#pragma unroll
+      for (int t = 0; t < V; ++t) sums[s][t] = acc_t(0);
+    if (mine) walk(k, n, q, Q, sums);
+    if (q < Q)
+#pragma unroll
+      for (int s = 0; s < NS; ++s)
+#pragma unroll
+        for (int t = 0; t < V; ++t) part[((s * Q + q) * F + f) * V + t] = sums[s][t];
+    __syncthreads();
+    if (q == 0 && gi < NG)
+      for (int s = 0; s < NS; ++s)
+        for (int t = 0; t < n; ++t) {
+          acc_t tot = part[(s * Q * F + f) * V + t];
+          for (int qq = 1; qq < Q; ++qq) tot += part[((s * Q + qq) * F + f) * V + t];
+          emit(s, k + t, tot);
+        }
+    __syncthreads();
+  }
+}
+
+// dA_i += sum_j dz0(i, j) and dB_j += sum_i dz0(i, j) over the pairs p in [m0, m0 + mlen) of a
+// chunk with nj columns (p = ii * nj + jj), for the features [k0, k0 + nlen) (nlen <= BN): dz0 of
+// pair p, feature k0 + c at Z[(p - m0) * ldz + c]. dA_rows / dB_rows: the partial slices' rows
+// of the chunk's first row / column (row stride H). One item per (row or column, feature): the
+// chunk has at most TI rows and TJ columns, so a thread has at most kItems items; it reads all
+// of its partials before it writes any, so their latencies overlap. Sums in pair order.
+template <class Md>
+__device__ void add_pair_sums(const typename Md::acc_t* Z, int ldz, int m0, int mlen, int nj,
+                              int k0, int nlen, typename Md::acc_t* dA_rows,
+                              typename Md::acc_t* dB_rows, int H) {
+  using acc_t = typename Md::acc_t;
+  constexpr int BN = Md::BN;
+  constexpr int kItems = ((Md::TI + Md::TJ) * BN + kThreads - 1) / kThreads;
+  constexpr int kBatch = 32 / int(sizeof(acc_t));  // partials read ahead at a time (registers)
+  const int tid = threadIdx.x;
+  const int ii0 = m0 / nj, rows = (m0 + mlen - 1) / nj - ii0 + 1;  // rows the pairs touch
+  const int n_items = (rows + nj) * BN;
+  auto first_in_col = [&](int jj) { return m0 + ((jj - m0 % nj) % nj + nj) % nj; };
+  // item e: the partial it adds to, or nullptr (beyond the items, or a column without pairs here)
+  auto target = [&](int e) -> acc_t* {
+    const int r = e / BN, c = e % BN;
+    if (e >= n_items || c >= nlen) return nullptr;
+    if (r < rows) return dA_rows + int64_t(ii0 + r) * H + k0 + c;
+    const int jj = r - rows;
+    return first_in_col(jj) < m0 + mlen ? dB_rows + int64_t(jj) * H + k0 + c : nullptr;
+  };
+  for (int b0 = 0; b0 < kItems; b0 += kBatch) {
+    acc_t old[kBatch];
+#pragma unroll
+    for (int it = 0; it < kBatch; ++it) {
+      const acc_t* d = target(tid + (b0 + it) * kThreads);
+      old[it] = d != nullptr ? *d : acc_t(0);
+    }
+#pragma unroll
+    for (int it = 0; it < kBatch; ++it) {
+      const int e = tid + (b0 + it) * kThreads, r = e / BN, c = e % BN;
+      acc_t* d = target(e);
+      if (d == nullptr) continue;
+      acc_t s = 0;
+      if (r < rows) {
+        const int ii = ii0 + r;
+        const int p1 = min(m0 + mlen, (ii + 1) * nj);
+        for (int p = max(m0, ii * nj); p < p1; ++p) s += Z[int64_t(p - m0) * ldz + c];
+      } else {
+        for (int p = first_in_col(r - rows); p < m0 + mlen; p += nj)
+          s += Z[int64_t(p - m0) * ldz + c];
+      }
+      *d = old[it] + s;
+    }
+  }
+}
+
 template <class Md>
 __global__ void __launch_bounds__(kThreads)
     mlp_bwd_kernel(MlpArgs<typename Md::T> a, MlpGrads<typename Md::acc_t> gr,
@@ -41,10 +143,12 @@ __global__ void __launch_bounds__(kThreads)
   using acc_t = typename Md::acc_t;
   using Gemm = BlockGemm<Md>;
   constexpr int C = Md::CHUNK;
+  constexpr int V = kVec<T>;
   FCL_DYNAMIC_SMEM(smem);
   acc_t* t_acc = reinterpret_cast<acc_t*>(smem + Gemm::kSmemBytes);
   acc_t* dt = t_acc + C;
-  acc_t* red = dt + C;  // [kWarps] block-reduction scratch, then [kWarps] = scale, [+1] = 1/scale
+  // [kWarps] maxima, [kWarps] sums (block reductions), then scale, 1 / scale
+  acc_t* red = dt + C;
 
   const int g = blockIdx.x, r = g / a.S, s = g % a.S;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -52,7 +156,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t CH = int64_t(C) * H;
   T* hbuf = scratch != nullptr ? scratch + int64_t(g) * scratch_stride : nullptr;  // L x [C, H]
   T* dzbuf = hbuf != nullptr ? hbuf + L * CH : nullptr;  // 1 or 2 x [C, H]
-  acc_t* dz0 = acc_scratch + int64_t(g) * acc_scratch_stride;  // [C, H], float32 / float64
+  // L = 0 only: dz_0 of the chunk, [C, H] (for L >= 1 it stays in shared memory)
+  acc_t* dz0 = acc_scratch != nullptr ? acc_scratch + int64_t(g) * acc_scratch_stride : nullptr;
   auto hptr = [&](int l) -> T* { return hbuf + (l - 1) * CH; };  // h_l, l = 1..L
 
   acc_t* dW_part = gr.dW_part + int64_t(g) * L * H * H;
@@ -72,12 +177,14 @@ __global__ void __launch_bounds__(kThreads)
       const int np = ni * nj;
       const T* __restrict__ Ab = a.A + i0 * H;
       const T* __restrict__ Bb = a.B + j0 * H;
+      acc_t* dA_rows = dA_part + i0 * H;
+      acc_t* dB_rows = dB_part + j0 * H;
       // (h_0 = act(A_i + B_j) is formed again wherever it is needed, by pair_act; never stored)
 
       mlp_chunk_scores<Md>(smem, a, i0, j0, ni, nj, t_acc, hptr);  // ends with a barrier
 
-      // ---- dt_p and the per-chunk scale of the stored dz -------------------------------------
-      acc_t local_max = 0;
+      // ---- dt_p, the per-chunk scale of the stored dz, and db_out ------------------------------
+      acc_t local_max = 0, local_sum = 0;
       for (int p = tid; p < np; p += kThreads) {
         const int64_t i = i0 + p / nj, j = j0 + p % nj;
         const acc_t t = t_acc[p] + bout;
@@ -86,66 +193,117 @@ __global__ void __launch_bounds__(kThreads)
         if (a.pos_offset >= 0 && j == i + a.pos_offset) ds += gr.g_pos[i];
         const acc_t d = ds * out_act_grad(t, a.out_act);
         dt[p] = d;
+        local_sum += d;
         const acc_t ad = d < acc_t(0) ? -d : d;
         local_max = ad > local_max ? ad : local_max;  // NaN never wins: scale falls back to 1
       }
       local_max = warp_max(local_max);
-      if (lane == 0) red[warp] = local_max;
+      local_sum = warp_sum(local_sum);
+      if (lane == 0) {
+        red[warp] = local_max;
+        red[kWarps + warp] = local_sum;
+      }
       __syncthreads();
       if (tid == 0) {
-        acc_t mx = 0;
-        for (int w = 0; w < kWarps; ++w) mx = red[w] > mx ? red[w] : mx;
+        acc_t mx = 0, sb = 0;
+        for (int w = 0; w < kWarps; ++w) {
+          mx = red[w] > mx ? red[w] : mx;
+          sb += red[kWarps + w];
+        }
         const acc_t scale = pow2_scale_for(mx);
-        red[kWarps] = scale;
-        red[kWarps + 1] = acc_t(1) / scale;
-        // output bias: sum of dt over the chunk, in pair order
-        acc_t sb = 0;
-        for (int p = 0; p < np; ++p) sb += dt[p];
-        dbo_part[0] += sb;
+        red[2 * kWarps] = scale;
+        red[2 * kWarps + 1] = acc_t(1) / scale;
+        dbo_part[0] += sb;  // output bias: sum of dt over the chunk
       }
       __syncthreads();
-      const acc_t scale = red[kWarps], inv_scale = red[kWarps + 1];
+      const acc_t scale = red[2 * kWarps], inv_scale = red[2 * kWarps + 1];
 
-      // ---- output layer: dw_out[n] += sum_p dt_p h_L(p, n) -----------------------------------
-      for (int n = tid; n < H; n += kThreads) {
-        acc_t sw = 0;
-        if (L > 0) {
-          const T* hL = hptr(L);
-          for (int p = 0; p < np; ++p) sw += dt[p] * to_acc(hL[int64_t(p) * H + n]);
-        } else {
-          for (int ii = 0, p = 0; ii < ni; ++ii)
-            for (int jj = 0; jj < nj; ++jj, ++p)
-              sw += dt[p] * pair_act(Ab[int64_t(ii) * H + n], Bb[int64_t(jj) * H + n], a.act);
-        }
-        dwo_part[n] += sw;
-      }
-
-      // (element loops over the chunk's [np, H] run one warp per pair, lanes along H: no
-      // division per element)
       if (L == 0) {
-        for (int p = warp; p < np; p += kWarps) {
-          const T* ai = Ab + int64_t(p / nj) * H;
-          const T* bj = Bb + int64_t(p % nj) * H;
-          acc_t* dzp = dz0 + int64_t(p) * H;
-          for (int k = lane; k < H; k += 32)
-            dzp[k] = dt[p] * to_acc(a.w_out[k]) *
-                     act_grad_from_out(pair_act(ai[k], bj[k], a.act), a.act);
-        }
-        __syncthreads();
+        // dw_out[k] += sum_p dt_p h_0(p, k);  dz_0 = dt_p * w_out * act'(h_0), into dz0
+        const bool vec = vec_aligned(Ab, H) && vec_aligned(Bb, H);
+        column_sums<Md, 1>(
+            smem, H,
+            [&](int k, int n, int q, int Q, acc_t (&sum)[1][V]) {
+              acc_t wo[V];
+#pragma unroll
+              for (int t = 0; t < V; ++t) wo[t] = t < n ? to_acc(a.w_out[k + t]) : acc_t(0);
+              for (int p = q; p < np; p += Q) {
+                const acc_t d = dt[p];
+                const T* ai = Ab + int64_t(p / nj) * H + k;
+                const T* bj = Bb + int64_t(p % nj) * H + k;
+                alignas(16) T av[V];
+                alignas(16) T bv[V];
+                if (vec && n == V) {
+                  fcl_load16(av, ai);
+                  fcl_load16(bv, bj);
+                } else {
+#pragma unroll
+                  for (int t = 0; t < V; ++t)
+                    if (t < n) {
+                      av[t] = ai[t];
+                      bv[t] = bj[t];
+                    }
+                }
+                acc_t* dzp = dz0 + int64_t(p) * H + k;
+#pragma unroll
+                for (int t = 0; t < V; ++t)
+                  if (t < n) {
+                    const acc_t h = pair_act(av[t], bv[t], a.act);
+                    dzp[t] = d * wo[t] * act_grad_from_out(h, a.act);
+                    sum[0][t] += d * h;
+                  }
+              }
+            },
+            [&](int, int k, acc_t tot) { dwo_part[k] += tot; });
+        for (int k0 = 0; k0 < H; k0 += Md::BN)  // (column_sums ended with a barrier)
+          add_pair_sums<Md>(dz0 + k0, H, 0, np, nj, k0, min(Md::BN, H - k0), dA_rows, dB_rows, H);
       } else {
-        // dz_L = dt_p * w_out * act'(h_L), scaled, into dz buffer 0
+        // One pass over h_L: dz_L = dt_p * w_out * act'(h_L), scaled, into dz buffer 0, and the
+        // sums dw_out[k] += sum_p dt_p h_L(p, k), db_L[k] += sum_p dz_L(p, k)
         {
           const T* hL = hptr(L);
-          for (int p = warp; p < np; p += kWarps) {
-            const acc_t dts = dt[p] * scale;
-            for (int k = lane; k < H; k += 32) {
-              const int64_t e = int64_t(p) * H + k;
-              dzbuf[e] = Cvt<T>::from(dts * to_acc(a.w_out[k]) *
-                                      act_grad_from_out(to_acc(hL[e]), a.act));
-            }
-          }
+          const bool vec = vec_aligned(hL, H);  // dzbuf has the same layout and alignment
+          column_sums<Md, 2>(
+              smem, H,
+              [&](int k, int n, int q, int Q, acc_t (&sum)[2][V]) {
+                acc_t wo[V];
+#pragma unroll
+                for (int t = 0; t < V; ++t) wo[t] = t < n ? to_acc(a.w_out[k + t]) : acc_t(0);
+                for (int p = q; p < np; p += Q) {
+                  const acc_t d = dt[p];
+                  const int64_t e = int64_t(p) * H + k;
+                  alignas(16) T hv[V];
+                  alignas(16) T out[V];
+                  if (vec && n == V)
+                    fcl_load16(hv, hL + e);
+                  else
+#pragma unroll
+                    for (int t = 0; t < V; ++t)
+                      if (t < n) hv[t] = hL[e + t];
+#pragma unroll
+                  for (int t = 0; t < V; ++t)
+                    if (t < n) {
+                      const acc_t h = to_acc(hv[t]);
+                      const acc_t dz = d * wo[t] * act_grad_from_out(h, a.act);
+                      out[t] = Cvt<T>::from(dz * scale);
+                      sum[0][t] += d * h;
+                      sum[1][t] += dz;
+                    }
+                  if (vec && n == V)
+                    fcl_store16(dzbuf + e, out);
+                  else
+#pragma unroll
+                    for (int t = 0; t < V; ++t)
+                      if (t < n) dzbuf[e + t] = out[t];
+                }
+              },
+              [&](int which, int k, acc_t tot) {
+                if (which == 0)
+                  dwo_part[k] += tot;
+                else
+                  db_part[int64_t(L - 1) * H + k] += tot;
+              });
         }
-        __syncthreads();
         int cur = 0;
         for (int l = L; l >= 1; --l) {
           const T* dzc = dzbuf + cur * CH;
@@ -153,11 +311,27 @@ __global__ void __launch_bounds__(kThreads)
           const T* hprev = l >= 2 ? hptr(l - 1) : nullptr;
           const T* __restrict__ Wl = a.W + int64_t(l - 1) * H * H;
 
-          // db_l[o] += sum_p dz_l(p, o)
-          for (int o = tid; o < H; o += kThreads) {
-            acc_t sb = 0;
-            for (int p = 0; p < np; ++p) sb += to_acc(dzc[int64_t(p) * H + o]);
-            db_part[int64_t(l - 1) * H + o] += sb * inv_scale;
+          // db_l[o] += sum_p dz_l(p, o), for the layers below the top (whose came with dz_L)
+          if (l < L) {
+            const bool vec = vec_aligned(dzc, H);
+            column_sums<Md, 1>(
+                smem, H,
+                [&](int k, int n, int q, int Q, acc_t (&sum)[1][V]) {
+                  for (int p = q; p < np; p += Q) {
+                    const T* src = dzc + int64_t(p) * H + k;
+                    alignas(16) T v[V];
+                    if (vec && n == V)
+                      fcl_load16(v, src);
+                    else
+#pragma unroll
+                      for (int t = 0; t < V; ++t)
+                        if (t < n) v[t] = src[t];
+#pragma unroll
+                    for (int t = 0; t < V; ++t)
+                      if (t < n) sum[0][t] += to_acc(v[t]);
+                  }
+                },
+                [&](int, int k, acc_t tot) { db_part[int64_t(l - 1) * H + k] += tot * inv_scale; });
           }
 
           // dW_l[o, k] += sum_p dz_l(p, o) h_(l-1)(p, k): M = H (o), N = H (k), K = pairs
@@ -179,43 +353,34 @@ __global__ void __launch_bounds__(kThreads)
           {
             const Strided<T> opA(dzc, H, 1);  // opA(p, o) = dz_l[p][o]
             const Strided<T> opB(Wl, H, 1);   // opB(o, k) = W_l[o][k]
-            auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
-              // one warp per pair row, lanes along k (h_0's row pointers once per pair)
+            auto epi = [&](int m0, int n0, int mlen, int nlen, acc_t* Cs) {
+              // one warp per pair row, lanes along k (h_0's row pointers once per pair):
+              // l >= 2: dz_(l-1) into the other dz buffer; l = 1: dz_0 in place in the tile
               for (int mr = warp; mr < mlen; mr += kWarps) {
                 const int p = m0 + mr;
                 const T* ai = Ab + int64_t(p / nj) * H;
                 const T* bj = Bb + int64_t(p % nj) * H;
                 for (int nc = lane; nc < nlen; nc += 32) {
                   const int k = n0 + nc;
-                  const int64_t idx = int64_t(p) * H + k;
                   const acc_t dh = Cs[mr * Md::LDC + nc];
                   if (l >= 2) {
+                    const int64_t idx = int64_t(p) * H + k;
                     dzn[idx] = Cvt<T>::from(dh * act_grad_from_out(to_acc(hprev[idx]), a.act));
                   } else {
                     const acc_t h = pair_act(ai[k], bj[k], a.act);
-                    dz0[idx] = dh * inv_scale * act_grad_from_out(h, a.act);
+                    Cs[mr * Md::LDC + nc] = dh * inv_scale * act_grad_from_out(h, a.act);
                   }
                 }
+              }
+              if (l == 1) {  // dA, dB from this tile's dz_0
+                __syncthreads();
+                add_pair_sums<Md>(Cs, Md::LDC, m0, mlen, nj, n0, nlen, dA_rows, dB_rows, H);
               }
             };
             Gemm::run(smem, np, H, H, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/true, opB, epi);
           }
           cur = 1 - cur;
         }
-      }
-
-      // ---- dA_i += sum_j dz_0(i, j), dB_j += sum_i dz_0(i, j), in pair order ------------------
-      for (int e = tid; e < ni * H; e += kThreads) {
-        const int ii = e / H, k = e % H;
-        acc_t sa = 0;
-        for (int jj = 0; jj < nj; ++jj) sa += dz0[int64_t(ii * nj + jj) * H + k];
-        dA_part[(i0 + ii) * H + k] += sa;
-      }
-      for (int e = tid; e < nj * H; e += kThreads) {
-        const int jj = e / H, k = e % H;
-        acc_t sb = 0;
-        for (int ii = 0; ii < ni; ++ii) sb += dz0[int64_t(ii * nj + jj) * H + k];
-        dB_part[(j0 + jj) * H + k] += sb;
       }
       __syncthreads();  // scratch, t_acc and dt are rewritten by the next chunk
     }
@@ -255,7 +420,7 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
 
   const int64_t n_dz = L >= 2 ? 2 : (L == 1 ? 1 : 0);
   const int64_t scratch_stride = (L + n_dz) * C * H;            // elements of T per block
-  const int64_t acc_scratch_stride = int64_t(C) * H;            // dz_0
+  const int64_t acc_scratch_stride = L == 0 ? int64_t(C) * H : 0;  // dz_0 (L >= 1: in smem)
   const int64_t weight_part = L * H * H + L * H + H + 1;         // acc elements per block
   const int64_t per_block = scratch_stride * int64_t(sizeof(T)) +
                             (acc_scratch_stride + weight_part) * int64_t(sizeof(acc_t));
@@ -275,7 +440,8 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   at::Tensor dbo_part = at::zeros({G}, acc_opts);
   at::Tensor scratch;
   if (scratch_stride > 0) scratch = at::empty({G * scratch_stride}, A.options());
-  at::Tensor acc_scratch = at::empty({G * acc_scratch_stride}, acc_opts);
+  at::Tensor acc_scratch;
+  if (acc_scratch_stride > 0) acc_scratch = at::empty({G * acc_scratch_stride}, acc_opts);
 
   MlpGrads<acc_t> gr{};
   gr.g_lse = ptr<acc_t>(g_lse);
@@ -290,7 +456,7 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   gr.dbo_part = ptr<acc_t>(dbo_part);
 
   const size_t smem =
-      BlockGemm<Md>::kSmemBytes + (2 * size_t(C) + kWarps + 2) * sizeof(acc_t);
+      BlockGemm<Md>::kSmemBytes + (2 * size_t(C) + 2 * kWarps + 2) * sizeof(acc_t);
   launch_kernel(mlp_bwd_kernel<Md>, G, smem, a, gr, ptr<T>(scratch), scratch_stride,
                 ptr<acc_t>(acc_scratch), acc_scratch_stride);
 
