@@ -392,11 +392,15 @@ struct BlockGemm {
   static constexpr int A_PER_THREAD = BM * BK / kThreads;
   static constexpr int B_PER_THREAD = BK * BN / kThreads;
   static_assert(BM * BK % kThreads == 0 && BK * BN % kThreads == 0, "tile / thread mismatch");
-  static constexpr size_t kOperandBytes = (size_t(BM) * Md::LDA + size_t(BK) * Md::LDB) * sizeof(op_t);
+  // One K-slab's operand tiles; two of them alternate (the next slab is stored while the current
+  // one is multiplied: one barrier per slab).
+  static constexpr size_t kSlabElems = size_t(BM) * Md::LDA + size_t(BK) * Md::LDB;
+  static constexpr size_t kOperandBytes = 2 * kSlabElems * sizeof(op_t);
   static constexpr size_t kStageBytes = size_t(BM) * Md::LDC * sizeof(acc_t);
   // The epilogue staging tile reuses the operand tiles' memory (they are dead by then).
   static constexpr size_t kSmemBytes =
       ((kOperandBytes > kStageBytes ? kOperandBytes : kStageBytes) + 127) / 128 * 128;
+  static_assert((kSlabElems * sizeof(op_t)) % 32 == 0, "WMMA needs 32-byte aligned tiles");
 
   // Operand moves go in groups of V consecutive elements along the source's contiguous index
   // (one 16-byte load where the operand allows it, V scalar reads where it does not or where the
@@ -478,10 +482,12 @@ struct BlockGemm {
   __device__ static void run(char* smem, int Mdim, int Ndim, int Kdim, bool a_k_fastest,
                              const OpA& opA, bool b_n_fastest, const OpB& opB, Epi&& epi) {
     constexpr int AG = A_PER_THREAD / V, BG = B_PER_THREAD / V;
-    op_t* As = reinterpret_cast<op_t*>(smem);
-    op_t* Bs = As + BM * Md::LDA;
+    op_t* const slabs = reinterpret_cast<op_t*>(smem);  // slab b: A tile, then B tile
+    auto As = [&](int b) { return slabs + b * kSlabElems; };
+    auto Bs = [&](int b) { return slabs + b * kSlabElems + BM * Md::LDA; };
     acc_t* Cs = reinterpret_cast<acc_t*>(smem);
     const int nk = Kdim > 0 ? (Kdim + BK - 1) / BK : 1;
+    __syncthreads();  // the caller may have used this shared memory just before
     for (int m0 = 0; m0 < Mdim; m0 += BM) {
       for (int n0 = 0; n0 < Ndim; n0 += BN) {
         TileAcc<Md> acc;
@@ -493,16 +499,22 @@ struct BlockGemm {
           fetch<AG>(opA, BM, BK, a_k_fastest, m0, k0, Mdim, Kdim, ra);
           fetch<BG>(opB, BK, BN, b_n_fastest, k0, n0, Kdim, Ndim, rb);
         };
+        auto stash_slab = [&](int b) {
+          stash<AG, Md::LDA, kVecStoreA>(ra, BM, BK, a_k_fastest, As(b));
+          stash<BG, Md::LDB, kVecStoreB>(rb, BK, BN, b_n_fastest, Bs(b));
+        };
+        // (slab 0 is free: the barrier above, or the previous tile's after its epilogue)
         fetch_slab(0);
+        stash_slab(0);
+        __syncthreads();
         for (int kt = 0; kt < nk; ++kt) {
-          __syncthreads();  // the previous slab (or the previous epilogue's Cs) is no longer read
-          stash<AG, Md::LDA, kVecStoreA>(ra, BM, BK, a_k_fastest, As);
-          stash<BG, Md::LDB, kVecStoreB>(rb, BK, BN, b_n_fastest, Bs);
-          __syncthreads();
-          if (kt + 1 < nk) fetch_slab((kt + 1) * BK);
-          acc.mma(As, Bs);
+          const bool more = kt + 1 < nk;
+          if (more) fetch_slab((kt + 1) * BK);  // global loads in flight during the MMAs
+          acc.mma(As(kt & 1), Bs(kt & 1));
+          // slab (kt + 1) & 1 was last read in iteration kt - 1, before the barrier below it
+          if (more) stash_slab((kt + 1) & 1);
+          __syncthreads();  // slab kt + 1 is stored; every warp is done with slab kt
         }
-        __syncthreads();  // every warp is done reading As / Bs before Cs overwrites them
         acc.store(Cs);
         __syncthreads();
         epi(m0, n0, min(BM, Mdim - m0), min(BN, Ndim - n0), Cs);
