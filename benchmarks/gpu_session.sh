@@ -20,7 +20,8 @@
 #              e.g. 'ncu---n 1024 --sep-n 16384'. NCU overrides where ncu is found.
 #
 # Each stage's log is OUTDIR/<stage>.log (pytest stages also write OUTDIR/<stage>.xml); the last
-# lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300).
+# lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300),
+# the build's FACTORCL_BUILD_TIMEOUT (default 480: nothing else runs without it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,12 +36,12 @@ fi
 limit="${FACTORCL_STAGE_TIMEOUT:-300}"
 summary=()
 
-run_stage() {  # name, command...
+run_stage() {  # name, command...  (the stage's time limit: $stage_limit if set, else $limit)
   local name="$1"
   shift
   local t0=$SECONDS
   echo "=== $name: $* ==="
-  timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout --kill-after=10 "${stage_limit:-$limit}" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$out/$name.log"
   summary+=("$(printf '%-22s rc=%-4s %5ss  %s' "$name" "$rc" "$((SECONDS - t0))" \
@@ -73,7 +74,8 @@ for stage in "$@"; do
       "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
         >>"$out/device.txt" 2>&1
       cat "$out/device.txt"
-      run_stage build "$PY" -m pip install --no-build-isolation --no-deps -e . -v
+      stage_limit="${FACTORCL_BUILD_TIMEOUT:-480}" run_stage build \
+        "$PY" -m pip install --no-build-isolation --no-deps -e . -v
       "$PY" -c 'import factorcl_ext, json; print(json.dumps(factorcl_ext.build_info()))' \
         | tee "$out/build_info.json"
       # the C++ runtime must be the shared libstdc++.so.6 (a static copy crashed in session 2)

@@ -104,15 +104,27 @@ __device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, i
     auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
       // One warp per pair row: lanes walk the columns (coalesced h stores), then a fixed
       // butterfly adds the row's share of w_out . h_L. Tiles arrive in increasing n0 for a
-      // given m0, so t_acc[p] accumulates in a fixed order.
+      // given m0, so t_acc[p] accumulates in a fixed order. A lane's columns are the same in
+      // every row: their biases and output weights are loaded once per tile.
+      constexpr int CPL = (Md::BN + 31) / 32;  // columns per lane
+      acc_t bias_c[CPL], wo_c[CPL];
+#pragma unroll
+      for (int t = 0; t < CPL; ++t) {
+        const int nc = lane + 32 * t;
+        bias_c[t] = nc < nlen ? to_acc(bl[n0 + nc]) : acc_t(0);
+        wo_c[t] = last && nc < nlen ? to_acc(a.w_out[n0 + nc]) : acc_t(0);
+      }
       for (int mr = warp; mr < mlen; mr += kWarps) {
         const int p = m0 + mr;
         acc_t part = 0;
-        for (int nc = lane; nc < nlen; nc += 32) {
+#pragma unroll
+        for (int t = 0; t < CPL; ++t) {
+          const int nc = lane + 32 * t;
+          if (nc >= nlen) continue;
           const int n = n0 + nc;
-          const acc_t h = act_fwd(Cs[mr * Md::LDC + nc] + to_acc(bl[n]), a.act);
+          const acc_t h = act_fwd(Cs[mr * Md::LDC + nc] + bias_c[t], a.act);
           if (hout != nullptr) hout[int64_t(p) * H + n] = Cvt<T>::from(h);
-          if (last) part += h * to_acc(a.w_out[n]);
+          if (last) part += h * wo_c[t];
         }
         if (last) {
           part = warp_sum(part);
