@@ -401,6 +401,28 @@ def test_emulated_wide_hidden_layer(emu, sms, prec_name):
             check(names[i], a, e, lowp[1][i] if lowp else None, prec)
 
 
+def test_emulated_concat_backward_uses_the_whole_grid(emu, sms):
+    """The backward splits the pair grid into R x S blocks with R / S = N / M (the partials'
+    size S * N + R * M is then smallest) and gives the rows what a capped S leaves: 16 blocks on
+    8 emulated SMs for 256 x 256 pairs in 16 x 32 chunks (the split by chunk counts gave 6 x 2)."""
+    sms(8)
+    n = m = 256
+    cfg = ("relu", "none", 0)
+    with Precision("bfloat16") as prec:
+        inputs = mlp_inputs(n, m, 16, 1, prec.dtype)
+        up = upstream_grads(n, prec)
+        A, B, Ws, bs, w_out, b_out = inputs
+        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        emu.take_launch_grids()
+        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
+                                        b_out, stats[0], *cfg)
+        assert emu.take_launch_grids()[0] == 16
+        s64, g64 = mlp_reference(inputs, cfg, up, F64)
+        lowp = mlp_reference(inputs, cfg, up, prec.dtype)
+        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
+            check(f"grad {i}", a, e, lowp[1][i], prec)
+
+
 @pytest.mark.parametrize("prec_name", ["float32", "bfloat16"])
 def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_name):
     """A tiny workspace budget forces one block for the whole problem: same results."""

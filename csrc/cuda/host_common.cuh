@@ -82,20 +82,23 @@ inline Split plan_rows_first(int64_t nrc, int64_t ncc, int64_t per_block_bytes) 
 }
 
 // Backward kernels: row partials [S, N, D] and column partials [R, M, D] both exist, so split the
-// pair grid into a near-square R x S; shrink until `bytes(R, S)` fits the budget. The first
+// pair grid into R x S with R / S = N / M, which for a given R * S makes S * N + R * M, the
+// partials' size, smallest (N and M in rows, not chunks: the concat critic's chunks are 16 rows
+// by 32 columns); shrink until `bytes(R, S)` fits the budget. The first
 // step down is to one block per SM: the tensor-core kernels use 255 registers, so one 8-warp
 // block fits an SM, and a grid between one and two SMs' worth runs a second wave part-empty
 // (the concat backward at N = 4096, H = 512, bf16 got 180 blocks on an H100's 132 SMs: by
 // arithmetic, not measured, two rounds of the same length for 1.4 rounds of work).
-inline Split plan_square(int64_t nrc, int64_t ncc,
+inline Split plan_square(int64_t nrc, int64_t ncc, int64_t N, int64_t M,
                          const std::function<int64_t(int64_t, int64_t)>& bytes) {
   const int64_t sms = sm_count();
   int64_t G = std::min<int64_t>(2 * sms, nrc * ncc);
   Split sp;
   while (true) {
-    int64_t R = std::llround(std::sqrt(double(G) * double(nrc) / double(ncc)));
+    int64_t R = std::llround(std::sqrt(double(G) * double(N) / double(M)));
     R = std::clamp<int64_t>(R, 1, nrc);
     int64_t S = std::clamp<int64_t>(G / R, 1, ncc);
+    R = std::clamp<int64_t>(G / S, 1, nrc);  // S capped by the column chunks: rows take the rest
     sp.R = int(R);
     sp.S = int(S);
     if (G <= 1 || bytes(R, S) <= workspace_budget()) return sp;

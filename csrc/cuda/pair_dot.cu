@@ -262,7 +262,7 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
   // partials at all: blocks own row tiles and form dG, then own column tiles and form dH, each
   // recomputing ds (four tile products instead of three).
   const int64_t two_per_sm = 2 * int64_t(sm_count());
-  const Split one = plan_square(a.nrt, a.nct, [&](int64_t R, int64_t S) {
+  const Split one = plan_square(a.nrt, a.nct, N, M, [&](int64_t R, int64_t S) {
     return R * S * per_block + (S * N + R * M) * D * int64_t(sizeof(acc_t));
   });
   const int64_t scratch_blocks = std::max<int64_t>(1, workspace_budget() / per_block);

@@ -424,7 +424,7 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   const int64_t weight_part = L * H * H + L * H + H + 1;         // acc elements per block
   const int64_t per_block = scratch_stride * int64_t(sizeof(T)) +
                             (acc_scratch_stride + weight_part) * int64_t(sizeof(acc_t));
-  const Split sp = plan_square(a.nrc, a.ncc, [&](int64_t R, int64_t S) {
+  const Split sp = plan_square(a.nrc, a.ncc, N, M, [&](int64_t R, int64_t S) {
     return R * S * per_block + (S * N + R * M) * H * int64_t(sizeof(acc_t));
   });
   a.R = sp.R;
