@@ -86,8 +86,9 @@ __device__ void column_sums(char* smem, int H, Walk&& walk, Emit&& emit) {
 // chunk with nj columns (p = ii * nj + jj), for the features [k0, k0 + nlen) (nlen <= BN): dz0 of
 // pair p, feature k0 + c at Z[(p - m0) * ldz + c]. dA_rows / dB_rows: the partial slices' rows
 // of the chunk's first row / column (row stride H). One item per (row or column, feature): the
-// chunk has at most TI rows and TJ columns, so a thread has at most kItems items; it reads all
-// of its partials before it writes any, so their latencies overlap. Sums in pair order.
+// chunk has at most TI rows and TJ columns, so a thread has at most kItems items; it reads a
+// batch of its partials before it writes any of them, so their latencies overlap. Sums in pair
+// order.
 template <class Md>
 __device__ void add_pair_sums(const typename Md::acc_t* Z, int ldz, int m0, int mlen, int nj,
                               int k0, int nlen, typename Md::acc_t* dA_rows,
