@@ -17,7 +17,7 @@
 #              forward + backward per critic and backend, this package's kernels only, with the
 #              speed-of-light, occupancy, warp-state, scheduler, compute and memory sections
 #              (hardware counters: Firecracker machines only, see the device tool's KINDS.md);
-#              e.g. 'ncu---n 1024 --sep-n 16384'. NCU overrides where ncu is found.
+#              e.g. 'ncu---n 1024 --sep-n 8192'. NCU overrides where ncu is found.
 #
 # Each stage's log is OUTDIR/<stage>.log (pytest stages also write OUTDIR/<stage>.xml); the last
 # lines printed are a summary table. Stage time limits: FACTORCL_STAGE_TIMEOUT seconds (default 300),

@@ -2,7 +2,7 @@
 
     ncu --clock-control none --profile-from-start off -k 'regex:(mlp|dot)_\\w*kernel' \\
         --section SpeedOfLight --section WarpStateStats \\
-        python benchmarks/profile_kernels.py --n 1024 --sep-n 16384 --backends cuda triton
+        python benchmarks/profile_kernels.py --n 1024 --sep-n 8192 --backends cuda triton
 
 (benchmarks/gpu_session.sh's ``ncu`` stage runs this with more sections.) Each step runs twice
 outside the range first (compilation, Triton autotuning), then once between
@@ -32,7 +32,7 @@ for _path in (ROOT, ROOT / "benchmarks"):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n", type=int, default=1024, help="concat critic N = M (0: skip)")
-    p.add_argument("--sep-n", type=int, default=16384, help="separable critic N = M (0: skip)")
+    p.add_argument("--sep-n", type=int, default=8192, help="separable critic N = M (0: skip)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--dim", type=int, default=128)
