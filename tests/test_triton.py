@@ -658,6 +658,28 @@ def test_backward_ablation_variants_run_and_the_atomic_slots_are_right(capsys):
     assert "check passed" in capsys.readouterr().out
 
 
+def test_profile_kernels_puts_each_step_in_its_own_range(monkeypatch, capsys):
+    """benchmarks/profile_kernels.py (Nsight Compute's target on a lent GPU): every step runs,
+    warmed up outside the profiler range, once inside it. The CUDA calls are stand-ins here."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gpu_bench", _load_gpu_bench())
+    calls = []
+    if not GPU:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append("start"))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append("stop"))
+    _load_benchmark("profile_kernels").main(
+        ["--n", "5", "--sep-n", "7", "--hidden", "16", "--dim", "8", "--sep-dim", "8",
+         "--dtype", "fp32", "--backends", "triton", "triton_dwslots"])
+    out = capsys.readouterr().out
+    assert calls == ["start", "stop"] * 3, calls
+    assert out.count("profiler range") == 3 and "separable N=7 D=8 triton " in out, out
+
+
 @pytest.mark.parametrize("critic", ["concat", "separable"])
 def test_gpu_bench_implementations_agree(critic):
     bench = _load_gpu_bench()
