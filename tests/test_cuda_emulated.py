@@ -472,7 +472,7 @@ def test_emulated_separable_backward_two_passes(emu, sms, monkeypatch, prec_name
         tc = prec.low or prec.name == "tf32"
         tile = 128 if tc else 64  # csrc/cuda/common.cuh: Mode::BM = BN
         elem = torch.empty((), dtype=prec.dtype).element_size()
-        per_block = tile * tile * (elem + (8 if prec.dtype == F64 else 4))
+        per_block = tile * tile * elem  # csrc/cuda/pair_dot.cu: the scaled ds tile
         G = torch.randn(n, d, dtype=F64).to(prec.dtype)
         H = torch.randn(m, d, dtype=F64).to(prec.dtype)
         up = upstream_grads(n, prec)

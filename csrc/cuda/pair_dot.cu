@@ -105,7 +105,7 @@ constexpr int kDotGradG = 1, kDotGradH = 2;
 template <class Md>
 __global__ void __launch_bounds__(kThreads)
     dot_bwd_kernel(DotArgs<typename Md::T> a, DotGrads<typename Md::acc_t> gr,
-                   typename Md::acc_t* acc_scratch, typename Md::T* scratch, int parts) {
+                   typename Md::T* scratch, int parts) {
   using T = typename Md::T;
   using acc_t = typename Md::acc_t;
   using Gemm = BlockGemm<Md>;
@@ -115,8 +115,10 @@ __global__ void __launch_bounds__(kThreads)
   const int g = blockIdx.x, r = g / a.S, s = g % a.S;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int D = a.D;
-  acc_t* dsf = acc_scratch + int64_t(g) * BM * BN;  // ds tile, accumulation type
-  T* dst = scratch + int64_t(g) * BM * BN;          // scaled ds tile, GEMM operand type
+  T* dst = scratch + int64_t(g) * BM * BN;  // scaled ds tile, GEMM operand type
+  // the ds tile in the accumulation type stays where the recompute GEMM left its scores: its
+  // epilogue rewrites them in place, and the barrier after it keeps them for the code below
+  const acc_t* ds_acc = reinterpret_cast<const acc_t*>(smem);  // row stride Md::LDC
   acc_t* dG_part = gr.dG_part + int64_t(s) * a.N * D;
   acc_t* dH_part = gr.dH_part + int64_t(r) * a.M * D;
 
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(kThreads)
       {
         const Strided<T> opA(a.G + i0 * D, D, 1);  // opA(m, k) = G[i0 + m][k]
         const Strided<T> opB(a.H + j0 * D, 1, D);  // opB(k, n) = H[j0 + n][k]
-        auto epi = [&](int, int, int mlen, int nlen, const acc_t* Cs) {
+        auto epi = [&](int, int, int mlen, int nlen, acc_t* Cs) {
           for (int e = tid; e < BM * BN; e += kThreads) {
             const int mr = e / BN, nc = e % BN;
             if (mr < mlen && nc < nlen) {
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
               if (a.exclude_offset < 0 || j != i + a.exclude_offset)
                 ds = gr.g_lse[i] * dexp(x - gr.lse[i]) + gr.g_rowsum[i];
               if (a.pos_offset >= 0 && j == i + a.pos_offset) ds += gr.g_pos[i];
-              dsf[e] = ds;
+              Cs[mr * Md::LDC + nc] = ds;
               const acc_t ad = ds < acc_t(0) ? -ds : ds;
               local_max = ad > local_max ? ad : local_max;
             }
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t scale = red[kWarps], inv_scale = red[kWarps + 1];
       for (int e = tid; e < BM * BN; e += kThreads) {
         const int mr = e / BN, nc = e % BN;
-        if (mr < ni && nc < nj) dst[e] = Cvt<T>::from(dsf[e] * scale);
+        if (mr < ni && nc < nj) dst[e] = Cvt<T>::from(ds_acc[mr * Md::LDC + nc] * scale);
       }
       __syncthreads();
 
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
         };
         Gemm::run(smem, nj, D, ni, /*a_k_fastest=*/false, opA, /*b_n_fastest=*/true, opB, epi);
       }
-      // (the last GEMM's closing barrier protects dsf / dst / red from the next tile; `parts`
+      // (the last GEMM's closing barrier protects dst / red from the next tile; `parts`
       // is the same for the whole block, so at least one GEMM runs)
     }
   }
@@ -246,7 +248,7 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
   auto a = dot_args<Md>(G, H, pos_offset, exclude_offset);
   const int64_t N = a.N, M = a.M, D = a.D;
   const int64_t tile = int64_t(Md::BM) * Md::BN;
-  const int64_t per_block = tile * int64_t(sizeof(acc_t) + sizeof(T));
+  const int64_t per_block = tile * int64_t(sizeof(T));  // the scaled ds tile
   const auto acc_opts = G.options().dtype(acc_scalar_type<Md>());
   DotGrads<acc_t> gr{};
   gr.g_lse = ptr<acc_t>(g_lse);
@@ -282,13 +284,11 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
   gr.dH_part = ptr<acc_t>(dH_part);
   int64_t Gb = 1;
   for (const auto& pass : passes) Gb = std::max<int64_t>(Gb, pass.first.blocks());
-  at::Tensor acc_scratch = at::empty({Gb * tile}, acc_opts);
   at::Tensor scratch = at::empty({Gb * tile}, G.options());
   for (const auto& [sp, parts] : passes) {
     a.R = sp.R;
     a.S = sp.S;
-    launch_kernel(dot_bwd_kernel<Md>, sp.blocks(), smem, a, gr, ptr<acc_t>(acc_scratch),
-                  ptr<T>(scratch), parts);
+    launch_kernel(dot_bwd_kernel<Md>, sp.blocks(), smem, a, gr, ptr<T>(scratch), parts);
   }
 
   at::Tensor dG = at::empty({N, D}, G.options());
