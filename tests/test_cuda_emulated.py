@@ -423,6 +423,37 @@ def test_emulated_concat_backward_uses_the_whole_grid(emu, sms):
             check(f"grad {i}", a, e, lowp[1][i], prec)
 
 
+@pytest.mark.parametrize("prec_name", ["float64", "bfloat16"])
+@pytest.mark.parametrize("layers", [0, 1])
+def test_emulated_concat_backward_in_bands(emu, sms, monkeypatch, prec_name, layers):
+    """When the budget starves the backward's grid (large N * M), it cuts the pair grid into bands
+    launched one after another, each a problem of its own: its rows' statistics, its part of the
+    positives' diagonal (here pos_offset = 20 puts row i's positive two column bands away from
+    its own), dA's partials summed over a row of bands, dB's added into a float32 sum after every
+    band. FCL_EMU_BANDS forces 16 x 32 bands on a 40 x 70 problem: 3 x 3 bands."""
+    sms(2)
+    monkeypatch.setenv("FCL_EMU_BANDS", "16,32")
+    n, m, cfg = 40, 70, ("tanh", "softplus", 20)
+    with Precision(prec_name) as prec:
+        inputs = mlp_inputs(n, m, 24, layers, prec.dtype)
+        up = upstream_grads(n, prec)
+        s64, g64 = mlp_reference(inputs, cfg, up, F64)
+        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
+        A, B, Ws, bs, w_out, b_out = inputs
+        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        emu.take_launch_grids()
+        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
+                                        b_out, stats[0], *cfg)
+        grids = emu.take_launch_grids()
+        # per band the kernel and dB's accumulation, per row of bands dA's reduction, then dB's
+        # cast and the weight gradients' reductions
+        assert len(grids) == 9 * 2 + 3 + 1 + 2 * layers + 2, grids
+        names = ["dA", "dB"] + [f"dW{l}" for l in range(layers)] + [
+            f"db{l}" for l in range(layers)] + ["dw_out", "db_out"]
+        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
+            check(names[i], a, e, lowp[1][i] if lowp else None, prec)
+
+
 @pytest.mark.parametrize("prec_name", ["float32", "bfloat16"])
 def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_name):
     """A tiny workspace budget forces one block for the whole problem: same results."""

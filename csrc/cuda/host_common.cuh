@@ -148,28 +148,30 @@ inline void merge_stats(const at::Tensor& part, int S, int64_t N, const at::Tens
                 ptr<A>(rowsum));
 }
 
-// out[k] = sum_p part[p * stride + k] for p = 0, 1, ..., P - 1, cast to the output type.
+// out[k] = sum_p part[p * stride + k] for p = 0, 1, ..., P - 1, cast to the output type; with
+// `accumulate`, out[k] + that sum instead (the sum first, then the addition: a fixed order).
 template <class A, class O>
 __global__ void __launch_bounds__(kThreads)
     reduce_partials_kernel(const A* __restrict__ part, int64_t P, int64_t stride, int64_t K,
-                           O* __restrict__ out) {
+                           O* __restrict__ out, bool accumulate) {
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < K;
        k += int64_t(gridDim.x) * blockDim.x) {
     A s = 0;
     for (int64_t p = 0; p < P; ++p) s += part[p * stride + k];
-    out[k] = Cvt<O>::from(s);
+    out[k] = Cvt<O>::from(accumulate ? A(to_acc(out[k])) + s : s);
   }
 }
 
-// Sums the P partials of K elements that start at part.data + offset, rows `stride` apart.
+// Sums the P partials of K elements that start at part.data + offset, rows `stride` apart, into
+// out (added to it with `accumulate`).
 template <class A, class O>
 inline void reduce_partials(const at::Tensor& part, int64_t offset, int64_t P, int64_t stride,
-                            int64_t K, const at::Tensor& out) {
+                            int64_t K, const at::Tensor& out, bool accumulate = false) {
   if (K == 0) return;
   TORCH_CHECK(out.is_contiguous() && out.numel() == K, "reduce_partials: bad output");
   const int64_t blocks = std::min<int64_t>(ceil_div(K, kThreads), 8 * int64_t(sm_count()));
   launch_kernel(reduce_partials_kernel<A, O>, blocks, 0, ptr<A>(part) + offset, P, stride, K,
-                ptr<O>(out));
+                ptr<O>(out), accumulate);
 }
 
 }  // namespace factorcl_ext::cuda

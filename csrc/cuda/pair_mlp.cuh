@@ -17,7 +17,8 @@ struct MlpArgs {
   int64_t N, M;
   int H, L;
   int act, out_act;
-  int64_t pos_offset;  // -1: no positives
+  bool has_pos;        // positives at j = i + pos_offset (row and column indices of A and B;
+  int64_t pos_offset;  // a band of the pair grid shifts the offset, which may then be negative)
   int R, S;            // work split (common.cuh)
   int64_t nrc, ncc;    // number of row / column chunks
 };

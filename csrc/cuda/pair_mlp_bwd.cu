@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
         const acc_t t = t_acc[p] + bout;
         const acc_t sc = out_act_fwd(t, a.out_act);
         acc_t ds = gr.g_lse[i] * dexp(sc - gr.lse[i]) + gr.g_rowsum[i];
-        if (a.pos_offset >= 0 && j == i + a.pos_offset) ds += gr.g_pos[i];
+        if (a.has_pos && j == i + a.pos_offset) ds += gr.g_pos[i];
         const acc_t d = ds * out_act_grad(t, a.out_act);
         dt[p] = d;
         local_sum += d;
@@ -415,9 +415,8 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   a.L = int(L);
   a.act = act;
   a.out_act = out_act;
+  a.has_pos = pos_offset >= 0;
   a.pos_offset = pos_offset;
-  a.nrc = ceil_div(N, Md::TI);
-  a.ncc = ceil_div(M, Md::TJ);
 
   const int64_t n_dz = L >= 2 ? 2 : (L == 1 ? 1 : 0);
   const int64_t scratch_stride = (L + n_dz) * C * H;            // elements of T per block
@@ -425,16 +424,58 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   const int64_t weight_part = L * H * H + L * H + H + 1;         // acc elements per block
   const int64_t per_block = scratch_stride * int64_t(sizeof(T)) +
                             (acc_scratch_stride + weight_part) * int64_t(sizeof(acc_t));
-  const Split sp = plan_square(a.nrc, a.ncc, N, M, [&](int64_t R, int64_t S) {
-    return R * S * per_block + (S * N + R * M) * H * int64_t(sizeof(acc_t));
-  });
+  const int64_t acc_bytes = sizeof(acc_t);
+
+  // Bands. The split's [S, rows, H] and [R, cols, H] partials grow with N and M, so at large
+  // N * M the budget shrinks the grid below the GPU (N = M = 32768, H = 512: 49 blocks on 132
+  // SMs). Then the pair grid is cut into bands of nb rows x mb columns, launched one after
+  // another with the same R x S split, each with partials the size of its band: dA's partials
+  // add up over a row of bands and are reduced at its end, dB's are added into a float32 [M, H]
+  // sum after every band. Bands halve (the longer side) while that gives more blocks and
+  // leaves each band at least two waves' worth of chunks.
+  auto plan_for = [&](int64_t nb, int64_t mb) {
+    const bool banded = nb < N || mb < M;
+    return plan_square(ceil_div(nb, Md::TI), ceil_div(mb, Md::TJ), nb, mb,
+                       [&](int64_t R, int64_t S) {
+                         return R * S * per_block + (S * nb + R * mb) * H * acc_bytes +
+                                (banded ? M * H * acc_bytes : 0);
+                       });
+  };
+  const int64_t target = std::min<int64_t>(sm_count(), ceil_div(N, Md::TI) * ceil_div(M, Md::TJ));
+  int64_t nb = N, mb = M;
+  Split sp = plan_for(nb, mb);
+  for (int64_t tb = nb, tm = mb; sp.blocks() < target;) {
+    if (tb >= tm && tb > Md::TI)
+      tb = ceil_div(ceil_div(tb, 2), Md::TI) * Md::TI;
+    else if (tm > Md::TJ)
+      tm = ceil_div(ceil_div(tm, 2), Md::TJ) * Md::TJ;
+    else
+      break;
+    if (ceil_div(tb, Md::TI) * ceil_div(tm, Md::TJ) < 2 * target) break;
+    const Split t = plan_for(tb, tm);
+    if (t.blocks() > sp.blocks()) {
+      sp = t;
+      nb = tb;
+      mb = tm;
+    }
+  }
+#ifdef FCL_EMULATION
+  int64_t fb = 0, fm = 0;
+  if (emu::forced_bands(fb, fm)) {
+    nb = std::min(N, ceil_div(fb, Md::TI) * Md::TI);
+    mb = std::min(M, ceil_div(fm, Md::TJ) * Md::TJ);
+    sp = plan_for(nb, mb);
+  }
+#endif
+  const bool banded = nb < N || mb < M;
   a.R = sp.R;
   a.S = sp.S;
   const int64_t G = sp.blocks();
 
   // Partials start at zero: every block adds into its own slices.
-  at::Tensor dA_part = at::zeros({a.S, N, H}, acc_opts);
-  at::Tensor dB_part = at::zeros({a.R, M, H}, acc_opts);
+  at::Tensor dA_part = at::zeros({a.S, nb, H}, acc_opts);
+  at::Tensor dB_part = at::zeros({a.R, mb, H}, acc_opts);
+  at::Tensor dB_sum = banded ? at::zeros({M, H}, acc_opts) : at::Tensor();
   at::Tensor dW_part = L > 0 ? at::zeros({G, L * H * H}, acc_opts) : at::Tensor();
   at::Tensor db_part = L > 0 ? at::zeros({G, L * H}, acc_opts) : at::Tensor();
   at::Tensor dwo_part = at::zeros({G, H}, acc_opts);
@@ -445,10 +486,6 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   if (acc_scratch_stride > 0) acc_scratch = at::empty({G * acc_scratch_stride}, acc_opts);
 
   MlpGrads<acc_t> gr{};
-  gr.g_lse = ptr<acc_t>(g_lse);
-  gr.g_pos = ptr<acc_t>(g_pos);
-  gr.g_rowsum = ptr<acc_t>(g_rowsum);
-  gr.lse = ptr<acc_t>(lse);
   gr.dA_part = ptr<acc_t>(dA_part);
   gr.dB_part = ptr<acc_t>(dB_part);
   gr.dW_part = ptr<acc_t>(dW_part);
@@ -458,15 +495,40 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
 
   const size_t smem =
       BlockGemm<Md>::kSmemBytes + (2 * size_t(C) + 2 * kWarps + 2) * sizeof(acc_t);
-  launch_kernel(mlp_bwd_kernel<Md>, G, smem, a, gr, ptr<T>(scratch), scratch_stride,
-                ptr<acc_t>(acc_scratch), acc_scratch_stride);
-
   at::Tensor dA = at::empty({N, H}, A.options());
   at::Tensor dB = at::empty({M, H}, A.options());
+  for (int64_t r0 = 0; r0 < N; r0 += nb) {
+    const int64_t n_r = std::min(nb, N - r0);
+    if (r0 > 0) dA_part.zero_();
+    for (int64_t c0 = 0; c0 < M; c0 += mb) {
+      const int64_t m_c = std::min(mb, M - c0);
+      if (r0 > 0 || c0 > 0) dB_part.zero_();
+      MlpArgs<T> band = a;  // the band as a problem of its own: rows r0.., columns c0..
+      band.A = a.A + r0 * H;
+      band.B = a.B + c0 * H;
+      band.N = n_r;
+      band.M = m_c;
+      band.nrc = ceil_div(n_r, Md::TI);
+      band.ncc = ceil_div(m_c, Md::TJ);
+      band.pos_offset = pos_offset + r0 - c0;  // j = i + off in the band's own indices
+      gr.g_lse = ptr<acc_t>(g_lse) + r0;
+      gr.g_pos = ptr<acc_t>(g_pos) + r0;
+      gr.g_rowsum = ptr<acc_t>(g_rowsum) + r0;
+      gr.lse = ptr<acc_t>(lse) + r0;
+      launch_kernel(mlp_bwd_kernel<Md>, G, smem, band, gr, ptr<T>(scratch), scratch_stride,
+                    ptr<acc_t>(acc_scratch), acc_scratch_stride);
+      if (banded)
+        reduce_partials<acc_t, acc_t>(dB_part, 0, a.R, m_c * H, m_c * H,
+                                      dB_sum.narrow(0, c0, m_c), /*accumulate=*/true);
+    }
+    reduce_partials<acc_t, T>(dA_part, 0, a.S, n_r * H, n_r * H, dA.narrow(0, r0, n_r));
+  }
+  if (banded)
+    reduce_partials<acc_t, T>(dB_sum, 0, 1, M * H, M * H, dB);
+  else
+    reduce_partials<acc_t, T>(dB_part, 0, a.R, M * H, M * H, dB);
   at::Tensor dwo = at::empty({H}, A.options());
   at::Tensor dbo = at::empty({1}, A.options());
-  reduce_partials<acc_t, T>(dA_part, 0, a.S, N * H, N * H, dA);
-  reduce_partials<acc_t, T>(dB_part, 0, a.R, M * H, M * H, dB);
   std::vector<at::Tensor> dW, db;
   for (int64_t l = 0; l < L; ++l) {
     dW.push_back(at::empty({H, H}, A.options()));

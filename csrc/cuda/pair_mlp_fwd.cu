@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads)
           const acc_t sc = out_act_fwd(t_acc[tid * nj + jj] + bout, a.out_act);
           lse_push(run_m, run_l, sc);
           run_r += sc;
-          if (a.pos_offset >= 0 && j0 + jj == i + a.pos_offset) pos_out[i] = sc;
+          if (a.has_pos && j0 + jj == i + a.pos_offset) pos_out[i] = sc;
         }
       }
       __syncthreads();  // t_acc is rewritten by the next chunk
@@ -80,6 +80,7 @@ static Stats mlp_forward_impl(const at::Tensor& A, const at::Tensor& B, const at
   a.L = int(L);
   a.act = act;
   a.out_act = out_act;
+  a.has_pos = pos_offset >= 0;
   a.pos_offset = pos_offset;
   a.nrc = ceil_div(N, Md::TI);
   a.ncc = ceil_div(M, Md::TJ);

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -88,6 +89,19 @@ inline int sm_count() {
 inline int64_t workspace_budget(int64_t dflt) {
   const char* env = std::getenv("FCL_EMU_BUDGET");
   return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : dflt;
+}
+
+// FCL_EMU_BANDS="rows,cols" makes the concat backward cut the pair grid into bands of that many
+// rows and columns (its planner only does so when the budget starves a GPU-sized grid, which
+// the emulator cannot afford to run), to exercise the banded launches on small problems.
+inline bool forced_bands(int64_t& rows, int64_t& cols) {
+  const char* env = std::getenv("FCL_EMU_BANDS");
+  if (env == nullptr) return false;
+  long long r = 0, c = 0;
+  if (std::sscanf(env, "%lld,%lld", &r, &c) != 2 || r < 1 || c < 1) return false;
+  rows = r;
+  cols = c;
+  return true;
 }
 
 // Grid size of every launch, in order (the host side launches one kernel at a time), so that a
