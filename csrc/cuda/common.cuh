@@ -352,6 +352,29 @@ __host__ __device__ inline bool vec_aligned(const T* base, int64_t stride) {
   return base != nullptr && reinterpret_cast<uintptr_t>(base) % 16 == 0 && stride % kVec<T> == 0;
 }
 
+// n <= kVec<T> consecutive elements between memory and registers: one 16-byte move where `vec`
+// (the caller's vec_aligned) holds and the group is whole, element by element otherwise.
+template <class T>
+__device__ __forceinline__ void load_group(T* regs, const T* src, int n, bool vec) {
+  if (vec && n == kVec<T>) {
+    fcl_load16(regs, src);
+    return;
+  }
+#pragma unroll
+  for (int t = 0; t < kVec<T>; ++t)
+    if (t < n) regs[t] = src[t];
+}
+template <class T>
+__device__ __forceinline__ void store_group(T* dst, const T* regs, int n, bool vec) {
+  if (vec && n == kVec<T>) {
+    fcl_store16(dst, regs);
+    return;
+  }
+#pragma unroll
+  for (int t = 0; t < kVec<T>; ++t)
+    if (t < n) dst[t] = regs[t];
+}
+
 // X(x, y) = base[x * sx + y * sy].
 template <class T>
 struct Strided {

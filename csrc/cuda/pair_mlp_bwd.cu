@@ -168,6 +168,11 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* dA_part = gr.dA_part + int64_t(s) * a.N * H;
   acc_t* dB_part = gr.dB_part + int64_t(r) * a.M * H;
   const acc_t bout = to_acc(a.b_out[0]);
+  // w_out[k .. k + n) for a column_sums group (zero beyond n)
+  auto w_out_group = [&](int k, int n, acc_t* wo) {
+#pragma unroll
+    for (int t = 0; t < V; ++t) wo[t] = t < n ? to_acc(a.w_out[k + t]) : acc_t(0);
+  };
 
   for (int64_t rc = r; rc < a.nrc; rc += a.R) {
     const int64_t i0 = rc * Md::TI;
@@ -226,25 +231,13 @@ __global__ void __launch_bounds__(kThreads)
             smem, H,
             [&](int k, int n, int q, int Q, acc_t (&sum)[1][V]) {
               acc_t wo[V];
-#pragma unroll
-              for (int t = 0; t < V; ++t) wo[t] = t < n ? to_acc(a.w_out[k + t]) : acc_t(0);
+              w_out_group(k, n, wo);
               for (int p = q; p < np; p += Q) {
                 const acc_t d = dt[p];
-                const T* ai = Ab + int64_t(p / nj) * H + k;
-                const T* bj = Bb + int64_t(p % nj) * H + k;
                 alignas(16) T av[V];
                 alignas(16) T bv[V];
-                if (vec && n == V) {
-                  fcl_load16(av, ai);
-                  fcl_load16(bv, bj);
-                } else {
-#pragma unroll
-                  for (int t = 0; t < V; ++t)
-                    if (t < n) {
-                      av[t] = ai[t];
-                      bv[t] = bj[t];
-                    }
-                }
+                load_group(av, Ab + int64_t(p / nj) * H + k, n, vec);
+                load_group(bv, Bb + int64_t(p % nj) * H + k, n, vec);
                 acc_t* dzp = dz0 + int64_t(p) * H + k;
 #pragma unroll
                 for (int t = 0; t < V; ++t)
@@ -268,19 +261,13 @@ __global__ void __launch_bounds__(kThreads)
               smem, H,
               [&](int k, int n, int q, int Q, acc_t (&sum)[2][V]) {
                 acc_t wo[V];
-#pragma unroll
-                for (int t = 0; t < V; ++t) wo[t] = t < n ? to_acc(a.w_out[k + t]) : acc_t(0);
+                w_out_group(k, n, wo);
                 for (int p = q; p < np; p += Q) {
                   const acc_t d = dt[p];
                   const int64_t e = int64_t(p) * H + k;
                   alignas(16) T hv[V];
                   alignas(16) T out[V];
-                  if (vec && n == V)
-                    fcl_load16(hv, hL + e);
-                  else
-#pragma unroll
-                    for (int t = 0; t < V; ++t)
-                      if (t < n) hv[t] = hL[e + t];
+                  load_group(hv, hL + e, n, vec);
 #pragma unroll
                   for (int t = 0; t < V; ++t)
                     if (t < n) {
@@ -290,12 +277,7 @@ __global__ void __launch_bounds__(kThreads)
                       sum[0][t] += d * h;
                       sum[1][t] += dz;
                     }
-                  if (vec && n == V)
-                    fcl_store16(dzbuf + e, out);
-                  else
-#pragma unroll
-                    for (int t = 0; t < V; ++t)
-                      if (t < n) dzbuf[e + t] = out[t];
+                  store_group(dzbuf + e, out, n, vec);
                 }
               },
               [&](int which, int k, acc_t tot) {
@@ -319,14 +301,8 @@ __global__ void __launch_bounds__(kThreads)
                 smem, H,
                 [&](int k, int n, int q, int Q, acc_t (&sum)[1][V]) {
                   for (int p = q; p < np; p += Q) {
-                    const T* src = dzc + int64_t(p) * H + k;
                     alignas(16) T v[V];
-                    if (vec && n == V)
-                      fcl_load16(v, src);
-                    else
-#pragma unroll
-                      for (int t = 0; t < V; ++t)
-                        if (t < n) v[t] = src[t];
+                    load_group(v, dzc + int64_t(p) * H + k, n, vec);
 #pragma unroll
                     for (int t = 0; t < V; ++t)
                       if (t < n) sum[0][t] += to_acc(v[t]);
