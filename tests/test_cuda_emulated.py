@@ -174,6 +174,33 @@ def mlp_reference(inputs, cfg, upstream, dtype, tf32=False):
     return [s.detach() for s in stats], list(grads)
 
 
+def mlp_grad_names(layers):
+    return ["dA", "dB"] + [f"dW{l}" for l in range(layers)] + [
+        f"db{l}" for l in range(layers)] + ["dw_out", "db_out"]
+
+
+def run_mlp_backward(emu, n, m, h, layers, cfg, prec):
+    """A random concat-critic problem through the emulated forward and backward: the statistics,
+    the gradients (flat, in mlp_grad_names order), the backward's launch grids, and the float64
+    and same-precision (None where there is none) references as (statistics, gradients)."""
+    inputs = mlp_inputs(n, m, h, layers, prec.dtype)
+    up = upstream_grads(n, prec)
+    A, B, Ws, bs, w_out, b_out = inputs
+    stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+    emu.take_launch_grids()
+    g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
+                                    b_out, stats[0], *cfg)
+    grids = emu.take_launch_grids()
+    exact = mlp_reference(inputs, cfg, up, F64)
+    lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
+    return stats, [g[0], g[1], *g[2], *g[3], g[4], g[5]], grids, exact, lowp
+
+
+def check_mlp_grads(grads, exact, lowp, prec, layers):
+    for i, name in enumerate(mlp_grad_names(layers)):
+        check(name, grads[i], exact[1][i], lowp[1][i] if lowp else None, prec)
+
+
 # (N, M, H, L, activation, out_activation, pos_offset, emulated SMs)
 MLP_CASES = [
     (37, 53, 40, 1, "relu", "none", 0, 2),
@@ -218,8 +245,7 @@ def test_emulated_pair_mlp(emu, sms, case, prec_name):
         for i, name in enumerate(("lse", "pos", "rowsum")):
             check(name, stats[i], stats64[i], lowp[0][i] if lowp else None, prec,
                   stats_floor(stats64[i]))
-        names = ["dA", "dB"] + [f"dW{l}" for l in range(layers)] + [
-            f"db{l}" for l in range(layers)] + ["dw_out", "db_out"]
+        names = mlp_grad_names(layers)
         for i, name in enumerate(names):
             assert grads[i].dtype == prec.dtype, f"{name}: {grads[i].dtype}"
             check(name, grads[i], grads64[i], lowp[1][i] if lowp else None, prec)
@@ -386,19 +412,9 @@ def test_emulated_wide_hidden_layer(emu, sms, prec_name):
     float32 (groups of 4, the element path: 1030 is not a multiple of 4) and three in float64
     (groups of 2, the vector path)."""
     sms(1)
-    n, m, h, cfg = 3, 5, 1030, ("tanh", "none", 1)
     with Precision(prec_name) as prec:
-        inputs = mlp_inputs(n, m, h, 1, prec.dtype)
-        up = upstream_grads(n, prec)
-        s64, g64 = mlp_reference(inputs, cfg, up, F64)
-        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
-        A, B, Ws, bs, w_out, b_out = inputs
-        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
-        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
-                                        b_out, stats[0], *cfg)
-        names = ("dA", "dB", "dW0", "db0", "dw_out", "db_out")
-        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
-            check(names[i], a, e, lowp[1][i] if lowp else None, prec)
+        _, grads, _, exact, lowp = run_mlp_backward(emu, 3, 5, 1030, 1, ("tanh", "none", 1), prec)
+        check_mlp_grads(grads, exact, lowp, prec, 1)
 
 
 def test_emulated_concat_backward_uses_the_whole_grid(emu, sms):
@@ -406,21 +422,11 @@ def test_emulated_concat_backward_uses_the_whole_grid(emu, sms):
     size S * N + R * M is then smallest) and gives the rows what a capped S leaves: 16 blocks on
     8 emulated SMs for 256 x 256 pairs in 16 x 32 chunks (the split by chunk counts gave 6 x 2)."""
     sms(8)
-    n = m = 256
-    cfg = ("relu", "none", 0)
     with Precision("bfloat16") as prec:
-        inputs = mlp_inputs(n, m, 16, 1, prec.dtype)
-        up = upstream_grads(n, prec)
-        A, B, Ws, bs, w_out, b_out = inputs
-        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
-        emu.take_launch_grids()
-        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
-                                        b_out, stats[0], *cfg)
-        assert emu.take_launch_grids()[0] == 16
-        s64, g64 = mlp_reference(inputs, cfg, up, F64)
-        lowp = mlp_reference(inputs, cfg, up, prec.dtype)
-        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
-            check(f"grad {i}", a, e, lowp[1][i], prec)
+        _, grads, grids, exact, lowp = run_mlp_backward(emu, 256, 256, 16, 1,
+                                                        ("relu", "none", 0), prec)
+        assert grids[0] == 16
+        check_mlp_grads(grads, exact, lowp, prec, 1)
 
 
 @pytest.mark.parametrize("prec_name", ["float64", "bfloat16"])
@@ -433,25 +439,13 @@ def test_emulated_concat_backward_in_bands(emu, sms, monkeypatch, prec_name, lay
     band. FCL_EMU_BANDS forces 16 x 32 bands on a 40 x 70 problem: 3 x 3 bands."""
     sms(2)
     monkeypatch.setenv("FCL_EMU_BANDS", "16,32")
-    n, m, cfg = 40, 70, ("tanh", "softplus", 20)
     with Precision(prec_name) as prec:
-        inputs = mlp_inputs(n, m, 24, layers, prec.dtype)
-        up = upstream_grads(n, prec)
-        s64, g64 = mlp_reference(inputs, cfg, up, F64)
-        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
-        A, B, Ws, bs, w_out, b_out = inputs
-        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
-        emu.take_launch_grids()
-        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
-                                        b_out, stats[0], *cfg)
-        grids = emu.take_launch_grids()
+        _, grads, grids, exact, lowp = run_mlp_backward(emu, 40, 70, 24, layers,
+                                                        ("tanh", "softplus", 20), prec)
         # per band the kernel and dB's accumulation, per row of bands dA's reduction, then dB's
         # cast and the weight gradients' reductions
         assert len(grids) == 9 * 2 + 3 + 1 + 2 * layers + 2, grids
-        names = ["dA", "dB"] + [f"dW{l}" for l in range(layers)] + [
-            f"db{l}" for l in range(layers)] + ["dw_out", "db_out"]
-        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
-            check(names[i], a, e, lowp[1][i] if lowp else None, prec)
+        check_mlp_grads(grads, exact, lowp, prec, layers)
 
 
 @pytest.mark.parametrize("prec_name", ["float32", "bfloat16"])
@@ -461,18 +455,11 @@ def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_
     monkeypatch.setenv("FCL_EMU_BUDGET", "1")
     n, m, h, cfg = 20, 70, 40, ("relu", "none", 1)
     with Precision(prec_name) as prec:
-        inputs = mlp_inputs(n, m, h, 1, prec.dtype)
-        up = upstream_grads(n, prec)
-        s64, g64 = mlp_reference(inputs, cfg, up, F64)
-        lowp = mlp_reference(inputs, cfg, up, prec.dtype) if prec.same_dtype else None
-        A, B, Ws, bs, w_out, b_out = inputs
-        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
-        g = emu.pair_mlp_stats_backward(*(u.to(stats[0].dtype) for u in up), A, B, Ws, bs, w_out,
-                                        b_out, stats[0], *cfg)
-        for i, (a, e) in enumerate(zip(stats, s64)):
+        stats, grads, _, exact, lowp = run_mlp_backward(emu, n, m, h, 1, cfg, prec)
+        for i, (a, e) in enumerate(zip(stats, exact[0])):
             check(f"stat {i}", a, e, lowp[0][i] if lowp else None, prec)
-        for i, (a, e) in enumerate(zip([g[0], g[1], *g[2], *g[3], g[4], g[5]], g64)):
-            check(f"grad {i}", a, e, lowp[1][i] if lowp else None, prec)
+        check_mlp_grads(grads, exact, lowp, prec, 1)
+        up = upstream_grads(n, prec)
         G = torch.randn(n, h, dtype=F64).to(prec.dtype)
         H = torch.randn(m, h, dtype=F64).to(prec.dtype)
         st = emu.pair_dot_stats(G, H, 3, 1)
