@@ -14,6 +14,9 @@ of the negative InfoNCE bound:
 - ``triton_dwslots`` (concat only, not in the default list): the Triton backward forming the
   hidden weights' gradient in per-program float32 slots, pair tile by pair tile (the form before
   session 5; ``FACTORCL_TRITON_DW=slots``), against the default chunked GEMM (``mlp_dw_kernel``);
+- ``triton_dotfused`` (separable only, not in the default list): the Triton backward as one
+  fused kernel, dH by float32 atomics (the form before session 8;
+  ``FACTORCL_TRITON_DOT_BWD=fused``), against the default (dS chunks, cuBLAS products);
 - ``cuda``: backend="cuda", only when ``factorcl_ext.build_info()["cuda_kernels"]``;
 - ``reference``: factorcl_ext.reference (materialises N x M x H; OOM is recorded, not fatal);
 - ``compiled``: torch.compile of the reference;
@@ -151,24 +154,33 @@ def _chunked_neg_bound(x, n, chunk):
     return -factorcl_ext.infonce_lower_bound(torch.cat(lse), torch.cat(pos), n)
 
 
+def _within(step, context):
+    """``step`` run inside ``context()``, a setting of the Triton backend."""
+    def wrapped(x):
+        with context():
+            return step(x)
+    return wrapped
+
+
 def _deterministic(step):
     """``step`` run in the Triton backend's deterministic mode."""
     from factorcl_ext.triton import deterministic
 
-    def det_step(x):
-        with deterministic():
-            return step(x)
-    return det_step
+    return _within(step, deterministic)
 
 
 def _dw_slots(step):
     """``step`` with the Triton concat backward's weight gradient in per-program slots."""
     from factorcl_ext.triton import using_dw_mode
 
-    def slots_step(x):
-        with using_dw_mode("slots"):
-            return step(x)
-    return slots_step
+    return _within(step, lambda: using_dw_mode("slots"))
+
+
+def _dot_fused(step):
+    """``step`` with the Triton separable backward in one fused kernel (dH by atomics)."""
+    from factorcl_ext.triton import using_dot_bwd_mode
+
+    return _within(step, lambda: using_dot_bwd_mode("fused"))
 
 
 def concat_step(impl, n, fwd_only, chunk, compiled_cache):
@@ -268,6 +280,8 @@ def separable_step(impl, n, fwd_only, chunk, compiled_cache):
 
     if impl == "triton_det":
         return _deterministic(separable_step("triton", n, fwd_only, chunk, compiled_cache))
+    if impl == "triton_dotfused":
+        return _dot_fused(separable_step("triton", n, fwd_only, chunk, compiled_cache))
     if impl in ("triton", "cuda"):
         def step(x):
             if fwd_only:
@@ -373,7 +387,7 @@ def main() -> None:
         args.ns, args.sep_ns = [256, 1024], [4096]
     torch.set_float32_matmul_precision(args.fp32_precision)
     impls = [i for i in args.impls
-             if i not in ("triton", "triton_det", "triton_dwslots", "cuda")
+             if i not in ("triton", "triton_det", "triton_dwslots", "triton_dotfused", "cuda")
              or i.split("_")[0] in fused_backends()]
 
     dev = torch.cuda.get_device_properties(0)
@@ -383,7 +397,7 @@ def main() -> None:
     print("# dense matmul peak: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks.items()))
     rows = []
     compiled_cache: dict = {}
-    header = (f"{'critic':9s} {'dtype':5s} {'N':>6s} {'L':>2s} {'impl':10s} {'pass':8s} "
+    header = (f"{'critic':9s} {'dtype':5s} {'N':>6s} {'L':>2s} {'impl':15s} {'pass':8s} "
               f"{'ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'Gpairs/s':>9s} {'peak MB':>9s}")
     print(header)
 
@@ -391,10 +405,10 @@ def main() -> None:
         rows.append(row)
         if "error" in row:
             print(f"{row['critic']:9s} {row['dtype']:5s} {row['n']:6d} {row.get('layers', ''):>2} "
-                  f"{row['impl']:10s} {row['pass']:8s} {row['error']}")
+                  f"{row['impl']:15s} {row['pass']:8s} {row['error']}")
             return
         print(f"{row['critic']:9s} {row['dtype']:5s} {row['n']:6d} {row.get('layers', ''):>2} "
-              f"{row['impl']:10s} {row['pass']:8s} {row['ms']:9.3f} {row['tflops']:8.1f} "
+              f"{row['impl']:15s} {row['pass']:8s} {row['ms']:9.3f} {row['tflops']:8.1f} "
               f"{row['pct_peak']:6.1f} {row['gpairs_s']:9.2f} {row['peak_mb']:9.1f}", flush=True)
 
     for dname in args.dtypes:
@@ -404,7 +418,7 @@ def main() -> None:
                 chunk = chunk_rows(n, args.hidden, layers, dtype)
                 for fwd_only in (True, False):
                     for impl in impls:
-                        if impl == "matmuls":
+                        if impl in ("matmuls", "triton_dotfused"):  # separable only
                             continue
                         pass_name = "fwd" if fwd_only else "fwd+bwd"
                         if impl in ("reference", "compiled") and n > args.max_ref_n:

@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     p.add_argument("--sep-dim", type=int, default=512)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--backends", nargs="+", default=["cuda", "triton"],
-                   choices=["cuda", "triton", "triton_det", "triton_dwslots"])
+                   choices=["cuda", "triton", "triton_det", "triton_dwslots", "triton_dotfused"])
     p.add_argument("--no-autotune", action="store_true",
                    help="Triton: the fixed tile configuration (FACTORCL_TRITON_AUTOTUNE=0)")
     args = p.parse_args(argv)
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
                 if b != "cuda" or factorcl_ext.build_info()["cuda_kernels"]]
     steps = []
     for backend in backends:
-        if args.n:
+        if args.n and backend != "triton_dotfused":
             steps.append((f"concat N={args.n} H={args.hidden} L={args.layers} {backend}",
                           gb.concat_step(backend, args.n, False, args.n, {}),
                           lambda: gb.concat_inputs(args.n, args.dim, args.hidden, args.layers,

@@ -314,6 +314,7 @@ def table(args, tmp: Path, bench, device: str) -> int:
 
         def make(v, cfg):
             return launcher(mods[v], v, a, cfg, args.slots)
+        configs = a.configs
     else:
         Gm, Hm = (torch.randn(args.n, args.hidden, device=device, dtype=dtype) for _ in "gh")
         a = ops._DotArgs(Gm, Hm, 0, None)
@@ -322,7 +323,8 @@ def table(args, tmp: Path, bench, device: str) -> int:
 
         def make(v, cfg):
             return dot_launcher(mods[v], v, a, cfg)
-    idx = args.configs if args.configs else range(len(a.configs))
+        configs = _config.DOT_BWD_CONFIGS[a.family]  # the fused backward's tiles
+    idx = args.configs if args.configs else range(len(configs))
     name = torch.cuda.get_device_properties(0).name if device == "cuda" else device
     print(f"# {args.critic} critic, {name}, {args.dtype}, N = M = {args.n}, {shape}, "
           f"{a.g_row} programs, torch {torch.__version__}")
@@ -330,7 +332,7 @@ def table(args, tmp: Path, bench, device: str) -> int:
     print("|---|---|---|---|---|")
     failed = 0
     for i in idx:
-        cfg = a.configs[i]
+        cfg = configs[i]
         full_ms = None
         for v in variants:
             try:

@@ -32,7 +32,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from factorcl_ext.triton import _config  # noqa: E402
-from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_fwd_kernel  # noqa: E402
+from factorcl_ext.triton._dot_kernels import (  # noqa: E402
+    dot_bwd_kernel,
+    dot_ds_kernel,
+    dot_fwd_kernel,
+)
 from factorcl_ext.triton._mlp_kernels import (  # noqa: E402
     mlp_bwd_kernel,
     mlp_dw_kernel,
@@ -64,7 +68,7 @@ def dot_signature(kernel, dt: str) -> dict:
     t, a = TL[dt], acc_of(dt)
     sig = {}
     for name in kernel.arg_names:
-        if name in ("G_ptr", "H_ptr"):
+        if name in ("G_ptr", "H_ptr", "dS_ptr"):
             sig[name] = "*" + t
         elif name.endswith("_ptr"):
             sig[name] = "*" + a
@@ -162,6 +166,7 @@ def main() -> None:
             dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec)
             for cfg in dot_cfgs:
                 jobs.append(("dot_fwd", dot_fwd_kernel, dot_signature, dcommon, cfg))
+                jobs.append(("dot_ds", dot_ds_kernel, dot_signature, dcommon, cfg))
                 for col in (False, True):
                     jobs.append((f"dot_bwd col={int(col)}", dot_bwd_kernel, dot_signature,
                                  dict(dcommon, COL_PASS=col, ATOMIC_DH=not col), cfg))

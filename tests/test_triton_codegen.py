@@ -46,9 +46,10 @@ def check():
 
 
 def kernels(check):
-    """(label, kernel, signature, constexprs, config) of both critics, bf16, L = 1, first tile."""
+    """(label, kernel, signature, constexprs, config) of both critics, bf16, L = 1, first tile
+    (and the separable critic's 128 x 128 score tiles where they do not spill)."""
     from factorcl_ext.triton import _config
-    from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_fwd_kernel
+    from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
     from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
 
     mlp = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee")
@@ -68,6 +69,10 @@ def kernels(check):
         ("mlp_dw hidden", mlp_dw_kernel, check.mlp_signature,
          dict(FIRST=False, ACT=0, PREC="ieee"), wcfg),
         ("dot_fwd", dot_fwd_kernel, check.dot_signature, dot, dcfg),
+        ("dot_fwd 128x128", dot_fwd_kernel, check.dot_signature, dot, _config.DOT_HOPPER_WIDE[0]),
+        ("dot_ds", dot_ds_kernel, check.dot_signature, dot, dcfg),
+        *[(f"dot_ds 128x128 BD={c.kwargs['BD']}", dot_ds_kernel, check.dot_signature, dot, c)
+          for c in _config.DOT_HOPPER_WIDE],
         ("dot_bwd row", dot_bwd_kernel, check.dot_signature,
          dict(dot, COL_PASS=False, ATOMIC_DH=True), dcfg),
         ("dot_bwd col", dot_bwd_kernel, check.dot_signature,
@@ -89,6 +94,7 @@ def test_sm90_kernels_use_wgmma_relaxed_reductions_and_no_local_memory(check):
     # the row passes reduce dB / dH with float32 atomics; the column passes own their rows
     assert seen["mlp_bwd row"]["REDG"] > 0 and seen["dot_bwd row"]["REDG"] > 0, seen
     assert seen["mlp_bwd col"]["REDG"] == 0 and seen["dot_bwd col"]["REDG"] == 0, seen
+    assert seen["dot_ds"]["REDG"] == 0, seen
 
 
 def test_every_backward_ablation_variant_compiles_for_sm90(tmp_path):

@@ -11,9 +11,15 @@ recomputing sweep of the backward instead of float32 atomics, and a fixed tile c
 instead of autotuning.
 
 Weight gradients of the concat critic: ``set_dw_mode("chunk")`` (default) reduces them as a GEMM
-over chunks of pairs (a buffer of at most ``FACTORCL_TRITON_DW_CHUNK_MB``, 256 MiB), ``"slots"``
+over chunks of pairs (a buffer of at most ``FACTORCL_TRITON_CHUNK_MB``, 256 MiB), ``"slots"``
 in per-program float32 slots, pair tile by pair tile (``FACTORCL_TRITON_DW`` at import;
 ``using_dw_mode(mode)`` is the context-manager form). Both are deterministic.
+
+Gradients of the separable critic: ``set_dot_bwd_mode("chunk")`` (default) writes dS for chunks
+of rows into the same bounded buffer and forms ``dS H`` and ``dS^T G`` with cuBLAS; ``"fused"``
+accumulates them tile by tile in the backward kernel, dH by float32 atomics
+(``FACTORCL_TRITON_DOT_BWD`` at import; ``using_dot_bwd_mode(mode)``). The deterministic mode
+always runs the fused kernel as a row pass and a column pass.
 
 Autotuning: on a GPU each new (N, M, H, L, dtype) compiles and times a short list of tile
 configurations (tens of seconds, once per shape and process). ``FACTORCL_TRITON_AUTOTUNE=0`` in the
@@ -25,10 +31,13 @@ first imported: set it before importing factorcl_ext.triton.
 
 from ._config import (
     deterministic,
+    dot_bwd_mode,
     dw_mode,
     is_deterministic,
     set_deterministic,
+    set_dot_bwd_mode,
     set_dw_mode,
+    using_dot_bwd_mode,
     using_dw_mode,
 )
 from .ops import (
@@ -47,6 +56,9 @@ __all__ = [
     "dw_mode",
     "set_dw_mode",
     "using_dw_mode",
+    "dot_bwd_mode",
+    "set_dot_bwd_mode",
+    "using_dot_bwd_mode",
     "pair_dot_loss",
     "pair_dot_stats",
     "pair_dot_stats_backward",

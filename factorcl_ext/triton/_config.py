@@ -76,14 +76,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def num_programs(device: torch.device, num_blocks: int) -> int:
-    """Persistent grid size: one program per SM on a GPU (each program owns a float32 slot of the
-    weight gradients, so the grid is capped rather than one program per row block). Under the
-    interpreter 3, so that a program walks several blocks and the persistent loop is tested."""
+def num_programs(device: torch.device, num_blocks: int, per_sm: int = 1) -> int:
+    """Persistent grid size: ``per_sm`` programs per SM on a GPU (one where each program owns a
+    float32 slot of the weight gradients, so the grid is capped rather than one program per row
+    block). Under the interpreter 3, so that a program walks several blocks and the persistent
+    loop is tested."""
     if INTERPRETED or device.type != "cuda":
         cap = 3
     else:
-        cap = torch.cuda.get_device_properties(device).multi_processor_count
+        cap = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(cap, num_blocks))
 
 
@@ -114,66 +115,125 @@ MLP_AMPERE = [
     _cfg(8, 2, BI=16, BJ=16, BK=32, BN=64),
 ]
 
-# ---- concat critic: hidden weights' gradient (mlp_dw_kernel) ----------------------------------
-# How the backward forms the hidden weights' gradient dW_l = sum over pairs of dz_l^T h_(l-1):
+# ---- backward modes ---------------------------------------------------------------------------
+
+
+class _Mode:
+    """A run-time choice among named modes, first read from an environment variable at import."""
+
+    def __init__(self, env: str, modes: tuple[str, ...]):
+        self.env, self.modes = env, modes
+        self.value = os.environ.get(env, modes[0])
+        if self.value not in modes:
+            raise ValueError(f"{env} must be one of {modes}, got {self.value!r}")
+
+    def set(self, mode: str) -> None:
+        if mode not in self.modes:
+            raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
+        self.value = mode
+
+    @contextlib.contextmanager
+    def using(self, mode: str) -> Iterator[None]:
+        old = self.value
+        self.set(mode)
+        try:
+            yield
+        finally:
+            self.value = old
+
+
+# Both chunked modes below keep per-pair values of a chunk of pairs in one buffer of at most
+# CHUNK_BYTES (FACTORCL_TRITON_CHUNK_MB, 256 MiB, read at import): memory bounded by a constant,
+# not by N * M.
+CHUNK_BYTES = int(float(os.environ.get("FACTORCL_TRITON_CHUNK_MB", "256")) * 2**20)
+
+# Concat critic: how the backward forms the hidden weights' gradient dW_l = sum over pairs of
+# dz_l^T h_(l-1) (FACTORCL_TRITON_DW at import, set_dw_mode() at run time):
 #
 # - "chunk" (default): the backward kernel leaves dz (and the inputs of layers >= 2) of a chunk of
-#   pairs in a buffer (at most DW_CHUNK_BYTES), and mlp_dw_kernel reduces them as one GEMM whose
-#   reduction dimension is the chunk's pairs: [BN, BK] output tiles held in registers, split
-#   over the pairs into a few float32 partials summed in a fixed order. Memory traffic per pair:
-#   one write and about H / BK reads of dz (2 bytes per feature in bf16).
+#   pairs in the buffer, and mlp_dw_kernel reduces them as one GEMM whose reduction dimension is
+#   the chunk's pairs: [BN, BK] output tiles held in registers, split over the pairs into a few
+#   float32 partials summed in a fixed order. Memory traffic per pair: one write and about
+#   H / BK reads of dz (2 bytes per feature in bf16).
 # - "slots": each backward program adds every pair tile's dz^T h into its own float32 H x H slot
 #   (a read-modify-write of 8 H^2 bytes per tile of P pairs, 8 H^2 / P bytes per pair: 16 KiB at
 #   H = 512, P = 128), slots summed afterwards. Measured on an H100 in session 2 (12.7 % of the
 #   bf16 matmul rate for the whole forward + backward); kept for comparison.
 #
-# FACTORCL_TRITON_DW=slots|chunk and FACTORCL_TRITON_DW_CHUNK_MB (256) are read at import;
-# set_dw_mode() changes the mode at run time.
+# Both are deterministic.
 DW_MODES = ("chunk", "slots")
-_dw_mode = os.environ.get("FACTORCL_TRITON_DW", "chunk")
-if _dw_mode not in DW_MODES:
-    raise ValueError(f"FACTORCL_TRITON_DW must be one of {DW_MODES}, got {_dw_mode!r}")
-DW_CHUNK_BYTES = int(float(os.environ.get("FACTORCL_TRITON_DW_CHUNK_MB", "256")) * 2**20)
+_DW = _Mode("FACTORCL_TRITON_DW", DW_MODES)
+
+# Separable critic: how the backward forms dG = dS H and dH = dS^T G (FACTORCL_TRITON_DOT_BWD at
+# import, set_dot_bwd_mode() at run time):
+#
+# - "chunk" (default): dot_ds_kernel writes dS of a chunk of whole rows into the buffer in the
+#   input dtype (the rounding the fused kernel applies before its tl.dot as well), and cuBLAS
+#   forms dG of those rows and adds dS^T G into a float32 dH: dense library products, and
+#   2 bytes per pair written and read back (bf16) in place of a read-modify-write of a [BI, D]
+#   float32 dG block and BJ x D float32 atomics into dH per score tile (the fused form measured
+#   on an H100 in session 2: forward + backward 11.5x the time of the four plain products).
+#   Deterministic with a fixed configuration; not yet timed on a GPU.
+# - "fused": dot_bwd_kernel, tile by tile: dG read-modify-written by its owning row program, dH by
+#   float32 atomics; the deterministic mode (set_deterministic) runs it as a row pass and a
+#   column pass instead, whichever mode is set.
+DOT_BWD_MODES = ("chunk", "fused")
+_DOT_BWD = _Mode("FACTORCL_TRITON_DOT_BWD", DOT_BWD_MODES)
 
 
 def set_dw_mode(mode: str) -> None:
     """How the concat critic's backward forms the hidden weights' gradient: ``"chunk"`` or
     ``"slots"`` (see the comment above DW_MODES). Both are deterministic."""
-    global _dw_mode
-    if mode not in DW_MODES:
-        raise ValueError(f"dw mode must be one of {DW_MODES}, got {mode!r}")
-    _dw_mode = mode
+    _DW.set(mode)
 
 
 def dw_mode() -> str:
-    return _dw_mode
+    return _DW.value
 
 
-@contextlib.contextmanager
-def using_dw_mode(mode: str) -> Iterator[None]:
+def using_dw_mode(mode: str):
     """Context manager form of :func:`set_dw_mode`."""
-    old = _dw_mode
-    set_dw_mode(mode)
-    try:
-        yield
-    finally:
-        set_dw_mode(old)
+    return _DW.using(mode)
+
+
+def set_dot_bwd_mode(mode: str) -> None:
+    """How the separable critic's backward forms its products: ``"chunk"`` or ``"fused"`` (see
+    the comment above DOT_BWD_MODES)."""
+    _DOT_BWD.set(mode)
+
+
+def dot_bwd_mode() -> str:
+    return _DOT_BWD.value
+
+
+def using_dot_bwd_mode(mode: str):
+    """Context manager form of :func:`set_dot_bwd_mode`."""
+    return _DOT_BWD.using(mode)
 
 
 def dw_chunk(N: int, M: int, stored_per_pair: int, row_align: int, col_align: int
              ) -> tuple[int, int]:
-    """(rows, columns) of a chunk of pairs whose ``stored_per_pair`` bytes fit DW_CHUNK_BYTES:
+    """(rows, columns) of a chunk of pairs whose ``stored_per_pair`` bytes fit CHUNK_BYTES:
     whole columns of rows first (so that a chunk's backward has every row block to spread over
     the programs), multiples of the largest tile so that no pair tile straddles two chunks, at
     least one tile."""
     rows = triton.cdiv(N, row_align) * row_align
     cols = triton.cdiv(M, col_align) * col_align
-    pairs = max(1, DW_CHUNK_BYTES // max(1, stored_per_pair))
+    pairs = max(1, CHUNK_BYTES // max(1, stored_per_pair))
     if rows * cols <= pairs:
         return rows, cols
     if pairs // rows >= col_align:
         return rows, pairs // rows // col_align * col_align
     return max(row_align, pairs // col_align // row_align * row_align), col_align
+
+
+def ds_chunk_rows(N: int, M: int, element_size: int, align: int) -> int:
+    """Rows of a chunk of whole rows of dS (M elements each) that fit CHUNK_BYTES: a multiple of
+    ``align`` where more than ``align`` rows fit, at least one row."""
+    rows = max(1, CHUNK_BYTES // max(1, M * element_size))
+    if rows >= N:
+        return N
+    return rows // align * align if rows > align else rows
 
 
 def dw_splits(device: torch.device, tiles: int) -> int:
@@ -208,6 +268,15 @@ DOT_AMPERE = [
     _cfg(4, 3, BI=64, BJ=64, BD=32),
     _cfg(8, 3, BI=64, BJ=128, BD=32),
 ]
+# 128 x 128 score tiles for the kernels that only form scores (the forward and dot_ds_kernel):
+# 3/4 of the operand loads per FLOP of a 128 x 64 tile. sm90 build (triton_compile_check.py,
+# session 8): dot_ds_kernel 172-184 registers, no spills (bf16, float32); the forward at 255
+# registers, no spills with BD = 32 in bf16, 8 bytes with BD = 64 and in float32; the fused
+# backward, which also holds the dG / dH products, would spill more.
+DOT_HOPPER_WIDE = [
+    _cfg(8, 4, BI=128, BJ=128, BD=32),
+    _cfg(8, 3, BI=128, BJ=128, BD=64),
+]
 
 
 def family(device: torch.device) -> str:
@@ -225,8 +294,11 @@ DOT_FP64 = [_cfg(4, 2, BI=32, BJ=32, BD=32)]
 
 MLP_CONFIGS = {"interpret": MLP_INTERPRET, "hopper": MLP_HOPPER, "ampere": MLP_AMPERE,
                "fp64": MLP_FP64}
-DOT_CONFIGS = {"interpret": DOT_INTERPRET, "hopper": DOT_HOPPER, "ampere": DOT_AMPERE,
-               "fp64": DOT_FP64}
+# forward and dot_ds_kernel; the fused backward (dot_bwd_kernel) tunes over DOT_BWD_CONFIGS
+DOT_CONFIGS = {"interpret": DOT_INTERPRET, "hopper": DOT_HOPPER + DOT_HOPPER_WIDE,
+               "ampere": DOT_AMPERE, "fp64": DOT_FP64}
+DOT_BWD_CONFIGS = {"interpret": DOT_INTERPRET, "hopper": DOT_HOPPER, "ampere": DOT_AMPERE,
+                   "fp64": DOT_FP64}
 
 
 def config_family(device: torch.device, dtype: torch.dtype) -> str:

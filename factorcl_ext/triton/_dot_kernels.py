@@ -5,9 +5,15 @@ BD-wide slices of the embedding, consumed at once by the online logsumexp, the p
 row sum (column ``i + exclude_offset`` left out of the last two). Nothing of size N*M is stored.
 
 Backward (recompute): ``dS_ij = (g_lse_i exp(s_ij - lse_i) + g_rowsum_i) [j not excluded]
-+ g_pos_i [j == i + pos_offset]``; ``dG = dS H`` from row-block programs that own their dG rows;
-``dH = dS^T G`` either by float32 atomics from the same row pass, or (deterministic mode) by a
-column pass whose programs own their dH rows.
++ g_pos_i [j == i + pos_offset]``, then ``dG = dS H`` and ``dH = dS^T G``, in one of two ways
+(factorcl_ext/triton/_config.py, DOT_BWD_MODES):
+
+- ``dot_ds_kernel`` writes dS for a chunk of rows (every column) into a bounded buffer in the
+  input dtype, and cuBLAS forms both products from it (ops.py): the gradient products run at
+  the dense matmul rate, with no read-modify-write of an accumulator per score tile;
+- ``dot_bwd_kernel``: row-block programs that own their dG rows add ``dS H`` into them tile by
+  tile, and ``dS^T G`` goes into dH by float32 atomics from the same pass or (deterministic
+  mode) by a column pass whose programs own their dH rows.
 """
 
 import triton
@@ -67,6 +73,50 @@ def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset,
 
 
 @triton.jit
+def _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset, exclude_offset,
+            HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr):
+    """dS of a [BI, BJ] score tile (rows ri, columns rj; zero outside mi x mj)."""
+    valid = mi[:, None] & mj[None, :]
+    keep = valid
+    if HAS_EXCL:
+        keep = keep & (rj[None, :] != ri[:, None] + exclude_offset)
+    lse = tl.load(Lse_ptr + ri, mask=mi, other=0.0)
+    g_lse = tl.load(Glse_ptr + ri, mask=mi, other=0.0)
+    g_row = tl.load(Grow_ptr + ri, mask=mi, other=0.0)
+    ds = tl.where(keep, g_lse[:, None] * tl.exp(s - lse[:, None]) + g_row[:, None], 0.0)
+    if HAS_POS:
+        hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
+        g_pos = tl.load(Gpos_ptr + ri, mask=mi, other=0.0)
+        ds += tl.where(hit, g_pos[:, None], 0.0)
+    return ds
+
+
+@triton.jit
+def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr,
+                  N, M, D, pos_offset, exclude_offset, row0, row1,
+                  HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
+                  BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """dS of rows [row0, row1) and every column into dS_ptr, a row-major [row1 - row0, M]
+    buffer in dS_ptr's dtype (the input dtype): [BI, BJ] tiles, programs taking every
+    num_programs-th tile (consecutive programs: the same rows, neighbouring columns)."""
+    ACC: tl.constexpr = Lse_ptr.dtype.element_ty
+    n_j = tl.cdiv(M, BJ)
+    for t in range(tl.program_id(0), tl.cdiv(row1 - row0, BI) * n_j, tl.num_programs(0)):
+        i0 = row0 + (t // n_j) * BI
+        j0 = (t % n_j) * BJ
+        s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
+        ri = i0 + tl.arange(0, BI)
+        rj = j0 + tl.arange(0, BJ)
+        mi = ri < row1
+        mj = rj < M
+        ds = _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset,
+                     exclude_offset, HAS_POS, HAS_EXCL)
+        # int64 offsets: a chunk may hold more than 2^31 elements
+        off = (ri - row0).to(tl.int64)[:, None] * M + rj[None, :]
+        tl.store(dS_ptr + off, ds.to(dS_ptr.dtype.element_ty), mask=mi[:, None] & mj[None, :])
+
+
+@triton.jit
 def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, dH_ptr,
                    N, M, D, pos_offset, exclude_offset,
                    HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
@@ -96,18 +146,8 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
             rj = j0 + tl.arange(0, BJ)
             mi = ri < N
             mj = rj < M
-            valid = mi[:, None] & mj[None, :]
-            keep = valid
-            if HAS_EXCL:
-                keep = keep & (rj[None, :] != ri[:, None] + exclude_offset)
-            lse = tl.load(Lse_ptr + ri, mask=mi, other=0.0)
-            g_lse = tl.load(Glse_ptr + ri, mask=mi, other=0.0)
-            g_row = tl.load(Grow_ptr + ri, mask=mi, other=0.0)
-            ds = tl.where(keep, g_lse[:, None] * tl.exp(s - lse[:, None]) + g_row[:, None], 0.0)
-            if HAS_POS:
-                hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
-                g_pos = tl.load(Gpos_ptr + ri, mask=mi, other=0.0)
-                ds += tl.where(hit, g_pos[:, None], 0.0)
+            ds = _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset,
+                         exclude_offset, HAS_POS, HAS_EXCL)
             for d0 in range(0, D, BD):
                 rd = d0 + tl.arange(0, BD)
                 md = rd < D

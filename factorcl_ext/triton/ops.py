@@ -29,7 +29,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from . import _config
 from ._common import ACT_CODES, OUT_CODES
-from ._dot_kernels import dot_bwd_kernel, dot_fwd_kernel
+from ._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
 from ._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
 
 _MLP_KEY = ["N", "M", "H", "L"]
@@ -56,7 +56,8 @@ _MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_CONFIGS, _MLP_KEY)
 _MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
 _MLP_DW = _tuners(mlp_dw_kernel, _config.MLP_DW_CONFIGS, ["H"])
 _DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
-_DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
+_DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_BWD_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
+_DOT_DS = _tuners(dot_ds_kernel, _config.DOT_CONFIGS, _DOT_KEY)
 
 _tracing = threading.local()
 
@@ -66,7 +67,8 @@ def autotune_choices() -> dict[str, list[dict]]:
     ``{"mlp_fwd": [{"key": [...], "config": "BI: 16, BJ: 8, ..., num_warps: 8, ..."}], ...}``
     (the key is (N, M, H, L) or (N, M, D), then the argument dtypes). Empty before any tuning,
     under the interpreter and with ``FACTORCL_TRITON_AUTOTUNE=0``."""
-    kernels = {"mlp_fwd": _MLP_FWD, "mlp_bwd": _MLP_BWD, "dot_fwd": _DOT_FWD, "dot_bwd": _DOT_BWD}
+    kernels = {"mlp_fwd": _MLP_FWD, "mlp_bwd": _MLP_BWD, "dot_fwd": _DOT_FWD, "dot_bwd": _DOT_BWD,
+               "dot_ds": _DOT_DS}
     out = {}
     for name, tuners in kernels.items():
         rows = []
@@ -400,6 +402,8 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     det = _config.is_deterministic()
     lse = lse.to(a.acc).contiguous()
     grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
+    if not det and _config.dot_bwd_mode() == "chunk":
+        return _dot_backward_chunked(a, lse, grads)
     dG = a.G.new_zeros((a.N, a.D), dtype=a.acc)
     dH = a.G.new_zeros((a.M, a.D), dtype=a.acc)
     args = (a.G, a.H, lse, *grads, dG, dH, *a.head())
@@ -408,6 +412,47 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     if det:
         _launch(_DOT_BWD, a.family, (a.g_col,), args,
                 dict(a.constexprs(), COL_PASS=True, ATOMIC_DH=False), det)
+    return _like(dG, a.src[0]), _like(dH, a.src[1])
+
+
+def _mm_acc(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
+    """``acc + a @ b`` (``a @ b`` when acc is None): for 16-bit a and b in float32, the products
+    accumulated in float32 by cuBLAS (aten's ``out_dtype`` overloads; the CPU has none: float32
+    copies there, for the interpreter); float32 / float64 in their own dtype, acc in place."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:
+            if acc is None:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        a, b = a.float(), b.float()
+    return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+
+
+def _dot_backward_chunked(a: _DotArgs, lse, grads):
+    """_config.DOT_BWD_MODES "chunk": dS of whole rows, chunk by chunk, into a buffer of at most
+    CHUNK_BYTES (one row at least); dG of those rows = dS H and dH += dS^T G by cuBLAS."""
+    N, M, D = a.N, a.M, a.D
+    if N == 0 or M == 0:
+        return torch.zeros_like(a.src[0]), torch.zeros_like(a.src[1])
+    bi_max = _config.max_kwarg(a.configs, lambda k: k["BI"])
+    bi_min = _config.min_kwarg(a.configs, lambda k: k["BI"])
+    bj_min = _config.min_kwarg(a.configs, lambda k: k["BJ"])
+    rows = _config.ds_chunk_rows(N, M, a.G.element_size(), bi_max)
+    buf = a.G.new_empty(rows * M)
+    dG = a.G.new_empty((N, D)) if rows < N else None
+    dH = None
+    for row0 in range(0, N, rows):
+        row1 = min(N, row0 + rows)
+        ds = buf[: (row1 - row0) * M].view(row1 - row0, M)
+        tiles = triton.cdiv(row1 - row0, bi_min) * triton.cdiv(M, bj_min)
+        _launch(_DOT_DS, a.family, (_config.num_programs(a.G.device, tiles, per_sm=4),),
+                (a.G, a.H, lse, *grads, ds, *a.head(), row0, row1), a.constexprs(), False)
+        # every column is in the chunk: these rows of dG are complete (rounded once)
+        if dG is None:
+            dG = torch.mm(ds, a.H)
+        else:
+            dG[row0:row1] = torch.mm(ds, a.H)
+        dH = _mm_acc(ds.t(), a.G[row0:row1], dH)
     return _like(dG, a.src[0]), _like(dH, a.src[1])
 
 
