@@ -470,6 +470,22 @@ def test_ds_chunk_rows(monkeypatch):
     assert _config.ds_chunk_rows(5000, 10**6, 2, 128) == 1  # not one row fits: one row
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "f16", "f32"])
+def test_chunk_products_accumulate_in_float32(dtype):
+    # dH += dS^T G over two chunks of rows, as the chunked separable backward forms it: 16-bit
+    # products summed into float32 (a 16-bit result would be ~1e-3 off), transposed operand
+    from factorcl_ext.triton import ops
+
+    ds = torch.randn(300, 70, device=DEVICE).to(dtype)
+    g = torch.randn(300, 50, device=DEVICE).to(dtype)
+    acc = ops._mm_acc(ds[:120].t(), g[:120], None)
+    acc = ops._mm_acc(ds[120:].t(), g[120:], acc)
+    assert acc.dtype == torch.float32 and acc.shape == (70, 50)
+    exact = ds.double().t() @ g.double()
+    assert rel_error(acc, exact) < 1e-5
+
+
 def test_mode_settings_are_checked():
     from factorcl_ext.triton import _config
 

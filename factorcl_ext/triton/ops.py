@@ -415,12 +415,17 @@ def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     return _like(dG, a.src[0]), _like(dH, a.src[1])
 
 
+# aten's mm / addmm with out_dtype (float32 results of 16-bit products; CUDA kernels only)
+_OUT_DTYPE_MM = all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
 def _mm_acc(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
     """``acc + a @ b`` (``a @ b`` when acc is None): for 16-bit a and b in float32, the products
-    accumulated in float32 by cuBLAS (aten's ``out_dtype`` overloads; the CPU has none: float32
-    copies there, for the interpreter); float32 / float64 in their own dtype, acc in place."""
+    accumulated in float32 by cuBLAS (``out_dtype``; elsewhere through float32 copies: the CPU,
+    for the interpreter, and a torch without those overloads); float32 / float64 in their own
+    dtype, acc in place."""
     if a.dtype in (torch.float16, torch.bfloat16):
-        if a.is_cuda:
+        if a.is_cuda and _OUT_DTYPE_MM:
             if acc is None:
                 return torch.mm(a, b, out_dtype=torch.float32)
             return torch.addmm(acc, a, b, out_dtype=torch.float32)
