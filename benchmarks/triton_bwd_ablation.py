@@ -236,12 +236,13 @@ def dot_launcher(mod, variant: str, a: "ops._DotArgs", cfg):
             return outs
         return run
     bufs = [torch.zeros(N, D, device=dev, dtype=a.acc), torch.zeros(M, D, device=dev, dtype=a.acc)]
-    kw.update(COL_PASS=False, ATOMIC_DH=variant != "no_dh_atomic")
+    scale, inv = ops._ds_scale(a, grads)  # 16-bit: the buffers hold the gradients times scale
+    kw.update(COL_PASS=False, ATOMIC_DH=variant != "no_dh_atomic", SCALED=inv is not None)
 
     def run():
         for b in bufs:
             b.zero_()
-        mod.dot_bwd_kernel[(G,)](a.G, a.H, lse, *grads, *bufs, *a.head(), **kw)
+        mod.dot_bwd_kernel[(G,)](a.G, a.H, lse, *grads, *bufs, scale, *a.head(), **kw)
         return bufs, lse, grads
     return run
 

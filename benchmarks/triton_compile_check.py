@@ -164,12 +164,14 @@ def main() -> None:
                              dict(FIRST=first, ACT=0, PREC=prec),
                              _config.MLP_DW_CONFIGS[key][0]))
             dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec)
+            dscaled = dict(dcommon, SCALED=dt in ("bf16", "f16"))
             for cfg in dot_cfgs:
                 jobs.append(("dot_fwd", dot_fwd_kernel, dot_signature, dcommon, cfg))
-                jobs.append(("dot_ds", dot_ds_kernel, dot_signature, dcommon, cfg))
+                jobs.append(("dot_ds", dot_ds_kernel, dot_signature, dscaled, cfg))
+            for cfg in _config.DOT_BWD_CONFIGS[key][:len(dot_cfgs)]:
                 for col in (False, True):
                     jobs.append((f"dot_bwd col={int(col)}", dot_bwd_kernel, dot_signature,
-                                 dict(dcommon, COL_PASS=col, ATOMIC_DH=not col), cfg))
+                                 dict(dscaled, COL_PASS=col, ATOMIC_DH=not col), cfg))
             for label, kernel, sigf, constexprs, cfg in jobs:
                 name = (f"sm{arch} {dt:4s} {label:26s} {cfg.kwargs} "
                         f"w{cfg.num_warps} s{cfg.num_stages}")

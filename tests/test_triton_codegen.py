@@ -70,13 +70,13 @@ def kernels(check):
          dict(FIRST=False, ACT=0, PREC="ieee"), wcfg),
         ("dot_fwd", dot_fwd_kernel, check.dot_signature, dot, dcfg),
         ("dot_fwd 128x128", dot_fwd_kernel, check.dot_signature, dot, _config.DOT_HOPPER_WIDE[0]),
-        ("dot_ds", dot_ds_kernel, check.dot_signature, dot, dcfg),
-        *[(f"dot_ds 128x128 BD={c.kwargs['BD']}", dot_ds_kernel, check.dot_signature, dot, c)
-          for c in _config.DOT_HOPPER_WIDE],
+        ("dot_ds", dot_ds_kernel, check.dot_signature, dict(dot, SCALED=True), dcfg),
+        *[(f"dot_ds 128x128 BD={c.kwargs['BD']}", dot_ds_kernel, check.dot_signature,
+           dict(dot, SCALED=True), c) for c in _config.DOT_HOPPER_WIDE],
         ("dot_bwd row", dot_bwd_kernel, check.dot_signature,
-         dict(dot, COL_PASS=False, ATOMIC_DH=True), dcfg),
+         dict(dot, SCALED=True, COL_PASS=False, ATOMIC_DH=True), dcfg),
         ("dot_bwd col", dot_bwd_kernel, check.dot_signature,
-         dict(dot, COL_PASS=True, ATOMIC_DH=False), dcfg),
+         dict(dot, SCALED=True, COL_PASS=True, ATOMIC_DH=False), dcfg),
     ]
 
 

@@ -73,9 +73,10 @@ def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset,
 
 
 @triton.jit
-def _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset, exclude_offset,
-            HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr):
-    """dS of a [BI, BJ] score tile (rows ri, columns rj; zero outside mi x mj)."""
+def _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, Scale_ptr, pos_offset,
+            exclude_offset, HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, SCALED: tl.constexpr):
+    """dS of a [BI, BJ] score tile (rows ri, columns rj; zero outside mi x mj), times the power
+    of two at Scale_ptr when SCALED (16-bit inputs: keeps dS in the 16-bit range; ops.py)."""
     valid = mi[:, None] & mj[None, :]
     keep = valid
     if HAS_EXCL:
@@ -88,14 +89,16 @@ def _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset
         hit = valid & (rj[None, :] == ri[:, None] + pos_offset)
         g_pos = tl.load(Gpos_ptr + ri, mask=mi, other=0.0)
         ds += tl.where(hit, g_pos[:, None], 0.0)
+    if SCALED:
+        ds = ds * tl.load(Scale_ptr)
     return ds
 
 
 @triton.jit
-def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr,
+def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr, Scale_ptr,
                   N, M, D, pos_offset, exclude_offset, row0, row1,
                   HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
-                  BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+                  SCALED: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     """dS of rows [row0, row1) and every column into dS_ptr, a row-major [row1 - row0, M]
     buffer in dS_ptr's dtype (the input dtype): [BI, BJ] tiles, programs taking every
     num_programs-th tile (consecutive programs: the same rows, neighbouring columns)."""
@@ -109,8 +112,8 @@ def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr,
         rj = j0 + tl.arange(0, BJ)
         mi = ri < row1
         mj = rj < M
-        ds = _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset,
-                     exclude_offset, HAS_POS, HAS_EXCL)
+        ds = _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, Scale_ptr,
+                     pos_offset, exclude_offset, HAS_POS, HAS_EXCL, SCALED)
         # int64 offsets: a chunk may hold more than 2^31 elements
         off = (ri - row0).to(tl.int64)[:, None] * M + rj[None, :]
         tl.store(dS_ptr + off, ds.to(dS_ptr.dtype.element_ty), mask=mi[:, None] & mj[None, :])
@@ -118,12 +121,13 @@ def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr,
 
 @triton.jit
 def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, dH_ptr,
-                   N, M, D, pos_offset, exclude_offset,
+                   Scale_ptr, N, M, D, pos_offset, exclude_offset,
                    HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
-                   COL_PASS: tl.constexpr, ATOMIC_DH: tl.constexpr,
+                   SCALED: tl.constexpr, COL_PASS: tl.constexpr, ATOMIC_DH: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     """Row pass: dG (owned rows) and, when ATOMIC_DH, dH by atomics. Column pass: dH (owned
-    rows). dG and dH are float32 (float64) accumulators that start at zero."""
+    rows). dG and dH are float32 (float64) accumulators that start at zero; when SCALED they
+    receive the gradients times the scale at Scale_ptr."""
     ACC: tl.constexpr = Lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -146,8 +150,8 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
             rj = j0 + tl.arange(0, BJ)
             mi = ri < N
             mj = rj < M
-            ds = _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, pos_offset,
-                         exclude_offset, HAS_POS, HAS_EXCL)
+            ds = _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, Scale_ptr,
+                         pos_offset, exclude_offset, HAS_POS, HAS_EXCL, SCALED)
             for d0 in range(0, D, BD):
                 rd = d0 + tl.arange(0, BD)
                 md = rd < D

@@ -398,20 +398,41 @@ def _dot_forward(a: _DotArgs):
     return lse, pos, rowsum
 
 
+def _ds_scale(a: _DotArgs, grads) -> tuple[Tensor, Optional[Tensor]]:
+    """(scale, 1 / scale) for 16-bit inputs, (any tensor, None) otherwise: one power of two (a
+    [1] device tensor: no host sync) by which the kernels multiply dS before rounding it to the
+    input dtype; the float32 gradients are multiplied back. |dS_ij| <= |g_lse_i| + |g_pos_i| +
+    |g_rowsum_i| (exp(s - lse) <= 1), and the scale puts the largest finite bound in
+    (2^13, 2^14]: without it an InfoNCE loss's 1/N coefficients times softmax terms near 1/M fall
+    below float16's smallest normal number (6e-5) from N = M = 128 on, and a loss-scaled
+    gradient above 65504 overflows. Infinite or NaN upstream gradients are left out of the bound
+    and reach the gradients as they would without the scale."""
+    if a.G.dtype not in (torch.float16, torch.bfloat16) or a.N == 0:
+        return grads[0], None
+    bound = grads[0].abs() + grads[1].abs() + grads[2].abs()
+    top = torch.where(torch.isfinite(bound), bound, 0.0).amax().clamp_min(2.0 ** -100)
+    scale = torch.exp2(14.0 - torch.ceil(torch.log2(top))).reshape(1)
+    return scale, 1.0 / scale
+
+
 def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
     det = _config.is_deterministic()
     lse = lse.to(a.acc).contiguous()
     grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
+    scale, inv = _ds_scale(a, grads)
     if not det and _config.dot_bwd_mode() == "chunk":
-        return _dot_backward_chunked(a, lse, grads)
+        return _dot_backward_chunked(a, lse, grads, scale, inv)
     dG = a.G.new_zeros((a.N, a.D), dtype=a.acc)
     dH = a.G.new_zeros((a.M, a.D), dtype=a.acc)
-    args = (a.G, a.H, lse, *grads, dG, dH, *a.head())
-    _launch(_DOT_BWD, a.family, (a.g_row,), args,
-            dict(a.constexprs(), COL_PASS=False, ATOMIC_DH=not det), det)
+    args = (a.G, a.H, lse, *grads, dG, dH, scale, *a.head())
+    kw = dict(a.constexprs(), SCALED=inv is not None)
+    _launch(_DOT_BWD, a.family, (a.g_row,), args, dict(kw, COL_PASS=False, ATOMIC_DH=not det),
+            det)
     if det:
-        _launch(_DOT_BWD, a.family, (a.g_col,), args,
-                dict(a.constexprs(), COL_PASS=True, ATOMIC_DH=False), det)
+        _launch(_DOT_BWD, a.family, (a.g_col,), args, dict(kw, COL_PASS=True, ATOMIC_DH=False),
+                det)
+    if inv is not None:
+        dG, dH = dG * inv, dH * inv
     return _like(dG, a.src[0]), _like(dH, a.src[1])
 
 
@@ -433,9 +454,10 @@ def _mm_acc(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
     return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
 
 
-def _dot_backward_chunked(a: _DotArgs, lse, grads):
+def _dot_backward_chunked(a: _DotArgs, lse, grads, scale, inv):
     """_config.DOT_BWD_MODES "chunk": dS of whole rows, chunk by chunk, into a buffer of at most
-    CHUNK_BYTES (one row at least); dG of those rows = dS H and dH += dS^T G by cuBLAS."""
+    CHUNK_BYTES (one row at least); dG of those rows = dS H and dH += dS^T G by cuBLAS. ``scale``
+    and ``inv``: _ds_scale."""
     N, M, D = a.N, a.M, a.D
     if N == 0 or M == 0:
         return torch.zeros_like(a.src[0]), torch.zeros_like(a.src[1])
@@ -451,13 +473,17 @@ def _dot_backward_chunked(a: _DotArgs, lse, grads):
         ds = buf[: (row1 - row0) * M].view(row1 - row0, M)
         tiles = triton.cdiv(row1 - row0, bi_min) * triton.cdiv(M, bj_min)
         _launch(_DOT_DS, a.family, (_config.num_programs(a.G.device, tiles, per_sm=4),),
-                (a.G, a.H, lse, *grads, ds, *a.head(), row0, row1), a.constexprs(), False)
+                (a.G, a.H, lse, *grads, ds, scale, *a.head(), row0, row1),
+                dict(a.constexprs(), SCALED=inv is not None), False)
         # every column is in the chunk: these rows of dG are complete (rounded once)
+        rows_dG = torch.mm(ds, a.H) if inv is None else _mm_acc(ds, a.H, None) * inv
         if dG is None:
-            dG = torch.mm(ds, a.H)
+            dG = rows_dG
         else:
-            dG[row0:row1] = torch.mm(ds, a.H)
+            dG[row0:row1] = rows_dG
         dH = _mm_acc(ds.t(), a.G[row0:row1], dH)
+    if inv is not None:
+        dH = dH * inv
     return _like(dG, a.src[0]), _like(dH, a.src[1])
 
 
