@@ -191,7 +191,7 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
             torch.zeros((G, L, H, H) if L else (1,), **acc),
             torch.zeros((G, L, H) if L else (1,), **acc),
             torch.zeros(G, H, **acc), torch.zeros(G, **acc)]
-    kw.update(COL_PASS=False, ATOMIC_DB=variant != "no_db_atomic")
+    kw.update(COL_PASS=False, ATOMIC_DB=variant != "no_db_atomic", SCALED=a.scaled)
     if variant == "dw_chunk":
         tile = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -201,7 +201,7 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
         def run():
             for b in bufs:
                 b.zero_()
-            dws = ops._mlp_row_pass_chunked(a, lse, grads, bufs, a.constexprs() | dict(
+            dws = ops._mlp_row_pass_chunked(a, lse, grads, bufs, a.bwd_constexprs() | dict(
                 COL_PASS=False, ATOMIC_DB=True), False, launch_bwd)
             return [*bufs[:2], torch.stack(dws)[None], *bufs[3:]], lse, grads
         return run
@@ -214,7 +214,8 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
         for b in bufs:
             b.zero_()
         mod.mlp_bwd_kernel[(G,)](a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, z, lse, *grads,
-                                 *bufs, N, M, H, a.pos_offset, zps, zls, 0, N, 0, M, 0, **kw)
+                                 *bufs, a.scale, N, M, H, a.pos_offset, zps, zls, 0, N, 0, M, 0,
+                                 **kw)
         return bufs, lse, grads
     return run
 

@@ -157,7 +157,8 @@ def main() -> None:
                     for col, chunk in ((False, True), (False, False), (True, False)):
                         jobs.append((f"mlp_bwd L={L} col={int(col)} chunk={int(chunk)}",
                                      mlp_bwd_kernel, mlp_signature,
-                                     dict(common, COL_PASS=col, ATOMIC_DB=not col,
+                                     dict(common, SCALED=dt in ("bf16", "f16") and L > 0,
+                                          COL_PASS=col, ATOMIC_DB=not col,
                                           DW_CHUNK=chunk), cfg))
             for first in (True, False):
                 jobs.append((f"mlp_dw first={int(first)}", mlp_dw_kernel, mlp_signature,

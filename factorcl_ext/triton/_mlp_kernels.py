@@ -184,11 +184,11 @@ def _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS: tl.constexpr
 @triton.jit
 def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin_ptr,
                    Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr,
-                   dA_ptr, dB_ptr, dW_ptr, dBias_ptr, dWout_ptr, dBout_ptr,
+                   dA_ptr, dB_ptr, dW_ptr, dBias_ptr, dWout_ptr, dBout_ptr, Scale_ptr,
                    N, M, H, pos_offset, z_prog_stride, z_layer_stride,
                    row0, row1, col0, col1, chunk_w,
                    L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
-                   HAS_POS: tl.constexpr, PREC: tl.constexpr,
+                   HAS_POS: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr,
                    COL_PASS: tl.constexpr, ATOMIC_DB: tl.constexpr, DW_CHUNK: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     """Recomputing backward over the pairs of rows [row0, row1) x columns [col0, col1) (row0 a
@@ -200,7 +200,9 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
     Column pass (COL_PASS True): dB only.
 
     Accumulators (dA [N, H], dB [M, H], dW [G, L, H, H], dBias [G, L, H], dWout [G, H],
-    dBout [G]) are float32 (float64 for float64 inputs) and are added to."""
+    dBout [G]) are float32 (float64 for float64 inputs) and are added to; when SCALED, every
+    gradient is formed from ds times the power of two at Scale_ptr (16-bit dz in range; ops.py),
+    and the accumulators receive it scaled."""
     ACC: tl.constexpr = Lse_ptr.dtype.element_ty
     P: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
@@ -252,6 +254,8 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                 ds += tl.where(pj == pi + pos_offset,
                                tl.load(Gpos_ptr + pi, mask=pi < N, other=0.0), 0.0)
             ds = tl.where(valid, ds * _out_act_grad(t, OUT), 0.0)
+            if SCALED:
+                ds = ds * tl.load(Scale_ptr)
             if not COL_PASS:
                 dbout += ds
             if L == 0:

@@ -163,6 +163,8 @@ class _MlpArgs:
         # grid sizes do not depend on the configuration, so neither do the slot buffers
         self.g_row = _config.num_programs(A.device, triton.cdiv(self.N, bi_min))
         self.g_col = _config.num_programs(A.device, triton.cdiv(self.M, bj_min))
+        # the backward's power of two for 16-bit dz (_mlp_dz_scale); unscaled until it is set
+        self.scale, self.scaled = self.A, False
 
     def scratch(self, programs: int, layers: int) -> tuple[Tensor, int, int]:
         """Program-private pre-activation slots [programs, layers, P_max, H] (input dtype)."""
@@ -173,6 +175,47 @@ class _MlpArgs:
 
     def constexprs(self) -> dict:
         return dict(L=self.L, ACT=self.act, OUT=self.out, HAS_POS=self.has_pos, PREC=self.prec)
+
+    def bwd_constexprs(self) -> dict:
+        return dict(self.constexprs(), SCALED=self.scaled)
+
+
+def _ds_bound(grads) -> Tensor:
+    """The largest finite |g_lse_i| + |g_pos_i| + |g_rowsum_i| (0-dim): a bound on the score
+    gradients |ds_ij| of row i, since exp(s_ij - lse_i) <= 1 (and out_act' <= 1)."""
+    bound = grads[0].abs() + grads[1].abs() + grads[2].abs()
+    return torch.where(torch.isfinite(bound), bound, 0.0).amax()
+
+
+def _pow2_scale(top: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, 1 / scale), a [1] and a 0-dim device tensor (no host sync): the power of two that
+    takes the bound ``top`` into (2^13, 2^14], below float16's largest number (65504)."""
+    scale = torch.exp2(14.0 - torch.ceil(torch.log2(top.clamp_min(2.0 ** -100))))
+    return scale.reshape(1), 1.0 / scale
+
+
+def _mlp_dz_scale(a: _MlpArgs, grads) -> tuple[Tensor, Optional[Tensor]]:
+    """For 16-bit inputs with hidden layers: (scale, 1 / scale) by which the backward multiplies
+    ds, so that every dz it rounds to the input dtype (for its tl.dot and the chunk buffer) sits
+    in float16's range; the float32 gradients are multiplied back. (a.A, None) otherwise.
+
+    Bounds, each a bound on a layer's |dz| (act' and out_act' are at most 1): dz_(L-1) <=
+    max|ds| max|w_out|, dz_(l-1) <= (bound of dz_l) * max_k sum_n |W_l[n, k]|; the largest goes
+    to (2^13, 2^14]. Without it an InfoNCE loss's 1/N coefficients times softmax terms near 1/M
+    (times w_out) fall below float16's smallest normal number at common batch sizes. The scale
+    is capped so that ds itself (float32) stays far from overflow. Infinite or NaN upstream
+    gradients are left out of the bound and reach the gradients as they would without it."""
+    if a.A.dtype not in (torch.float16, torch.bfloat16) or a.L == 0 or a.N == 0 or a.M == 0:
+        return a.A, None
+    b = _ds_bound(grads)
+    bound = b * a.w_out.abs().amax().float()
+    top = bound
+    for l in range(a.L - 1, 0, -1):
+        bound = bound * a.W[l].abs().float().sum(0).amax()
+        top = torch.maximum(top, bound)
+    # finite top only (weights with inf / NaN: no scale); ds * scale <= 2^74
+    top = torch.where(torch.isfinite(top), torch.maximum(top, b * 2.0 ** -60), 2.0 ** 14)
+    return _pow2_scale(top)
 
 
 def _mlp_forward(a: _MlpArgs) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,6 +236,8 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     N, M, H, L = a.N, a.M, a.H, a.L
     lse = lse.to(a.acc).contiguous()
     grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
+    a.scale, inv = _mlp_dz_scale(a, grads)
+    a.scaled = inv is not None
     dA = a.A.new_zeros((N, H), dtype=a.acc)
     dB = a.A.new_zeros((M, H), dtype=a.acc)
     G = a.g_row
@@ -202,7 +247,7 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     dWout = a.A.new_zeros((G, H), dtype=a.acc)
     dBout = a.A.new_zeros((G,), dtype=a.acc)
     accs = (dA, dB, dW, dBias, dWout, dBout)
-    row_kw = dict(a.constexprs(), COL_PASS=False, ATOMIC_DB=not det)
+    row_kw = dict(a.bwd_constexprs(), COL_PASS=False, ATOMIC_DB=not det)
     # program-private slots for the passes over the whole pair grid (one buffer for both)
     grids = ([] if chunked else [a.g_row]) + ([a.g_col] if det else [])
     if grids:
@@ -215,23 +260,29 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
         dW_layers = [dW[:, l].sum(0) for l in range(L)]
     if det:
         _launch(_MLP_BWD, a.family, (a.g_col,), whole,
-                dict(a.constexprs(), COL_PASS=True, ATOMIC_DB=False, DW_CHUNK=False), det)
+                dict(a.bwd_constexprs(), COL_PASS=True, ATOMIC_DB=False, DW_CHUNK=False), det)
     A, B, W, b, w_out, b_out = a.src
     # one sum per layer (not views of one sum): custom-op outputs may not alias each other;
     # summing the per-program slots in a fixed order keeps the weight gradients deterministic
+    dBias_layers = [dBias[:, l].sum(0) for l in range(L)]
+    dWout, dBout = dWout.sum(0), dBout.sum().reshape(b_out.shape)
+    if inv is not None:
+        dA, dB, dWout, dBout = dA * inv, dB * inv, dWout * inv, dBout * inv
+        dW_layers = [g * inv for g in dW_layers]
+        dBias_layers = [g * inv for g in dBias_layers]
     return (
         _like(dA, A),
         _like(dB, B),
         [_like(dW_layers[l], W[l]) for l in range(L)],
-        [_like(dBias[:, l].sum(0), b[l]) for l in range(L)],
-        _like(dWout.sum(0), w_out),
-        _like(dBout.sum().reshape(b_out.shape), b_out),
+        [_like(dBias_layers[l], b[l]) for l in range(L)],
+        _like(dWout, w_out),
+        _like(dBout, b_out),
     )
 
 
 def _mlp_bwd_args(a: _MlpArgs, z, hin, lse, grads, accs, zps, zls, row0, row1, col0, col1,
                   chunk_w) -> tuple:
-    return (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, hin, lse, *grads, *accs,
+    return (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, hin, lse, *grads, *accs, a.scale,
             a.N, a.M, a.H, a.pos_offset, zps, zls, row0, row1, col0, col1, chunk_w)
 
 
@@ -399,20 +450,16 @@ def _dot_forward(a: _DotArgs):
 
 
 def _ds_scale(a: _DotArgs, grads) -> tuple[Tensor, Optional[Tensor]]:
-    """(scale, 1 / scale) for 16-bit inputs, (any tensor, None) otherwise: one power of two (a
-    [1] device tensor: no host sync) by which the kernels multiply dS before rounding it to the
-    input dtype; the float32 gradients are multiplied back. |dS_ij| <= |g_lse_i| + |g_pos_i| +
-    |g_rowsum_i| (exp(s - lse) <= 1), and the scale puts the largest finite bound in
-    (2^13, 2^14]: without it an InfoNCE loss's 1/N coefficients times softmax terms near 1/M fall
-    below float16's smallest normal number (6e-5) from N = M = 128 on, and a loss-scaled
-    gradient above 65504 overflows. Infinite or NaN upstream gradients are left out of the bound
-    and reach the gradients as they would without the scale."""
+    """For 16-bit inputs: (scale, 1 / scale) by which the kernels multiply dS before rounding it
+    to the input dtype (the float32 gradients are multiplied back), putting the largest bound on
+    |dS| (_ds_bound) in (2^13, 2^14]: without it an InfoNCE loss's 1/N coefficients times softmax
+    terms near 1/M fall below float16's smallest normal number (6e-5) from N = M = 128 on, and a
+    loss-scaled gradient above 65504 overflows. Infinite or NaN upstream gradients are left out
+    of the bound and reach the gradients as they would without it. (any tensor, None)
+    otherwise."""
     if a.G.dtype not in (torch.float16, torch.bfloat16) or a.N == 0:
         return grads[0], None
-    bound = grads[0].abs() + grads[1].abs() + grads[2].abs()
-    top = torch.where(torch.isfinite(bound), bound, 0.0).amax().clamp_min(2.0 ** -100)
-    scale = torch.exp2(14.0 - torch.ceil(torch.log2(top))).reshape(1)
-    return scale, 1.0 / scale
+    return _pow2_scale(_ds_bound(grads))
 
 
 def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
