@@ -8,6 +8,8 @@
 #              the GPU's own arch, MAX_JOBS to the core count), then build_info()
 #   cuda       pytest tests/test_cuda.py (the CUDA backend against float64 references)
 #   triton     pytest tests/test_triton.py on the GPU (bf16/fp16, TF32, determinism included)
+#   triton-k-* the same for the tests that pytest's -k expression after 'triton-k-' selects, e.g.
+#              'triton-k-dot or fp16' (one argument: the expression is not split)
 #   suites     the shared op and module suites with backends cuda,triton on CUDA tensors
 #   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
 #   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
@@ -85,6 +87,9 @@ for stage in "$@"; do
     # The test suites use the fixed tile configuration: autotuning every small test shape costs
     # ~40 s per test. gpu_bench.py autotunes.
     triton) FACTORCL_TRITON_AUTOTUNE=0 pytest_stage triton tests/test_triton.py ;;
+    triton-k-*)
+      FACTORCL_TRITON_AUTOTUNE=0 pytest_stage triton-k tests/test_triton.py -k "${stage#triton-k-}"
+      ;;
     suites)
       FACTORCL_TRITON_AUTOTUNE=0 FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites \
         tests/test_concat_critic.py \
