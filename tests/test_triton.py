@@ -183,9 +183,25 @@ def test_pair_mlp_deterministic_mode_matches_reference():
     assert not ft.is_deterministic()
 
 
+@pytest.fixture
+def launched(monkeypatch):
+    """The tuner (kernel) of every Triton launch the ops make during the test, in order."""
+    from factorcl_ext.triton import ops
+
+    tuners = []
+    real = ops._launch
+
+    def spy(tuner, *rest):
+        tuners.append(tuner)
+        return real(tuner, *rest)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    return tuners
+
+
 @pytest.mark.parametrize("dw_mode, layers, deterministic", [
     ("chunk", 1, False), ("chunk", 2, True), ("slots", 2, False), ("slots", 1, True)])
-def test_pair_mlp_weight_gradient_modes(monkeypatch, dw_mode, layers, deterministic):
+def test_pair_mlp_weight_gradient_modes(monkeypatch, launched, dw_mode, layers, deterministic):
     # chunk mode with a buffer of a few pair tiles: the backward runs over a 2-D grid of chunks
     # (rows and columns both split, the last chunk of each partial) and mlp_dw_kernel reduces
     # each one into split partials; slots mode adds into per-program slots
@@ -200,14 +216,6 @@ def test_pair_mlp_weight_gradient_modes(monkeypatch, dw_mode, layers, determinis
     monkeypatch.setattr(_config, "CHUNK_BYTES", 2 * bi * bj * per_pair)
     rows, cols = _config.dw_chunk(n, m, per_pair, bi, bj)
     assert math.ceil(n / rows) >= 2 and math.ceil(m / cols) >= 2 and n % rows and m % cols
-    launched = []
-    real = ops._launch
-
-    def spy(tuners, *rest):
-        launched.append(tuners)
-        return real(tuners, *rest)
-
-    monkeypatch.setattr(ops, "_launch", spy)
     with ft.using_dw_mode(dw_mode), ft.deterministic(deterministic):
         check_mlp(mlp_inputs(n, m, h, layers), torch.float64, activation="tanh",
                   out_activation="softplus", pos_offset=m - n)
@@ -431,7 +439,7 @@ def test_pair_dot_deterministic_mode_matches_reference():
 
 @pytest.mark.parametrize("mode, chunk_rows", [("chunk", 1), ("chunk", 8), ("chunk", None),
                                               ("fused", None)])
-def test_pair_dot_backward_modes(monkeypatch, mode, chunk_rows):
+def test_pair_dot_backward_modes(monkeypatch, launched, mode, chunk_rows):
     # chunk mode: a buffer of chunk_rows whole rows of dS (None: the default budget, one chunk),
     # the last chunk partial; each chunk is one dot_ds_kernel launch. fused: atomics, no chunks.
     import factorcl_ext.triton as ft
@@ -442,14 +450,6 @@ def test_pair_dot_backward_modes(monkeypatch, mode, chunk_rows):
         monkeypatch.setattr(_config, "CHUNK_BYTES", chunk_rows * m * 8 + 7)
         assert _config.ds_chunk_rows(n, m, 8, 128) == chunk_rows
         assert chunk_rows == 1 or n % chunk_rows
-    launched = []
-    real = ops._launch
-
-    def spy(tuners, *rest):
-        launched.append(tuners)
-        return real(tuners, *rest)
-
-    monkeypatch.setattr(ops, "_launch", spy)
     with ft.using_dot_bwd_mode(mode):
         check_dot(n, m, d, torch.float64, 0.37, True, m - n, 0)
     n_ds = sum(t is ops._DOT_DS for t in launched)
@@ -490,9 +490,9 @@ def test_chunk_products_accumulate_in_float32(dtype):
 def test_fp16_score_gradients_below_the_normal_range(monkeypatch, mode):
     # dS = g_lse * softmax with g_lse = 3e-5 and softmax terms near 1/M (scores within ~0.2 of
     # each other): ~1.5e-7, 2.5 steps of float16's subnormal spacing (6e-8), while the gradients,
-    # sums of M (N) of them times rows near 4, are ~1.2e-4: normal. The power-of-two scale of dS keeps the gradients to float16's
-    # own rounding. Calls the Triton ops directly: the public API takes 16-bit tensors on GPUs
-    # only.
+    # sums of M (N) of them times rows near 4, are ~1.2e-4: normal. The power-of-two scale of
+    # dS keeps the gradients to float16's own rounding. Calls the Triton ops directly: the
+    # public API takes 16-bit tensors on GPUs only.
     import factorcl_ext.triton as ft
     from factorcl_ext.triton import ops
 
