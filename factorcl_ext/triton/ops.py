@@ -427,10 +427,10 @@ class _DotArgs:
         self.prec = _config.dot_precision(G.dtype)
         self.family = _config.config_family(G.device, G.dtype)
         self.configs = _config.DOT_CONFIGS[self.family]
-        bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
-        bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
-        self.g_row = _config.num_programs(G.device, triton.cdiv(self.N, bi_min))
-        self.g_col = _config.num_programs(G.device, triton.cdiv(self.M, bj_min))
+        self.bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
+        self.bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
+        self.g_row = _config.num_programs(G.device, triton.cdiv(self.N, self.bi_min))
+        self.g_col = _config.num_programs(G.device, triton.cdiv(self.M, self.bj_min))
 
     def head(self) -> tuple:
         return (self.N, self.M, self.D, self.pos_offset, self.exclude_offset)
@@ -509,8 +509,6 @@ def _dot_backward_chunked(a: _DotArgs, lse, grads, scale, inv):
     if N == 0 or M == 0:
         return torch.zeros_like(a.src[0]), torch.zeros_like(a.src[1])
     bi_max = _config.max_kwarg(a.configs, lambda k: k["BI"])
-    bi_min = _config.min_kwarg(a.configs, lambda k: k["BI"])
-    bj_min = _config.min_kwarg(a.configs, lambda k: k["BJ"])
     rows = _config.ds_chunk_rows(N, M, a.G.element_size(), bi_max)
     buf = a.G.new_empty(rows * M)
     dG = a.G.new_empty((N, D)) if rows < N else None
@@ -518,7 +516,7 @@ def _dot_backward_chunked(a: _DotArgs, lse, grads, scale, inv):
     for row0 in range(0, N, rows):
         row1 = min(N, row0 + rows)
         ds = buf[: (row1 - row0) * M].view(row1 - row0, M)
-        tiles = triton.cdiv(row1 - row0, bi_min) * triton.cdiv(M, bj_min)
+        tiles = triton.cdiv(row1 - row0, a.bi_min) * triton.cdiv(M, a.bj_min)
         _launch(_DOT_DS, a.family, (_config.num_programs(a.G.device, tiles, per_sm=4),),
                 (a.G, a.H, lse, *grads, ds, scale, *a.head(), row0, row1),
                 dict(a.constexprs(), SCALED=inv is not None), False)
