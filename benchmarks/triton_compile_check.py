@@ -10,9 +10,11 @@ The kernels are compiled as a launch specialises them when every pointer is 16-b
 every integer argument a multiple of 16 (N, M, H = 4096, 512, ...): Triton marks such arguments
 divisible by 16, which is what lets it vectorise loads and pipeline them with cp.async (without
 it the same kernels compile to 2-byte loads and no pipelining, and the report would describe
-code that never runs). SASS counts: HGMMA (Hopper tensor-core instructions), HMMA (mma.sync),
-REDG/ATOMG (global reductions / atomics), MEMBAR.ALL.GPU and CCTL.IVALL (the GPU-wide fence and
-L1 invalidation that acq_rel atomics bring), LDL/STL (local memory: spills).
+code that never runs). ``loop=Ni:I/W`` per innermost wgmma loop (sm90): N instructions per
+iteration, about I cycles to issue them against W cycles of tensor-core work (hgmma_loops).
+SASS counts: HGMMA (Hopper tensor-core instructions), HMMA (mma.sync), REDG/ATOMG (global
+reductions / atomics), MEMBAR.ALL.GPU and CCTL.IVALL (the GPU-wide fence and L1 invalidation
+that acq_rel atomics bring), LDL/STL (local memory: spills).
 
 Must run without TRITON_INTERPRET (it needs the real @triton.jit functions).
 """
@@ -111,6 +113,51 @@ def sass_counts(cubin: bytes) -> dict:
             for name in SASS_OPS}
 
 
+def _instructions(cubin: bytes) -> list[tuple[int, str]]:
+    import re
+
+    out = []
+    for line in _cuobjdump(cubin, "-sass").splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def hgmma_loops(cubin: bytes, num_warps: int) -> list[dict]:
+    """The innermost loops of the machine code that hold Hopper tensor-core instructions, each
+    with its instructions per iteration, its wgmma FLOPs per block and two estimates in cycles
+    per iteration: ``issue`` = instructions x warps / 4 (an SM issues one warp instruction per
+    cycle on each of its 4 schedulers) and ``wgmma`` = FLOPs / 4096 (an H100 SXM's dense
+    16-bit tensor-core rate per SM per cycle, 989 TFLOP/s over 132 SMs at 1.83 GHz). A loop
+    whose issue estimate passes its wgmma estimate keeps the tensor cores waiting on the other
+    instructions of the loop. Estimates from instruction counts, not measurements."""
+    import re
+
+    ins = _instructions(cubin)
+    back = []  # (target, branch address) of every backward branch
+    for addr, text in ins:
+        m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if "BRA" in text and m and int(m.group(1), 16) < addr:
+            back.append((int(m.group(1), 16), addr))
+    with_mma = [(a, b) for a, b in back
+                if any("HGMMA" in t for x, t in ins if a <= x <= b)]
+    loops = []
+    for a, b in with_mma:
+        if any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2 in with_mma):
+            continue  # not innermost
+        body = [t for x, t in ins if a <= x <= b]
+        flop = 0
+        for t in body:
+            m = re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", t)
+            if m:  # per warpgroup
+                flop += 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+        flop *= num_warps // 4
+        loops.append(dict(start=hex(a), instructions=len(body), flop=flop,
+                          issue=len(body) * num_warps / 4, wgmma=flop / 4096))
+    return loops
+
+
 def compile_kernel(kernel, sig, constexprs, cfg, arch):
     """The compiled kernel, specialised as a launch with aligned pointers and integer arguments
     that are multiples of 16 would be."""
@@ -129,7 +176,9 @@ def compile_one(kernel, sig, constexprs, cfg, arch):
     t0 = time.time()
     k = compile_kernel(kernel, sig, constexprs, cfg, arch)
     n_regs, n_spills = _resource_usage(k.asm["cubin"])
-    return k.metadata.shared, n_regs, n_spills, sass_counts(k.asm["cubin"]), time.time() - t0
+    loops = hgmma_loops(k.asm["cubin"], cfg.num_warps) if arch >= 90 else []
+    return (k.metadata.shared, n_regs, n_spills, sass_counts(k.asm["cubin"]), loops,
+            time.time() - t0)
 
 
 def main() -> None:
@@ -145,15 +194,17 @@ def main() -> None:
         for dt in args.dtypes:
             key = "fp64" if dt == "f64" else fam
             mlp_cfgs = _config.MLP_CONFIGS[key]
+            mlp_fwd_cfgs = _config.MLP_FWD_CONFIGS[key]
             dot_cfgs = _config.DOT_CONFIGS[key]
             if not args.all_configs:
-                mlp_cfgs, dot_cfgs = mlp_cfgs[:1], dot_cfgs[:1]
+                mlp_cfgs, mlp_fwd_cfgs, dot_cfgs = mlp_cfgs[:1], mlp_fwd_cfgs[:1], dot_cfgs[:1]
             prec = "ieee" if dt != "f32" else "tf32"
             jobs = []
             for L in args.layers:
                 common = dict(L=L, ACT=0, OUT=1, HAS_POS=True, PREC=prec)
-                for cfg in mlp_cfgs:
+                for cfg in mlp_fwd_cfgs:
                     jobs.append((f"mlp_fwd L={L}", mlp_fwd_kernel, mlp_signature, common, cfg))
+                for cfg in mlp_cfgs:
                     for col, chunk in ((False, True), (False, False), (True, False)):
                         jobs.append((f"mlp_bwd L={L} col={int(col)} chunk={int(chunk)}",
                                      mlp_bwd_kernel, mlp_signature,
@@ -177,10 +228,13 @@ def main() -> None:
                 name = (f"sm{arch} {dt:4s} {label:26s} {cfg.kwargs} "
                         f"w{cfg.num_warps} s{cfg.num_stages}")
                 try:
-                    shared, regs, spills, ops, secs = compile_one(kernel, sigf(kernel, dt),
-                                                                  constexprs, cfg, arch)
+                    shared, regs, spills, ops, loops, secs = compile_one(
+                        kernel, sigf(kernel, dt), constexprs, cfg, arch)
                     sass = " ".join(f"{k}={v}" for k, v in ops.items() if v)
-                    print(f"{name}: smem={shared} regs={regs} stack={spills} {sass} "
+                    # per wgmma loop: instructions, issue / tensor-core cycle estimates
+                    lp = " ".join(f"loop={x['instructions']}i:{x['issue']:.0f}/{x['wgmma']:.0f}"
+                                  for x in loops)
+                    print(f"{name}: smem={shared} regs={regs} stack={spills} {sass} {lp} "
                           f"({secs:.1f}s)", flush=True)
                 except Exception as exc:  # report every failure, keep going
                     failures += 1

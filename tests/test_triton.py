@@ -429,6 +429,27 @@ def test_pair_dot_tiny_shapes(shape):
     check_dot(n, m, d, torch.float64, 1.0, False, 0, 1 if m > 1 else None)
 
 
+# Each offset alone, at the first or the last diagonal j - i of a 16 x 16 interpreter tile: the
+# tile of rows 0-15 x columns 16-31 holds diagonals 1 to 31 (pair (15, 16) and pair (0, 31) at
+# its corners), the next one to the right 17 to 47. A tile whose positive or excluded pair
+# _plain_tile misses changes pos, the logsumexp, the row sum or dS; (16, 0) has both.
+PLAIN_TILE_OFFSETS = [(1, None), (17, None), (31, None), (47, None), (None, 1), (None, 17),
+                      (None, 31), (None, 47), (16, 0)]
+
+
+@pytest.mark.skipif(GPU, reason="offsets chosen for the interpreter's 16 x 16 tiles")
+@pytest.mark.parametrize("mode", ["chunk", "fused"])
+@pytest.mark.parametrize("pos_offset, exclude_offset", PLAIN_TILE_OFFSETS,
+                         ids=[f"pos{p}-excl{e}" for p, e in PLAIN_TILE_OFFSETS])
+def test_pair_dot_plain_tiles(pos_offset, exclude_offset, mode):
+    # 47 x 95: full row blocks 0-1 and column blocks 0-4, so most tiles take the plain epilogue;
+    # the third row block and the sixth column block miss one row or column each
+    import factorcl_ext.triton as ft
+
+    with ft.using_dot_bwd_mode(mode):
+        check_dot(47, 95, 19, torch.float64, 0.5, False, pos_offset, exclude_offset)
+
+
 def test_pair_dot_deterministic_mode_matches_reference():
     import factorcl_ext.triton as ft
 

@@ -108,6 +108,18 @@ MLP_HOPPER = [
     _cfg(4, 3, BI=8, BJ=8, BK=64, BN=64),
     _cfg(8, 3, BI=8, BJ=8, BK=32, BN=256),  # forward: h0 recomputed H/256 times only
 ]
+# Forward-only tiles (their backward spills hundreds of bytes and needs more than the 227 KB of
+# shared memory an sm90 block can have). The forward's K loop forms act(A_i + B_j) for its P
+# pairs and BK features in registers on every step, whatever the width BN of the output slice,
+# so a wide slice spreads that work over more tensor-core work: in the sm90 bf16 build
+# (session 9) the first Hopper tile's K-loop body holds 142 instructions per warp for two
+# 64 x 64 x 16 wgmma per warpgroup (about 284 issue cycles of 8 warps on 4 schedulers against
+# 128 cycles of tensor-core work at 4096 FLOP per cycle per SM: issue-bound), 16 x 8 pairs with
+# BN = 256 hold 165 for 512 cycles of wgmma, 16 x 16 pairs with BN = 128 hold 187 for 512.
+MLP_HOPPER_FWD = [
+    _cfg(8, 3, BI=16, BJ=8, BK=32, BN=256),
+    _cfg(8, 3, BI=16, BJ=16, BK=32, BN=128),
+]
 MLP_AMPERE = [
     _cfg(8, 3, BI=16, BJ=8, BK=32, BN=64),
     _cfg(8, 3, BI=16, BJ=8, BK=64, BN=64),
@@ -268,14 +280,19 @@ DOT_AMPERE = [
     _cfg(4, 3, BI=64, BJ=64, BD=32),
     _cfg(8, 3, BI=64, BJ=128, BD=32),
 ]
-# 128 x 128 score tiles for the kernels that only form scores (the forward and dot_ds_kernel):
-# 3/4 of the operand loads per FLOP of a 128 x 64 tile. sm90 build (triton_compile_check.py,
-# session 8): dot_ds_kernel 172-184 registers, no spills (bf16, float32); the forward at 255
-# registers, no spills with BD = 32 in bf16, 8 bytes with BD = 64 and in float32; the fused
-# backward, which also holds the dG / dH products, would spill more.
+# Wider score tiles for the kernels that only form scores (the forward and dot_ds_kernel). A
+# [BI, BJ] tile reads (BI + BJ) D operand elements for 2 BI BJ D FLOPs, and a program reads its G
+# rows again for every column tile: at N = M = 65536, D = 512, bf16, 128 x 64 tiles move 103 GB
+# from L2, and session 2's forward took 19.2 ms, 5.4 TB/s: bound by L2 bandwidth, not by the
+# tensor cores, by that arithmetic. 128 x 128 tiles move 69 GB, 256 x 128 tiles 52 GB. sm90 build
+# (triton_compile_check.py, bf16): dot_ds_kernel no spills in any of them; the forward at 255
+# registers, no spills at 128 x 128 with BD = 32, 8 bytes with BD = 64, 48 bytes at 256 x 128
+# (stored once per row block, outside the tile loop); the fused backward, which also holds the
+# dG / dH products, would spill more.
 DOT_HOPPER_WIDE = [
     _cfg(8, 4, BI=128, BJ=128, BD=32),
     _cfg(8, 3, BI=128, BJ=128, BD=64),
+    _cfg(8, 3, BI=256, BJ=128, BD=32),
 ]
 
 
@@ -294,6 +311,8 @@ DOT_FP64 = [_cfg(4, 2, BI=32, BJ=32, BD=32)]
 
 MLP_CONFIGS = {"interpret": MLP_INTERPRET, "hopper": MLP_HOPPER, "ampere": MLP_AMPERE,
                "fp64": MLP_FP64}
+# the forward tunes over these (a superset of MLP_CONFIGS), the backward over MLP_CONFIGS
+MLP_FWD_CONFIGS = dict(MLP_CONFIGS, hopper=MLP_HOPPER + MLP_HOPPER_FWD)
 # forward and dot_ds_kernel; the fused backward (dot_bwd_kernel) tunes over DOT_BWD_CONFIGS
 DOT_CONFIGS = {"interpret": DOT_INTERPRET, "hopper": DOT_HOPPER + DOT_HOPPER_WIDE,
                "ampere": DOT_AMPERE, "fp64": DOT_FP64}

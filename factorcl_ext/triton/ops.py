@@ -52,7 +52,7 @@ def _tuners(kernel, configs_by_family, key, reset=None):
 
 
 # Autotuning replays a kernel: the backward kernels name their accumulators for reset_to_zero.
-_MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_CONFIGS, _MLP_KEY)
+_MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_FWD_CONFIGS, _MLP_KEY)
 _MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
 _MLP_DW = _tuners(mlp_dw_kernel, _config.MLP_DW_CONFIGS, ["H"])
 _DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
@@ -156,7 +156,9 @@ class _MlpArgs:
         self.acc = _config.acc_dtype(dtype)
         self.prec = _config.dot_precision(dtype)
         self.family = _config.config_family(A.device, dtype)
-        self.configs = _config.MLP_CONFIGS[self.family]
+        # every tile either kernel may launch with (the forward's list holds the backward's):
+        # grid sizes, scratch slots and chunk alignment hold for any of them
+        self.configs = _config.MLP_FWD_CONFIGS[self.family]
         bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
         bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
         self.p_max = _config.max_kwarg(self.configs, lambda k: k["BI"] * k["BJ"])
