@@ -129,7 +129,8 @@ def hgmma_loops(cubin: bytes, num_warps: int) -> list[dict]:
     with its instructions per iteration, its wgmma FLOPs per block and two estimates in cycles
     per iteration: ``issue`` = instructions x warps / 4 (an SM issues one warp instruction per
     cycle on each of its 4 schedulers) and ``wgmma`` = FLOPs / 4096 (an H100 SXM's dense
-    16-bit tensor-core rate per SM per cycle, 989 TFLOP/s over 132 SMs at 1.83 GHz). A loop
+    16-bit tensor-core rate per SM per cycle, 989 TFLOP/s over 132 SMs at 1.83 GHz; TF32 at
+    half that rate, so its FLOPs count twice). A loop
     whose issue estimate passes its wgmma estimate keeps the tensor cores waiting on the other
     instructions of the loop. Estimates from instruction counts, not measurements."""
     import re
@@ -150,8 +151,9 @@ def hgmma_loops(cubin: bytes, num_warps: int) -> list[dict]:
         flop = 0
         for t in body:
             m = re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", t)
-            if m:  # per warpgroup
-                flop += 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+            if m:  # per warpgroup, in 16-bit-rate FLOPs
+                rate = 2 if ".TF32" in t else 1
+                flop += 2 * rate * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
         flop *= num_warps // 4
         loops.append(dict(start=hex(a), instructions=len(body), flop=flop,
                           issue=len(body) * num_warps / 4, wgmma=flop / 4096))

@@ -107,6 +107,10 @@ MLP_HOPPER = [
     _cfg(8, 2, BI=16, BJ=16, BK=32, BN=64),
     _cfg(4, 3, BI=8, BJ=8, BK=64, BN=64),
     _cfg(8, 3, BI=8, BJ=8, BK=32, BN=256),  # forward: h0 recomputed H/256 times only
+    # the widest slice whose backward neither spills (bf16) nor exceeds shared memory: its
+    # backward's two wgmma loops take about 300 / 228 issue cycles for 256 of wgmma each
+    # (session 9 count, hgmma_loops), the first tile's 284 / 152 for 128
+    _cfg(8, 3, BI=16, BJ=8, BK=32, BN=128),
 ]
 # Forward-only tiles (their backward spills hundreds of bytes and needs more than the 227 KB of
 # shared memory an sm90 block can have). The forward's K loop forms act(A_i + B_j) for its P
