@@ -90,8 +90,8 @@ EDITS = {
                                 tl.store(pw, gw, mask=mw)
 """)],
     "dw_atomic_slots": [
-        ("    dWp = dW_ptr + pid.to(tl.int64) * L * H * H\n",
-         "    dWp = dW_ptr + (pid % DW_SLOTS).to(tl.int64) * L * H * H\n"),
+        ("    dWp = dW_ptr + gp * L * H * H\n",
+         "    dWp = dW_ptr + (gp % DW_SLOTS) * L * H * H\n"),
         ("                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):\n"
          '    """Recomputing backward',
          "                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,\n"
@@ -202,7 +202,7 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
             for b in bufs:
                 b.zero_()
             dws = ops._mlp_row_pass_chunked(a, lse, grads, bufs, a.bwd_constexprs() | dict(
-                COL_PASS=False, ATOMIC_DB=True), False, launch_bwd)
+                COL_PASS=False, ATOMIC_DB=True), False, 1, launch_bwd)
             return [*bufs[:2], torch.stack(dws)[None], *bufs[3:]], lse, grads
         return run
     z, zps, zls = a.scratch(G, L)

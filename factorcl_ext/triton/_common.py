@@ -71,3 +71,20 @@ def _lse_step(m_run, shift, l_run, s_lse):
     scale = tl.where(l_run == 0.0, 0.0, tl.exp(shift - shift_new))
     l_new = l_run * scale + tl.sum(tl.exp(s_lse - shift_new[:, None]), axis=1)
     return m_new, shift_new, l_new
+
+
+@triton.jit
+def _block_range(n_blocks):
+    """Blocks [lo, hi) of this program's share of ``n_blocks``: dealt out in num_programs(1)
+    consecutive runs of equal length (the last ones may be short or empty). Programs of a
+    forward or a backward row pass split their rows' columns so (ops.py: column_splits)."""
+    per = tl.cdiv(n_blocks, tl.num_programs(1))
+    lo = tl.program_id(1) * per
+    return lo, tl.minimum(n_blocks, lo + per)
+
+
+@triton.jit
+def _column_range(M, BJ: tl.constexpr):
+    """Columns [lo, hi) of this program's share of the column blocks of width BJ."""
+    lo, hi = _block_range(tl.cdiv(M, BJ))
+    return lo * BJ, tl.minimum(M, hi * BJ)

@@ -88,6 +88,22 @@ def num_programs(device: torch.device, num_blocks: int, per_sm: int = 1) -> int:
     return max(1, min(cap, num_blocks))
 
 
+def column_splits(device: torch.device, row_blocks: int, col_blocks: int) -> int:
+    """How many shares of its columns each row block's walk is split into, in the forward
+    kernels and the concat backward's row pass, so that small batches still occupy the GPU:
+    their programs own row blocks, and N = 512 rows make 32 blocks of 16 for 132 SMs on an
+    H100. Each share gives partial results that ops.py combines in a fixed order (forward: a
+    logsumexp and two sums; backward: dA partials and per-program slots). Enough shares for one
+    program per SM at the largest row block (``row_blocks`` counts those), none emptier than a
+    column block (``col_blocks`` at the largest column tile). Under the interpreter 3 where
+    there are three column blocks, so that the tests cover the combination (not 2, which is the
+    interpreter's dw_splits: a mix-up of the two would pass unseen)."""
+    if INTERPRETED or device.type != "cuda":
+        return max(1, min(3, col_blocks))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(col_blocks, triton.cdiv(sms, max(1, row_blocks))))
+
+
 def _cfg(num_warps: int, num_stages: int, **kw) -> triton.Config:
     return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
 

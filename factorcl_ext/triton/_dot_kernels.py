@@ -25,7 +25,7 @@ Backward (recompute): ``dS_ij = (g_lse_i exp(s_ij - lse_i) + g_rowsum_i) [j not 
 import triton
 import triton.language as tl
 
-from ._common import _lse_step
+from ._common import _column_range, _lse_step
 
 
 @triton.jit
@@ -65,9 +65,17 @@ def _plain_tile(i0, j0, row_end, M, pos_offset, exclude_offset, HAS_POS: tl.cons
 def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset, exclude_offset,
                    HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    """Program (p, c) walks row blocks p, p + num_programs(0), ... over column range c of
+    num_programs(1) (_column_range) and writes that range's statistics to row c of the
+    [num_programs(1), N] outputs."""
     ACC: tl.constexpr = Lse_ptr.dtype.element_ty
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    j_lo, j_hi = _column_range(M, BJ)
+    out = tl.program_id(1).to(tl.int64) * N
+    Lse_ptr += out
+    Pos_ptr += out
+    Row_ptr += out
     for rb in range(pid, tl.cdiv(N, BI), nprog):
         i0 = rb * BI
         ri = i0 + tl.arange(0, BI)
@@ -77,7 +85,7 @@ def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset,
         l_run = tl.zeros((BI,), ACC)
         rsum = tl.zeros((BI,), ACC)
         pos = tl.zeros((BI,), ACC)
-        for j0 in range(0, M, BJ):
+        for j0 in range(j_lo, j_hi, BJ):
             s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
             if _plain_tile(i0, j0, N, M, pos_offset, exclude_offset, HAS_POS, HAS_EXCL, BI, BJ):
                 m_run, shift, l_run = _lse_step(m_run, shift, l_run, s)

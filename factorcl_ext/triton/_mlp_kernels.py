@@ -44,7 +44,8 @@ by other threads of the program (different register layouts).
 import triton
 import triton.language as tl
 
-from ._common import _act, _act_bwd, _lse_step, _out_act, _out_act_grad
+from ._common import (_act, _act_bwd, _block_range, _column_range, _lse_step, _out_act,
+                      _out_act_grad)
 
 
 @triton.jit
@@ -121,13 +122,21 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                    L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
                    HAS_POS: tl.constexpr, PREC: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """(lse, pos, rowsum) of every row: one pass over the columns per row block."""
+    """(lse, pos, rowsum) of every row: one pass over the columns per row block. Program
+    (p, c) walks row blocks p, p + num_programs(0), ... over column range c of num_programs(1)
+    (_column_range) and writes that range's statistics to row c of the [num_programs(1), N]
+    outputs; its scratch slot is p + c * num_programs(0)."""
     ACC: tl.constexpr = Lse_ptr.dtype.element_ty
     P: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    j_lo, j_hi = _column_range(M, BJ)
+    out = tl.program_id(1).to(tl.int64) * N
+    Lse_ptr += out
+    Pos_ptr += out
+    Row_ptr += out
     # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
-    zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
+    zp = Z_ptr + (pid + tl.program_id(1) * nprog).to(tl.int64) * z_prog_stride
     bout = tl.load(Bout_ptr).to(ACC)
     rp = tl.arange(0, P)
     for rb in range(pid, tl.cdiv(N, BI), nprog):
@@ -139,7 +148,7 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
         l_run = tl.zeros((BI,), ACC)
         rsum = tl.zeros((BI,), ACC)
         pos = tl.zeros((BI,), ACC)
-        for j0 in range(0, M, BJ):
+        for j0 in range(j_lo, j_hi, BJ):
             t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, z_layer_stride, rp,
                             i0, j0, N, M, H, ACC, L, ACT, PREC, BI, BJ, BK, BN, False)
             s = tl.reshape(_out_act(t + bout, OUT), (BI, BJ))
@@ -199,6 +208,10 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
     (i - row0) * chunk_w + j - col0, layer stride z_layer_stride) for mlp_dw_kernel.
     Column pass (COL_PASS True): dB only.
 
+    Row pass programs (p, c) take the row blocks p, p + num_programs(0), ... and share c of
+    their column blocks (_block_range); dA_ptr holds one [N, H] partial per share c, and the
+    per-program slots are indexed by p + c * num_programs(0). The column pass has one share.
+
     Accumulators (dA [N, H], dB [M, H], dW [G, L, H, H], dBias [G, L, H], dWout [G, H],
     dBout [G]) are float32 (float64 for float64 inputs) and are added to; when SCALED, every
     gradient is formed from ds times the power of two at Scale_ptr (16-bit dz in range; ops.py),
@@ -207,18 +220,20 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
     P: tl.constexpr = BI * BJ
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
+    gp = (pid + tl.program_id(1) * nprog).to(tl.int64)
+    dA_ptr += tl.program_id(1).to(tl.int64) * N * H
     zls = z_layer_stride
     if DW_CHUNK:
         zp = Z_ptr
     else:
-        # int64: slot offsets (program x layer x H x H) can pass 2^31 for wide layers
-        zp = Z_ptr + pid.to(tl.int64) * z_prog_stride
+        zp = Z_ptr + gp * z_prog_stride
     bout = tl.load(Bout_ptr).to(ACC)
     rp = tl.arange(0, P)
     # slots owned by this program
-    dWp = dW_ptr + pid.to(tl.int64) * L * H * H
-    dBiasp = dBias_ptr + pid.to(tl.int64) * L * H
-    dWoutp = dWout_ptr + pid.to(tl.int64) * H
+    dWp = dW_ptr + gp * L * H * H
+    dBiasp = dBias_ptr + gp * L * H
+    dWoutp = dWout_ptr + gp * H
     rb0 = row0 // BI
     cb0 = col0 // BJ
     if COL_PASS:
@@ -227,9 +242,10 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
     else:
         n_outer = tl.cdiv(row1, BI) - rb0
         n_inner = tl.cdiv(col1, BJ) - cb0
+    ib_lo, ib_hi = _block_range(n_inner)
     dbout = tl.zeros((P,), ACC)
     for ob in range(pid, n_outer, nprog):
-        for ib in range(0, n_inner):
+        for ib in range(ib_lo, ib_hi):
             if COL_PASS:
                 i0 = (rb0 + ib) * BI
                 j0 = (cb0 + ob) * BJ
@@ -329,7 +345,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                                      dz_in.to(zp.dtype.element_ty), mask=mk[None, :])
                     tl.debug_barrier()
     if not COL_PASS:
-        tl.store(dBout_ptr + pid, tl.load(dBout_ptr + pid) + tl.sum(dbout, axis=0))
+        tl.store(dBout_ptr + gp, tl.load(dBout_ptr + gp) + tl.sum(dbout, axis=0))
 
 
 @triton.jit

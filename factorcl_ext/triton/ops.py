@@ -220,17 +220,41 @@ def _mlp_dz_scale(a: _MlpArgs, grads) -> tuple[Tensor, Optional[Tensor]]:
     return _pow2_scale(top)
 
 
+def _column_splits(device: torch.device, configs, N: int, M: int) -> int:
+    """Shares of the column blocks per row block (_config.column_splits) for an N x M problem,
+    counted at the largest tiles of ``configs`` (the same for any tile the tuner picks)."""
+    return _config.column_splits(device,
+                                 triton.cdiv(N, _config.max_kwarg(configs, lambda k: k["BI"])),
+                                 triton.cdiv(M, _config.max_kwarg(configs, lambda k: k["BJ"])))
+
+
+def _split_stats(like: Tensor, splits: int, n: int) -> list[Tensor]:
+    """Statistics buffers (dtype and device of ``like``) of a forward whose rows' columns run
+    in ``splits`` ranges: one [n] vector each when there is one range, else [splits, n]
+    partials for _combine_stats."""
+    shape = (n,) if splits == 1 else (splits, n)
+    return [like.new_empty(shape) for _ in range(3)]
+
+
+def _combine_stats(lse, pos, rowsum):
+    """(lse, pos, rowsum) of the whole rows from [splits, N] partials of column ranges (as is
+    when there was one range): a logsumexp and two sums over the ranges, in a fixed order. An
+    empty range holds lse -inf and zero sums; Inf and NaN pass as in one logsumexp."""
+    if lse.dim() == 1:
+        return lse, pos, rowsum
+    return torch.logsumexp(lse, 0), pos.sum(0), rowsum.sum(0)
+
+
 def _mlp_forward(a: _MlpArgs) -> tuple[Tensor, Tensor, Tensor]:
-    lse = a.A.new_empty(a.N, dtype=a.acc)
-    pos = a.A.new_empty(a.N, dtype=a.acc)
-    rowsum = a.A.new_empty(a.N, dtype=a.acc)
+    splits = _column_splits(a.A.device, a.configs, a.N, a.M)
+    lse, pos, rowsum = _split_stats(a.A.new_empty(0, dtype=a.acc), splits, a.N)
     # the forward keeps only the layers below the last one
-    z, zps, zls = a.scratch(a.g_row, a.L if a.L >= 2 else 0)
+    z, zps, zls = a.scratch(a.g_row * splits, a.L if a.L >= 2 else 0)
     args = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, pos, rowsum,
             a.N, a.M, a.H, a.pos_offset, zps, zls)
-    _launch(_MLP_FWD, a.family, (a.g_row,), args, a.constexprs(),
+    _launch(_MLP_FWD, a.family, (a.g_row, splits), args, a.constexprs(),
             _config.is_deterministic())
-    return lse, pos, rowsum
+    return _combine_stats(lse, pos, rowsum)
 
 
 def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
@@ -240,9 +264,12 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
     a.scale, inv = _mlp_dz_scale(a, grads)
     a.scaled = inv is not None
-    dA = a.A.new_zeros((N, H), dtype=a.acc)
+    # the row pass splits its rows' columns as the forward does (small N): one dA partial and
+    # one set of slots per share, summed in order below
+    splits = _column_splits(a.A.device, a.configs, N, M)
+    dA = a.A.new_zeros((N, H) if splits == 1 else (splits, N, H), dtype=a.acc)
     dB = a.A.new_zeros((M, H), dtype=a.acc)
-    G = a.g_row
+    G = a.g_row * splits
     chunked = L > 0 and _config.dw_mode() == "chunk"
     dW = a.A.new_zeros((G, L, H, H) if L and not chunked else (1,), dtype=a.acc)
     dBias = a.A.new_zeros((G, L, H) if L else (1,), dtype=a.acc)
@@ -251,14 +278,15 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     accs = (dA, dB, dW, dBias, dWout, dBout)
     row_kw = dict(a.bwd_constexprs(), COL_PASS=False, ATOMIC_DB=not det)
     # program-private slots for the passes over the whole pair grid (one buffer for both)
-    grids = ([] if chunked else [a.g_row]) + ([a.g_col] if det else [])
+    grids = ([] if chunked else [G]) + ([a.g_col] if det else [])
     if grids:
         z, zps, zls = a.scratch(max(grids), L)
         whole = _mlp_bwd_args(a, z, z, lse, grads, accs, zps, zls, 0, N, 0, M, 0)
     if chunked:
-        dW_layers = _mlp_row_pass_chunked(a, lse, grads, accs, row_kw, det)
+        dW_layers = _mlp_row_pass_chunked(a, lse, grads, accs, row_kw, det, splits)
     else:
-        _launch(_MLP_BWD, a.family, (a.g_row,), whole, dict(row_kw, DW_CHUNK=False), det)
+        _launch(_MLP_BWD, a.family, (a.g_row, splits), whole, dict(row_kw, DW_CHUNK=False),
+                det)
         dW_layers = [dW[:, l].sum(0) for l in range(L)]
     if det:
         _launch(_MLP_BWD, a.family, (a.g_col,), whole,
@@ -268,6 +296,8 @@ def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
     # summing the per-program slots in a fixed order keeps the weight gradients deterministic
     dBias_layers = [dBias[:, l].sum(0) for l in range(L)]
     dWout, dBout = dWout.sum(0), dBout.sum().reshape(b_out.shape)
+    if splits > 1:
+        dA = dA.sum(0)
     if inv is not None:
         dA, dB, dWout, dBout = dA * inv, dB * inv, dWout * inv, dBout * inv
         dW_layers = [g * inv for g in dW_layers]
@@ -288,11 +318,13 @@ def _mlp_bwd_args(a: _MlpArgs, z, hin, lse, grads, accs, zps, zls, row0, row1, c
             a.N, a.M, a.H, a.pos_offset, zps, zls, row0, row1, col0, col1, chunk_w)
 
 
-def _mlp_row_pass_chunked(a: _MlpArgs, lse, grads, accs, row_kw, det, launch_bwd=None
-                          ) -> list[Tensor]:
+def _mlp_row_pass_chunked(a: _MlpArgs, lse, grads, accs, row_kw, det, splits: int,
+                          launch_bwd=None) -> list[Tensor]:
     """The backward's row pass chunk by chunk of pairs, each followed by mlp_dw_kernel per layer
-    (_config.DW_MODES): returns the hidden weights' gradients [H, H] per layer.
-    ``launch_bwd(grid, args, kwargs)`` replaces the autotuned backward launch (benchmarks)."""
+    (_config.DW_MODES): returns the hidden weights' gradients [H, H] per layer. ``splits``:
+    shares of a chunk's column blocks per row block (the accumulators hold one slot per
+    program and share). ``launch_bwd(grid, args, kwargs)`` replaces the autotuned backward
+    launch (benchmarks)."""
     if launch_bwd is None:
         def launch_bwd(grid, args, kwargs):
             _launch(_MLP_BWD, a.family, grid, args, kwargs, det)
@@ -306,22 +338,22 @@ def _mlp_row_pass_chunked(a: _MlpArgs, lse, grads, accs, row_kw, det, launch_bwd
     hin = a.A.new_empty((L - 1, rows * cols, H)) if L >= 2 else z
     dw_cfg = _config.MLP_DW_CONFIGS[a.family][0].kwargs
     tiles = triton.cdiv(H, dw_cfg["BN"]) * triton.cdiv(H, dw_cfg["BK"])
-    splits = _config.dw_splits(a.A.device, tiles)
-    part = a.A.new_zeros((L, splits, H, H), dtype=a.acc)
+    dw_splits = _config.dw_splits(a.A.device, tiles)
+    part = a.A.new_zeros((L, dw_splits, H, H), dtype=a.acc)
     bi_min = _config.min_kwarg(a.configs, lambda k: k["BI"])
     for row0 in range(0, N, rows):
         row1 = min(N, row0 + rows)
         grid = min(a.g_row, _config.num_programs(a.A.device, triton.cdiv(row1 - row0, bi_min)))
         for col0 in range(0, M, cols):
             col1 = min(M, col0 + cols)
-            launch_bwd((grid,),
+            launch_bwd((grid, splits),
                        _mlp_bwd_args(a, z, hin, lse, grads, accs, 0, zls, row0, row1, col0,
                                      col1, cols),
                        dict(row_kw, DW_CHUNK=True))
             for l in range(L):
-                _launch(_MLP_DW, a.family, (tiles * splits,),
+                _launch(_MLP_DW, a.family, (tiles * dw_splits,),
                         (a.A, a.B, z[l], hin[l - 1] if l else z[l], part[l],
-                         N, M, H, row0, row1, col0, col1, cols, splits),
+                         N, M, H, row0, row1, col0, col1, cols, dw_splits),
                         dict(FIRST=l == 0, ACT=a.act, PREC=a.prec), det)
     return [part[l].sum(0) for l in range(L)]
 
@@ -442,13 +474,12 @@ class _DotArgs:
 
 
 def _dot_forward(a: _DotArgs):
-    lse = a.G.new_empty(a.N, dtype=a.acc)
-    pos = a.G.new_empty(a.N, dtype=a.acc)
-    rowsum = a.G.new_empty(a.N, dtype=a.acc)
+    splits = _column_splits(a.G.device, a.configs, a.N, a.M)
+    lse, pos, rowsum = _split_stats(a.G.new_empty(0, dtype=a.acc), splits, a.N)
     args = (a.G, a.H, lse, pos, rowsum, *a.head())
-    _launch(_DOT_FWD, a.family, (a.g_row,), args, a.constexprs(),
+    _launch(_DOT_FWD, a.family, (a.g_row, splits), args, a.constexprs(),
             _config.is_deterministic())
-    return lse, pos, rowsum
+    return _combine_stats(lse, pos, rowsum)
 
 
 def _ds_scale(a: _DotArgs, grads) -> tuple[Tensor, Optional[Tensor]]:
