@@ -77,7 +77,7 @@ def _lse_step(m_run, shift, l_run, s_lse):
 def _block_range(n_blocks):
     """Blocks [lo, hi) of this program's share of ``n_blocks``: dealt out in num_programs(1)
     consecutive runs of equal length (the last ones may be short or empty). Programs of a
-    forward or a backward row pass split their rows' columns so (ops.py: column_splits)."""
+    forward or a backward row pass split their rows' columns so (_config.column_splits)."""
     per = tl.cdiv(n_blocks, tl.num_programs(1))
     lo = tl.program_id(1) * per
     return lo, tl.minimum(n_blocks, lo + per)

@@ -1,8 +1,9 @@
 """Triton kernels of the separable critic's core op (DESIGN.md section 3): ``s = G H^T``.
 
-Forward: row-block programs walk all column blocks; each [BI, BJ] score tile is a tl.dot over
-BD-wide slices of the embedding, consumed at once by the online logsumexp, the positive and the
-row sum (column ``i + exclude_offset`` left out of the last two). Nothing of size N*M is stored.
+Forward: row-block programs walk all column blocks (or a share of them, for small N:
+_config.column_splits); each [BI, BJ] score tile is a tl.dot over BD-wide slices of the
+embedding, consumed at once by the online logsumexp, the positive and the row sum (column
+``i + exclude_offset`` left out of the last two). Nothing of size N*M is stored.
 
 Plain tiles: a tile inside the matrix that holds no positive and no excluded pair (all but the
 edge and diagonal tiles) takes an epilogue without masks (_plain_tile). Masks were most of a

@@ -14,17 +14,19 @@ BJ columns, pair p = (i0 + p // BJ, j0 + p % BJ)) and runs the MLP on it:
   tile go to a program-private scratch slot ([L, P, H] per program, P*H per layer: bounded by
   the grid size, never N*M*H), which the next layer streams back.
 
-Forward: row-block programs walk all column blocks with an online logsumexp, and also form the
-positive and the row sum in the same pass. Nothing of size N*M is stored.
+Forward: row-block programs walk all column blocks (or a share of them, for small N:
+_config.column_splits) with an online logsumexp, and also form the positive and the row sum in
+the same pass. Nothing of size N*M is stored.
 
 Backward (recompute): the same tile forward (pre-activations of every layer kept in the scratch
 slot), ``ds`` from the saved lse, then the chain back through the layers slice by slice:
 ``dh_(l-1)[:, k] = sum_n dz_l[:, n] W_l[n, k]`` and ``dW_l[n, k] += dz_l[:, n]^T h_(l-1)[:, k]``
 in one pass over (k, n) slices. Races are avoided by ownership:
 
-- row pass (grid over row blocks): dA rows are owned by the program (plain read-modify-write);
-  bias gradients go to the program's own float32 slot, summed over slots afterwards in a fixed
-  order (torch.sum), so they are deterministic;
+- row pass (grid over row blocks, times the shares of their columns for small N): dA rows are
+  owned by the program (plain read-modify-write into its share's partial, the partials summed
+  afterwards); bias gradients go to the program's own float32 slot, summed over slots
+  afterwards in a fixed order (torch.sum), so they are deterministic;
 - hidden weights' gradients, two forms (_config.DW_MODES). ``chunk`` (default): the row pass runs
   over chunks of pairs (rows x columns, a bounded buffer) and leaves each tile's ``dz_l`` (and the
   inputs of layers >= 2) in the chunk buffer instead of a per-program slot; ``mlp_dw_kernel`` then
