@@ -228,12 +228,12 @@ def _column_splits(device: torch.device, configs, N: int, M: int) -> int:
                                  triton.cdiv(M, _config.max_kwarg(configs, lambda k: k["BJ"])))
 
 
-def _split_stats(like: Tensor, splits: int, n: int) -> list[Tensor]:
-    """Statistics buffers (dtype and device of ``like``) of a forward whose rows' columns run
-    in ``splits`` ranges: one [n] vector each when there is one range, else [splits, n]
-    partials for _combine_stats."""
+def _split_stats(like: Tensor, dtype: torch.dtype, splits: int, n: int) -> list[Tensor]:
+    """Statistics buffers (``dtype``, on the device of ``like``) of a forward whose rows'
+    columns run in ``splits`` ranges: one [n] vector each when there is one range, else
+    [splits, n] partials for _combine_stats."""
     shape = (n,) if splits == 1 else (splits, n)
-    return [like.new_empty(shape) for _ in range(3)]
+    return [like.new_empty(shape, dtype=dtype) for _ in range(3)]
 
 
 def _combine_stats(lse, pos, rowsum):
@@ -247,7 +247,7 @@ def _combine_stats(lse, pos, rowsum):
 
 def _mlp_forward(a: _MlpArgs) -> tuple[Tensor, Tensor, Tensor]:
     splits = _column_splits(a.A.device, a.configs, a.N, a.M)
-    lse, pos, rowsum = _split_stats(a.A.new_empty(0, dtype=a.acc), splits, a.N)
+    lse, pos, rowsum = _split_stats(a.A, a.acc, splits, a.N)
     # the forward keeps only the layers below the last one
     z, zps, zls = a.scratch(a.g_row * splits, a.L if a.L >= 2 else 0)
     args = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, pos, rowsum,
@@ -475,7 +475,7 @@ class _DotArgs:
 
 def _dot_forward(a: _DotArgs):
     splits = _column_splits(a.G.device, a.configs, a.N, a.M)
-    lse, pos, rowsum = _split_stats(a.G.new_empty(0, dtype=a.acc), splits, a.N)
+    lse, pos, rowsum = _split_stats(a.G, a.acc, splits, a.N)
     args = (a.G, a.H, lse, pos, rowsum, *a.head())
     _launch(_DOT_FWD, a.family, (a.g_row, splits), args, a.constexprs(),
             _config.is_deterministic())
