@@ -22,6 +22,7 @@ Must run without TRITON_INTERPRET (it needs the real @triton.jit functions).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -103,25 +104,28 @@ def _resource_usage(cubin: bytes):
     return (int(regs.group(1)) if regs else "?"), (int(spill.group(1)) if spill else "?")
 
 
-def sass_counts(cubin: bytes) -> dict:
-    """How many instructions of each SASS_OPS kind the kernel's machine code holds."""
-    import re
-
-    sass = _cuobjdump(cubin, "-sass")
-    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M)
-    return {name: sum(1 for op in ops if op == name or op.startswith(name + "."))
-            for name in SASS_OPS}
-
-
+@functools.lru_cache(maxsize=4)
 def _instructions(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, text) of every instruction of the kernel's SASS (one cuobjdump per cubin, shared
+    by sass_counts and hgmma_loops)."""
     import re
 
     out = []
     for line in _cuobjdump(cubin, "-sass").splitlines():
-        m = re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", line)
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*?);", line)
         if m:
             out.append((int(m.group(1), 16), m.group(2).strip()))
     return out
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """How many instructions of each SASS_OPS kind the kernel's machine code holds."""
+    import re
+
+    ops = [re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", text).group(1)
+           for _, text in _instructions(cubin)]
+    return {name: sum(1 for op in ops if op == name or op.startswith(name + "."))
+            for name in SASS_OPS}
 
 
 def hgmma_loops(cubin: bytes, num_warps: int) -> list[dict]:
@@ -130,16 +134,16 @@ def hgmma_loops(cubin: bytes, num_warps: int) -> list[dict]:
     per iteration: ``issue`` = instructions x warps / 4 (an SM issues one warp instruction per
     cycle on each of its 4 schedulers) and ``wgmma`` = FLOPs / 4096 (an H100 SXM's dense
     16-bit tensor-core rate per SM per cycle, 989 TFLOP/s over 132 SMs at 1.83 GHz; TF32 at
-    half that rate, so its FLOPs count twice). A loop
-    whose issue estimate passes its wgmma estimate keeps the tensor cores waiting on the other
-    instructions of the loop. Estimates from instruction counts, not measurements."""
+    half that rate, so its FLOPs count twice). A loop whose issue estimate passes its wgmma
+    estimate keeps the tensor cores waiting on the other instructions of the loop. Estimates
+    from instruction counts, not measurements."""
     import re
 
     ins = _instructions(cubin)
     back = []  # (target, branch address) of every backward branch
     for addr, text in ins:
         m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
-        if "BRA" in text and m and int(m.group(1), 16) < addr:
+        if m and int(m.group(1), 16) < addr:
             back.append((int(m.group(1), 16), addr))
     with_mma = [(a, b) for a, b in back
                 if any("HGMMA" in t for x, t in ins if a <= x <= b)]
