@@ -16,6 +16,7 @@ traces through them without graph breaks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
@@ -45,6 +46,7 @@ OUT_ACTIVATIONS = ("none", "softplus")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CPU_DTYPES = (torch.float32, torch.float64)
 _GPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = _GPU_DTYPES
 
 
 class CriticStats(NamedTuple):
@@ -68,7 +70,9 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> Tensor:
     return t
 
 
-def _check_same(named: Sequence[tuple[str, Tensor]]) -> tuple[torch.device, torch.dtype]:
+def _check_same(
+    named: Sequence[tuple[str, Tensor]], allowed: Optional[Sequence[torch.dtype]] = None
+) -> tuple[torch.device, torch.dtype]:
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
@@ -82,7 +86,8 @@ def _check_same(named: Sequence[tuple[str, Tensor]]) -> tuple[torch.device, torc
                 "must have one dtype"
             )
     dtype, device = first.dtype, first.device
-    allowed = _CPU_DTYPES if device.type == "cpu" else _GPU_DTYPES
+    if allowed is None:
+        allowed = _CPU_DTYPES if device.type == "cpu" else _GPU_DTYPES
     if dtype not in allowed:
         raise TypeError(
             f"{first_name} has dtype {dtype}; supported on {device.type}: "
@@ -195,23 +200,59 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype the fused core ops run in under ``torch.autocast`` on ``device``; None outside it.
+
+    CUDA: the autocast dtype, as for any matrix product (DESIGN.md section 6). CPU: float32,
+    since the CPU kernels have no 16-bit path (autocast's float32 policy): autocast's bfloat16
+    matrix products around the op, such as the first layer, stay in bfloat16.
+    """
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return None
+
+
+def _autocast(dtype: Optional[torch.dtype], t):
+    """``t`` cast to ``dtype`` where autocast would cast it (a floating tensor other than
+    float64); anything else unchanged."""
+    if dtype is None or not isinstance(t, Tensor) or not t.is_floating_point():
+        return t
+    return t if t.dtype in (dtype, torch.float64) else t.to(dtype)
+
+
+def _without_autocast(device: torch.device):
+    """The reference backend runs in the dtype the fused op was given, as the compiled backends do:
+    autocast is off inside it (otherwise its CPU pair products would run in bfloat16)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _autocast_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out):
-    """Under CUDA autocast, A and B come out of autocast matmuls in the low-precision dtype while
-    the parameters stay float32: run the fused op in the autocast dtype (DESIGN.md section 6)."""
-    if not (
-        isinstance(A, Tensor) and A.device.type == "cuda" and torch.is_autocast_enabled("cuda")
-        and isinstance(hidden_weights, (list, tuple)) and isinstance(hidden_biases, (list, tuple))
-    ):
+    """Under autocast, A and B come out of autocast matmuls in the low-precision dtype while the
+    parameters stay float32: run the fused op in :func:`_autocast_dtype`."""
+    if not (isinstance(A, Tensor) and isinstance(hidden_weights, (list, tuple))
+            and isinstance(hidden_biases, (list, tuple))):
         return A, B, hidden_weights, hidden_biases, w_out, b_out
-    dtype = torch.get_autocast_dtype("cuda")
-
-    def cast(t):
-        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-
+    dtype = _autocast_dtype(A.device)
+    if dtype is None:
+        return A, B, hidden_weights, hidden_biases, w_out, b_out
     return (
-        cast(A), cast(B), [cast(w) for w in hidden_weights], [cast(b) for b in hidden_biases],
-        cast(w_out), cast(b_out),
+        _autocast(dtype, A), _autocast(dtype, B), [_autocast(dtype, w) for w in hidden_weights],
+        [_autocast(dtype, b) for b in hidden_biases], _autocast(dtype, w_out),
+        _autocast(dtype, b_out),
     )
+
+
+def _autocast_dot(G, H):
+    """Under autocast, G and H in :func:`_autocast_dtype` (a float32 memory bank against bfloat16
+    embeddings, or bfloat16 embeddings on the CPU, just work)."""
+    if not isinstance(G, Tensor):
+        return G, H
+    dtype = _autocast_dtype(G.device)
+    return _autocast(dtype, G), _autocast(dtype, H)
 
 
 def _wants_grad(*tensors: Tensor) -> bool:
@@ -406,10 +447,11 @@ def pair_mlp_stats(
     backend = _backends.resolve(backend, device)
     b_out = b_out.reshape(())
     if backend == "reference":
-        return CriticStats(*reference.pair_mlp_stats(
-            A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
-            pos_offset,
-        ))
+        with _without_autocast(device):
+            return CriticStats(*reference.pair_mlp_stats(
+                A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
+                pos_offset,
+            ))
     out = _core("pair_mlp_stats", backend)(
         A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, activation,
         out_activation, pos_offset,
@@ -450,10 +492,11 @@ def pair_mlp_loss(
     backend = _backends.resolve(backend, device)
     b_out = b_out.reshape(())
     if backend == "reference":
-        lse, pos, rowsum = reference.pair_mlp_stats(
-            A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
-            pos_offset,
-        )
+        with _without_autocast(device):
+            lse, pos, rowsum = reference.pair_mlp_stats(
+                A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
+                pos_offset,
+            )
         return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     compute_grad = _wants_grad(A, B, w_out, b_out, *hidden_weights, *hidden_biases)
     out = _core("pair_mlp_loss", backend)(
@@ -472,10 +515,12 @@ def pair_dot_stats(
     backend: str = "auto",
 ) -> CriticStats:
     """Statistics of ``s = G H^T`` (G [N, D], H [M, D]); see :func:`separable_critic_stats`."""
+    G, H = _autocast_dot(G, H)
     device, pos_offset, exclude_offset = _check_pair_dot(G, H, pos_offset, exclude_offset)
     backend = _backends.resolve(backend, device)
     if backend == "reference":
-        return CriticStats(*reference.pair_dot_stats(G, H, pos_offset, exclude_offset))
+        with _without_autocast(device):
+            return CriticStats(*reference.pair_dot_stats(G, H, pos_offset, exclude_offset))
     return CriticStats(*_core("pair_dot_stats", backend)(G, H, pos_offset, exclude_offset))
 
 
@@ -491,13 +536,15 @@ def pair_dot_loss(
     backend: str = "auto",
 ) -> Tensor:
     """``sum_i c_lse*lse_i + c_pos*pos_i + c_rowsum*rowsum_i`` of :func:`pair_dot_stats`, 0-dim."""
+    G, H = _autocast_dot(G, H)
     device, pos_offset, exclude_offset = _check_pair_dot(G, H, pos_offset, exclude_offset)
     c_lse, c_pos, c_rowsum = _check_coefficients(c_lse=c_lse, c_pos=c_pos, c_rowsum=c_rowsum)
     if pos_offset is None and c_pos != 0.0:
         raise ValueError("c_pos is nonzero but pos_offset is None (no positives)")
     backend = _backends.resolve(backend, device)
     if backend == "reference":
-        lse, pos, rowsum = reference.pair_dot_stats(G, H, pos_offset, exclude_offset)
+        with _without_autocast(device):
+            lse, pos, rowsum = reference.pair_dot_stats(G, H, pos_offset, exclude_offset)
         return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     compute_grad = _wants_grad(G, H)
     out = _core("pair_dot_loss", backend)(
@@ -530,7 +577,16 @@ def _first_layer(u, v, w_u, w_v, b_0) -> tuple[Tensor, Tensor]:
     if tuple(b_0.shape) != (h,):
         raise ValueError(f"b_0 must have shape ({h},), got {tuple(b_0.shape)}")
     _check_rows_cols("u", u, "v", v)
-    _check_same([("u", u), ("v", v), ("w_u", w_u), ("w_v", w_v), ("b_0", b_0)])
+    # Under autocast the two products run in the autocast dtype whatever the inputs' (bfloat16
+    # features from an autocast encoder against float32 weights): check them in that dtype.
+    autocast_dtype = (torch.get_autocast_dtype(u.device.type)
+                      if u.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(u.device.type)
+                      else None)
+    named = [("u", u), ("v", v), ("w_u", w_u), ("w_v", w_v), ("b_0", b_0)]
+    if autocast_dtype is None:
+        _check_same(named)
+    else:
+        _check_same([(name, _autocast(autocast_dtype, t)) for name, t in named], _FLOAT_DTYPES)
     return u @ w_u.t(), torch.addmm(b_0, v, w_v.t())
 
 
@@ -602,6 +658,8 @@ def concat_critic_loss(
 def _scaled(g: Tensor, h: Tensor, temperature, normalize: bool) -> tuple[Tensor, Tensor]:
     _check_tensor("g", g, 2)
     _check_tensor("h", h, 2)
+    g, h = _autocast_dot(g, h)
+    _check_same([("g", g), ("h", h)])
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1 or temperature.dim() > 1:
             raise ValueError(

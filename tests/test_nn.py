@@ -19,7 +19,7 @@ from factorcl_ext.nn import (
     SupConLoss,
 )
 
-from conftest import BACKENDS, assert_rel_close, device_for
+from conftest import BACKENDS, assert_rel_close, device_for, rel_error
 
 ALL = ["reference"] + BACKENDS
 F64 = torch.float64
@@ -314,3 +314,83 @@ def test_compiled_module_has_no_graph_break(backend):
     params = list(critic.parameters()) + [x, y]
     for a, b in zip(torch.autograd.grad(compiled_loss, params), torch.autograd.grad(eager_loss, params)):
         assert_rel_close(a, b, 1e-12, "compiled grad", floor=1e-2)
+
+
+# ---- under torch.autocast: bfloat16 features from an autocast encoder, float32 critic ---------
+
+
+def _autocast_case(device):
+    """An encoder whose output comes out of autocast in bfloat16 (so the critic sees bfloat16
+    features and float32 parameters), and the float64 copy of the encoder's rounded output."""
+    enc = nn.Linear(6, 6).to(device)
+    x_in = torch.randn(23, 6, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        x_probe = enc(x_in)
+    assert x_probe.dtype == torch.bfloat16  # the case under test: mixed dtypes at the critic
+    return enc, x_in, x_probe.detach().double()
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_critics_under_autocast(backend):
+    """The drop-in critics accept bfloat16 features against float32 weights under autocast, as the
+    authors' modules do (on the CPU the fused op runs in float32 after the bfloat16 first layer;
+    on a GPU in bfloat16), and give float32 gradients to the float32 parameters. Bar: DESIGN.md's
+    bfloat16 tolerance or twice the error of the authors' module under the same autocast."""
+    device = device_for(backend)
+    enc, x_in, x64 = _autocast_case(device)
+    y = torch.randn(23, 5, device=device)
+    ours = CLUBInfoNCECritic(6, 5, 33, 1, "relu", backend=backend).to(device)
+    theirs = AuthorsCLUBInfoNCE(6, 5, 33, 1, "relu").to(device)
+    theirs.load_state_dict(ours.state_dict())
+    exact = AuthorsCLUBInfoNCE(6, 5, 33, 1, "relu").to(device, F64)
+    exact.load_state_dict(ours.state_dict())
+
+    def run(critic, x_in):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            x = x_in if x_in.dtype == F64 else enc(x_in)
+            return [critic(x, y.to(x.dtype)), critic.learning_loss(x, y.to(x.dtype))]
+
+    losses, lowp, refs = run(ours, x_in), run(theirs, x_in), run(exact, x64)
+    for name, loss, low, ref in zip(["forward", "learning_loss"], losses, lowp, refs):
+        assert loss.dtype == torch.float32, (name, loss.dtype)
+        bar = max(2e-2, 2 * rel_error(low, ref, math.log(23)))
+        assert_rel_close(loss, ref, bar, f"autocast {name}", floor=math.log(23))
+    for critic, out in ((ours, losses), (theirs, lowp), (exact, refs)):
+        sum(out).backward()
+    for (name, p), q, e in zip(ours.named_parameters(), theirs.parameters(), exact.parameters()):
+        assert p.grad.dtype == torch.float32
+        bar = max(2e-2, 2 * rel_error(q.grad, e.grad, 1e-2))
+        assert_rel_close(p.grad, e.grad, bar, f"autocast grad {name}", floor=1e-2)
+    assert enc.weight.grad is not None and enc.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_separable_critic_under_autocast(backend):
+    """bfloat16 embeddings against a float32 memory bank under autocast."""
+    device = device_for(backend)
+    enc, x_in, g64 = _autocast_case(device)
+    bank = torch.randn(31, 6, device=device)
+    critic = FusedSeparableCritic(temperature=0.2, learnable_temperature=True, normalize=True,
+                                  backend=backend).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        g = enc(x_in)
+        stats = critic(g, bank, pos_offset=3)
+        nce = critic.infonce_lower_bound(g, bank, pos_offset=3)
+    s = F.normalize(g64, dim=1) @ F.normalize(bank.double(), dim=1).t() / 0.2
+    ref = [s.logsumexp(1), s[torch.arange(23), torch.arange(23) + 3], s.sum(1)]
+    for name, a, e in zip(["lse", "pos", "rowsum"], stats, ref):
+        assert a.dtype == torch.float32
+        assert_rel_close(a, e, 2e-2, f"autocast {name}")
+    nce.backward()
+    assert enc.weight.grad is not None and critic.log_temperature.grad is not None
+
+
+def test_low_precision_and_integer_inputs_are_refused_on_cpu_outside_autocast():
+    with pytest.raises(TypeError, match="g has dtype torch.int64"):
+        factorcl_ext.separable_critic_stats(torch.ones(4, 3, dtype=torch.long),
+                                            torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="g has dtype torch.bfloat16; supported on cpu"):
+        factorcl_ext.separable_critic_stats(torch.randn(4, 3).bfloat16(),
+                                            torch.randn(4, 3).bfloat16())
+    with pytest.raises(TypeError, match="h has dtype torch.float32 but g has torch.float64"):
+        factorcl_ext.separable_critic_stats(torch.randn(4, 3, dtype=F64), torch.randn(4, 3))
