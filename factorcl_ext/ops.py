@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backends, reference
+from ._autograd import first_order_only
 
 __all__ = [
     "CriticStats",
@@ -340,7 +341,9 @@ def _register_compiled_ops() -> None:
             *grads, A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, lse,
             *ctx.config,
         )
-        return dA, dB, list(dW), list(db), dw_out, db_out, None, None, None
+        grads = (dA, dB, list(dW), list(db), dw_out, db_out)
+        saved = (A, B, w_out, b_out, lse, *rest)
+        return (*first_order_only("pair_mlp_stats", grads, saved), None, None, None)
 
     torch.library.register_autograd(
         "factorcl::pair_mlp_stats", _pair_mlp_stats_backward, setup_context=_pair_mlp_stats_setup
@@ -355,7 +358,7 @@ def _register_compiled_ops() -> None:
         G, H, lse = ctx.saved_tensors
         grads = [g if g is not None else torch.zeros_like(lse) for g in (grad_lse, grad_pos, grad_rowsum)]
         dG, dH = torch.ops.factorcl.pair_dot_stats_backward(*grads, G, H, lse, *ctx.config)
-        return dG, dH, None, None
+        return (*first_order_only("pair_dot_stats", (dG, dH), (G, H, lse)), None, None)
 
     torch.library.register_autograd(
         "factorcl::pair_dot_stats", _pair_dot_stats_backward, setup_context=_pair_dot_stats_setup
@@ -374,10 +377,10 @@ def _register_compiled_ops() -> None:
         dA, dB, dw_out, db_out, *rest = ctx.saved_tensors
         k = ctx.num_layers
         scale = grad_loss.to(dA.dtype)
-        return (
-            dA * scale, dB * scale, [g * scale for g in rest[:k]], [g * scale for g in rest[k:]],
-            dw_out * scale, db_out * scale, None, None, None, None, None, None, None,
-        )
+        grads = (dA * scale, dB * scale, [g * scale for g in rest[:k]],
+                 [g * scale for g in rest[k:]], dw_out * scale, db_out * scale)
+        saved = (dA, dB, dw_out, db_out, *rest)
+        return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * 7)
 
     torch.library.register_autograd(
         "factorcl::pair_mlp_loss", _pair_mlp_loss_backward, setup_context=_pair_mlp_loss_setup
@@ -392,7 +395,8 @@ def _register_compiled_ops() -> None:
             raise RuntimeError("pair_dot_loss was called with compute_grad=False")
         dG, dH = ctx.saved_tensors
         scale = grad_loss.to(dG.dtype)
-        return dG * scale, dH * scale, None, None, None, None, None, None
+        return (*first_order_only("pair_dot_loss", (dG * scale, dH * scale), (dG, dH)),
+                *[None] * 6)
 
     torch.library.register_autograd(
         "factorcl::pair_dot_loss", _pair_dot_loss_backward, setup_context=_pair_dot_loss_setup

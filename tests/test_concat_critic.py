@@ -484,6 +484,35 @@ def test_torch_compile_fullgraph(backward_inside, backend, device):
         assert_rel_close(a.grad, b.grad, 1e-12, f"{name}.grad")
 
 
+@pytest.mark.parametrize("op", ["stats", "loss"])
+def test_second_derivative_raises_instead_of_zeros(op, backend, device):
+    """The hand-written backward is first-order: with create_graph=True the gradient is the same,
+    and differentiating it again raises (PyTorch would otherwise treat the backward kernels as
+    constants and return zeros for their part of a second derivative)."""
+    p = cast(make_concat(5, 8, 4, 3, 9, 1), torch.float64, device, requires_grad=True)
+
+    def objective():
+        if op == "stats":
+            st = fe.concat_critic_stats(**p, pos_offset=1, backend=backend)
+            return (st.lse - 0.5 * st.pos + 0.1 * st.rowsum).sum()
+        return fe.concat_critic_loss(**p, c_lse=1.0, c_pos=-0.5, c_rowsum=0.1, pos_offset=1,
+                                     backend=backend)
+
+    plain = grads_of(objective(), p)
+    graphed = torch.autograd.grad(objective(), leaves(p), create_graph=True)
+    for a, b, name in zip(graphed, plain, leaf_names(p)):
+        assert torch.equal(a.detach(), b), name
+    penalty = sum((g**2).sum() for g in graphed[:2])  # d/du and d/dv: through the first layer too
+    for wrt in (p["u"], p["hidden_weights"][0]):
+        with pytest.raises(RuntimeError, match="first-order only.*backend='reference'"):
+            torch.autograd.grad(penalty, wrt, retain_graph=True)
+    # The reference backend differentiates twice: a finite, nonzero second derivative.
+    st = fe.concat_critic_stats(**p, pos_offset=1, backend="reference")
+    (gu,) = torch.autograd.grad(st.lse.sum(), p["u"], create_graph=True)
+    (guu,) = torch.autograd.grad((gu**2).sum(), p["u"])
+    assert torch.isfinite(guu).all() and guu.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Layout, NaN/Inf, determinism
 # ------------------------------------------------------------------------------------------------

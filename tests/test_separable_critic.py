@@ -502,6 +502,30 @@ def test_compile_fullgraph(backend, device):
         assert_rel_close(x.grad, y.grad, F32_TOL, name, floor=floor)
 
 
+@pytest.mark.parametrize("op", ["stats", "loss"])
+def test_second_derivative_raises_instead_of_zeros(op, backend, device):
+    """First-order backward: create_graph=True gives the same gradient; differentiating it again
+    raises instead of PyTorch's silent zeros for the backward kernel's part."""
+    g, h, temperature = _inputs(6, 9, 4, device)
+    a = _leaves(g, h, temperature)
+
+    def objective():
+        if op == "stats":
+            st = factorcl_ext.separable_critic_stats(*a[:2], temperature=a[2], pos_offset=2,
+                                                     backend=backend)
+            return (st.lse - st.pos).sum()
+        return factorcl_ext.separable_critic_loss(*a[:2], temperature=a[2], c_lse=1.0,
+                                                  c_pos=-1.0, pos_offset=2, backend=backend)
+
+    plain = torch.autograd.grad(objective(), a)
+    graphed = torch.autograd.grad(objective(), a, create_graph=True)
+    for x, y in zip(graphed, plain):
+        assert torch.equal(x.detach(), y)
+    for wrt in a:
+        with pytest.raises(RuntimeError, match="first-order only.*backend='reference'"):
+            torch.autograd.grad((graphed[0] ** 2).sum(), wrt, retain_graph=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: named errors from the Python layer; the C++ kernels' second-line checks.
 # ---------------------------------------------------------------------------------------------

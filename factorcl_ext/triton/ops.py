@@ -27,6 +27,7 @@ import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
+from .._autograd import first_order_only
 from . import _config
 from ._common import ACT_CODES, OUT_CODES
 from ._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
@@ -413,7 +414,9 @@ def _mlp_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
     dA, dB, dW, db, dwo, dbo = pair_mlp_stats_backward(
         *grads, A, B, list(rest[:k]), list(rest[k:]), w_out, b_out, lse, *ctx.config
     )
-    return dA, dB, list(dW), list(db), dwo, dbo, None, None, None
+    grads = (dA, dB, list(dW), list(db), dwo, dbo)
+    saved = (A, B, w_out, b_out, lse, *rest)
+    return (*first_order_only("pair_mlp_stats", grads, saved), None, None, None)
 
 
 pair_mlp_stats.register_autograd(_mlp_stats_bwd, setup_context=_mlp_stats_setup)
@@ -432,10 +435,11 @@ def _mlp_loss_bwd(ctx, grad_loss, *_unused):
     dA, dB, dwo, dbo, *rest = ctx.saved_tensors
     k = ctx.num_layers
     scale = grad_loss
-    return (dA * scale.to(dA.dtype), dB * scale.to(dB.dtype),
-            [g * scale.to(g.dtype) for g in rest[:k]], [g * scale.to(g.dtype) for g in rest[k:]],
-            dwo * scale.to(dwo.dtype), dbo * scale.to(dbo.dtype),
-            None, None, None, None, None, None, None)
+    grads = (dA * scale.to(dA.dtype), dB * scale.to(dB.dtype),
+             [g * scale.to(g.dtype) for g in rest[:k]], [g * scale.to(g.dtype) for g in rest[k:]],
+             dwo * scale.to(dwo.dtype), dbo * scale.to(dbo.dtype))
+    saved = (dA, dB, dwo, dbo, *rest)
+    return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * 7)
 
 
 pair_mlp_loss.register_autograd(_mlp_loss_bwd, setup_context=_mlp_loss_setup)
@@ -605,7 +609,7 @@ def _dot_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
     grads = [g if g is not None else torch.zeros_like(lse)
              for g in (grad_lse, grad_pos, grad_rowsum)]
     dG, dH = pair_dot_stats_backward(*grads, G, H, lse, *ctx.config)
-    return dG, dH, None, None
+    return (*first_order_only("pair_dot_stats", (dG, dH), (G, H, lse)), None, None)
 
 
 pair_dot_stats.register_autograd(_dot_stats_bwd, setup_context=_dot_stats_setup)
@@ -620,8 +624,8 @@ def _dot_loss_bwd(ctx, grad_loss, *_unused):
     if not ctx.compute_grad:
         raise RuntimeError("pair_dot_loss was called with compute_grad=False")
     dG, dH = ctx.saved_tensors
-    return (dG * grad_loss.to(dG.dtype), dH * grad_loss.to(dH.dtype),
-            None, None, None, None, None, None)
+    grads = (dG * grad_loss.to(dG.dtype), dH * grad_loss.to(dH.dtype))
+    return (*first_order_only("pair_dot_loss", grads, (dG, dH)), *[None] * 6)
 
 
 pair_dot_loss.register_autograd(_dot_loss_bwd, setup_context=_dot_loss_setup)
