@@ -181,6 +181,10 @@ def _extensions():
         ("FACTORCL_EXT_WITH_CUDA", None),
         ("FACTORCL_EXT_CUDA_ARCHS", '"' + targets + '"'),
     ]
+    # aten::mm / addmm with out_dtype (float32 results of 16-bit cuBLAS products), used by the
+    # separable critic's backward where this torch has them
+    if all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm)):
+        define_macros.append(("FACTORCL_EXT_MM_OUT_DTYPE", None))
     _default_max_jobs()
     _log(f"building the CPU and CUDA extension for {targets} "
          f"(TORCH_CUDA_ARCH_LIST={archs!r}, MAX_JOBS={os.environ.get('MAX_JOBS')})")

@@ -478,19 +478,17 @@ def test_emulated_workspace_budget_shrinks_the_grid(emu, sms, monkeypatch, prec_
             check(name, a, e, el, prec)
 
 
-@pytest.mark.parametrize("prec_name", ["bfloat16", "float32", "float64"])
-def test_emulated_separable_backward_two_passes(emu, sms, monkeypatch, prec_name):
-    """When the budget squeezes the one-pass split (its [S, N, D] and [R, M, D] partials), the
-    separable backward runs two passes over the whole tile grid instead, one forming dG over row
-    tiles and one dH over column tiles, with no partials: the values of the reference, and the
-    launches say which path ran."""
+@pytest.mark.parametrize("prec_name", ["bfloat16", "float16", "float32", "float64"])
+def test_emulated_separable_backward_chunks(emu, sms, monkeypatch, prec_name):
+    """The separable backward forms ds for a chunk of whole rows at a time, as many rows as the
+    workspace budget holds (the recomputed scores in the accumulation type, plus the ds copy in
+    the input type for 16-bit inputs): one ds launch per chunk, the reference's values whether the
+    rows fit one chunk, several, or one row each, and the gradients' dtype and layout."""
     sms(4)
-    n, m, d = 290, 300, 24
+    n, m, d = 29, 33, 24
     with Precision(prec_name) as prec:
-        tc = prec.low or prec.name == "tf32"
-        tile = 128 if tc else 64  # csrc/cuda/common.cuh: Mode::BM = BN
         elem = torch.empty((), dtype=prec.dtype).element_size()
-        per_block = tile * tile * elem  # csrc/cuda/pair_dot.cu: the scaled ds tile
+        per_row = m * (4 + elem) if prec.low else m * elem  # csrc/cuda/pair_dot.cu
         G = torch.randn(n, d, dtype=F64).to(prec.dtype)
         H = torch.randn(m, d, dtype=F64).to(prec.dtype)
         up = upstream_grads(n, prec)
@@ -500,14 +498,7 @@ def test_emulated_separable_backward_two_passes(emu, sms, monkeypatch, prec_name
             emu.take_launch_grids()
             grads = emu.pair_dot_stats_backward(*(u.to(st[0].dtype) for u in up), G, H, st[0],
                                                 3, 1)
-            return st, grads, emu.take_launch_grids()
-
-        _, one_pass, grids = backward()
-        assert len(grids) == 3, grids  # the backward kernel, then two fixed-order reductions
-        monkeypatch.setenv("FCL_EMU_BUDGET", str(4 * per_block))
-        st, two_pass, grids = backward()
-        nrt, nct = -(-n // tile), -(-m // tile)
-        assert grids[:2] == [min(nrt, 8, 4), min(nct, 8, 4)] and len(grids) == 4, grids
+            return grads, emu.take_launch_grids()
 
         Gr, Hr = G.double().requires_grad_(), H.double().requires_grad_()
         ref = reference.pair_dot_stats(Gr, Hr, 3, 1)
@@ -518,6 +509,13 @@ def test_emulated_separable_backward_two_passes(emu, sms, monkeypatch, prec_name
             rs = reference.pair_dot_stats(Gs, Hs, 3, 1)
             same = torch.autograd.grad(sum((u.to(s.dtype) * s).sum() for u, s in zip(up, rs)),
                                        [Gs, Hs])
-        for a, b, e, el, name in zip(two_pass, one_pass, exact, same, ("dG", "dH")):
-            check(f"{name} two passes", a, e, el, prec)
-            check(f"{name} one pass", b, e, el, prec)
+        one_chunk, grids = backward()
+        assert grids == [n], grids  # one chunk, a block per row (up to 8 per emulated SM)
+        for rows, launches in ((10, [10, 10, 9]), (1, [1] * n)):
+            monkeypatch.setenv("FCL_EMU_BUDGET", str(rows * per_row + per_row - 1))
+            chunked, grids = backward()
+            assert grids == launches, (rows, grids)
+            for a, b, e, el, name in zip(chunked, one_chunk, exact, same, ("dG", "dH")):
+                assert a.dtype == prec.dtype and a.is_contiguous()
+                check(f"{name} chunks of {rows} rows", a, e, el, prec)
+                check(f"{name} one chunk", b, e, el, prec)

@@ -1,13 +1,12 @@
 // Separable critic s = G H^T (DESIGN.md section 3): a tiled GEMM whose epilogue folds each score
-// tile into an online logsumexp (forward), and a recomputing backward
+// tile into an online logsumexp (forward; no N x M buffer, one BM x BN tile per block at a time,
+// the work split and fixed-order partial sums of host_common.cuh), and a recomputing backward
 //
 //   ds_ij = [j != i + excl] (g_lse_i e^(s_ij - lse_i) + g_rowsum_i) + g_pos_i [j = i + pos]
 //   dG_i  = sum_j ds_ij H_j          dH_j = sum_i ds_ij G_i
 //
-// that forms each ds tile (in the input dtype, with a per-tile power-of-two scale so that fp16
-// does not flush small softmax terms to zero) and multiplies it straight back with two block
-// GEMMs. No N x M buffer: one BM x BN tile per block at a time. The work split and the fixed-order
-// partial sums are those of common.cuh.
+// that forms ds for a bounded chunk of whole rows at a time and leaves its three matrix products
+// (the recompute, ds H, ds^T G) to cuBLAS (dot_backward_impl).
 #include "host_common.cuh"
 
 namespace factorcl_ext::cuda {
@@ -89,115 +88,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <class A>
-struct DotGrads {
-  const A* __restrict__ g_lse;
-  const A* __restrict__ g_pos;
-  const A* __restrict__ g_rowsum;
-  const A* __restrict__ lse;
-  A* dG_part;  // [S, N, D]
-  A* dH_part;  // [R, M, D]
-};
-
-// Which gradients a backward launch forms (from the same recomputed ds tiles).
-constexpr int kDotGradG = 1, kDotGradH = 2;
-
-template <class Md>
+// ---- backward: the score gradients of a chunk of whole rows, their products by cuBLAS -----------
+//
+// ds[r][j] for rows row0 + r of a chunk from its recomputed scores s (accumulation type), times
+// `*scale` where given (16-bit inputs: the power of two of dot_backward_impl), rounded to T. One
+// block per row at a time (the row's upstream gradients and lse read once), threads over columns.
+template <class T, class A>
 __global__ void __launch_bounds__(kThreads)
-    dot_bwd_kernel(DotArgs<typename Md::T> a, DotGrads<typename Md::acc_t> gr,
-                   typename Md::T* scratch, int parts) {
-  using T = typename Md::T;
-  using acc_t = typename Md::acc_t;
-  using Gemm = BlockGemm<Md>;
-  constexpr int BM = Md::BM, BN = Md::BN;
-  FCL_DYNAMIC_SMEM(smem);
-  acc_t* red = reinterpret_cast<acc_t*>(smem + Gemm::kSmemBytes);  // [kWarps + 2]
-  const int g = blockIdx.x, r = g / a.S, s = g % a.S;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int D = a.D;
-  T* dst = scratch + int64_t(g) * BM * BN;  // scaled ds tile, GEMM operand type
-  // the ds tile in the accumulation type stays where the recompute GEMM left its scores: its
-  // epilogue rewrites them in place, and the barrier after it keeps them for the code below
-  const acc_t* ds_acc = reinterpret_cast<const acc_t*>(smem);  // row stride Md::LDC
-  acc_t* dG_part = gr.dG_part + int64_t(s) * a.N * D;
-  acc_t* dH_part = gr.dH_part + int64_t(r) * a.M * D;
-
-  for (int64_t rt = r; rt < a.nrt; rt += a.R) {
-    const int64_t i0 = rt * BM;
-    const int ni = int(min(int64_t(BM), a.N - i0));
-    for (int64_t ct = s; ct < a.nct; ct += a.S) {
-      const int64_t j0 = ct * BN;
-      const int nj = int(min(int64_t(BN), a.M - j0));
-
-      // ---- recompute the score tile, turn it into ds ------------------------------------------
-      acc_t local_max = 0;
-      {
-        const Strided<T> opA(a.G + i0 * D, D, 1);  // opA(m, k) = G[i0 + m][k]
-        const Strided<T> opB(a.H + j0 * D, 1, D);  // opB(k, n) = H[j0 + n][k]
-        auto epi = [&](int, int, int mlen, int nlen, acc_t* Cs) {
-          for (int e = tid; e < BM * BN; e += kThreads) {
-            const int mr = e / BN, nc = e % BN;
-            if (mr < mlen && nc < nlen) {
-              const int64_t i = i0 + mr, j = j0 + nc;
-              const acc_t x = Cs[mr * Md::LDC + nc];
-              acc_t ds = 0;
-              if (a.exclude_offset < 0 || j != i + a.exclude_offset)
-                ds = gr.g_lse[i] * dexp(x - gr.lse[i]) + gr.g_rowsum[i];
-              if (a.pos_offset >= 0 && j == i + a.pos_offset) ds += gr.g_pos[i];
-              Cs[mr * Md::LDC + nc] = ds;
-              const acc_t ad = ds < acc_t(0) ? -ds : ds;
-              local_max = ad > local_max ? ad : local_max;
-            }
-          }
-        };
-        Gemm::run(smem, ni, nj, D, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/false, opB, epi);
-      }
-      local_max = warp_max(local_max);
-      if (lane == 0) red[warp] = local_max;
-      __syncthreads();
-      if (tid == 0) {
-        acc_t mx = 0;
-        for (int w = 0; w < kWarps; ++w) mx = red[w] > mx ? red[w] : mx;
-        const acc_t scale = pow2_scale_for(mx);
-        red[kWarps] = scale;
-        red[kWarps + 1] = acc_t(1) / scale;
-      }
-      __syncthreads();
-      const acc_t scale = red[kWarps], inv_scale = red[kWarps + 1];
-      for (int e = tid; e < BM * BN; e += kThreads) {
-        const int mr = e / BN, nc = e % BN;
-        if (mr < ni && nc < nj) dst[e] = Cvt<T>::from(ds_acc[mr * Md::LDC + nc] * scale);
-      }
-      __syncthreads();
-
-      // ---- dG_i += sum_j ds_ij H_j: M = rows, N = D, K = columns ------------------------------
-      if (parts & kDotGradG) {
-        const Strided<T> opA(dst, BN, 1);          // opA(m, n) = ds[m][n], scaled
-        const Strided<T> opB(a.H + j0 * D, D, 1);  // opB(n, d) = H[j0 + n][d]
-        auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
-          for (int e = tid; e < BM * BN; e += kThreads) {
-            const int mr = e / BN, nc = e % BN;
-            if (mr < mlen && nc < nlen)
-              dG_part[(i0 + m0 + mr) * D + n0 + nc] += Cs[mr * Md::LDC + nc] * inv_scale;
-          }
-        };
-        Gemm::run(smem, ni, D, nj, /*a_k_fastest=*/true, opA, /*b_n_fastest=*/true, opB, epi);
-      }
-      // ---- dH_j += sum_i ds_ij G_i: M = columns, N = D, K = rows -------------------------------
-      if (parts & kDotGradH) {
-        const Strided<T> opA(dst, 1, BN);          // opA(n, m) = ds[m][n], scaled
-        const Strided<T> opB(a.G + i0 * D, D, 1);  // opB(m, d) = G[i0 + m][d]
-        auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
-          for (int e = tid; e < BM * BN; e += kThreads) {
-            const int mr = e / BN, nc = e % BN;
-            if (mr < mlen && nc < nlen)
-              dH_part[(j0 + m0 + mr) * D + n0 + nc] += Cs[mr * Md::LDC + nc] * inv_scale;
-          }
-        };
-        Gemm::run(smem, nj, D, ni, /*a_k_fastest=*/false, opA, /*b_n_fastest=*/true, opB, epi);
-      }
-      // (the last GEMM's closing barrier protects dst / red from the next tile; `parts`
-      // is the same for the whole block, so at least one GEMM runs)
+    dot_ds_kernel(const A* s, T* ds, int64_t rows, int64_t M, int64_t row0,
+                  const A* __restrict__ g_lse, const A* __restrict__ g_pos,
+                  const A* __restrict__ g_rowsum, const A* __restrict__ lse,
+                  const A* __restrict__ scale, int64_t pos_offset, int64_t exclude_offset) {
+  const A sc = scale != nullptr ? *scale : A(1);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t i = row0 + r;
+    const A gl = g_lse[i], gr = g_rowsum[i], gp = g_pos[i], li = lse[i];
+    const A* srow = s + r * M;
+    T* drow = ds + r * M;
+    for (int64_t j = threadIdx.x; j < M; j += blockDim.x) {
+      A d = 0;
+      if (exclude_offset < 0 || j != i + exclude_offset) d = gl * dexp(srow[j] - li) + gr;
+      if (pos_offset >= 0 && j == i + pos_offset) d += gp;
+      drow[j] = Cvt<T>::from(d * sc);  // (s and ds may be one buffer: read before write)
     }
   }
 }
@@ -238,6 +150,48 @@ static Stats dot_forward_impl(const at::Tensor& G, const at::Tensor& H, int64_t 
   return {lse, pos, rowsum};
 }
 
+// The products of the backward, summed in the accumulation type: float32 results for 16-bit a
+// and b (cuBLAS with out_dtype; float32 copies in the emulation and with a torch that lacks it),
+// float32 / float64 ones in their own type (float32 follows torch's matmul precision: TF32
+// tensor cores when it is "high", as the mode choice does).
+inline bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+// out = a b
+inline void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (!is_16bit(a)) {
+    at::mm_out(out, a, b);
+    return;
+  }
+#if defined(FACTORCL_EXT_MM_OUT_DTYPE) && !defined(FCL_EMULATION)
+  at::mm_out(out, a, b, at::kFloat);
+#else
+  at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+#endif
+}
+
+// acc + a b, or a b when acc is undefined (acc updated in place where it can be)
+inline at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b, at::Tensor acc) {
+  if (!is_16bit(a)) return acc.defined() ? acc.addmm_(a, b) : at::mm(a, b);
+#if defined(FACTORCL_EXT_MM_OUT_DTYPE) && !defined(FCL_EMULATION)
+  return acc.defined() ? at::addmm(acc, a, b, at::kFloat) : at::mm(a, b, at::kFloat);
+#else
+  const at::Tensor a32 = a.to(at::kFloat), b32 = b.to(at::kFloat);
+  return acc.defined() ? acc.addmm_(a32, b32) : at::mm(a32, b32);
+#endif
+}
+
+// dG = ds H and dH = ds^T G, with ds formed from the recomputed scores s = G H^T chunk by chunk
+// of whole rows: s of the chunk by cuBLAS, ds by dot_ds_kernel, then the chunk's rows of dG (each
+// complete: every column is in the chunk) and its share of dH (summed over chunks in the
+// accumulation type) by cuBLAS. The chunk buffers are bounded by the workspace budget (one row at
+// least), so memory stays O((N + M) D) plus a constant; no atomics, and the chunking depends on
+// the shapes only, so results are bit-identical run to run. 16-bit inputs: ds is multiplied by
+// the power of two that puts the largest finite bound |g_lse_i| + |g_pos_i| + |g_rowsum_i| on
+// |ds_ij| into (2^13, 2^14] before it is rounded to the input type (InfoNCE's 1/N times softmax
+// terms near 1/M would otherwise fall below float16's smallest normal number), and the float32
+// products are multiplied back; computed on the device, no host sync.
 template <class Md>
 static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
     const at::Tensor& g_lse, const at::Tensor& g_pos, const at::Tensor& g_rowsum,
@@ -245,56 +199,44 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
     int64_t exclude_offset) {
   using T = typename Md::T;
   using acc_t = typename Md::acc_t;
-  auto a = dot_args<Md>(G, H, pos_offset, exclude_offset);
-  const int64_t N = a.N, M = a.M, D = a.D;
-  const int64_t tile = int64_t(Md::BM) * Md::BN;
-  const int64_t per_block = tile * int64_t(sizeof(T));  // the scaled ds tile
+  const int64_t N = G.size(0), M = H.size(0), D = G.size(1);
+  const bool low = sizeof(T) < sizeof(acc_t);  // 16-bit inputs: separate ds buffer, scaled
   const auto acc_opts = G.options().dtype(acc_scalar_type<Md>());
-  DotGrads<acc_t> gr{};
-  gr.g_lse = ptr<acc_t>(g_lse);
-  gr.g_pos = ptr<acc_t>(g_pos);
-  gr.g_rowsum = ptr<acc_t>(g_rowsum);
-  gr.lse = ptr<acc_t>(lse);
-  const size_t smem = BlockGemm<Md>::kSmemBytes + (kWarps + 2) * sizeof(acc_t);
-
-  // One pass forms dG and dH from each ds tile, with [S, N, D] and [R, M, D] partials for an
-  // R x S split of the tile grid. Those partials are what the workspace budget bounds, so at
-  // large N * D the split shrinks far below the GPU (N = M = 65536, D = 512: 134 MB per float32
-  // slice, a handful of blocks). Then two passes run instead, each over the whole grid with no
-  // partials at all: blocks own row tiles and form dG, then own column tiles and form dH, each
-  // recomputing ds (four tile products instead of three).
-  const int64_t two_per_sm = 2 * int64_t(sm_count());
-  const Split one = plan_square(a.nrt, a.nct, N, M, [&](int64_t R, int64_t S) {
-    return R * S * per_block + (S * N + R * M) * D * int64_t(sizeof(acc_t));
-  });
-  const int64_t scratch_blocks = std::max<int64_t>(1, workspace_budget() / per_block);
-  Split rows, cols;  // the two passes' splits: R x 1 and 1 x S
-  rows.R = int(std::min({a.nrt, two_per_sm, scratch_blocks}));
-  cols.S = int(std::min({a.nct, two_per_sm, scratch_blocks}));
-  const bool two_pass = one.blocks() < std::min(two_per_sm, a.nrt * a.nct) &&
-                        std::min(rows.blocks(), cols.blocks()) > one.blocks();
-  // (split, gradients it forms) per launch; partial slices: S of dG and R of dH in one pass,
-  // one of each in two
-  const std::vector<std::pair<Split, int>> passes =
-      two_pass ? std::vector<std::pair<Split, int>>{{rows, kDotGradG}, {cols, kDotGradH}}
-               : std::vector<std::pair<Split, int>>{{one, kDotGradG | kDotGradH}};
-  at::Tensor dG_part = at::zeros({two_pass ? 1 : one.S, N, D}, acc_opts);
-  at::Tensor dH_part = at::zeros({two_pass ? 1 : one.R, M, D}, acc_opts);
-  gr.dG_part = ptr<acc_t>(dG_part);
-  gr.dH_part = ptr<acc_t>(dH_part);
-  int64_t Gb = 1;
-  for (const auto& pass : passes) Gb = std::max<int64_t>(Gb, pass.first.blocks());
-  at::Tensor scratch = at::empty({Gb * tile}, G.options());
-  for (const auto& [sp, parts] : passes) {
-    a.R = sp.R;
-    a.S = sp.S;
-    launch_kernel(dot_bwd_kernel<Md>, sp.blocks(), smem, a, gr, ptr<T>(scratch), parts);
+  at::Tensor scale, inv_scale;
+  if (low) {
+    const at::Tensor bound = g_lse.abs() + g_pos.abs() + g_rowsum.abs();
+    const at::Tensor top = at::where(at::isfinite(bound), bound, at::zeros_like(bound)).amax();
+    scale = at::exp2(14.0 - at::ceil(at::log2(top.clamp_min(std::ldexp(1.0, -100)))));
+    inv_scale = at::reciprocal(scale);
   }
-
+  const int64_t per_row = M * int64_t(sizeof(acc_t) + (low ? sizeof(T) : 0));
+  const int64_t rows = std::clamp<int64_t>(workspace_budget() / std::max<int64_t>(per_row, 1),
+                                           1, N);
+  at::Tensor s_buf = at::empty({rows, M}, acc_opts);
+  at::Tensor ds_buf = low ? at::empty({rows, M}, G.options()) : s_buf;
   at::Tensor dG = at::empty({N, D}, G.options());
-  at::Tensor dH = at::empty({M, D}, H.options());
-  reduce_partials<acc_t, T>(dG_part, 0, dG_part.size(0), N * D, N * D, dG);
-  reduce_partials<acc_t, T>(dH_part, 0, dH_part.size(0), M * D, M * D, dH);
+  at::Tensor dH;  // accumulation type, summed over the chunks
+  const at::Tensor Ht = H.t();
+  for (int64_t row0 = 0; row0 < N; row0 += rows) {
+    const int64_t c = std::min(rows, N - row0);
+    const at::Tensor Gc = G.narrow(0, row0, c);
+    at::Tensor s = s_buf.narrow(0, 0, c);
+    at::Tensor ds = ds_buf.narrow(0, 0, c);
+    mm_into(s, Gc, Ht);
+    const int64_t blocks = std::min<int64_t>(c, 8 * int64_t(sm_count()));
+    launch_kernel(dot_ds_kernel<T, acc_t>, blocks, 0, ptr<acc_t>(s), ptr<T>(ds), c, M, row0,
+                  ptr<acc_t>(g_lse), ptr<acc_t>(g_pos), ptr<acc_t>(g_rowsum), ptr<acc_t>(lse),
+                  low ? ptr<acc_t>(scale) : static_cast<acc_t*>(nullptr), pos_offset,
+                  exclude_offset);
+    at::Tensor rows_dG = dG.narrow(0, row0, c);
+    if (low) {
+      rows_dG.copy_(mm_acc(ds, H, at::Tensor()).mul_(inv_scale));
+    } else {
+      at::mm_out(rows_dG, ds, H);
+    }
+    dH = mm_acc(ds.t(), Gc, dH);
+  }
+  if (low) dH = dH.mul_(inv_scale).to(H.scalar_type());
   return {dG, dH};
 }
 
