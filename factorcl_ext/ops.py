@@ -201,6 +201,10 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
+def _autocast_enabled(device: torch.device) -> bool:
+    return device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type)
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype the fused core ops run in under ``torch.autocast`` on ``device``; None outside it.
 
@@ -208,11 +212,9 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     since the CPU kernels have no 16-bit path (autocast's float32 policy): autocast's bfloat16
     matrix products around the op, such as the first layer, stay in bfloat16.
     """
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    if device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return torch.float32
-    return None
+    if not _autocast_enabled(device):
+        return None
+    return torch.float32 if device.type == "cpu" else torch.get_autocast_dtype(device.type)
 
 
 def _autocast(dtype: Optional[torch.dtype], t):
@@ -226,7 +228,7 @@ def _autocast(dtype: Optional[torch.dtype], t):
 def _without_autocast(device: torch.device):
     """The reference backend runs in the dtype the fused op was given, as the compiled backends do:
     autocast is off inside it (otherwise its CPU pair products would run in bfloat16)."""
-    if device.type in ("cuda", "cpu"):
+    if _autocast_enabled(device):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -583,14 +585,12 @@ def _first_layer(u, v, w_u, w_v, b_0) -> tuple[Tensor, Tensor]:
     _check_rows_cols("u", u, "v", v)
     # Under autocast the two products run in the autocast dtype whatever the inputs' (bfloat16
     # features from an autocast encoder against float32 weights): check them in that dtype.
-    autocast_dtype = (torch.get_autocast_dtype(u.device.type)
-                      if u.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(u.device.type)
-                      else None)
     named = [("u", u), ("v", v), ("w_u", w_u), ("w_v", w_v), ("b_0", b_0)]
-    if autocast_dtype is None:
-        _check_same(named)
+    if _autocast_enabled(u.device):
+        dtype = torch.get_autocast_dtype(u.device.type)
+        _check_same([(name, _autocast(dtype, t)) for name, t in named], _FLOAT_DTYPES)
     else:
-        _check_same([(name, _autocast(autocast_dtype, t)) for name, t in named], _FLOAT_DTYPES)
+        _check_same(named)
     return u @ w_u.t(), torch.addmm(b_0, v, w_v.t())
 
 
