@@ -250,6 +250,61 @@ def test_cli_compare_writes_table_and_chart(tmp_path, capsys):
     assert (out / "compare.png").stat().st_size > 1000
 
 
+def test_train_refuses_to_replace_a_run_unless_asked(tmp_path):
+    d = _data()
+    first = T.train(_cfg(probe=True), d, str(tmp_path))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(T.TrainError, match="already holds a run .*factorcl-sup, checkpoint at "
+                                           "step 16.*--resume .*--overwrite"):
+        T.train(_cfg(lr=1e-2), d, str(tmp_path))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # nothing was touched
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == first["steps"]
+    # continuing it is allowed (nothing left to train: it is evaluated again)
+    again = T.train(_cfg(probe=True), d, str(tmp_path), resume=str(tmp_path / "checkpoint.pt"))
+    assert again["probe_accuracy"] == first["probe_accuracy"]
+    # overwrite starts again: the old metrics.json goes at once, the new run's replaces it
+    part = T.train(_cfg(lr=1e-2), d, str(tmp_path), overwrite=True, stop_at_step=3)
+    assert part["steps"] == 3 and not (tmp_path / "metrics.json").exists()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == []  # the old run's log was dropped; step 3 is before the first log line
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]["lr"] == 1e-2
+
+
+def test_compare_continues_and_reuses_runs(tmp_path):
+    from factorcl.compare import compare
+
+    d = _data()
+    cfg = _cfg(probe=True)
+    models = ("factorcl-sup", "simclr")
+    lines = []
+
+    def results(summary):  # all but the timings
+        return {m: {k: v for k, v in r.items() if k != "seconds"}
+                for m, r in summary["models"].items()}
+
+    full = compare(cfg, lambda seed: d, str(tmp_path / "full"), models=models, log=lines.append)
+    # an interrupted compare: the first run stopped part-way, the second never started
+    run_cfg = _cfg("factorcl-sup", probe=True)
+    T.train(run_cfg, d, str(tmp_path / "part" / "factorcl-sup-seed0"), stop_at_step=5)
+    lines.clear()
+    resumed = compare(cfg, lambda seed: d, str(tmp_path / "part"), models=models,
+                      log=lines.append)
+    assert "steps 5..16" in "\n".join(lines)  # the stopped run was continued, not restarted
+    assert results(resumed) == results(full)
+    # the same command again reuses every finished run
+    lines.clear()
+    again = compare(cfg, lambda seed: d, str(tmp_path / "part"), models=models, log=lines.append)
+    assert sum("finished earlier, reusing" in line for line in lines) == 2
+    assert again["models"] == resumed["models"]
+    # other settings: refused, naming the difference, until --overwrite
+    with pytest.raises(T.TrainError, match="epochs=2 but this run has epochs=1.*--overwrite"):
+        compare(_cfg(epochs=1, probe=True), lambda seed: d, str(tmp_path / "part"),
+                models=models, log=lines.append)
+    short = compare(_cfg(epochs=1, probe=True), lambda seed: d, str(tmp_path / "part"),
+                    models=models, log=lines.append, overwrite=True)
+    assert short["models"]["simclr"]["steps"] == 8
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "python")] + sys.path)

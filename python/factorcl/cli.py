@@ -145,6 +145,9 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--mi-probe-steps", type=_nonneg_int, default=0,
                    help="also estimate I(S1;S2), I(U1;U2) with an InfoNCE critic (steps)")
     g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run(s) already in --out instead of refusing (train) or "
+                        "continuing them (compare)")
 
 
 def _train_config(args, model: str, seed: int):
@@ -216,7 +219,8 @@ def _cmd_train(args, log) -> int:
     data = _load_data(args, args.seed)
     cfg = _train_config(args, args.model, args.seed)
     try:
-        res = train(cfg, data, args.out, resume=args.resume, comm=comm, log=log)
+        res = train(cfg, data, args.out, resume=args.resume, overwrite=args.overwrite, comm=comm,
+                    log=log)
     finally:
         if comm.distributed:
             import torch.distributed as dist
@@ -248,10 +252,10 @@ def _cmd_compare(args, log) -> int:
     if args.dataset != "synthetic":
         _load_data(args, args.seeds[0])  # fail early on unusable data
     res = compare(cfg, lambda seed: _load_data(args, seed), args.out, models=args.models,
-                  seeds=args.seeds, log=log)
+                  seeds=args.seeds, log=log, overwrite=args.overwrite)
     if res.get("interrupted"):
-        print(f"factorcl compare: interrupted; the last run's checkpoint is {res['checkpoint']}",
-              file=sys.stderr)
+        print(f"factorcl compare: interrupted; the last run's checkpoint is {res['checkpoint']}; "
+              "run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(res["table"])
     log(f"[compare] wrote {os.path.join(args.out, 'compare.md')}, compare.png, compare.json")

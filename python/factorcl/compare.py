@@ -1,6 +1,8 @@
 """``factorcl compare``: train the four models on one dataset (one or more seeds) and write a
 Markdown table (``compare.md``), a bar chart (``compare.png``) and the numbers
-(``compare.json``)."""
+(``compare.json``). Re-running the same command continues where it stopped: finished runs are
+reused from their ``metrics.json``, an interrupted run resumes from its checkpoint (the result is
+an uninterrupted run's); ``overwrite=True`` (``--overwrite``) trains everything again."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Callable, Sequence
 
 from . import data as D
 from .models import MODELS
-from .train import TrainConfig, train
+from .train import TrainConfig, previous_run, train
 
 __all__ = ["compare", "markdown_table", "bar_chart"]
 
@@ -27,9 +29,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir: str,
-            models: Sequence[str] = MODELS, seeds: Sequence[int] = (0,), log=print) -> dict:
+            models: Sequence[str] = MODELS, seeds: Sequence[int] = (0,), log=print,
+            overwrite: bool = False) -> dict:
     """Train every model in ``models`` for every seed (``make_data(seed)`` gives that seed's data)
-    with the settings of ``cfg``; returns and writes the summary."""
+    with the settings of ``cfg``; returns and writes the summary. The runs already in ``out_dir``
+    with the same settings are reused (finished) or continued (interrupted) unless
+    ``overwrite``; a run there with other settings is an error."""
     os.makedirs(out_dir, exist_ok=True)
     runs: dict[str, list[dict]] = {m: [] for m in models}
     for seed in seeds:
@@ -37,7 +42,15 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
         for m in models:
             run_cfg = copy.deepcopy(cfg)
             run_cfg.model, run_cfg.seed = m, seed
-            res = train(run_cfg, data, os.path.join(out_dir, f"{m}-seed{seed}"), log=log)
+            run_dir = os.path.join(out_dir, f"{m}-seed{seed}")
+            prior = None if overwrite else previous_run(run_dir, run_cfg, data)
+            if prior is not None and prior["metrics"] is not None:
+                log(f"[compare] {_LABELS[m]} seed {seed}: finished earlier, reusing "
+                    f"{os.path.join(run_dir, 'metrics.json')}")
+                res = prior["metrics"]
+            else:
+                res = train(run_cfg, data, run_dir, log=log, overwrite=overwrite,
+                            resume=prior["checkpoint"] if prior is not None else None)
             if res.get("interrupted"):
                 return {"interrupted": True, "checkpoint": res["checkpoint"]}
             res.pop("model_ref", None)

@@ -37,8 +37,8 @@ from . import data as D
 from .distributed import Comm
 from .models import MODELS, Batch, ModelConfig, build_model
 
-__all__ = ["TrainConfig", "TrainError", "train", "save_checkpoint", "load_checkpoint",
-           "resolve_device", "resolve_backend", "main_step", "club_step"]
+__all__ = ["TrainConfig", "TrainError", "train", "previous_run", "save_checkpoint",
+           "load_checkpoint", "resolve_device", "resolve_backend", "main_step", "club_step"]
 
 CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
 # Settings a resumed run must share with its checkpoint for the result to be the same.
@@ -175,16 +175,25 @@ def save_checkpoint(path: str, state: dict) -> None:
         raise
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, what: str = "--resume") -> dict:
+    """The checkpoint at ``path``; a TrainError starting with ``what`` if it cannot be read."""
     if not os.path.isfile(path):
-        raise TrainError(f"--resume: checkpoint not found: {path}")
+        raise TrainError(f"{what}: checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise TrainError(f"--resume: cannot read {path} ({type(exc).__name__}: {exc})") from None
+        raise TrainError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"--resume: {path} is not a factorcl checkpoint")
+        raise TrainError(f"{what}: {path} is not a factorcl checkpoint")
     return state
+
+
+def _describe_checkpoint(path: str) -> str:
+    try:
+        state = load_checkpoint(path)
+        return f"{state['config']['model']}, checkpoint at step {state['step']}"
+    except (TrainError, KeyError, TypeError):
+        return f"{os.path.basename(path)} is there"
 
 
 def _data_fingerprint(data: D.PairedData) -> dict:
@@ -194,23 +203,58 @@ def _data_fingerprint(data: D.PairedData) -> dict:
             "checksum": float(data.x1[:64].double().sum() + data.x2[:64].double().sum())}
 
 
-def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str) -> None:
+# Settings that change nothing a run computes: a run is continued or reused across them.
+_PRESENTATION_KEYS = ("progress", "checkpoint_every", "log_every")
+
+
+def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict: bool
+                   ) -> Optional[str]:
+    """How the run saved in ``state`` differs from ``cfg`` on ``data``, or None. ``strict=False``:
+    only the settings a resumed run must share for its result to be an uninterrupted run's (the
+    epochs, backend and evaluation may change); ``strict=True``: every setting but the
+    presentation ones."""
     old = state["config"]
-    for key in _RESUME_KEYS:
-        if old.get(key) != getattr(cfg, key):
-            raise TrainError(
-                f"--resume {path}: the checkpoint was made with {key}={old.get(key)!r} but this "
-                f"run has {key}={getattr(cfg, key)!r}; use the same settings"
-            )
-    old_m, new_m = old.get("model_cfg", {}), asdict(cfg.model_cfg)
-    for key, v in new_m.items():
-        if key != "critic_backend" and old_m.get(key) != v:
-            raise TrainError(
-                f"--resume {path}: the checkpoint was made with {key}={old_m.get(key)!r} but this "
-                f"run has {key}={v!r}; use the same settings"
-            )
+    new = cfg.to_dict()
+    old_m, new_m = old.get("model_cfg", {}), new.pop("model_cfg")
+    keys = [k for k in new if k not in _PRESENTATION_KEYS] if strict else _RESUME_KEYS
+    for where_old, where_new, names in ((old, new, keys), (old_m, new_m, list(new_m))):
+        for key in names:
+            if key == "critic_backend" and not strict:
+                continue
+            if where_old.get(key) != where_new[key]:
+                return (f"the checkpoint was made with {key}={where_old.get(key)!r} but this run "
+                        f"has {key}={where_new[key]!r}")
     if state.get("data") != _data_fingerprint(data):
-        raise TrainError(f"--resume {path}: the checkpoint was trained on different data")
+        return "the checkpoint was trained on different data"
+    return None
+
+
+def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str) -> None:
+    diff = _settings_diff(state, cfg, data, strict=False)
+    if diff is not None:
+        raise TrainError(f"--resume {path}: {diff}; use the same settings")
+
+
+def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional[dict]:
+    """The run already in ``out_dir`` if it was made with ``cfg``'s settings on ``data``: None
+    when there is no checkpoint; else ``{"checkpoint": path, "step": k, "metrics": m}`` where
+    ``m`` is its metrics.json when it finished, else None. A run with other settings raises a
+    TrainError (``factorcl compare`` continues or reuses runs; it never replaces one silently)."""
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    if not os.path.exists(ckpt):
+        return None
+    state = load_checkpoint(ckpt, what=out_dir)
+    diff = _settings_diff(state, cfg, data, strict=True)
+    if diff is not None:
+        raise TrainError(f"{out_dir} holds an earlier run ({diff}); pass --overwrite to replace "
+                         "it, or choose another --out")
+    metrics = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+    finished = (isinstance(metrics, dict) and not metrics.get("interrupted")
+                and metrics.get("steps") == metrics.get("total_steps") == state["step"])
+    return {"checkpoint": ckpt, "step": int(state["step"]), "metrics": metrics if finished else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,12 +324,14 @@ class _Sampler:
 
 
 def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optional[str] = None,
-          comm: Optional[Comm] = None, stop_at_step: Optional[int] = None,
-          log=None) -> dict:
+          overwrite: bool = False, comm: Optional[Comm] = None,
+          stop_at_step: Optional[int] = None, log=None) -> dict:
     """Train ``cfg.model`` on ``data``; write ``out_dir/metrics.jsonl`` (every ``log_every``
     steps), ``out_dir/checkpoint.pt`` and, when training completes, evaluate and write
     ``out_dir/metrics.json``. Returns the summary (``interrupted`` True after a Ctrl-C,
-    ``stopped`` True after ``stop_at_step``). ``log`` receives one line at the start."""
+    ``stopped`` True after ``stop_at_step``). ``log`` receives one line at the start.
+    An ``out_dir`` that already holds another run's checkpoint is refused unless ``resume``
+    names that checkpoint or ``overwrite`` is set (then its files are replaced)."""
     cfg.validate()
     comm = comm or Comm()
     device = resolve_device(cfg.device)
@@ -313,12 +359,18 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     opt = torch.optim.Adam(main_params, lr=cfg.lr)
     club_opt = torch.optim.Adam(club_params, lr=cfg.club_lr or cfg.lr) if club_params else None
 
-    os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     jsonl_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    state = load_checkpoint(resume) if resume else None
+    if (os.path.exists(ckpt_path) and not overwrite
+            and not (resume and os.path.samefile(resume, ckpt_path))):
+        raise TrainError(f"{out_dir} already holds a run ({_describe_checkpoint(ckpt_path)}); "
+                         f"continue it with --resume {ckpt_path}, or pass --overwrite to start "
+                         "again and replace it")
+    os.makedirs(out_dir, exist_ok=True)
     start, elapsed_before = 0, 0.0
-    if resume:
-        state = load_checkpoint(resume)
+    if state is not None:
         _check_resume(state, cfg, data, resume)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -328,6 +380,8 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         torch.set_rng_state(state["torch_rng"])
     if comm.is_main:
         _trim_jsonl(jsonl_path, start)
+        if start < total_steps and os.path.exists(metrics_path):
+            os.unlink(metrics_path)  # it described the checkpoint this run moves past
         if log is not None:
             log(f"[train] {cfg.model} on {data.describe()}: steps {start}..{total_steps} "
                 f"(batch {cfg.batch_size}, {comm.world} process{'es' if comm.world > 1 else ''}, "
@@ -450,7 +504,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                                 mi_probe_steps=cfg.mi_probe_steps, backend=backend))
         summary["eval_seconds"] = time.perf_counter() - t_eval
     out = {k: v for k, v in summary.items() if k != "model_ref"}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(metrics_path, "w") as f:
         json.dump(out, f, indent=2)
     return summary
 
