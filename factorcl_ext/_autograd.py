@@ -34,3 +34,89 @@ def first_order_only(op: str, grads, depends_on):
     for i, t in zip(where, out):
         flat[i] = t
     return tree_unflatten(flat, spec)
+
+
+def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) -> None:
+    """Autograd of one backend's four core ops ``{prefix}pair_mlp_stats``, ``..._loss``,
+    ``{prefix}pair_dot_stats``, ``..._loss`` (``prefix`` "factorcl::" for the C++ ops,
+    "factorcl::triton_" for the Triton twins; same schemas, DESIGN.md section 5):
+
+    - the stats ops save their inputs and lse and call their hand-written backward op
+      (``mlp_stats_backward`` / ``dot_stats_backward``), a missing upstream gradient as zeros;
+    - the loss ops formed their input gradients in the forward pass (``compute_grad=True``);
+      backward scales them by the upstream gradient.
+
+    Every returned gradient goes through :func:`first_order_only`."""
+
+    def zeros_for_missing(grads, like):
+        return [g if g is not None else torch.zeros_like(like) for g in grads]
+
+    def scaled(grads, by: Tensor):
+        flat, spec = tree_flatten(grads)
+        return tree_unflatten([g * by.to(g.dtype) for g in flat], spec)
+
+    def check_compute_grad(ctx, op):
+        if not ctx.compute_grad:
+            raise RuntimeError(f"{op} was called with compute_grad=False")
+
+    # -- concat critic --------------------------------------------------------------------
+    def mlp_stats_setup(ctx, inputs, output):
+        A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos = inputs
+        ctx.num_layers = len(hidden_weights)
+        ctx.config = (activation, out_activation, pos)
+        ctx.save_for_backward(A, B, w_out, b_out, output[0], *hidden_weights, *hidden_biases)
+
+    def mlp_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
+        saved = ctx.saved_tensors
+        A, B, w_out, b_out, lse, *rest = saved
+        k = ctx.num_layers
+        dA, dB, dW, db, dw_out, db_out = mlp_stats_backward(
+            *zeros_for_missing((grad_lse, grad_pos, grad_rowsum), lse), A, B, list(rest[:k]),
+            list(rest[k:]), w_out, b_out, lse, *ctx.config,
+        )
+        grads = (dA, dB, list(dW), list(db), dw_out, db_out)
+        return (*first_order_only("pair_mlp_stats", grads, saved), None, None, None)
+
+    def mlp_loss_setup(ctx, inputs, output):
+        ctx.num_layers = len(inputs[2])
+        ctx.compute_grad = inputs[12]
+        _, dA, dB, dW, db, dw_out, db_out = output
+        ctx.save_for_backward(dA, dB, dw_out, db_out, *dW, *db)
+
+    def mlp_loss_bwd(ctx, grad_loss, *_unused):
+        check_compute_grad(ctx, "pair_mlp_loss")
+        saved = ctx.saved_tensors
+        dA, dB, dw_out, db_out, *rest = saved
+        k = ctx.num_layers
+        grads = scaled((dA, dB, list(rest[:k]), list(rest[k:]), dw_out, db_out), grad_loss)
+        return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * 7)
+
+    # -- separable critic -----------------------------------------------------------------
+    def dot_stats_setup(ctx, inputs, output):
+        G, H, pos_offset, exclude_offset = inputs
+        ctx.config = (pos_offset, exclude_offset)
+        ctx.save_for_backward(G, H, output[0])
+
+    def dot_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
+        G, H, lse = saved = ctx.saved_tensors
+        dG, dH = dot_stats_backward(*zeros_for_missing((grad_lse, grad_pos, grad_rowsum), lse),
+                                    G, H, lse, *ctx.config)
+        return (*first_order_only("pair_dot_stats", (dG, dH), saved), None, None)
+
+    def dot_loss_setup(ctx, inputs, output):
+        ctx.compute_grad = inputs[7]
+        ctx.save_for_backward(output[1], output[2])
+
+    def dot_loss_bwd(ctx, grad_loss, *_unused):
+        check_compute_grad(ctx, "pair_dot_loss")
+        saved = ctx.saved_tensors
+        grads = scaled(tuple(saved), grad_loss)
+        return (*first_order_only("pair_dot_loss", grads, saved), *[None] * 6)
+
+    for op, backward, setup in (
+        ("pair_mlp_stats", mlp_stats_bwd, mlp_stats_setup),
+        ("pair_mlp_loss", mlp_loss_bwd, mlp_loss_setup),
+        ("pair_dot_stats", dot_stats_bwd, dot_stats_setup),
+        ("pair_dot_loss", dot_loss_bwd, dot_loss_setup),
+    ):
+        torch.library.register_autograd(prefix + op, backward, setup_context=setup)

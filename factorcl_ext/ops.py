@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backends, reference
-from ._autograd import first_order_only
+from ._autograd import register_core_autograd
 
 __all__ = [
     "CriticStats",
@@ -328,80 +328,10 @@ def _register_compiled_ops() -> None:
             return loss, torch.empty_like(G), torch.empty_like(H)
         return loss, G.new_empty(0), H.new_empty(0)
 
-    # -- autograd: stats ops use their hand-written backward ops ------------------------------
-    def _pair_mlp_stats_setup(ctx, inputs, output):
-        A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos = inputs
-        ctx.num_layers = len(hidden_weights)
-        ctx.config = (activation, out_activation, pos)
-        ctx.save_for_backward(A, B, w_out, b_out, output[0], *hidden_weights, *hidden_biases)
-
-    def _pair_mlp_stats_backward(ctx, grad_lse, grad_pos, grad_rowsum):
-        A, B, w_out, b_out, lse, *rest = ctx.saved_tensors
-        hidden_weights, hidden_biases = rest[: ctx.num_layers], rest[ctx.num_layers :]
-        grads = [g if g is not None else torch.zeros_like(lse) for g in (grad_lse, grad_pos, grad_rowsum)]
-        dA, dB, dW, db, dw_out, db_out = torch.ops.factorcl.pair_mlp_stats_backward(
-            *grads, A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, lse,
-            *ctx.config,
-        )
-        grads = (dA, dB, list(dW), list(db), dw_out, db_out)
-        saved = (A, B, w_out, b_out, lse, *rest)
-        return (*first_order_only("pair_mlp_stats", grads, saved), None, None, None)
-
-    torch.library.register_autograd(
-        "factorcl::pair_mlp_stats", _pair_mlp_stats_backward, setup_context=_pair_mlp_stats_setup
-    )
-
-    def _pair_dot_stats_setup(ctx, inputs, output):
-        G, H, pos_offset, exclude_offset = inputs
-        ctx.config = (pos_offset, exclude_offset)
-        ctx.save_for_backward(G, H, output[0])
-
-    def _pair_dot_stats_backward(ctx, grad_lse, grad_pos, grad_rowsum):
-        G, H, lse = ctx.saved_tensors
-        grads = [g if g is not None else torch.zeros_like(lse) for g in (grad_lse, grad_pos, grad_rowsum)]
-        dG, dH = torch.ops.factorcl.pair_dot_stats_backward(*grads, G, H, lse, *ctx.config)
-        return (*first_order_only("pair_dot_stats", (dG, dH), (G, H, lse)), None, None)
-
-    torch.library.register_autograd(
-        "factorcl::pair_dot_stats", _pair_dot_stats_backward, setup_context=_pair_dot_stats_setup
-    )
-
-    # -- autograd: loss ops computed their gradients in the forward pass; backward scales them --
-    def _pair_mlp_loss_setup(ctx, inputs, output):
-        ctx.num_layers = len(inputs[2])
-        ctx.compute_grad = inputs[12]
-        _, dA, dB, dW, db, dw_out, db_out = output
-        ctx.save_for_backward(dA, dB, dw_out, db_out, *dW, *db)
-
-    def _pair_mlp_loss_backward(ctx, grad_loss, *_unused):
-        if not ctx.compute_grad:
-            raise RuntimeError("pair_mlp_loss was called with compute_grad=False")
-        dA, dB, dw_out, db_out, *rest = ctx.saved_tensors
-        k = ctx.num_layers
-        scale = grad_loss.to(dA.dtype)
-        grads = (dA * scale, dB * scale, [g * scale for g in rest[:k]],
-                 [g * scale for g in rest[k:]], dw_out * scale, db_out * scale)
-        saved = (dA, dB, dw_out, db_out, *rest)
-        return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * 7)
-
-    torch.library.register_autograd(
-        "factorcl::pair_mlp_loss", _pair_mlp_loss_backward, setup_context=_pair_mlp_loss_setup
-    )
-
-    def _pair_dot_loss_setup(ctx, inputs, output):
-        ctx.compute_grad = inputs[7]
-        ctx.save_for_backward(output[1], output[2])
-
-    def _pair_dot_loss_backward(ctx, grad_loss, *_unused):
-        if not ctx.compute_grad:
-            raise RuntimeError("pair_dot_loss was called with compute_grad=False")
-        dG, dH = ctx.saved_tensors
-        scale = grad_loss.to(dG.dtype)
-        return (*first_order_only("pair_dot_loss", (dG * scale, dH * scale), (dG, dH)),
-                *[None] * 6)
-
-    torch.library.register_autograd(
-        "factorcl::pair_dot_loss", _pair_dot_loss_backward, setup_context=_pair_dot_loss_setup
+    register_core_autograd(
+        "factorcl::",
+        torch.ops.factorcl.pair_mlp_stats_backward,
+        torch.ops.factorcl.pair_dot_stats_backward,
     )
 
 

@@ -27,7 +27,7 @@ import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from .._autograd import first_order_only
+from .._autograd import register_core_autograd
 from . import _config
 from ._common import ACT_CODES, OUT_CODES
 from ._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
@@ -399,52 +399,6 @@ def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_bia
     return (loss, *_mlp_backward(a, lse, *consts))
 
 
-def _mlp_stats_setup(ctx, inputs, output):
-    A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos = inputs
-    ctx.num_layers = len(hidden_weights)
-    ctx.config = (activation, out_activation, pos)
-    ctx.save_for_backward(A, B, w_out, b_out, output[0], *hidden_weights, *hidden_biases)
-
-
-def _mlp_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
-    A, B, w_out, b_out, lse, *rest = ctx.saved_tensors
-    k = ctx.num_layers
-    grads = [g if g is not None else torch.zeros_like(lse)
-             for g in (grad_lse, grad_pos, grad_rowsum)]
-    dA, dB, dW, db, dwo, dbo = pair_mlp_stats_backward(
-        *grads, A, B, list(rest[:k]), list(rest[k:]), w_out, b_out, lse, *ctx.config
-    )
-    grads = (dA, dB, list(dW), list(db), dwo, dbo)
-    saved = (A, B, w_out, b_out, lse, *rest)
-    return (*first_order_only("pair_mlp_stats", grads, saved), None, None, None)
-
-
-pair_mlp_stats.register_autograd(_mlp_stats_bwd, setup_context=_mlp_stats_setup)
-
-
-def _mlp_loss_setup(ctx, inputs, output):
-    ctx.num_layers = len(inputs[2])
-    ctx.compute_grad = inputs[12]
-    _, dA, dB, dW, db, dwo, dbo = output
-    ctx.save_for_backward(dA, dB, dwo, dbo, *dW, *db)
-
-
-def _mlp_loss_bwd(ctx, grad_loss, *_unused):
-    if not ctx.compute_grad:
-        raise RuntimeError("pair_mlp_loss was called with compute_grad=False")
-    dA, dB, dwo, dbo, *rest = ctx.saved_tensors
-    k = ctx.num_layers
-    scale = grad_loss
-    grads = (dA * scale.to(dA.dtype), dB * scale.to(dB.dtype),
-             [g * scale.to(g.dtype) for g in rest[:k]], [g * scale.to(g.dtype) for g in rest[k:]],
-             dwo * scale.to(dwo.dtype), dbo * scale.to(dbo.dtype))
-    saved = (dA, dB, dwo, dbo, *rest)
-    return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * 7)
-
-
-pair_mlp_loss.register_autograd(_mlp_loss_bwd, setup_context=_mlp_loss_setup)
-
-
 # --------------------------------------------------------------------------------------------
 # separable critic (pair dot)
 # --------------------------------------------------------------------------------------------
@@ -598,34 +552,4 @@ def pair_dot_loss(G: Tensor, H: Tensor, pos_offset: Optional[int], exclude_offse
     return loss, dG, dH
 
 
-def _dot_stats_setup(ctx, inputs, output):
-    G, H, pos_offset, exclude_offset = inputs
-    ctx.config = (pos_offset, exclude_offset)
-    ctx.save_for_backward(G, H, output[0])
-
-
-def _dot_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
-    G, H, lse = ctx.saved_tensors
-    grads = [g if g is not None else torch.zeros_like(lse)
-             for g in (grad_lse, grad_pos, grad_rowsum)]
-    dG, dH = pair_dot_stats_backward(*grads, G, H, lse, *ctx.config)
-    return (*first_order_only("pair_dot_stats", (dG, dH), (G, H, lse)), None, None)
-
-
-pair_dot_stats.register_autograd(_dot_stats_bwd, setup_context=_dot_stats_setup)
-
-
-def _dot_loss_setup(ctx, inputs, output):
-    ctx.compute_grad = inputs[7]
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _dot_loss_bwd(ctx, grad_loss, *_unused):
-    if not ctx.compute_grad:
-        raise RuntimeError("pair_dot_loss was called with compute_grad=False")
-    dG, dH = ctx.saved_tensors
-    grads = (dG * grad_loss.to(dG.dtype), dH * grad_loss.to(dH.dtype))
-    return (*first_order_only("pair_dot_loss", grads, (dG, dH)), *[None] * 6)
-
-
-pair_dot_loss.register_autograd(_dot_loss_bwd, setup_context=_dot_loss_setup)
+register_core_autograd("factorcl::triton_", pair_mlp_stats_backward, pair_dot_stats_backward)
