@@ -252,7 +252,7 @@ def check_separable(tmp: Path) -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(0)
     Gm, Hm = (torch.randn(n, 20, generator=gen, dtype=torch.float64).to(dev) for n in (37, 37))
-    a = ops._DotArgs(Gm, Hm, 0, None)
+    a = ops._DotArgs(Gm, Hm, 0, None, False)
     for name in variants_of("separable"):
         out = dot_launcher(load_variant("separable", name, tmp), name, a, a.configs[0])()
         if name in ("full", "full_grid2"):
@@ -276,7 +276,7 @@ def check(tmp: Path, slots: int) -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, h, layers = 11, 24, 1
     p = make_problem(n, h, layers, torch.float64, dev)
-    a = ops._MlpArgs(*p, "relu", "none", 0)
+    a = ops._MlpArgs(*p, "relu", "none", 0, False)
     cfg = a.configs[0]
     want = None
     for name in variants_of("concat"):
@@ -310,7 +310,7 @@ def table(args, tmp: Path, bench, device: str) -> int:
     mods = {v: load_variant(args.critic, v, tmp) for v in variants}
     if args.critic == "concat":
         a = ops._MlpArgs(*make_problem(args.n, args.hidden, args.layers, dtype, device),
-                         "relu", "none", 0)
+                         "relu", "none", 0, False)
         useful = 4 * args.layers * args.hidden ** 2 * args.n * args.n  # backward's share
         shape = f"H = {args.hidden}, L = {args.layers}"
 
@@ -319,7 +319,7 @@ def table(args, tmp: Path, bench, device: str) -> int:
         configs = a.configs
     else:
         Gm, Hm = (torch.randn(args.n, args.hidden, device=device, dtype=dtype) for _ in "gh")
-        a = ops._DotArgs(Gm, Hm, 0, None)
+        a = ops._DotArgs(Gm, Hm, 0, None, False)
         useful = 4 * args.n * args.n * args.hidden
         shape = f"D = {args.hidden}"
 

@@ -39,7 +39,8 @@ def first_order_only(op: str, grads, depends_on):
 def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) -> None:
     """Autograd of one backend's four core ops ``{prefix}pair_mlp_stats``, ``..._loss``,
     ``{prefix}pair_dot_stats``, ``..._loss`` (``prefix`` "factorcl::" for the C++ ops,
-    "factorcl::triton_" for the Triton twins; same schemas, DESIGN.md section 5):
+    "factorcl::triton_" for the Triton twins; same schemas, DESIGN.md section 5, but for the
+    Triton ops' extra non-tensor arguments at the end, passed on to their backward op):
 
     - the stats ops save their inputs and lse and call their hand-written backward op
       (``mlp_stats_backward`` / ``dot_stats_backward``), a missing upstream gradient as zeros;
@@ -61,9 +62,9 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
 
     # -- concat critic --------------------------------------------------------------------
     def mlp_stats_setup(ctx, inputs, output):
-        A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos = inputs
+        A, B, hidden_weights, hidden_biases, w_out, b_out, *config = inputs
         ctx.num_layers = len(hidden_weights)
-        ctx.config = (activation, out_activation, pos)
+        ctx.config = tuple(config)  # activation, out_activation, pos_offset, ...
         ctx.save_for_backward(A, B, w_out, b_out, output[0], *hidden_weights, *hidden_biases)
 
     def mlp_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
@@ -75,11 +76,12 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
             list(rest[k:]), w_out, b_out, lse, *ctx.config,
         )
         grads = (dA, dB, list(dW), list(db), dw_out, db_out)
-        return (*first_order_only("pair_mlp_stats", grads, saved), None, None, None)
+        return (*first_order_only("pair_mlp_stats", grads, saved), *[None] * len(ctx.config))
 
     def mlp_loss_setup(ctx, inputs, output):
         ctx.num_layers = len(inputs[2])
         ctx.compute_grad = inputs[12]
+        ctx.num_config = len(inputs) - 6
         _, dA, dB, dW, db, dw_out, db_out = output
         ctx.save_for_backward(dA, dB, dw_out, db_out, *dW, *db)
 
@@ -89,29 +91,30 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         dA, dB, dw_out, db_out, *rest = saved
         k = ctx.num_layers
         grads = scaled((dA, dB, list(rest[:k]), list(rest[k:]), dw_out, db_out), grad_loss)
-        return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * 7)
+        return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * ctx.num_config)
 
     # -- separable critic -----------------------------------------------------------------
     def dot_stats_setup(ctx, inputs, output):
-        G, H, pos_offset, exclude_offset = inputs
-        ctx.config = (pos_offset, exclude_offset)
+        G, H, *config = inputs
+        ctx.config = tuple(config)  # pos_offset, exclude_offset, ...
         ctx.save_for_backward(G, H, output[0])
 
     def dot_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
         G, H, lse = saved = ctx.saved_tensors
         dG, dH = dot_stats_backward(*zeros_for_missing((grad_lse, grad_pos, grad_rowsum), lse),
                                     G, H, lse, *ctx.config)
-        return (*first_order_only("pair_dot_stats", (dG, dH), saved), None, None)
+        return (*first_order_only("pair_dot_stats", (dG, dH), saved), *[None] * len(ctx.config))
 
     def dot_loss_setup(ctx, inputs, output):
         ctx.compute_grad = inputs[7]
+        ctx.num_config = len(inputs) - 2
         ctx.save_for_backward(output[1], output[2])
 
     def dot_loss_bwd(ctx, grad_loss, *_unused):
         check_compute_grad(ctx, "pair_dot_loss")
         saved = ctx.saved_tensors
         grads = scaled(tuple(saved), grad_loss)
-        return (*first_order_only("pair_dot_loss", grads, saved), *[None] * 6)
+        return (*first_order_only("pair_dot_loss", grads, saved), *[None] * ctx.num_config)
 
     for op, backward, setup in (
         ("pair_mlp_stats", mlp_stats_bwd, mlp_stats_setup),

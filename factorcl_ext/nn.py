@@ -1,9 +1,9 @@
 """Drop-in modules for the FactorCL authors' critics and the widely used ``SupConLoss``.
 
 ``InfoNCECritic`` and ``CLUBInfoNCECritic`` take the authors' constructor arguments (plus
-``backend=``), keep their parameter names (``_f.0.weight`` ... as built by :func:`mlp`) so state
-dicts load unchanged, and return the same values; the pairs are never materialised. Change one
-import line::
+``backend=`` and ``deterministic=``, see :func:`factorcl_ext.pair_mlp_stats`), keep their
+parameter names (``_f.0.weight`` ... as built by :func:`mlp`) so state dicts load unchanged, and
+return the same values; the pairs are never materialised. Change one import line::
 
     from factorcl_ext.nn import InfoNCECritic, CLUBInfoNCECritic
 
@@ -50,15 +50,21 @@ def mlp(dim: int, hidden_dim: int, output_dim: int, layers: int, activation: str
     return nn.Sequential(*seq)
 
 
+def _backend_repr(module) -> str:
+    det = ", deterministic=True" if module.deterministic else ""
+    return f"backend={module.backend!r}{det}"
+
+
 class _ConcatMLP(nn.Module):
     """Holds ``_f`` (an authors' mlp with one output) and splits its first layer between the row
     input and the column input for the fused ops."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, layers: int, activation: str, backend: str):
+    def __init__(self, in_dim: int, hidden_dim: int, layers: int, activation: str, backend: str,
+                 deterministic: bool):
         super().__init__()
         self._f = mlp(in_dim, hidden_dim, 1, layers, activation)
         self.activation = activation
-        self.backend = backend
+        self.backend, self.deterministic = backend, deterministic
 
     def _params(self):
         linears = [m for m in self._f if isinstance(m, nn.Linear)]
@@ -87,6 +93,7 @@ class _ConcatMLP(nn.Module):
             rows, cols, w_u, w_v, first.bias, hw, hb, w_out, b_out, c_lse=c_lse, c_pos=c_pos,
             c_rowsum=c_rowsum, activation=self.activation, out_activation=out_activation,
             pos_offset=pos_offset, backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def _stats(self, rows, cols, rows_first, pos_offset, out_activation="none") -> CriticStats:
@@ -95,10 +102,11 @@ class _ConcatMLP(nn.Module):
         return ops.concat_critic_stats(
             rows, cols, w_u, w_v, first.bias, hw, hb, w_out, b_out, activation=self.activation,
             out_activation=out_activation, pos_offset=pos_offset, backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        return _backend_repr(self)
 
 
 def _check_paired(x: Tensor, y: Tensor, x_dim: int, y_dim: int) -> int:
@@ -124,8 +132,8 @@ class InfoNCECritic(_ConcatMLP):
     the concat critic ``s_ij = f([x_j; y_i])`` (rows y, columns x, positives on the diagonal)."""
 
     def __init__(self, A_dim: int, B_dim: int, hidden_dim: int, layers: int, activation: str,
-                 backend: str = "auto", **extra_kwargs):
-        super().__init__(A_dim + B_dim, hidden_dim, layers, activation, backend)
+                 backend: str = "auto", deterministic: bool = False, **extra_kwargs):
+        super().__init__(A_dim + B_dim, hidden_dim, layers, activation, backend, deterministic)
         self.A_dim, self.B_dim = A_dim, B_dim
 
     def forward(self, x_samples: Tensor, y_samples: Tensor) -> Tensor:
@@ -141,8 +149,8 @@ class CLUBInfoNCECritic(_ConcatMLP):
     that trains it."""
 
     def __init__(self, A_dim: int, B_dim: int, hidden_dim: int, layers: int, activation: str,
-                 backend: str = "auto", **extra_kwargs):
-        super().__init__(A_dim + B_dim, hidden_dim, layers, activation, backend)
+                 backend: str = "auto", deterministic: bool = False, **extra_kwargs):
+        super().__init__(A_dim + B_dim, hidden_dim, layers, activation, backend, deterministic)
         self.A_dim, self.B_dim = A_dim, B_dim
 
     def forward(self, x_samples: Tensor, y_samples: Tensor) -> Tensor:
@@ -164,8 +172,10 @@ class FusedConcatCritic(_ConcatMLP):
     """
 
     def __init__(self, row_dim: int, col_dim: int, hidden_dim: int, layers: int = 1,
-                 activation: str = "relu", out_activation: str = "none", backend: str = "auto"):
-        super().__init__(row_dim + col_dim, hidden_dim, layers, activation, backend)
+                 activation: str = "relu", out_activation: str = "none", backend: str = "auto",
+                 deterministic: bool = False):
+        super().__init__(row_dim + col_dim, hidden_dim, layers, activation, backend,
+                         deterministic)
         if out_activation not in ("none", "softplus"):
             raise ValueError(f"out_activation must be 'none' or 'softplus', got {out_activation!r}")
         self.row_dim, self.col_dim, self.out_activation = row_dim, col_dim, out_activation
@@ -197,7 +207,7 @@ class FusedConcatCritic(_ConcatMLP):
 
     def extra_repr(self) -> str:
         return (f"row_dim={self.row_dim}, col_dim={self.col_dim}, "
-                f"out_activation={self.out_activation!r}, backend={self.backend!r}")
+                f"out_activation={self.out_activation!r}, {_backend_repr(self)}")
 
 
 class FusedSeparableCritic(nn.Module):
@@ -205,7 +215,7 @@ class FusedSeparableCritic(nn.Module):
     embeddings), with an optionally learnable temperature (stored as its logarithm)."""
 
     def __init__(self, temperature: float = 1.0, learnable_temperature: bool = False,
-                 normalize: bool = False, backend: str = "auto"):
+                 normalize: bool = False, backend: str = "auto", deterministic: bool = False):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -214,7 +224,7 @@ class FusedSeparableCritic(nn.Module):
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t)
-        self.normalize, self.backend = normalize, backend
+        self.normalize, self.backend, self.deterministic = normalize, backend, deterministic
 
     @property
     def temperature(self) -> Tensor:
@@ -225,6 +235,7 @@ class FusedSeparableCritic(nn.Module):
         return ops.separable_critic_stats(
             g, h, temperature=self.temperature.to(g.dtype), normalize=self.normalize,
             pos_offset=pos_offset, exclude_offset=exclude_offset, backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def infonce_lower_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0,
@@ -234,6 +245,7 @@ class FusedSeparableCritic(nn.Module):
             g, h, c_lse=1.0 / n, c_pos=-1.0 / n, temperature=self.temperature.to(g.dtype),
             normalize=self.normalize, pos_offset=pos_offset, exclude_offset=exclude_offset,
             backend=self.backend,
+            deterministic=self.deterministic,
         )
         return math.log(m - (exclude_offset is not None)) - loss
 
@@ -242,10 +254,11 @@ class FusedSeparableCritic(nn.Module):
         return ops.separable_critic_loss(
             g, h, c_pos=1.0 / n, c_rowsum=-1.0 / (n * m), temperature=self.temperature.to(g.dtype),
             normalize=self.normalize, pos_offset=pos_offset, backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:
-        return f"normalize={self.normalize}, backend={self.backend!r}"
+        return f"normalize={self.normalize}, {_backend_repr(self)}"
 
 
 class SupConLoss(nn.Module):
@@ -258,14 +271,19 @@ class SupConLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.07, contrast_mode: str = "all",
-                 base_temperature: float = 0.07, backend: str = "auto"):
+                 base_temperature: float = 0.07, backend: str = "auto",
+                 deterministic: bool = False):
         super().__init__()
         if contrast_mode not in ("all", "one"):
             raise ValueError(f"Unknown mode: {contrast_mode}")
         self.temperature = temperature
         self.contrast_mode = contrast_mode
         self.base_temperature = base_temperature
-        self.backend = backend
+        self.backend, self.deterministic = backend, deterministic
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, contrast_mode={self.contrast_mode!r}, "
+                f"base_temperature={self.base_temperature}, {_backend_repr(self)}")
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
@@ -285,6 +303,7 @@ class SupConLoss(nn.Module):
         stats = ops.separable_critic_stats(
             anchor, contrast, temperature=self.temperature, pos_offset=None, exclude_offset=0,
             backend=self.backend,
+            deterministic=self.deterministic,
         )
         pos_sum, pos_count = self._positives(features, contrast, anchor, labels, mask, bsz,
                                              n_views, n_anchor)

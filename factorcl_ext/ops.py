@@ -188,6 +188,11 @@ def _check_pair_dot(G, H, pos_offset, exclude_offset):
     return device, pos_offset, exclude_offset
 
 
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def _check_coefficients(**coefs) -> tuple[float, ...]:
     out = []
     for name, c in coefs.items():
@@ -339,14 +344,18 @@ if _backends.has_cpu_kernels():
     _register_compiled_ops()
 
 
-def _core(name: str, backend: str):
-    """The core op ``name`` of a concrete (resolved) backend."""
+def _core(name: str, backend: str, deterministic: bool):
+    """The core op ``name`` of a concrete (resolved) backend, called with the C++ op's arguments.
+    ``deterministic``: the Triton twin takes it as its last argument; the C++ kernels are
+    deterministic in every mode (no atomics; the CPU's reduction order is fixed for a thread
+    count), so they need no flag."""
     if backend in ("cpu", "cuda"):
         return getattr(torch.ops.factorcl, name)
     if backend == "triton":
         from . import triton as triton_backend
 
-        return getattr(triton_backend, name)
+        op = getattr(triton_backend, name)
+        return lambda *args: op(*args, deterministic)
     raise AssertionError(backend)
 
 
@@ -367,12 +376,17 @@ def pair_mlp_stats(
     out_activation: str = "none",
     pos_offset: Optional[int] = 0,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> CriticStats:
     """Concat-critic statistics from the split first layer.
 
     ``s_ij = out_act(w_out . MLP(act(A_i + B_j)) + b_out)`` with ``A`` [N, H], ``B`` [M, H]
     (``B`` includes the first-layer bias), ``hidden_weights[l]`` [H, H], ``hidden_biases[l]`` [H],
     ``w_out`` [H], ``b_out`` [] or [1]. Returns ``CriticStats(lse, pos, rowsum)``, each [N].
+    ``deterministic=True``: bit-identical values and gradients run to run on every backend (the
+    Triton backend then avoids atomics for this call, as its global deterministic mode does; the
+    C++ kernels are deterministic always, the CPU's at a fixed thread count; ``reference`` is as
+    deterministic as PyTorch's own ops). The same keyword is on every public op.
     """
     A, B, hidden_weights, hidden_biases, w_out, b_out = _autocast_mlp(
         A, B, hidden_weights, hidden_biases, w_out, b_out
@@ -381,6 +395,7 @@ def pair_mlp_stats(
         A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos_offset
     )
     backend = _backends.resolve(backend, device)
+    _check_bool("deterministic", deterministic)
     b_out = b_out.reshape(())
     if backend == "reference":
         with _without_autocast(device):
@@ -388,7 +403,7 @@ def pair_mlp_stats(
                 A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                 pos_offset,
             ))
-    out = _core("pair_mlp_stats", backend)(
+    out = _core("pair_mlp_stats", backend, deterministic)(
         A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, activation,
         out_activation, pos_offset,
     )
@@ -410,6 +425,7 @@ def pair_mlp_loss(
     out_activation: str = "none",
     pos_offset: Optional[int] = 0,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> Tensor:
     """``sum_i c_lse*lse_i + c_pos*pos_i + c_rowsum*rowsum_i`` of :func:`pair_mlp_stats`, 0-dim.
 
@@ -426,6 +442,7 @@ def pair_mlp_loss(
     if pos_offset is None and c_pos != 0.0:
         raise ValueError("c_pos is nonzero but pos_offset is None (no positives)")
     backend = _backends.resolve(backend, device)
+    _check_bool("deterministic", deterministic)
     b_out = b_out.reshape(())
     if backend == "reference":
         with _without_autocast(device):
@@ -435,7 +452,7 @@ def pair_mlp_loss(
             )
         return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     compute_grad = _wants_grad(A, B, w_out, b_out, *hidden_weights, *hidden_biases)
-    out = _core("pair_mlp_loss", backend)(
+    out = _core("pair_mlp_loss", backend, deterministic)(
         A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, activation,
         out_activation, pos_offset, c_lse, c_pos, c_rowsum, compute_grad,
     )
@@ -449,15 +466,18 @@ def pair_dot_stats(
     pos_offset: Optional[int] = 0,
     exclude_offset: Optional[int] = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> CriticStats:
     """Statistics of ``s = G H^T`` (G [N, D], H [M, D]); see :func:`separable_critic_stats`."""
     G, H = _autocast_dot(G, H)
     device, pos_offset, exclude_offset = _check_pair_dot(G, H, pos_offset, exclude_offset)
     backend = _backends.resolve(backend, device)
+    _check_bool("deterministic", deterministic)
     if backend == "reference":
         with _without_autocast(device):
             return CriticStats(*reference.pair_dot_stats(G, H, pos_offset, exclude_offset))
-    return CriticStats(*_core("pair_dot_stats", backend)(G, H, pos_offset, exclude_offset))
+    out = _core("pair_dot_stats", backend, deterministic)(G, H, pos_offset, exclude_offset)
+    return CriticStats(*out)
 
 
 def pair_dot_loss(
@@ -470,6 +490,7 @@ def pair_dot_loss(
     pos_offset: Optional[int] = 0,
     exclude_offset: Optional[int] = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> Tensor:
     """``sum_i c_lse*lse_i + c_pos*pos_i + c_rowsum*rowsum_i`` of :func:`pair_dot_stats`, 0-dim."""
     G, H = _autocast_dot(G, H)
@@ -478,12 +499,13 @@ def pair_dot_loss(
     if pos_offset is None and c_pos != 0.0:
         raise ValueError("c_pos is nonzero but pos_offset is None (no positives)")
     backend = _backends.resolve(backend, device)
+    _check_bool("deterministic", deterministic)
     if backend == "reference":
         with _without_autocast(device):
             lse, pos, rowsum = reference.pair_dot_stats(G, H, pos_offset, exclude_offset)
         return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     compute_grad = _wants_grad(G, H)
-    out = _core("pair_dot_loss", backend)(
+    out = _core("pair_dot_loss", backend, deterministic)(
         G, H, pos_offset, exclude_offset, c_lse, c_pos, c_rowsum, compute_grad
     )
     return out[0]
@@ -539,6 +561,7 @@ def concat_critic_stats(
     out_activation: str = "none",
     pos_offset: Optional[int] = 0,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> CriticStats:
     """Row statistics of the concat critic on all N x M pairs, without materialising them.
 
@@ -553,6 +576,7 @@ def concat_critic_stats(
     return pair_mlp_stats(
         A, B, hidden_weights, hidden_biases, w_out, b_out, activation=activation,
         out_activation=out_activation, pos_offset=pos_offset, backend=backend,
+        deterministic=deterministic,
     )
 
 
@@ -574,6 +598,7 @@ def concat_critic_loss(
     out_activation: str = "none",
     pos_offset: Optional[int] = 0,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> Tensor:
     """Fused training loss ``sum_i c_lse*lse_i + c_pos*pos_i + c_rowsum*rowsum_i`` (0-dim) of
     :func:`concat_critic_stats`, gradients formed in the forward pass.
@@ -586,6 +611,7 @@ def concat_critic_loss(
         A, B, hidden_weights, hidden_biases, w_out, b_out, c_lse=c_lse, c_pos=c_pos,
         c_rowsum=c_rowsum, activation=activation, out_activation=out_activation,
         pos_offset=pos_offset, backend=backend,
+        deterministic=deterministic,
     )
 
 
@@ -606,8 +632,7 @@ def _scaled(g: Tensor, h: Tensor, temperature, normalize: bool) -> tuple[Tensor,
         raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
     elif not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    _check_bool("normalize", normalize)
     if normalize:
         g = F.normalize(g, dim=1)
         h = F.normalize(h, dim=1)
@@ -623,6 +648,7 @@ def separable_critic_stats(
     pos_offset: Optional[int] = 0,
     exclude_offset: Optional[int] = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> CriticStats:
     """Row statistics of the separable critic ``s_ij = (g_i . h_j) / temperature``.
 
@@ -632,7 +658,8 @@ def separable_critic_stats(
     """
     G, H = _scaled(g, h, temperature, normalize)
     return pair_dot_stats(
-        G, H, pos_offset=pos_offset, exclude_offset=exclude_offset, backend=backend
+        G, H, pos_offset=pos_offset, exclude_offset=exclude_offset, backend=backend,
+        deterministic=deterministic,
     )
 
 
@@ -648,12 +675,14 @@ def separable_critic_loss(
     pos_offset: Optional[int] = 0,
     exclude_offset: Optional[int] = None,
     backend: str = "auto",
+    deterministic: bool = False,
 ) -> Tensor:
     """Fused training loss of :func:`separable_critic_stats` (0-dim)."""
     G, H = _scaled(g, h, temperature, normalize)
     return pair_dot_loss(
         G, H, c_lse=c_lse, c_pos=c_pos, c_rowsum=c_rowsum, pos_offset=pos_offset,
         exclude_offset=exclude_offset, backend=backend,
+        deterministic=deterministic,
     )
 
 

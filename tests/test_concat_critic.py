@@ -604,7 +604,8 @@ def test_deterministic_bitwise(L, backend, device):
     base = make_core(66, 81, 24, L)
     c = coefficients(5)
     g = upstream(66, torch.float32, device)
-    kw = dict(activation="relu", out_activation="softplus", pos_offset=5, backend=backend)
+    kw = dict(activation="relu", out_activation="softplus", pos_offset=5, backend=backend,
+              deterministic=True)  # Triton's default dB reduction uses float32 atomics
 
     def once():
         p = cast(base, torch.float32, device, requires_grad=True)
@@ -613,13 +614,7 @@ def test_deterministic_bitwise(L, backend, device):
         loss = fe.pair_mlp_loss(**p, **kw, **c)
         return [*stats, *sg, loss, *grads_of(loss, p)]
 
-    if backend == "triton":  # its default dB reduction uses float32 atomics
-        import factorcl_ext.triton as ft
-
-        with ft.deterministic():
-            first, second = once(), once()
-    else:
-        first, second = once(), once()
+    first, second = once(), once()
     for i, (a, b) in enumerate(zip(first, second)):
         assert torch.equal(a, b), f"output {i} differs between two runs"
 

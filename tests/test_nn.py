@@ -207,6 +207,48 @@ def test_modules_reject_bad_inputs():
         InfoNCECritic(3, 2, 4, 1, "gelu")
     with pytest.raises(ValueError, match="contrast_mode|Unknown mode"):
         SupConLoss(contrast_mode="some")
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        InfoNCECritic(3, 2, 4, 1, "relu", deterministic="yes")(torch.randn(4, 3), torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_modules_pass_deterministic_to_every_op(monkeypatch, flag):
+    # each module's constructor keyword reaches the core op of every method (the core op is
+    # where the Triton backend takes it; the C++ kernels are deterministic in any case)
+    from factorcl_ext import ops
+
+    seen = []
+    real = ops._core
+
+    def spy(name, backend, deterministic):
+        seen.append((name, deterministic))
+        return real(name, backend, deterministic)
+
+    monkeypatch.setattr(ops, "_core", spy)
+    backend = BACKENDS[0] if BACKENDS else "cpu"
+    if backend not in factorcl_ext.available_backends():
+        pytest.skip(f"{backend} is not built")
+    device = device_for(backend)
+    x, y = torch.randn(6, 3, device=device), torch.randn(6, 2, device=device)
+    g = torch.randn(6, 5, device=device)
+    kw = dict(backend=backend, deterministic=flag)
+    calls = [
+        (InfoNCECritic(3, 2, 4, 1, "relu", **kw), lambda m: m(x, y)),
+        (CLUBInfoNCECritic(3, 2, 4, 1, "relu", **kw), lambda m: m(x, y)),
+        (CLUBInfoNCECritic(3, 2, 4, 1, "relu", **kw), lambda m: m.learning_loss(x, y)),
+        (FusedConcatCritic(3, 2, 4, **kw), lambda m: m(x, y)),
+        (FusedConcatCritic(3, 2, 4, **kw), lambda m: m.infonce_lower_bound(x, y)),
+        (FusedConcatCritic(3, 2, 4, **kw), lambda m: m.nce_club_upper_bound(x, y)),
+        (FusedSeparableCritic(0.5, **kw), lambda m: m(g, g)),
+        (FusedSeparableCritic(0.5, **kw), lambda m: m.infonce_lower_bound(g, g)),
+        (FusedSeparableCritic(0.5, **kw), lambda m: m.nce_club_upper_bound(g, g)),
+        (SupConLoss(**kw), lambda m: m(g.reshape(3, 2, 5))),
+    ]
+    for module, call in calls:
+        seen.clear()
+        call(module.to(device))
+        assert seen and all(d is flag for _, d in seen), (module, seen)
+        assert ("deterministic=True" in repr(module)) is flag
 
 
 @pytest.mark.parametrize("backend", ALL)

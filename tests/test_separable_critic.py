@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import factorcl_ext
-from factorcl_ext import ops, reference
+from factorcl_ext import reference
 
 from conftest import assert_rel_close, loss_floor, rel_error, stats_floor, temperature_floor
 
@@ -382,8 +382,6 @@ def test_large_scores_do_not_overflow(backend, device):
 
 
 def test_bit_identical_reruns(backend, device):
-    if backend == "cuda":
-        pytest.skip("GPU backends guarantee run-to-run identity only with deterministic=True")
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("the Triton interpreter runs one program at a time: nothing to race")
     n, m, d = 300, 2001, 33  # several strips per worker on the CPU backend
@@ -393,21 +391,17 @@ def test_bit_identical_reruns(backend, device):
     def run():
         a = _leaves(g, h)
         st = factorcl_ext.separable_critic_stats(a[0], a[1], temperature=0.3, pos_offset=7,
-                                                 exclude_offset=1, backend=backend)
+                                                 exclude_offset=1, backend=backend,
+                                                 deterministic=True)
         out = [*st, *_grads(_weighted(st, w), a)]
         b = _leaves(g, h)
         loss = factorcl_ext.separable_critic_loss(b[0], b[1], c_lse=1.0, c_pos=-1.0,
                                                   c_rowsum=0.01, temperature=0.3, pos_offset=7,
-                                                  exclude_offset=1, backend=backend)
+                                                  exclude_offset=1, backend=backend,
+                                                  deterministic=True)
         return out + [loss, *_grads(loss, b)]
 
-    if backend == "triton":  # bit-identical in its deterministic mode (no atomics)
-        import factorcl_ext.triton as ft
-
-        with ft.deterministic():
-            first, second = run(), run()
-    else:
-        first, second = run(), run()
+    first, second = run(), run()
     for i, (x, y) in enumerate(zip(first, second)):
         assert torch.equal(x, y), f"output {i} differs between two identical runs"
 
@@ -438,8 +432,13 @@ def test_gradcheck(backend, device, pos_offset, exclude_offset):
 
 
 def _core_op(backend, name):
-    op = ops._core(name, backend)
-    return getattr(op, "default", op)
+    """The registered core op of ``backend`` and the arguments it takes after the C++ op's (the
+    Triton twin's ``deterministic``)."""
+    if backend == "triton":
+        import factorcl_ext.triton  # noqa: F401  (registers the factorcl::triton_* ops)
+
+        return getattr(torch.ops.factorcl, "triton_" + name).default, (False,)
+    return getattr(torch.ops.factorcl, name).default, ()
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
@@ -448,23 +447,20 @@ def test_opcheck(backend, device, requires_grad):
     G = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=requires_grad)
     H = torch.randn(m, d, dtype=torch.float64, device=device, requires_grad=requires_grad)
     Hs = torch.randn(d, m, dtype=torch.float64, device=device).t().requires_grad_(requires_grad)
-    stats = _core_op(backend, "pair_dot_stats")
-    loss = _core_op(backend, "pair_dot_loss")
+    stats, extra = _core_op(backend, "pair_dot_stats")
+    loss, _ = _core_op(backend, "pair_dot_loss")
     for args in [(G, H, 0, None), (G, H, 4, 2), (G, Hs, None, 0)]:
-        torch.library.opcheck(stats, args)
+        torch.library.opcheck(stats, (*args, *extra))
     # With compute_grad=False the op has no gradients to give, so it only meets inputs that do not
     # require grad (the Python layer passes compute_grad=True whenever one does).
-    torch.library.opcheck(loss, (G, H, 1, 3, 0.5, -0.25, 0.125, requires_grad))
-    torch.library.opcheck(loss, (G, Hs, None, None, 1.0, 0.0, -0.5, requires_grad))
+    torch.library.opcheck(loss, (G, H, 1, 3, 0.5, -0.25, 0.125, requires_grad, *extra))
+    torch.library.opcheck(loss, (G, Hs, None, None, 1.0, 0.0, -0.5, requires_grad, *extra))
     if not requires_grad:
-        torch.library.opcheck(loss, (G, H, 1, 3, 0.5, -0.25, 0.125, True))
+        torch.library.opcheck(loss, (G, H, 1, 3, 0.5, -0.25, 0.125, True, *extra))
 
 
 def test_opcheck_backward_op(backend, device):
-    try:
-        op = _core_op(backend, "pair_dot_stats_backward")
-    except AttributeError:
-        pytest.skip(f"{backend} has no separate pair_dot_stats_backward op")
+    op, extra = _core_op(backend, "pair_dot_stats_backward")
     n, m, d = 5, 9, 3
     G = torch.randn(n, d, dtype=torch.float64, device=device)
     H = torch.randn(m, d, dtype=torch.float64, device=device)
@@ -472,7 +468,7 @@ def test_opcheck_backward_op(backend, device):
     grads = [torch.randn(n, dtype=torch.float64, device=device) for _ in range(3)]
     # An expanded (stride 0) upstream gradient, as .sum() produces.
     grads[2] = torch.randn((), dtype=torch.float64, device=device).expand(n)
-    torch.library.opcheck(op, (*grads, G, H, lse, 1, 2))
+    torch.library.opcheck(op, (*grads, G, H, lse, 1, 2, *extra))
 
 
 def test_compile_fullgraph(backend, device):

@@ -183,6 +183,61 @@ def test_pair_mlp_deterministic_mode_matches_reference():
     assert not ft.is_deterministic()
 
 
+def _core_op_run(op, backend, deterministic):
+    """Outputs and input gradients of one public core op on fresh float64 inputs (seeded: the
+    same inputs for every backend): the loss ops' loss, the stats ops' weighted sum."""
+    torch.manual_seed(5)
+    if op.startswith("mlp"):
+        n, m, h = MLP_SHAPES[0]
+        inputs = cast(mlp_inputs(n, m, h, 2), torch.float64)
+        leaves = flat(inputs)
+        kw = dict(activation="tanh", out_activation="softplus", pos_offset=1)
+    else:
+        n, m, d = DOT_SHAPES[0]
+        inputs = leaves = [torch.randn(k, d, dtype=torch.float64, device=DEVICE,
+                                       requires_grad=True) for k in (n, m)]
+        kw = dict(pos_offset=2, exclude_offset=0)
+    fn = getattr(factorcl_ext, "pair_" + op)
+    if op.endswith("loss"):
+        out = fn(*inputs, c_lse=0.7, c_pos=-1.0, c_rowsum=0.01, backend=backend,
+                 deterministic=deterministic, **kw)
+        objective, outs = out, [out]
+    else:
+        outs = fn(*inputs, backend=backend, deterministic=deterministic, **kw)
+        objective = outs.lse.sum() - 2 * outs.pos.sum() + 0.1 * outs.rowsum.sum()
+    return [*outs, *torch.autograd.grad(objective, leaves)]
+
+
+@pytest.mark.parametrize("op", ["mlp_stats", "mlp_loss", "dot_stats", "dot_loss"])
+def test_deterministic_keyword_reaches_every_launch(monkeypatch, op):
+    # deterministic=True on one call with the global mode off: every launch of that call, the
+    # backward that autograd runs later included, takes the deterministic path (the fixed
+    # configuration; owner column passes instead of atomics) and the values still match the
+    # reference; deterministic=False keeps the one-sweep atomic backward
+    import factorcl_ext.triton as ft
+    from factorcl_ext.triton import ops
+
+    calls = []
+    real = ops._launch
+
+    def spy(tuner, family, grid, args, kwargs, det):
+        calls.append((det, kwargs))
+        return real(tuner, family, grid, args, kwargs, det)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    assert not ft.is_deterministic()
+    expected = _core_op_run(op, "reference", False)
+    for flag in (True, False):
+        calls.clear()
+        got = _core_op_run(op, "triton", flag)
+        assert len(calls) >= 2 and all(det is flag for det, _ in calls), (flag, calls)
+        assert any(kw.get("COL_PASS") for _, kw in calls) is flag
+        for i, (a, e) in enumerate(zip(got, expected, strict=True)):
+            assert_rel_close(a, e, 1e-10, f"{op} output {i}")
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        _core_op_run(op, "triton", 1)
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The tuner (kernel) of every Triton launch the ops make during the test, in order."""
@@ -305,7 +360,8 @@ def test_pair_mlp_loss_without_grad():
     loss = factorcl_ext.pair_mlp_loss(*args, c_lse=1.0, pos_offset=None, backend="triton")
     ref = reference.pair_mlp_stats(*args, "relu", "none", None)[0].sum()
     assert_rel_close(loss, ref, 1e-10)
-    out = factorcl_ext.triton.pair_mlp_loss(*args[:6], "relu", "none", None, 1.0, 0.0, 0.0, False)
+    out = factorcl_ext.triton.pair_mlp_loss(*args[:6], "relu", "none", None, 1.0, 0.0, 0.0, False,
+                                            False)
     assert all(t.numel() == 0 for t in (out[1], out[2], out[5], out[6]))
 
 
@@ -524,10 +580,10 @@ def test_fp16_score_gradients_below_the_normal_range(monkeypatch, mode):
     zero = torch.zeros_like(g_lse)
 
     def grads(dtype):
-        lse = ft.pair_dot_stats(g.to(dtype), h.to(dtype), 0, None)[0]
+        lse = ft.pair_dot_stats(g.to(dtype), h.to(dtype), 0, None, False)[0]
         acc = lse.dtype
         return ft.pair_dot_stats_backward(g_lse.to(acc), zero.to(acc), zero.to(acc),
-                                          g.to(dtype), h.to(dtype), lse, 0, None)
+                                          g.to(dtype), h.to(dtype), lse, 0, None, False)
 
     ref = grads(torch.float64)
     with ft.using_dot_bwd_mode(mode):
@@ -560,9 +616,10 @@ def test_fp16_hidden_gradients_below_the_normal_range(monkeypatch):
     ref = torch.autograd.grad((st[0] * g_lse).sum(), flat(exact))
 
     def grads():
-        lse = ft.pair_mlp_stats(*args, *kw)[0]
+        lse = ft.pair_mlp_stats(*args, *kw, False)[0]
         zero = torch.zeros_like(lse)
-        return flat(ft.pair_mlp_stats_backward(g_lse.float(), zero, zero, *args, lse, *kw))
+        return flat(ft.pair_mlp_stats_backward(g_lse.float(), zero, zero, *args, lse, *kw,
+                                               False))
 
     errors = [rel_error(a, e) for a, e in zip(grads(), ref)]
     names = ["dA", "dB", "dW1", "db1", "dw_out", "db_out"]
@@ -624,12 +681,14 @@ def test_opcheck():
     w_out, b_out = torch.randn(h, **kw), torch.randn((), **kw)
     ops = torch.ops.factorcl
     torch.library.opcheck(ops.triton_pair_mlp_stats.default,
-                          (A, B, W, b, w_out, b_out, "tanh", "softplus", 2))
+                          (A, B, W, b, w_out, b_out, "tanh", "softplus", 2, False))
     torch.library.opcheck(ops.triton_pair_mlp_loss.default,
-                          (A, B, W, b, w_out, b_out, "relu", "none", 1, 0.5, -0.5, 0.1, True))
+                          (A, B, W, b, w_out, b_out, "relu", "none", 1, 0.5, -0.5, 0.1, True,
+                           True))
     G, H = torch.randn(n, 9, **kw), torch.randn(m, 9, **kw)
-    torch.library.opcheck(ops.triton_pair_dot_stats.default, (G, H, 1, 0))
-    torch.library.opcheck(ops.triton_pair_dot_loss.default, (G, H, None, 2, 0.5, 0.0, 0.1, True))
+    torch.library.opcheck(ops.triton_pair_dot_stats.default, (G, H, 1, 0, True))
+    torch.library.opcheck(ops.triton_pair_dot_loss.default,
+                          (G, H, None, 2, 0.5, 0.0, 0.1, True, False))
 
 
 def test_torch_compile_fullgraph():
@@ -768,21 +827,23 @@ def test_autocast():
 
 
 @gpu_only
-def test_deterministic_bit_identical():
+@pytest.mark.parametrize("how", ["global", "keyword"])
+def test_deterministic_bit_identical(how):
     import factorcl_ext.triton as ft
 
     n, m, h = 1000, 1003, 256
     args = cast(mlp_inputs(n, m, h, 1), torch.bfloat16)
     g = torch.randn(4000, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    det = how == "keyword"
 
     def run():
-        st = mlp_stats(args, "triton", pos_offset=0)
+        st = mlp_stats(args, "triton", pos_offset=0, deterministic=det)
         grads = torch.autograd.grad(st.lse.sum() - st.pos.sum() + st.rowsum.mean(), flat(args))
         sep = factorcl_ext.separable_critic_stats(g, g, temperature=0.1, pos_offset=0,
-                                                  backend="triton")
+                                                  backend="triton", deterministic=det)
         return [*st, *grads, *torch.autograd.grad(sep.lse.sum(), g)]
 
-    with ft.deterministic():
+    with ft.deterministic(not det):
         first = run()
         for _ in range(3):
             again = run()

@@ -1,8 +1,10 @@
 """The Triton backend's core ops, registered with ``torch.library.triton_op`` so that
 ``torch.compile`` traces into the kernels (each launch goes through ``wrap_triton``).
 
-Same schemas and semantics as the C++ core ops of csrc/ops.cpp (DESIGN.md section 5), under the
-names ``factorcl::triton_<op>``:
+Same schemas and semantics as the C++ core ops of csrc/ops.cpp (DESIGN.md section 5), plus a
+last argument ``deterministic`` (bit-identical results run to run for this call, whatever the
+global mode; the C++ kernels have no atomics and need none), under the names
+``factorcl::triton_<op>``:
 
 - ``triton_pair_mlp_stats`` / ``triton_pair_mlp_stats_backward`` (joined by register_autograd),
 - ``triton_pair_mlp_loss`` (gradients formed in its forward; backward scales them),
@@ -92,6 +94,12 @@ def _like(grad: Tensor, t: Tensor) -> Tensor:
     return out
 
 
+def _deterministic(requested: bool) -> bool:
+    """The call's ``deterministic`` argument, or the global mode (set_deterministic, the
+    environment, torch.use_deterministic_algorithms)."""
+    return bool(requested) or _config.is_deterministic()
+
+
 def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
     if getattr(_tracing, "fake", False):
         return
@@ -133,7 +141,7 @@ class _MlpArgs:
     """Contiguous operands of one pair-MLP call and its launch geometry."""
 
     def __init__(self, A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
-                 out_activation, pos_offset):
+                 out_activation, pos_offset, deterministic):
         # the callers' tensors: gradients take their layouts
         self.src = (A, B, list(hidden_weights), list(hidden_biases), w_out, b_out)
         self.A = A.contiguous()
@@ -168,6 +176,7 @@ class _MlpArgs:
         self.g_col = _config.num_programs(A.device, triton.cdiv(self.M, bj_min))
         # the backward's power of two for 16-bit dz (_mlp_dz_scale); unscaled until it is set
         self.scale, self.scaled = self.A, False
+        self.det = _deterministic(deterministic)
 
     def scratch(self, programs: int, layers: int) -> tuple[Tensor, int, int]:
         """Program-private pre-activation slots [programs, layers, P_max, H] (input dtype)."""
@@ -253,13 +262,12 @@ def _mlp_forward(a: _MlpArgs) -> tuple[Tensor, Tensor, Tensor]:
     z, zps, zls = a.scratch(a.g_row * splits, a.L if a.L >= 2 else 0)
     args = (a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, lse, pos, rowsum,
             a.N, a.M, a.H, a.pos_offset, zps, zls)
-    _launch(_MLP_FWD, a.family, (a.g_row, splits), args, a.constexprs(),
-            _config.is_deterministic())
+    _launch(_MLP_FWD, a.family, (a.g_row, splits), args, a.constexprs(), a.det)
     return _combine_stats(lse, pos, rowsum)
 
 
 def _mlp_backward(a: _MlpArgs, lse, g_lse, g_pos, g_row):
-    det = _config.is_deterministic()
+    det = a.det
     N, M, H, L = a.N, a.M, a.H, a.L
     lse = lse.to(a.acc).contiguous()
     grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
@@ -362,11 +370,11 @@ def _mlp_row_pass_chunked(a: _MlpArgs, lse, grads, accs, row_kw, det, splits: in
 @_register("factorcl::triton_pair_mlp_stats")
 def pair_mlp_stats(A: Tensor, B: Tensor, hidden_weights: list[Tensor],
                    hidden_biases: list[Tensor], w_out: Tensor, b_out: Tensor, activation: str,
-                   out_activation: str, pos_offset: Optional[int]
+                   out_activation: str, pos_offset: Optional[int], deterministic: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, pos, rowsum) of the concat critic on A [N, H], B [M, H]; see factorcl_ext.ops."""
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
-                 pos_offset)
+                 pos_offset, deterministic)
     return _mlp_forward(a)
 
 
@@ -375,10 +383,10 @@ def pair_mlp_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
                             B: Tensor, hidden_weights: list[Tensor],
                             hidden_biases: list[Tensor], w_out: Tensor, b_out: Tensor,
                             lse: Tensor, activation: str, out_activation: str,
-                            pos_offset: Optional[int]
+                            pos_offset: Optional[int], deterministic: bool
                             ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
-                 pos_offset)
+                 pos_offset, deterministic)
     return _mlp_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
@@ -386,10 +394,10 @@ def pair_mlp_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
 def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_biases: list[Tensor],
                   w_out: Tensor, b_out: Tensor, activation: str, out_activation: str,
                   pos_offset: Optional[int], c_lse: float, c_pos: float, c_rowsum: float,
-                  compute_grad: bool
+                  compute_grad: bool, deterministic: bool
                   ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
-                 pos_offset)
+                 pos_offset, deterministic)
     lse, pos, rowsum = _mlp_forward(a)
     loss = (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     if not compute_grad:
@@ -405,8 +413,9 @@ def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_bia
 
 
 class _DotArgs:
-    def __init__(self, G, H, pos_offset, exclude_offset):
+    def __init__(self, G, H, pos_offset, exclude_offset, deterministic):
         self.src = (G, H)
+        self.det = _deterministic(deterministic)
         self.G = G.contiguous()
         self.H = H.contiguous()
         self.N, self.D = G.shape
@@ -435,8 +444,7 @@ def _dot_forward(a: _DotArgs):
     splits = _column_splits(a.G.device, a.configs, a.N, a.M)
     lse, pos, rowsum = _split_stats(a.G, a.acc, splits, a.N)
     args = (a.G, a.H, lse, pos, rowsum, *a.head())
-    _launch(_DOT_FWD, a.family, (a.g_row, splits), args, a.constexprs(),
-            _config.is_deterministic())
+    _launch(_DOT_FWD, a.family, (a.g_row, splits), args, a.constexprs(), a.det)
     return _combine_stats(lse, pos, rowsum)
 
 
@@ -454,7 +462,7 @@ def _ds_scale(a: _DotArgs, grads) -> tuple[Tensor, Optional[Tensor]]:
 
 
 def _dot_backward(a: _DotArgs, lse, g_lse, g_pos, g_row):
-    det = _config.is_deterministic()
+    det = a.det
     lse = lse.to(a.acc).contiguous()
     grads = [g.to(a.acc).contiguous() for g in (g_lse, g_pos, g_row)]
     scale, inv = _ds_scale(a, grads)
@@ -525,24 +533,26 @@ def _dot_backward_chunked(a: _DotArgs, lse, grads, scale, inv):
 
 @_register("factorcl::triton_pair_dot_stats")
 def pair_dot_stats(G: Tensor, H: Tensor, pos_offset: Optional[int],
-                   exclude_offset: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+                   exclude_offset: Optional[int], deterministic: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, pos, rowsum) of s = G H^T; see factorcl_ext.ops.pair_dot_stats."""
-    return _dot_forward(_DotArgs(G, H, pos_offset, exclude_offset))
+    return _dot_forward(_DotArgs(G, H, pos_offset, exclude_offset, deterministic))
 
 
 @_register("factorcl::triton_pair_dot_stats_backward")
 def pair_dot_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Tensor, G: Tensor,
                             H: Tensor, lse: Tensor, pos_offset: Optional[int],
-                            exclude_offset: Optional[int]) -> tuple[Tensor, Tensor]:
-    a = _DotArgs(G, H, pos_offset, exclude_offset)
+                            exclude_offset: Optional[int], deterministic: bool
+                            ) -> tuple[Tensor, Tensor]:
+    a = _DotArgs(G, H, pos_offset, exclude_offset, deterministic)
     return _dot_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
 @_register("factorcl::triton_pair_dot_loss")
 def pair_dot_loss(G: Tensor, H: Tensor, pos_offset: Optional[int], exclude_offset: Optional[int],
-                  c_lse: float, c_pos: float, c_rowsum: float, compute_grad: bool
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    a = _DotArgs(G, H, pos_offset, exclude_offset)
+                  c_lse: float, c_pos: float, c_rowsum: float, compute_grad: bool,
+                  deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    a = _DotArgs(G, H, pos_offset, exclude_offset, deterministic)
     lse, pos, rowsum = _dot_forward(a)
     loss = (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     if not compute_grad:

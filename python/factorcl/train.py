@@ -254,7 +254,8 @@ def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional
             metrics = json.load(f)
     finished = (isinstance(metrics, dict) and not metrics.get("interrupted")
                 and metrics.get("steps") == metrics.get("total_steps") == state["step"])
-    return {"checkpoint": ckpt, "step": int(state["step"]), "metrics": metrics if finished else None}
+    return {"checkpoint": ckpt, "step": int(state["step"]),
+            "metrics": metrics if finished else None}
 
 
 # --------------------------------------------------------------------------------------------
