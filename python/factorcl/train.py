@@ -217,10 +217,9 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
     new = cfg.to_dict()
     old_m, new_m = old.get("model_cfg", {}), new.pop("model_cfg")
     keys = [k for k in new if k not in _PRESENTATION_KEYS] if strict else _RESUME_KEYS
-    for where_old, where_new, names in ((old, new, keys), (old_m, new_m, list(new_m))):
+    model_keys = [k for k in new_m if strict or k != "critic_backend"]
+    for where_old, where_new, names in ((old, new, keys), (old_m, new_m, model_keys)):
         for key in names:
-            if key == "critic_backend" and not strict:
-                continue
             if where_old.get(key) != where_new[key]:
                 return (f"the checkpoint was made with {key}={where_old.get(key)!r} but this run "
                         f"has {key}={where_new[key]!r}")
@@ -237,7 +236,7 @@ def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str) 
 
 def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional[dict]:
     """The run already in ``out_dir`` if it was made with ``cfg``'s settings on ``data``: None
-    when there is no checkpoint; else ``{"checkpoint": path, "step": k, "metrics": m}`` where
+    when there is no checkpoint; else ``{"checkpoint": path, "metrics": m}`` where
     ``m`` is its metrics.json when it finished, else None. A run with other settings raises a
     TrainError (``factorcl compare`` continues or reuses runs; it never replaces one silently)."""
     ckpt = os.path.join(out_dir, "checkpoint.pt")
@@ -254,8 +253,7 @@ def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional
             metrics = json.load(f)
     finished = (isinstance(metrics, dict) and not metrics.get("interrupted")
                 and metrics.get("steps") == metrics.get("total_steps") == state["step"])
-    return {"checkpoint": ckpt, "step": int(state["step"]),
-            "metrics": metrics if finished else None}
+    return {"checkpoint": ckpt, "metrics": metrics if finished else None}
 
 
 # --------------------------------------------------------------------------------------------
