@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from conftest import assert_rel_close
 from factorcl import cli
@@ -68,6 +69,54 @@ def test_cli_mi_bench_quick_shape(tmp_path):
     assert code == 0
     for name in ("mi_bench.json", "mi_bench.png", "mi_large_batch.json", "mi_large_batch.png"):
         assert (tmp_path / name).exists()
+
+
+TINY_MI = ["--quick", "--dims", "3", "--levels", "1,2", "--steps-per-level", "4", "--hidden", "8",
+           "--large-batch-sizes", "4,8", "--large-batch-steps", "2", "--backend", "reference",
+           "--no-progress"]
+
+
+def test_cli_mi_bench_keeps_results_of_other_settings(tmp_path, capsys):
+    out = ["mi-bench", "--out", str(tmp_path)]
+    assert cli.main(out + TINY_MI) == 0
+    before = {name: (tmp_path / name).read_text() for name in ("mi_bench.json",
+                                                               "mi_large_batch.json")}
+    capsys.readouterr()
+    # other settings of either mode: refused in one line before anything runs
+    cases = ((["--levels", "1,3"],
+              "mi_bench.json made with levels=[1.0, 2.0] but this run has levels=[1.0, 3.0]"),
+             (["--large-batch-steps", "3"], "mi_large_batch.json made with large_batch_steps=2"))
+    for extra, expected in cases:
+        code = cli.main(out + TINY_MI + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == cli.EXIT_USAGE and len(err) == 1, err
+        assert expected in err[0] and "--overwrite" in err[0], err[0]
+        for name, text in before.items():
+            assert (tmp_path / name).read_text() == text, name
+    # a setting only the large-batch mode uses does not concern the staircase, and back
+    assert cli.main(out + TINY_MI + ["--large-batch-steps", "3", "--no-large-batch"]) == 0
+    # the same settings again recompute the same numbers; --overwrite replaces
+    assert cli.main(out + TINY_MI) == 0
+    again = json.loads((tmp_path / "mi_bench.json").read_text())
+    assert again["results"] == json.loads(before["mi_bench.json"])["results"]
+    assert cli.main(out + TINY_MI + ["--levels", "1,3", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "mi_bench.json").read_text())["config"]["levels"] == [1.0, 3.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cli_mi_bench_on_a_gpu(tmp_path, backend):
+    import factorcl_ext
+
+    if backend not in factorcl_ext.available_backends():
+        pytest.skip(f"{backend} is not available here")
+    argv = ["mi-bench", "--out", str(tmp_path), *TINY_MI[:-3], "--backend", backend,
+            "--device", "cuda", "--no-progress"]
+    assert cli.main(argv) == 0
+    js = json.loads((tmp_path / "mi_large_batch.json").read_text())
+    assert js["config"]["device"] == "cuda" and all(math.isfinite(r["estimate"])
+                                                     for r in js["rows"])
 
 
 def test_gaussian_mi_probe_on_known_mi():

@@ -4,6 +4,7 @@ and data give one line and exit status 2, and a short end-to-end run beats chanc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -303,6 +304,128 @@ def test_compare_continues_and_reuses_runs(tmp_path):
     short = compare(_cfg(epochs=1, probe=True), lambda seed: d, str(tmp_path / "part"),
                     models=models, log=lines.append, overwrite=True)
     assert short["models"]["simclr"]["steps"] == 8
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_deterministic_flag_reaches_every_critic_op(tmp_path, monkeypatch, flag):
+    # --deterministic reaches the core op of every critic call of every model (training steps,
+    # NCE-CLUB steps, the MI probes of the evaluation) and turns on PyTorch's deterministic
+    # algorithms for the run only; without it neither happens.
+    from factorcl_ext import ops
+
+    backend = _fused_or_reference()
+    if backend == "reference":
+        pytest.skip("the fused CPU kernels are not built")
+    seen, torch_mode = [], []
+    real_core, real_step = ops._core, T.main_step
+
+    def core(name, backend, deterministic):
+        seen.append((name, deterministic))
+        return real_core(name, backend, deterministic)
+
+    def step(*args, **kw):
+        torch_mode.append(torch.are_deterministic_algorithms_enabled())
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(ops, "_core", core)
+    monkeypatch.setattr(T, "main_step", step)
+    before = torch.are_deterministic_algorithms_enabled()
+    out = tmp_path / "cmp"
+    argv = ["compare", "--out", str(out), "--epochs", "1", "--backend", backend, *TINY,
+            "--models", "factorcl-sup,factorcl-ssl,simclr,supcon", "--mi-probe-steps", "2"]
+    assert cli.main(argv + (["--deterministic"] if flag else [])) == 0
+    assert torch.are_deterministic_algorithms_enabled() == before  # restored
+    assert torch_mode and set(torch_mode) == {flag or before}
+    assert {name for name, _ in seen} == {"pair_mlp_loss", "pair_dot_loss"}
+    assert {d for _, d in seen} == {flag}
+    for model in ("factorcl-sup", "simclr"):  # the MI probes ran (their calls are in `seen`)
+        metrics = json.loads((out / f"{model}-seed0" / "metrics.json").read_text())
+        assert any(k.startswith("infonce I(") for k in metrics["mi"]), metrics["mi"]
+    ckpt = torch.load(out / "factorcl-sup-seed0" / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["model_cfg"]["critic_deterministic"] is flag
+
+
+def test_resume_may_change_how_critics_are_computed(tmp_path):
+    # --backend and --deterministic choose how the critics are computed, not what: a run made
+    # with the materialising reference continues on the fused kernels to rounding, while
+    # compare, which reuses a finished run as it is, treats them as other settings.
+    backend = _fused_or_reference()
+    if backend == "reference":
+        pytest.skip("the fused CPU kernels are not built")
+    d = _data()
+    cfg = _cfg("factorcl-ssl", dtype="float64")  # SMALL: critic_backend="reference"
+    full = T.train(cfg, d, str(tmp_path / "full"))
+    part = T.train(cfg, d, str(tmp_path / "part"), stop_at_step=5)
+    fused = _cfg("factorcl-ssl", dtype="float64", model_cfg=dataclasses.replace(
+        SMALL, critic_backend=backend, critic_deterministic=True))
+    resumed = T.train(fused, d, str(tmp_path / "part"), resume=part["checkpoint"])
+    assert resumed["steps"] == full["steps"] and resumed["backend"] == "cpu"
+    # Adam turns the rounding noise of a gradient that is zero by construction into whole
+    # steps, so those parameters are left out; the rest agree to float64 rounding.
+    model = full["model_ref"]
+    skip = _zero_gradient_by_construction(model)
+    a = [p.detach() for p in model.parameters() if id(p) not in skip]
+    b = [p.detach() for p in resumed["model_ref"].parameters()
+         if id(p) not in _zero_gradient_by_construction(resumed["model_ref"])]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-9)
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], rel=1e-9)
+    with pytest.raises(T.TrainError, match="critic_backend='auto' but this run has "
+                                           "critic_backend='reference'"):
+        T.previous_run(str(tmp_path / "part"), cfg, d)
+
+
+def test_checkpoints_from_before_a_setting_existed_still_match(tmp_path):
+    # A checkpoint written before a setting was added (here critic_deterministic) is compared as
+    # if it had the setting's default: compare reuses it rather than refusing it.
+    d = _data()
+    cfg = _cfg("simclr", probe=True)
+    T.train(cfg, d, str(tmp_path))
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["model_cfg"]["critic_deterministic"]
+    T.save_checkpoint(str(path), state)
+    assert T.previous_run(str(tmp_path), cfg, d)["metrics"] is not None
+    with pytest.raises(T.TrainError, match="critic_deterministic=False but this run has "
+                                           "critic_deterministic=True"):
+        T.previous_run(str(tmp_path), _cfg("simclr", probe=True, model_cfg=M.ModelConfig(
+            **{**SMALL.__dict__, "critic_deterministic": True})), d)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["factorcl-ssl", "supcon"])
+def test_gpu_training_with_deterministic_critics_resumes_bit_identically(tmp_path, monkeypatch,
+                                                                         backend, name):
+    # The trainer on a GPU (bfloat16 autocast, the default there), evaluation and InfoNCE MI
+    # probes included; with deterministic critics and PyTorch's deterministic algorithms (what
+    # --deterministic turns on) a resumed run equals an uninterrupted one bit for bit.
+    import factorcl_ext
+
+    if backend not in factorcl_ext.available_backends():
+        pytest.skip(f"{backend} is not available here")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        d = _data()
+        cfg = _cfg(name, device="cuda", probe=True, mi_probe_steps=3, checkpoint_every=3,
+                   model_cfg=dataclasses.replace(SMALL, critic_backend=backend,
+                                                 critic_deterministic=True))
+        full = T.train(cfg, d, str(tmp_path / "full"))
+        part = T.train(cfg, d, str(tmp_path / "part"), stop_at_step=7)
+        resumed = T.train(cfg, d, str(tmp_path / "part"), resume=part["checkpoint"])
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert full["backend"] == backend and full["device"].startswith("cuda")
+    a, b = full["model_ref"].state_dict(), resumed["model_ref"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["final_loss"] == full["final_loss"]
+    assert resumed["mi"] == full["mi"] and any(k.startswith("infonce I(") for k in full["mi"])
+    assert full["probe_accuracy"] > full["chance_accuracy"]
 
 
 def _env():

@@ -8,6 +8,7 @@ during training saves a checkpoint and exits with status 130. Run data parallel 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -118,6 +119,10 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--backend", default="auto",
                    choices=("auto", "cpu", "triton", "cuda", "reference"),
                    help="critic backend (auto: fused cpu on CPU, cuda/triton on GPU)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bit-identical runs on GPUs: the critic kernels' deterministic path "
+                        "(Triton: no float32 atomics, a slower backward) and PyTorch's "
+                        "deterministic algorithms; on the CPU the run already is")
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=d["epochs"])
@@ -157,7 +162,8 @@ def _train_config(args, model: str, seed: int):
     mc = ModelConfig(embed_dim=args.embed_dim, backbone=args.backbone,
                      backbone_hidden=args.backbone_hidden, backbone_layers=args.backbone_layers,
                      critic_hidden=args.critic_hidden, critic_layers=args.critic_layers,
-                     temperature=args.temperature, critic_backend=args.backend)
+                     temperature=args.temperature, critic_backend=args.backend,
+                     critic_deterministic=args.deterministic)
     return TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        club_lr=args.club_lr, num_club_iter=args.num_club_iter, seed=seed,
                        device=args.device, amp=args.amp, dtype=args.dtype,
@@ -180,7 +186,7 @@ def _load_data(args, seed: int):
                           task=args.task, test_fraction=args.test_fraction, seed=seed)
 
 
-def _preflight(backend: str, device_name: str) -> str:
+def _preflight(backend: str, device_name: str, deterministic: bool = False) -> str:
     """Resolve the backend and run one tiny critic through it, so that a backend that cannot
     run here fails now, in one line, rather than inside the first training step."""
     import torch
@@ -192,7 +198,8 @@ def _preflight(backend: str, device_name: str) -> str:
     device = resolve_device(device_name)
     resolved = resolve_backend(backend, device)
     try:
-        critic = InfoNCECritic(3, 2, 4, 1, "relu", backend=resolved).to(device)
+        critic = InfoNCECritic(3, 2, 4, 1, "relu", backend=resolved,
+                               deterministic=deterministic).to(device)
         x = torch.randn(3, 3, device=device, requires_grad=True)
         critic(x, torch.randn(3, 2, device=device)).backward()
     except Exception as exc:  # a missing or unimplemented kernel
@@ -206,7 +213,7 @@ def _cmd_train(args, log) -> int:
     from .distributed import init_from_env
     from .train import resolve_device, train
 
-    _preflight(args.backend, args.device)
+    _preflight(args.backend, args.device, args.deterministic)
     device = resolve_device(args.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # one GPU per torchrun process
@@ -247,7 +254,7 @@ def _cmd_compare(args, log) -> int:
     for m in args.models:
         if m not in MODELS:
             raise _usage(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
-    _preflight(args.backend, args.device)
+    _preflight(args.backend, args.device, args.deterministic)
     cfg = _train_config(args, args.models[0], args.seeds[0])
     if args.dataset != "synthetic":
         _load_data(args, args.seeds[0])  # fail early on unusable data
@@ -263,25 +270,36 @@ def _cmd_compare(args, log) -> int:
 
 
 def _cmd_mi_bench(args, log) -> int:
-    from .mi_bench import MIBenchConfig, run_large_batch, run_mi_bench
+    from .mi_bench import (
+        LARGE_BATCH_FILE,
+        STAIRCASE_FILE,
+        MIBenchConfig,
+        check_previous_results,
+        run_large_batch,
+        run_mi_bench,
+    )
 
-    _preflight(args.backend, "cpu")
     overrides = {k: v for k, v in dict(
         dims=args.dims, levels=args.levels, steps_per_level=args.steps_per_level,
         tail_steps=args.tail_steps, batch=args.batch, hidden=args.hidden, layers=args.layers,
         lr=args.lr, estimators=args.estimators, large_batch_sizes=args.large_batch_sizes,
         large_batch_steps=args.large_batch_steps,
     ).items() if v is not None}
-    overrides.update(cubic=args.cubic, backend=args.backend, seed=args.seed)
+    overrides.update(cubic=args.cubic, backend=args.backend, device=args.device, seed=args.seed)
     cfg = MIBenchConfig.quick(**overrides) if args.quick else MIBenchConfig(**overrides)
+    files = (STAIRCASE_FILE,) if args.no_large_batch else (STAIRCASE_FILE, LARGE_BATCH_FILE)
     try:
         cfg.validate()
+        if not args.overwrite:  # both files checked before either run starts
+            check_previous_results(cfg, args.out, files)
     except ValueError as exc:
         raise _usage(str(exc)) from None
-    out = run_mi_bench(cfg, args.out, log=log)
+    _preflight(args.backend, args.device)
+    progress = not args.no_progress
+    out = run_mi_bench(cfg, args.out, log=log, overwrite=True, progress=progress)
     log(f"[mi-bench] findings: {json.dumps(out['findings'])}")
     if not args.no_large_batch:
-        lb = run_large_batch(cfg, args.out, log=log)
+        lb = run_large_batch(cfg, args.out, log=log, overwrite=True, progress=progress)
         log(f"[mi-bench] InfoNCE estimate rises with the batch: {lb['rises_with_batch']}")
     log(f"[mi-bench] wrote {args.out}/mi_bench.json, mi_bench.png"
         + ("" if args.no_large_batch else ", mi_large_batch.json, mi_large_batch.png"))
@@ -338,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--large-batch-steps", type=_positive_int, default=None)
     m.add_argument("--backend", default="auto",
                    choices=("auto", "cpu", "triton", "cuda", "reference"))
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda[:k]")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace results of other settings already in --out")
     return p
 
 
@@ -355,13 +377,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     commands = {"train": _cmd_train, "compare": _cmd_compare, "mi-bench": _cmd_mi_bench}
     try:
-        return commands[args.command](args, log)
+        with _deterministic_mode(getattr(args, "deterministic", False)):
+            return commands[args.command](args, log)
     except (DataError, TrainError, _UsageError) as exc:
         print(f"factorcl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"factorcl {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _deterministic_mode(on: bool):
+    """``--deterministic``: besides the critics' own deterministic path (``ModelConfig``),
+    PyTorch's deterministic algorithms for the backbones and optimisers, with the fixed cuBLAS
+    workspace they need on GPUs (set before the first GPU matrix product). An op that has no
+    deterministic implementation warns, naming itself, rather than stopping the run. The
+    previous settings come back afterwards (``main`` may run inside a larger program)."""
+    if not on:
+        yield
+        return
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 if __name__ == "__main__":

@@ -82,22 +82,25 @@ def gaussian_mi(a: Tensor, b: Tensor, k: int = 8) -> float:
 
 def infonce_mi_probe(a: Tensor, b: Tensor, steps: int = 200, batch: int = 256,
                      hidden: int = 256, lr: float = 1e-3, backend: str = "auto",
-                     seed: int = 0) -> float:
+                     seed: int = 0, device="cpu",
+                     deterministic: bool = False) -> float:
     """InfoNCE estimate of I(a; b) (nats, at most log ``batch``) by a concat critic trained for
-    ``steps`` Adam steps on random batches, averaged over the last quarter of the steps."""
+    ``steps`` Adam steps on random batches, averaged over the last quarter of the steps. The
+    critic runs on ``device`` with ``backend`` (a GPU backend needs a CUDA ``device``)."""
     from factorcl_ext.nn import FusedConcatCritic
 
     g = D.make_generator(seed, "mi-probe")
     a = (a - a.mean(0)) / a.std(0).clamp_min(1e-6)
     b = (b - b.mean(0)) / b.std(0).clamp_min(1e-6)
-    a, b = a.float(), b.float()
+    a, b = a.to(device, torch.float32), b.to(device, torch.float32)
     torch.manual_seed(D.derive_seed(seed, "mi-probe-init"))
-    critic = FusedConcatCritic(a.shape[1], b.shape[1], hidden, layers=0, backend=backend)
+    critic = FusedConcatCritic(a.shape[1], b.shape[1], hidden, layers=0, backend=backend,
+                               deterministic=deterministic).to(device)
     opt = torch.optim.Adam(critic.parameters(), lr=lr)
     batch = min(batch, a.shape[0])
     values = []
     for _ in range(steps):
-        idx = torch.randperm(a.shape[0], generator=g)[:batch]
+        idx = torch.randperm(a.shape[0], generator=g)[:batch].to(device)
         est = critic.infonce_lower_bound(a[idx], b[idx])
         opt.zero_grad(set_to_none=True)
         (-est).backward()
@@ -125,7 +128,8 @@ def latent_r2(rep_train: Tensor, lat_train: Tensor, rep_test: Tensor, lat_test: 
 
 
 def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.float32,
-             seed: int = 0, mi_probe_steps: int = 0, backend: str = "auto") -> dict:
+             seed: int = 0, mi_probe_steps: int = 0, backend: str = "auto",
+             deterministic: bool = False) -> dict:
     """Linear-probe accuracy of every representation, MI probes (``mi``), and for synthetic data
     the latent R^2 of each representation.
 
@@ -149,9 +153,9 @@ def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.
     for a, b in pairs:
         mi[f"gaussian I({a};{b})"] = gaussian_mi(reps_te[a], reps_te[b])
         if mi_probe_steps:
-            mi[f"infonce I({a};{b})"] = infonce_mi_probe(reps_te[a], reps_te[b],
-                                                         steps=mi_probe_steps, backend=backend,
-                                                         seed=seed)
+            mi[f"infonce I({a};{b})"] = infonce_mi_probe(
+                reps_te[a], reps_te[b], steps=mi_probe_steps, backend=backend, seed=seed,
+                device=device, deterministic=deterministic)
     out["mi"] = mi
     if data.latents:
         r2 = {}

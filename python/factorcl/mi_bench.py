@@ -35,9 +35,13 @@ from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic
 
 from . import data as D
 
-__all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS"]
+__all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS",
+           "STAIRCASE_FILE", "LARGE_BATCH_FILE", "check_previous_results"]
 
 ESTIMATORS = ("infonce", "club", "nce-club")
+STAIRCASE_FILE = "mi_bench.json"
+LARGE_BATCH_FILE = "mi_large_batch.json"
+_SHARED_KEYS = ("layers", "cubic", "backend", "device", "seed")  # used by both modes
 
 
 @dataclass
@@ -53,6 +57,7 @@ class MIBenchConfig:
     estimators: tuple = ESTIMATORS
     cubic: bool = False
     backend: str = "auto"
+    device: str = "auto"  # auto: cuda when available
     seed: int = 0
     # large-batch mode
     large_batch: bool = True
@@ -86,6 +91,34 @@ class MIBenchConfig:
             raise ValueError("--large-batch-sizes must be at least 2")
 
 
+def check_previous_results(cfg: MIBenchConfig, out_dir: str, files=(STAIRCASE_FILE,
+                                                                     LARGE_BATCH_FILE)) -> None:
+    """Refuse (ValueError naming the first differing setting) when ``out_dir`` holds results of
+    ``files`` made with other settings that file depends on: a run would replace them. Results
+    of the same settings are recomputed identically, so they may be replaced."""
+    mine = json.loads(json.dumps(asdict(cfg)))
+    for name in files:
+        if name == STAIRCASE_FILE:
+            keys = [k for k in mine if not k.startswith("large_batch")]
+        else:
+            keys = [k for k in mine if k.startswith("large_batch_") or k in _SHARED_KEYS]
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                theirs = json.load(f)["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"{path} exists and is not a result of this benchmark; pass "
+                             "--overwrite to replace it, or choose another --out") from None
+        for key in keys:
+            if theirs.get(key) != mine[key]:
+                raise ValueError(
+                    f"{out_dir} holds {name} made with {key}={theirs.get(key)!r} but this run "
+                    f"has {key}={mine[key]!r}; pass --overwrite to replace it, or choose "
+                    "another --out")
+
+
 class CLUBGaussian(nn.Module):
     """CLUB (Cheng et al. 2020) with a Gaussian ``q(y|x) = N(mu(x), exp(logvar(x)))``.
 
@@ -115,7 +148,7 @@ class CLUBGaussian(nn.Module):
         return (((mu - y) ** 2) * torch.exp(-logvar) + logvar).sum(1).mean()
 
 
-def _make_estimators(cfg: MIBenchConfig, dim: int) -> dict:
+def _make_estimators(cfg: MIBenchConfig, dim: int, device: torch.device) -> dict:
     est = {}
     for name in cfg.estimators:
         torch.manual_seed(D.derive_seed(cfg.seed, "mi-init", dim, name))
@@ -126,6 +159,7 @@ def _make_estimators(cfg: MIBenchConfig, dim: int) -> dict:
         else:
             est[name] = CLUBInfoNCECritic(dim, dim, cfg.hidden, cfg.layers, "relu",
                                           backend=cfg.backend)
+        est[name].to(device)
     return est
 
 
@@ -152,36 +186,73 @@ def _downsample(values: list, points: int = 400) -> list:
     return [round(float(v), 5) for v in arr]
 
 
-def run_mi_bench(cfg: MIBenchConfig, out_dir: str, log=print) -> dict:
-    """The staircase benchmark for every dimension; writes ``mi_bench.json`` and ``.png``."""
+def _prepare(cfg: MIBenchConfig, out_dir: str, name: str, overwrite: bool) -> torch.device:
+    from .train import resolve_device
+
     cfg.validate()
+    if not overwrite:
+        check_previous_results(cfg, out_dir, (name,))
+    device = resolve_device(cfg.device)
     os.makedirs(out_dir, exist_ok=True)
+    return device
+
+
+def _progress(total: int, enabled: bool):
+    from .train import _progress_bar
+
+    return _progress_bar(total, 0, enabled)
+
+
+def _log_above(bar, log, msg: str) -> None:
+    """``log(msg)`` on its own line above the progress bar, if one is shown."""
+    if bar is None:
+        log(msg)
+        return
+    bar.clear()
+    log(msg)
+    bar.refresh()
+
+
+def run_mi_bench(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: bool = False,
+                 progress: bool = False) -> dict:
+    """The staircase benchmark for every dimension; writes ``mi_bench.json`` and ``.png``.
+    Results of other settings already in ``out_dir`` are refused unless ``overwrite``;
+    ``progress``: a progress bar on a terminal."""
+    device = _prepare(cfg, out_dir, STAIRCASE_FILE, overwrite)
     threads = torch.get_num_threads()
     # Batch-64 ops are too small to split across threads: extra threads only wait at barriers
     # (7x slower on a busy 2-core machine).
     torch.set_num_threads(1)
+    bar = _progress(len(cfg.dims) * len(cfg.levels) * cfg.steps_per_level, progress)
     try:
-        return _run_staircase(cfg, out_dir, log)
+        return _run_staircase(cfg, out_dir, log, device, bar)
     finally:
         torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
 
 
-def _run_staircase(cfg: MIBenchConfig, out_dir: str, log) -> dict:
+def _run_staircase(cfg: MIBenchConfig, out_dir: str, log, device: torch.device, bar) -> dict:
     tail = cfg.tail_steps or max(1, cfg.steps_per_level // 2)
     results: dict = {}
     traces: dict = {}
     t_start = time.perf_counter()
     for dim in cfg.dims:
-        est = _make_estimators(cfg, dim)
+        est = _make_estimators(cfg, dim, device)
         opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in est.items()}
         values = {k: [] for k in est}
         t0 = time.perf_counter()
         for li, level in enumerate(cfg.levels):
+            if bar is not None:
+                bar.set_description(f"dim {dim}, {level:g} nats")
             for s in range(cfg.steps_per_level):
                 g = D.make_generator(cfg.seed, "mi", dim, li, s)
                 x, y = D.sample_correlated_gaussian(cfg.batch, dim, level, g, cubic=cfg.cubic)
+                x, y = x.to(device), y.to(device)
                 for k in est:
                     values[k].append(_step(k, est[k], opts[k], x, y))
+                if bar is not None:
+                    bar.update(1)
         secs = time.perf_counter() - t0
         res = {}
         for k, vals in values.items():
@@ -198,8 +269,8 @@ def _run_staircase(cfg: MIBenchConfig, out_dir: str, log) -> dict:
         traces[str(dim)] = {k: _downsample(v) for k, v in values.items()}
         summary = "; ".join(
             f"{k} " + " ".join(f"{r['mean']:.2f}" for r in res[k].values()) for k in res)
-        log(f"[mi-bench] dim {dim} ({secs:.1f} s): mean estimate per level "
-            f"{'/'.join(f'{lv:g}' for lv in cfg.levels)}: {summary}")
+        _log_above(bar, log, f"[mi-bench] dim {dim} ({secs:.1f} s): mean estimate per level "
+                   f"{'/'.join(f'{lv:g}' for lv in cfg.levels)}: {summary}")
     out = {
         "config": asdict(cfg), "tail_steps": tail, "log_batch": math.log(cfg.batch),
         "results": results, "traces": traces,
@@ -208,7 +279,7 @@ def _run_staircase(cfg: MIBenchConfig, out_dir: str, log) -> dict:
         "seconds": time.perf_counter() - t_start,
     }
     out["findings"] = _findings(out)
-    with open(os.path.join(out_dir, "mi_bench.json"), "w") as f:
+    with open(os.path.join(out_dir, STAIRCASE_FILE), "w") as f:
         json.dump(out, f, indent=1)
     _plot_staircase(out, os.path.join(out_dir, "mi_bench.png"))
     return out
@@ -276,36 +347,46 @@ def _plot_staircase(out: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print) -> dict:
+def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: bool = False,
+                    progress: bool = False) -> dict:
     """InfoNCE at true MI ``large_batch_mi`` for each batch size in ``large_batch_sizes``;
-    writes ``mi_large_batch.json`` / ``.png``."""
-    cfg.validate()
-    os.makedirs(out_dir, exist_ok=True)
+    writes ``mi_large_batch.json`` / ``.png`` (``overwrite``, ``progress``: as
+    :func:`run_mi_bench`)."""
+    device = _prepare(cfg, out_dir, LARGE_BATCH_FILE, overwrite)
     dim, mi = cfg.large_batch_dim, cfg.large_batch_mi
     rows = []
-    for n in cfg.large_batch_sizes:
-        torch.manual_seed(D.derive_seed(cfg.seed, "lb-init", n))
-        critic = InfoNCECritic(dim, dim, cfg.large_batch_hidden, cfg.layers, "relu",
-                               backend=cfg.backend)
-        opt = torch.optim.Adam(critic.parameters(), lr=cfg.large_batch_lr)
-        vals = []
-        t0 = time.perf_counter()
-        for s in range(cfg.large_batch_steps):
-            g = D.make_generator(cfg.seed, "lb", n, s)
-            x, y = D.sample_correlated_gaussian(n, dim, mi, g, cubic=cfg.cubic)
-            vals.append(_step("infonce", critic, opt, x, y))
-        secs = time.perf_counter() - t0
-        tail = vals[-max(1, cfg.large_batch_steps // 4):]
-        row = {"batch": n, "log_batch": math.log(n), "estimate": float(np.mean(tail)),
-               "true_mi": mi, "seconds_per_step": secs / cfg.large_batch_steps,
-               "materialised_pair_tensor_bytes": 4 * n * n * cfg.large_batch_hidden}
-        rows.append(row)
-        log(f"[mi-bench] large batch N={n}: InfoNCE {row['estimate']:.2f} nats "
-            f"(log N = {row['log_batch']:.2f}, true {mi:g}), {row['seconds_per_step'] * 1e3:.0f} "
-            "ms/step")
+    bar = _progress(len(cfg.large_batch_sizes) * cfg.large_batch_steps, progress)
+    try:
+        for n in cfg.large_batch_sizes:
+            torch.manual_seed(D.derive_seed(cfg.seed, "lb-init", n))
+            critic = InfoNCECritic(dim, dim, cfg.large_batch_hidden, cfg.layers, "relu",
+                                   backend=cfg.backend).to(device)
+            opt = torch.optim.Adam(critic.parameters(), lr=cfg.large_batch_lr)
+            vals = []
+            if bar is not None:
+                bar.set_description(f"large batch N={n}")
+            t0 = time.perf_counter()
+            for s in range(cfg.large_batch_steps):
+                g = D.make_generator(cfg.seed, "lb", n, s)
+                x, y = D.sample_correlated_gaussian(n, dim, mi, g, cubic=cfg.cubic)
+                vals.append(_step("infonce", critic, opt, x.to(device), y.to(device)))
+                if bar is not None:
+                    bar.update(1)
+            secs = time.perf_counter() - t0
+            tail = vals[-max(1, cfg.large_batch_steps // 4):]
+            row = {"batch": n, "log_batch": math.log(n), "estimate": float(np.mean(tail)),
+                   "true_mi": mi, "seconds_per_step": secs / cfg.large_batch_steps,
+                   "materialised_pair_tensor_bytes": 4 * n * n * cfg.large_batch_hidden}
+            rows.append(row)
+            _log_above(bar, log, f"[mi-bench] large batch N={n}: InfoNCE {row['estimate']:.2f} "
+                       f"nats (log N = {row['log_batch']:.2f}, true {mi:g}), "
+                       f"{row['seconds_per_step'] * 1e3:.0f} ms/step")
+    finally:
+        if bar is not None:
+            bar.close()
     out = {"config": asdict(cfg), "rows": rows,
            "rises_with_batch": all(b["estimate"] > a["estimate"] for a, b in zip(rows, rows[1:]))}
-    with open(os.path.join(out_dir, "mi_large_batch.json"), "w") as f:
+    with open(os.path.join(out_dir, LARGE_BATCH_FILE), "w") as f:
         json.dump(out, f, indent=1)
     _plot_large_batch(out, os.path.join(out_dir, "mi_large_batch.png"))
     return out

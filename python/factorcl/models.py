@@ -73,6 +73,7 @@ class ModelConfig:
     activation: str = "relu"
     temperature: float = 0.07
     critic_backend: str = "auto"
+    critic_deterministic: bool = False  # bit-identical critic kernels run to run (GPU backends)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def _concat_loss(critic: nn.Module, rows: Tensor, cols: Tensor, rows_first: bool
     return fx.concat_critic_loss(
         *cast[:5], [w.to(dtype) for w in hw], [b.to(dtype) for b in hb], cast[5], cast[6],
         c_lse=c_lse, c_pos=c_pos, c_rowsum=c_rowsum, activation=critic.activation,
-        pos_offset=pos_offset, backend=critic.backend,
+        pos_offset=pos_offset, backend=critic.backend, deterministic=critic.deterministic,
     )
 
 
@@ -221,7 +222,7 @@ def club_learning_loss(critic: CLUBInfoNCECritic, x: Tensor, y: Tensor,
 
 def separable_contrastive_loss(z1: Tensor, z2: Tensor, labels: Optional[Tensor], num_classes: int,
                                temperature: float, base_temperature: float, backend: str,
-                               comm: Comm = Comm()) -> Tensor:
+                               comm: Comm = Comm(), deterministic: bool = False) -> Tensor:
     """SimCLR (``labels`` None) or SupCon on two views, L2-normalised, as ``SupConLoss`` with
     ``contrast_mode='all'`` on ``features = stack([z1, z2], 1)`` of the global batch, computed on
     the local anchors against all gathered views with the fused separable critic."""
@@ -242,11 +243,11 @@ def separable_contrastive_loss(z1: Tensor, z2: Tensor, labels: Optional[Tensor],
         if labels is None:
             loss = loss + fx.separable_critic_loss(
                 rows, cols, c_lse=c, c_pos=-c, temperature=temperature, pos_offset=b + off,
-                exclude_offset=off, backend=backend)
+                exclude_offset=off, backend=backend, deterministic=deterministic)
         else:
             loss = loss + fx.separable_critic_loss(
                 rows, cols, c_lse=c, temperature=temperature, pos_offset=None,
-                exclude_offset=off, backend=backend)
+                exclude_offset=off, backend=backend, deterministic=deterministic)
     if labels is not None:
         # Mean score over each anchor's positives (every other view of its class) from class sums.
         y_all = comm.gather(labels)
@@ -316,7 +317,7 @@ class _FactorCL(_TwoBackbones):
             "club_x1x2_cond": nn.ModuleList([_head(e, act), _head(e, act)]),
         })
         kw = dict(hidden_dim=cfg.critic_hidden, layers=cfg.critic_layers, activation=act,
-                  backend=cfg.critic_backend)
+                  backend=cfg.critic_backend, deterministic=cfg.critic_deterministic)
         self.critics = nn.ModuleDict({
             "infonce_x1x2": InfoNCECritic(e, e, **kw),
             "club_x1x2": CLUBInfoNCECritic(e, e, **kw),
@@ -465,7 +466,8 @@ class _SeparableBaseline(_TwoBackbones):
         z2 = self.projections[1](self.backbones[1](batch.x2))
         loss = separable_contrastive_loss(
             z1, z2, batch.y if self.use_labels else None, self.num_classes,
-            self.cfg.temperature, self.cfg.temperature, self.cfg.critic_backend, comm)
+            self.cfg.temperature, self.cfg.temperature, self.cfg.critic_backend, comm,
+            deterministic=self.cfg.critic_deterministic)
         return loss, {"supcon" if self.use_labels else "simclr": loss}
 
     @torch.no_grad()

@@ -119,7 +119,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        mc = ModelConfig(**d.pop("model_cfg", {}))
+        m = d.pop("model_cfg", {})
+        known_m = {f.name for f in dataclasses.fields(ModelConfig)}
+        mc = ModelConfig(**{k: v for k, v in m.items() if k in known_m})
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(model_cfg=mc, **{k: v for k, v in d.items() if k in known})
 
@@ -205,6 +207,8 @@ def _data_fingerprint(data: D.PairedData) -> dict:
 
 # Settings that change nothing a run computes: a run is continued or reused across them.
 _PRESENTATION_KEYS = ("progress", "checkpoint_every", "log_every")
+# Model settings that pick how the critics are computed, not what: a resume may change them.
+_KERNEL_KEYS = ("critic_backend", "critic_deterministic")
 
 
 def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict: bool
@@ -213,15 +217,15 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
     only the settings a resumed run must share for its result to be an uninterrupted run's (the
     epochs, backend and evaluation may change); ``strict=True``: every setting but the
     presentation ones."""
-    old = state["config"]
+    old = TrainConfig.from_dict(state["config"]).to_dict()  # settings added since: defaults
     new = cfg.to_dict()
-    old_m, new_m = old.get("model_cfg", {}), new.pop("model_cfg")
+    old_m, new_m = old.pop("model_cfg"), new.pop("model_cfg")
     keys = [k for k in new if k not in _PRESENTATION_KEYS] if strict else _RESUME_KEYS
-    model_keys = [k for k in new_m if strict or k != "critic_backend"]
+    model_keys = [k for k in new_m if strict or k not in _KERNEL_KEYS]
     for where_old, where_new, names in ((old, new, keys), (old_m, new_m, model_keys)):
         for key in names:
-            if where_old.get(key) != where_new[key]:
-                return (f"the checkpoint was made with {key}={where_old.get(key)!r} but this run "
+            if where_old[key] != where_new[key]:
+                return (f"the checkpoint was made with {key}={where_old[key]!r} but this run "
                         f"has {key}={where_new[key]!r}")
     if state.get("data") != _data_fingerprint(data):
         return "the checkpoint was trained on different data"
@@ -500,7 +504,8 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
 
         t_eval = time.perf_counter()
         summary.update(evaluate(model, data, device=device, dtype=dtype, seed=cfg.seed,
-                                mi_probe_steps=cfg.mi_probe_steps, backend=backend))
+                                mi_probe_steps=cfg.mi_probe_steps, backend=backend,
+                                deterministic=cfg.model_cfg.critic_deterministic))
         summary["eval_seconds"] = time.perf_counter() - t_eval
     out = {k: v for k, v in summary.items() if k != "model_ref"}
     with open(metrics_path, "w") as f:
