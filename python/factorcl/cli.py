@@ -211,7 +211,7 @@ def _preflight(backend: str, device_name: str, deterministic: bool = False) -> s
 
 def _cmd_train(args, log) -> int:
     from .distributed import init_from_env
-    from .train import resolve_device, train
+    from .train import METRICS_FILE, resolve_device, train
 
     _preflight(args.backend, args.device, args.deterministic)
     device = resolve_device(args.device)
@@ -243,7 +243,7 @@ def _cmd_train(args, log) -> int:
         acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["accuracies"].items())
         log(f"[train] {res['steps']} steps in {res['seconds']:.1f} s "
             f"({res['samples_per_second']:.0f} samples/s, backend {res['backend']}); "
-            f"linear probe: {acc}; metrics in {os.path.join(args.out, 'metrics.json')}")
+            f"linear probe: {acc}; metrics in {os.path.join(args.out, METRICS_FILE)}")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from . import data as D
 from .models import MODELS
-from .train import TrainConfig, previous_run, train
+from .train import METRICS_FILE, TrainConfig, previous_run, train
 
 __all__ = ["compare", "markdown_table", "bar_chart"]
 
@@ -46,7 +46,7 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
             prior = None if overwrite else previous_run(run_dir, run_cfg, data)
             if prior is not None and prior["metrics"] is not None:
                 log(f"[compare] {_LABELS[m]} seed {seed}: finished earlier, reusing "
-                    f"{os.path.join(run_dir, 'metrics.json')}")
+                    f"{os.path.join(run_dir, METRICS_FILE)}")
                 res = prior["metrics"]
             else:
                 res = train(run_cfg, data, run_dir, log=log, overwrite=overwrite,

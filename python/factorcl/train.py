@@ -41,6 +41,8 @@ __all__ = ["TrainConfig", "TrainError", "train", "previous_run", "save_checkpoin
            "load_checkpoint", "resolve_device", "resolve_backend", "main_step", "club_step"]
 
 CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
+# The files of a run directory (--out).
+CHECKPOINT_FILE, METRICS_FILE, METRICS_LOG_FILE = "checkpoint.pt", "metrics.json", "metrics.jsonl"
 # Settings a resumed run must share with its checkpoint for the result to be the same.
 _RESUME_KEYS = ("model", "batch_size", "lr", "club_lr", "num_club_iter", "seed", "aug_noise",
                 "aug_drop", "augmentations", "dtype")
@@ -243,7 +245,7 @@ def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional
     when there is no checkpoint; else ``{"checkpoint": path, "metrics": m}`` where
     ``m`` is its metrics.json when it finished, else None. A run with other settings raises a
     TrainError (``factorcl compare`` continues or reuses runs; it never replaces one silently)."""
-    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    ckpt = os.path.join(out_dir, CHECKPOINT_FILE)
     if not os.path.exists(ckpt):
         return None
     state = load_checkpoint(ckpt, what=out_dir)
@@ -253,7 +255,7 @@ def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional
                          "it, or choose another --out")
     metrics = None
     with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(out_dir, "metrics.json")) as f:
+        with open(os.path.join(out_dir, METRICS_FILE)) as f:
             metrics = json.load(f)
     finished = (isinstance(metrics, dict) and not metrics.get("interrupted")
                 and metrics.get("steps") == metrics.get("total_steps") == state["step"])
@@ -362,9 +364,9 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     opt = torch.optim.Adam(main_params, lr=cfg.lr)
     club_opt = torch.optim.Adam(club_params, lr=cfg.club_lr or cfg.lr) if club_params else None
 
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    jsonl_path = os.path.join(out_dir, "metrics.jsonl")
-    metrics_path = os.path.join(out_dir, "metrics.json")
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
+    jsonl_path = os.path.join(out_dir, METRICS_LOG_FILE)
+    metrics_path = os.path.join(out_dir, METRICS_FILE)
     state = load_checkpoint(resume) if resume else None
     if (os.path.exists(ckpt_path) and not overwrite
             and not (resume and os.path.samefile(resume, ckpt_path))):
