@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
+    for name in ("batch", "dim", "hidden", "layers", "repeats"):
+        least = 0 if name == "layers" else 1
+        if getattr(args, name) < least:
+            p.error(f"--{name} must be at least {least}, got {getattr(args, name)}")
     torch.manual_seed(0)
     n, d, h, L = args.batch, args.dim, args.hidden, args.layers
     info = build_info()

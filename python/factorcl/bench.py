@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import data as D
+from .cli import _positive_int
 from .models import MODELS, Batch, ModelConfig, build_model
 from .train import club_step, main_step
 
@@ -63,11 +64,11 @@ def step_seconds(repeats: int = 3, **kwargs) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default="factorcl-sup")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=_positive_int, default=256)
     p.add_argument("--backends", default="reference,cpu")
-    p.add_argument("--critic-hidden", type=int, default=512)
-    p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--critic-hidden", type=_positive_int, default=512)
+    p.add_argument("--embed-dim", type=_positive_int, default=128)
+    p.add_argument("--repeats", type=_positive_int, default=3)
     args = p.parse_args(argv)
     first = None
     for backend in [b for b in args.backends.split(",") if b]:
