@@ -396,8 +396,8 @@ def test_checkpoints_from_before_a_setting_existed_still_match(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name", ["factorcl-ssl", "supcon"])
-def test_gpu_training_with_deterministic_critics_resumes_bit_identically(tmp_path, monkeypatch,
-                                                                         backend, name):
+def test_gpu_training_with_deterministic_critics_resumes_bit_identically(tmp_path, backend,
+                                                                         name):
     # The trainer on a GPU (bfloat16 autocast, the default there), evaluation and InfoNCE MI
     # probes included; with deterministic critics and PyTorch's deterministic algorithms (what
     # --deterministic turns on) a resumed run equals an uninterrupted one bit for bit.
@@ -405,20 +405,14 @@ def test_gpu_training_with_deterministic_critics_resumes_bit_identically(tmp_pat
 
     if backend not in factorcl_ext.available_backends():
         pytest.skip(f"{backend} is not available here")
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        d = _data()
-        cfg = _cfg(name, device="cuda", probe=True, mi_probe_steps=3, checkpoint_every=3,
-                   model_cfg=dataclasses.replace(SMALL, critic_backend=backend,
-                                                 critic_deterministic=True))
+    d = _data()
+    cfg = _cfg(name, device="cuda", probe=True, mi_probe_steps=3, checkpoint_every=3,
+               model_cfg=dataclasses.replace(SMALL, critic_backend=backend,
+                                             critic_deterministic=True))
+    with cli._deterministic_mode(True):  # the rest of what --deterministic turns on
         full = T.train(cfg, d, str(tmp_path / "full"))
         part = T.train(cfg, d, str(tmp_path / "part"), stop_at_step=7)
         resumed = T.train(cfg, d, str(tmp_path / "part"), resume=part["checkpoint"])
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     assert full["backend"] == backend and full["device"].startswith("cuda")
     a, b = full["model_ref"].state_dict(), resumed["model_ref"].state_dict()
     for k in a:
