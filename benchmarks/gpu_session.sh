@@ -11,7 +11,7 @@
 #   triton-k-* the same for the tests that pytest's -k expression after 'triton-k-' selects, e.g.
 #              'triton-k-dot or fp16' (one argument: the expression is not split)
 #   suites     the shared op and module suites with backends cuda,triton on CUDA tensors
-#   trainer    the GPU tests of the FactorCL trainer (tests/test_factorcl_train.py -m gpu)
+#   trainer    the GPU tests of the FactorCL trainer, step benchmark and mi-bench (-m gpu)
 #   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
 #   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
 #   ablation-* benchmarks/triton_bwd_ablation.py with the arguments after the dash, e.g.
@@ -97,7 +97,8 @@ for stage in "$@"; do
         tests/test_separable_critic.py tests/test_nn.py
       ;;
     trainer)
-      FACTORCL_TRITON_AUTOTUNE=0 pytest_stage trainer tests/test_factorcl_train.py -m gpu
+      FACTORCL_TRITON_AUTOTUNE=0 pytest_stage trainer tests/test_factorcl_train.py \
+        tests/test_factorcl_mi_bench.py -m gpu
       ;;
     sanitize) run_stage sanitize tests/run_compute_sanitizer.sh ;;
     bench-*)

@@ -422,6 +422,31 @@ def test_gpu_training_with_deterministic_critics_resumes_bit_identically(tmp_pat
     assert full["probe_accuracy"] > full["chance_accuracy"]
 
 
+def _step_benchmark(capsys, device, backends):
+    from factorcl import bench
+
+    argv = ["--batch", "16", "--critic-hidden", "8", "--embed-dim", "4", "--repeats", "1",
+            "--device", device, "--backends", ",".join(backends)]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == list(backends)
+    for line in lines:
+        assert "cannot run" not in line and "x vs reference" in line, line
+
+
+def test_step_benchmark_runs_each_backend(capsys):
+    _step_benchmark(capsys, "cpu", ["reference", _fused_or_reference()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_benchmark_on_a_gpu(capsys):
+    import factorcl_ext
+
+    gpu = [b for b in ("triton", "cuda") if b in factorcl_ext.available_backends()]
+    _step_benchmark(capsys, "cuda", ["reference", *gpu])
+
+
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "python")] + sys.path)

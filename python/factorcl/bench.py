@@ -2,6 +2,7 @@
 
     python -m factorcl.bench [--model factorcl-sup] [--batch 256] [--backends reference,cpu]
                              [--critic-hidden 512] [--embed-dim 128] [--repeats 3]
+                             [--device cpu|cuda[:k]]
 
 Prints one line per backend (median seconds per step and samples per second) and the speed-up of
 each over the first; ``step_seconds`` is the function a pytest-benchmark suite can call.
@@ -19,24 +20,26 @@ import torch
 from . import data as D
 from .cli import _positive_int
 from .models import MODELS, Batch, ModelConfig, build_model
-from .train import club_step, main_step
+from .train import TrainError, club_step, main_step, resolve_device
 
 __all__ = ["make_step", "step_seconds", "main"]
 
 
 def make_step(model_name: str = "factorcl-sup", batch: int = 256, backend: str = "cpu",
               embed_dim: int = 128, backbone_hidden: int = 512, critic_hidden: int = 512,
-              critic_layers: int = 1, x_dim: int = 100, seed: int = 0):
-    """A zero-argument callable running one training step on a fixed synthetic batch."""
+              critic_layers: int = 1, x_dim: int = 100, seed: int = 0, device="cpu"):
+    """A zero-argument callable running one training step on a fixed synthetic batch, on
+    ``device`` (float32, no autocast)."""
     torch.manual_seed(seed)
     data = D.make_synthetic(D.SyntheticConfig(num_examples=batch, x_dim=x_dim, test_fraction=0.5,
                                               seed=seed))
     cfg = ModelConfig(embed_dim=embed_dim, backbone_hidden=backbone_hidden,
                       critic_hidden=critic_hidden, critic_layers=critic_layers,
                       critic_backend=backend)
-    model = build_model(model_name, (x_dim,), (x_dim,), 2, cfg)
+    model = build_model(model_name, (x_dim,), (x_dim,), 2, cfg).to(device)
     g = D.make_generator(seed, "bench")
-    b = Batch(data.x1, data.x2, data.y, D.augment(data.x1, g), D.augment(data.x2, g))
+    b = Batch(*(t.to(device) for t in (data.x1, data.x2, data.y, D.augment(data.x1, g),
+                                       D.augment(data.x2, g))))
     opt = torch.optim.Adam(model.main_parameters(), lr=1e-4)
     club = model.club_parameters()
     club_opt = torch.optim.Adam(club, lr=1e-4) if club else None
@@ -50,13 +53,22 @@ def make_step(model_name: str = "factorcl-sup", batch: int = 256, backend: str =
 
 
 def step_seconds(repeats: int = 3, **kwargs) -> float:
-    """Median wall time of one training step (after one warm-up step)."""
+    """Median wall time of one training step (after one warm-up step, which also takes a GPU
+    backend's compilation and autotuning); on a GPU each step is timed to its completion."""
     step = make_step(**kwargs)
+    device = torch.device(kwargs.get("device", "cpu"))
+
+    def finish():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     step()
+    finish()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
+        finish()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -69,21 +81,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--critic-hidden", type=_positive_int, default=512)
     p.add_argument("--embed-dim", type=_positive_int, default=128)
     p.add_argument("--repeats", type=_positive_int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:k] (default %(default)s)")
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except TrainError as exc:
+        p.error(str(exc))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
     first = None
     for backend in [b for b in args.backends.split(",") if b]:
         try:
             t = step_seconds(repeats=args.repeats, model_name=args.model, batch=args.batch,
                              backend=backend, critic_hidden=args.critic_hidden,
-                             embed_dim=args.embed_dim)
+                             embed_dim=args.embed_dim, device=device)
         except (RuntimeError, ValueError) as exc:
             print(f"{backend:>9}: cannot run ({str(exc).splitlines()[0]})")
             continue
         first = first or t
         print(f"{backend:>9}: {t:.3f} s/step, {args.batch / t:.0f} samples/s, "
               f"{first / t:.2f}x vs {args.backends.split(',')[0]} "
-              f"({args.model}, batch {args.batch}, critic H={args.critic_hidden}, "
-              f"{torch.get_num_threads()} threads)")
+              f"({args.model}, batch {args.batch}, critic H={args.critic_hidden}, {where})")
     return 0
 
 
