@@ -52,11 +52,11 @@ def make_step(model_name: str = "factorcl-sup", batch: int = 256, backend: str =
     return step
 
 
-def step_seconds(repeats: int = 3, **kwargs) -> float:
+def step_seconds(repeats: int = 3, device="cpu", **kwargs) -> float:
     """Median wall time of one training step (after one warm-up step, which also takes a GPU
     backend's compilation and autotuning); on a GPU each step is timed to its completion."""
-    step = make_step(**kwargs)
-    device = torch.device(kwargs.get("device", "cpu"))
+    step = make_step(device=device, **kwargs)
+    device = torch.device(device)
 
     def finish():
         if device.type == "cuda":

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic
 
 from . import data as D
+from .train import _progress_bar, resolve_device
 
 __all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS",
            "STAIRCASE_FILE", "LARGE_BATCH_FILE", "check_previous_results"]
@@ -187,20 +188,12 @@ def _downsample(values: list, points: int = 400) -> list:
 
 
 def _prepare(cfg: MIBenchConfig, out_dir: str, name: str, overwrite: bool) -> torch.device:
-    from .train import resolve_device
-
     cfg.validate()
     if not overwrite:
         check_previous_results(cfg, out_dir, (name,))
     device = resolve_device(cfg.device)
     os.makedirs(out_dir, exist_ok=True)
     return device
-
-
-def _progress(total: int, enabled: bool):
-    from .train import _progress_bar
-
-    return _progress_bar(total, 0, enabled)
 
 
 def _log_above(bar, log, msg: str) -> None:
@@ -223,7 +216,7 @@ def run_mi_bench(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: bool
     # Batch-64 ops are too small to split across threads: extra threads only wait at barriers
     # (7x slower on a busy 2-core machine).
     torch.set_num_threads(1)
-    bar = _progress(len(cfg.dims) * len(cfg.levels) * cfg.steps_per_level, progress)
+    bar = _progress_bar(len(cfg.dims) * len(cfg.levels) * cfg.steps_per_level, 0, progress)
     try:
         return _run_staircase(cfg, out_dir, log, device, bar)
     finally:
@@ -355,7 +348,7 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: b
     device = _prepare(cfg, out_dir, LARGE_BATCH_FILE, overwrite)
     dim, mi = cfg.large_batch_dim, cfg.large_batch_mi
     rows = []
-    bar = _progress(len(cfg.large_batch_sizes) * cfg.large_batch_steps, progress)
+    bar = _progress_bar(len(cfg.large_batch_sizes) * cfg.large_batch_steps, 0, progress)
     try:
         for n in cfg.large_batch_sizes:
             torch.manual_seed(D.derive_seed(cfg.seed, "lb-init", n))
