@@ -172,6 +172,13 @@ def test_npz_and_pt_round_trip(tmp_path):
     (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.arange(4) % 2, split=np.arange(4)),
      "only 0"),
     (dict(x1=np.full((4, 2), np.nan), x2=np.zeros((4, 2)), y=np.arange(4) % 2), "NaN"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.array(["cat", "dog"] * 2)),
+     r"'y' must hold integer class indices, got an array of dtype <U3.*return_inverse"),
+    (dict(x1=np.array([["a", "b"]] * 4), x2=np.zeros((4, 2)), y=np.arange(4) % 2),
+     "'x1' must hold real numeric features"),
+    (dict(x1=np.zeros((4, 2)) + 1j, x2=np.zeros((4, 2)), y=np.arange(4) % 2), "complex128"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.arange(4) % 2,
+          split=np.array(["train", "test"] * 2)), r"'split' must hold 0 \(train\) and 1"),
 ])
 def test_npz_errors_name_the_problem(tmp_path, arrays, message):
     path = _write_npz(tmp_path / "bad.npz", **arrays)

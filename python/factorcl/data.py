@@ -347,19 +347,32 @@ def sample_correlated_gaussian(batch: int, dim: int, mi: float, generator: torch
 # --------------------------------------------------------------------------------------------
 
 
-def _as_float(name: str, key: str, a) -> Tensor:
+_REAL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
+def _as_real_tensor(name: str, key: str, a, what: str) -> Tensor:
+    """``a`` (array or tensor) as a tensor of a real number type, else a DataError saying what
+    the key must hold (strings, objects and complex numbers are refused in one line)."""
     try:
         t = torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a)
     except (TypeError, ValueError) as exc:
-        raise DataError(f"{name}: key {key!r} is not a numeric array ({exc})") from None
-    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32,
-                                                 torch.int64, torch.uint8, torch.bool)):
-        raise DataError(f"{name}: key {key!r} has dtype {t.dtype}; numeric features are needed")
-    return t.float()
+        kind = getattr(np.asarray(a), "dtype", None) if not isinstance(a, Tensor) else a.dtype
+        hint = ("; map class names to indices first, e.g. "
+                "np.unique(y, return_inverse=True)[1]") if "class" in what else ""
+        raise DataError(
+            f"{name}: key {key!r} must hold {what}, got an array of dtype {kind} "
+            f"({exc.__class__.__name__}){hint}") from None
+    if not (t.is_floating_point() or t.dtype in _REAL_DTYPES):
+        raise DataError(f"{name}: key {key!r} has dtype {t.dtype}; it must hold {what}")
+    return t
+
+
+def _as_float(name: str, key: str, a) -> Tensor:
+    return _as_real_tensor(name, key, a, "real numeric features").float()
 
 
 def _as_labels(name: str, key: str, a, n: int) -> tuple[Tensor, int]:
-    t = torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a)
+    t = _as_real_tensor(name, key, a, "integer class indices")
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() != 1:
@@ -383,7 +396,7 @@ def _as_labels(name: str, key: str, a, n: int) -> tuple[Tensor, int]:
 def _split_from(name: str, raw, n: int, test_fraction: float, seed: int):
     if raw is None:
         return _random_split(n, test_fraction, seed)
-    split = torch.as_tensor(np.asarray(raw) if not isinstance(raw, Tensor) else raw)
+    split = _as_real_tensor(name, "split", raw, "0 (train) and 1 (test)")
     if split.dim() != 1 or split.shape[0] != n:
         raise DataError(
             f"{name}: 'split' must have shape [{n}] (0 = train, 1 = test), got {tuple(split.shape)}"
