@@ -121,6 +121,10 @@ def test_resume_equals_uninterrupted(tmp_path, name):
     # the metric log of the resumed run continues without duplicates
     steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == full["steps"]
+    # resuming the finished run trains nothing and reports the run, not an empty process
+    again = T.train(cfg, d, str(tmp_path / "part"), resume=resumed["checkpoint"])
+    assert again["steps"] == full["steps"] and again["final_loss"] == full["final_loss"]
+    assert again["samples_per_second"] > 0 and again["seconds"] >= resumed["seconds"]
 
 
 def test_resume_refuses_other_settings(tmp_path):

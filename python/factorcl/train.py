@@ -374,7 +374,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                          f"continue it with --resume {ckpt_path}, or pass --overwrite to start "
                          "again and replace it")
     os.makedirs(out_dir, exist_ok=True)
-    start, elapsed_before = 0, 0.0
+    start, elapsed_before, loss_before = 0, 0.0, float("nan")
     if state is not None:
         _check_resume(state, cfg, data, resume)
         model.load_state_dict(state["model"])
@@ -382,6 +382,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         if club_opt is not None:
             club_opt.load_state_dict(state["club_opt"])
         start, elapsed_before = int(state["step"]), float(state["elapsed"])
+        loss_before = float(state.get("loss", float("nan")))  # older checkpoints: NaN
         torch.set_rng_state(state["torch_rng"])
     if comm.is_main:
         _trim_jsonl(jsonl_path, start)
@@ -432,7 +433,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     def checkpoint(step: int, elapsed: float) -> None:
         if comm.is_main:
             save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed,
+                "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "loss": last_loss,
                 "config": cfg.to_dict(), "data": _data_fingerprint(data),
                 "model": model.state_dict(), "opt": opt.state_dict(),
                 "club_opt": club_opt.state_dict() if club_opt is not None else None,
@@ -445,7 +446,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     t0 = time.perf_counter()
     step = start
     interrupted = stopped = False
-    last_loss = float("nan")
+    last_loss = loss_before  # a resumed run that has no step left reports the checkpoint's
     model.train()
     try:
         with _StopFlag() as stop:
@@ -494,7 +495,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     summary = {
         "model": cfg.model, "dataset": data.name, "backend": backend, "device": str(device),
         "steps": step, "total_steps": total_steps, "seconds": seconds,
-        "samples_per_second": (step - start) * cfg.batch_size / max(time.perf_counter() - t0, 1e-9),
+        "samples_per_second": step * cfg.batch_size / max(seconds, 1e-9),  # the whole run's
         "final_loss": last_loss, "world_size": comm.world, "checkpoint": ckpt_path,
         "interrupted": interrupted, "stopped": stopped, "config": cfg.to_dict(),
     }
