@@ -172,9 +172,10 @@ def test_bad_config_raises_train_error(tmp_path):
 
 # ---- CLI ------------------------------------------------------------------------------------
 
-TINY = ["--n-examples", "200", "--shared-dim", "3", "--unique-dim", "2", "--x-dim", "12",
-        "--embed-dim", "8", "--backbone-hidden", "16", "--critic-hidden", "12",
-        "--batch-size", "32", "--no-progress"]
+TINY_SYNTHETIC = ["--n-examples", "200", "--shared-dim", "3", "--unique-dim", "2", "--x-dim", "12"]
+TINY_MODEL = ["--embed-dim", "8", "--backbone-hidden", "16", "--critic-hidden", "12",
+              "--batch-size", "32", "--no-progress"]
+TINY = TINY_SYNTHETIC + TINY_MODEL
 
 
 def _one_line_error(capsys, code, expected):
@@ -210,13 +211,25 @@ def test_cli_bad_data_and_values(capsys, tmp_path):
         (["--device", "tpu"], "--device"),
         (["--resume", str(tmp_path / "none.pt")], "checkpoint not found"),
         (["--mi-probe-steps", "1", "--backend", "cuda"], "--backend cuda"),
+        # a data flag the chosen dataset does not use is refused, not silently ignored
+        (["--task", "3"], "--task applies to --dataset multibench only, not to synthetic"),
+        (["--dataset", f"npz:{tmp_path / 'd.npz'}", "--n-examples", "50"],
+         "--n-examples applies to --dataset synthetic only"),
+        (["--dataset", "multibench:mosi.pkl", "--test-fraction", "0.5"],
+         "--test-fraction applies to --dataset synthetic / npz / pt only"),
     ]
     for extra, expected in cases:
-        code = cli.main(["train", "--out", out, "--backend", "reference", *TINY, *extra])
+        data = TINY_SYNTHETIC if "--dataset" not in extra else []
+        code = cli.main(["train", "--out", out, "--backend", "reference", *data, *TINY_MODEL,
+                         *extra])
         _one_line_error(capsys, code, expected)
     code = cli.main(["compare", "--out", out, "--backend", "reference", "--models", "simclr,clip",
                      *TINY])
     _one_line_error(capsys, code, "unknown model 'clip'")
+    code = cli.main(["compare", "--out", out, "--backend", "reference", "--modalities",
+                     "text,audio", *TINY])
+    _one_line_error(capsys, code, "--modalities applies to --dataset multibench only")
+    assert not os.path.exists(out)
     code = cli.main(["mi-bench", "--out", out, "--estimators", "infonce,mine", "--backend",
                      "reference"])
     _one_line_error(capsys, code, "unknown estimator 'mine'")

@@ -81,27 +81,39 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--dataset", default="synthetic",
                    help="synthetic | npz:PATH (.npz or .pt with x1, x2, y[, split]) | "
                         "multibench:PATH (a MultiBench affect or MIMIC pickle you have)")
-    g.add_argument("--n-examples", type=_positive_int, default=d["n_examples"],
-                   help="synthetic: number of examples (default %(default)s)")
-    g.add_argument("--shared-dim", type=_positive_int, default=10, help="synthetic: shared latents")
-    g.add_argument("--unique-dim", type=_positive_int, default=6,
-                   help="synthetic: unique latents per modality")
-    g.add_argument("--x-dim", type=_positive_int, default=100,
-                   help="synthetic: features per modality")
-    g.add_argument("--label-fn", choices=("linear", "nonlinear"), default="linear",
-                   help="synthetic: label function")
-    g.add_argument("--label-parts", type=_csv(str), default=("shared", "unique1", "unique2"),
-                   help="synthetic: latent parts the label depends on (default all three)")
-    g.add_argument("--noise", type=float, default=0.1, help="synthetic: observation noise std")
-    g.add_argument("--projection", choices=("uniform", "gaussian"), default="uniform",
-                   help="synthetic: random projection entries U[0, 1] as in the authors' "
-                        "generator (default), or N(0, 1/k) (no preferred direction)")
-    g.add_argument("--modalities", type=_csv(str), default=("text", "vision"),
-                   help="multibench affect: the two modalities (default text,vision)")
-    g.add_argument("--task", type=int, default=-1,
-                   help="multibench MIMIC: -1 mortality (6 classes), 0..19 an ICD-9 code")
-    g.add_argument("--test-fraction", type=float, default=0.2,
-                   help="npz/pt without a split key: held-out fraction (default %(default)s)")
+    only: dict[str, tuple[str, object, tuple[str, ...]]] = {}
+
+    def data_flag(flag: str, kinds: tuple[str, ...], **kw) -> None:
+        """A flag that only the datasets ``kinds`` use; given with another dataset it is refused
+        (``_check_dataset_flags``) rather than silently ignored."""
+        action = g.add_argument(flag, **kw)
+        only[action.dest] = (flag, action.default, kinds)
+
+    syn = ("synthetic",)
+    data_flag("--n-examples", syn, type=_positive_int, default=d["n_examples"],
+              help="synthetic: number of examples (default %(default)s)")
+    data_flag("--shared-dim", syn, type=_positive_int, default=10,
+              help="synthetic: shared latents")
+    data_flag("--unique-dim", syn, type=_positive_int, default=6,
+              help="synthetic: unique latents per modality")
+    data_flag("--x-dim", syn, type=_positive_int, default=100,
+              help="synthetic: features per modality")
+    data_flag("--label-fn", syn, choices=("linear", "nonlinear"), default="linear",
+              help="synthetic: label function")
+    data_flag("--label-parts", syn, type=_csv(str), default=("shared", "unique1", "unique2"),
+              help="synthetic: latent parts the label depends on (default all three)")
+    data_flag("--noise", syn, type=float, default=0.1, help="synthetic: observation noise std")
+    data_flag("--projection", syn, choices=("uniform", "gaussian"), default="uniform",
+              help="synthetic: random projection entries U[0, 1] as in the authors' "
+                   "generator (default), or N(0, 1/k) (no preferred direction)")
+    data_flag("--modalities", ("multibench",), type=_csv(str), default=("text", "vision"),
+              help="multibench affect: the two modalities (default text,vision)")
+    data_flag("--task", ("multibench",), type=int, default=-1,
+              help="multibench MIMIC: -1 mortality (6 classes), 0..19 an ICD-9 code")
+    data_flag("--test-fraction", ("synthetic", "npz", "pt"), type=float, default=0.2,
+              help="synthetic, or npz/pt without a split key: held-out fraction "
+                   "(default %(default)s)")
+    p.set_defaults(dataset_only_flags=only)
 
     g = p.add_argument_group("model")
     if not compare:
@@ -174,9 +186,20 @@ def _train_config(args, model: str, seed: int):
                        mi_probe_steps=args.mi_probe_steps, model_cfg=mc)
 
 
+def _check_dataset_flags(args) -> None:
+    """Refuse a data flag that the chosen --dataset does not use (given with another value than
+    its default), instead of training on data the user did not ask for."""
+    kind = args.dataset.partition(":")[0]
+    for dest, (flag, default, kinds) in args.dataset_only_flags.items():
+        if kind not in kinds and getattr(args, dest) != default:
+            raise _usage(f"{flag} applies to --dataset {' / '.join(kinds)} only, not to "
+                         f"{args.dataset}")
+
+
 def _load_data(args, seed: int):
     from . import data as D
 
+    _check_dataset_flags(args)
     syn = D.SyntheticConfig(num_examples=args.n_examples, shared_dim=args.shared_dim,
                             unique_dim=args.unique_dim, x_dim=args.x_dim,
                             label_parts=tuple(args.label_parts), label_fn=args.label_fn,
@@ -254,6 +277,7 @@ def _cmd_compare(args, log) -> int:
     for m in args.models:
         if m not in MODELS:
             raise _usage(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+    _check_dataset_flags(args)  # before any run (the data itself loads per seed)
     _preflight(args.backend, args.device, args.deterministic)
     cfg = _train_config(args, args.models[0], args.seeds[0])
     if args.dataset != "synthetic":
