@@ -254,6 +254,56 @@ def test_cli_train_end_to_end_beats_chance(tmp_path, capsys):
     assert (out / "checkpoint.pt").exists()
 
 
+def test_load_model_and_cli_embed(tmp_path, capsys):
+    """A run's model comes back from its directory, and ``factorcl embed`` writes the
+    representations the run's own linear probe scored (same numbers, same split)."""
+    from factorcl.eval import linear_probe
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "factorcl-sup", "--epochs", "1", "--out", str(run),
+                     "--backend", _fused_or_reference(), "--seed", "3", *TINY]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    model, info = T.load_model(str(run))
+    assert not model.training and info["step"] == metrics["steps"]
+    assert info["config"].model == "factorcl-sup" and info["data"]["x1"] == [12]
+    trained = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+
+    emb = tmp_path / "emb" / "reps.npz"
+    assert cli.main(["embed", str(run), *TINY_SYNTHETIC, "--out", str(emb)]) == 0
+    assert "(the data it was trained on)" in capsys.readouterr().err
+    with np.load(emb) as f:
+        arrays = {k: f[k] for k in f.files}
+    assert set(arrays) == {"backbone", "S", "U1", "U2", "S+U1+U2", "S1", "S2", "y", "split"}
+    assert arrays["backbone"].shape == (200, 16) and arrays["split"].sum() == 40
+    tr, te = arrays["split"] == 0, arrays["split"] == 1
+    for name in ("backbone", "S", "U1"):
+        x, y = torch.from_numpy(arrays[name]).double(), torch.from_numpy(arrays["y"])
+        assert linear_probe(x[tr], y[tr], x[te], y[te]) == metrics["accuracies"][name], name
+
+    # refusals: an existing file, data of other shapes, a missing run, a data flag of another
+    # dataset; none of them touches the file written above
+    before = emb.read_bytes()
+    cases = [
+        ([str(run), *TINY_SYNTHETIC, "--out", str(emb)], "exists; pass --overwrite"),
+        ([str(run), "--out", str(tmp_path / "o.npz")], "trained on examples of shape x1 [12]"),
+        ([str(tmp_path / "none"), "--out", str(tmp_path / "o.npz")], "checkpoint not found"),
+        ([str(run), "--task", "2", "--out", str(tmp_path / "o.npz")], "--task applies"),
+        ([str(run), "--out", str(tmp_path / "o.txt")], "must name a .npz file"),
+    ]
+    for argv, expected in cases:
+        _one_line_error(capsys, cli.main(["embed", *argv]), expected)
+    assert emb.read_bytes() == before and not (tmp_path / "o.npz").exists()
+    assert cli.main(["embed", str(run / "checkpoint.pt"), *TINY_SYNTHETIC, "--n-examples", "150",
+                     "--out", str(emb), "--overwrite"]) == 0
+    assert "(not the data it was trained on)" in capsys.readouterr().err
+    with np.load(emb) as f:
+        assert f["S"].shape == (150, model.representations(
+            torch.randn(1, 12), torch.randn(1, 12))["S"].shape[1])
+    assert sorted(os.listdir(emb.parent)) == ["reps.npz"]  # no temporary file left
+
+
 def test_cli_compare_writes_table_and_chart(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = cli.main(["compare", "--out", str(out), "--epochs", "1", "--backend", "reference",

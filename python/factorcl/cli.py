@@ -1,4 +1,4 @@
-"""The ``factorcl`` command: ``train``, ``compare`` and ``mi-bench``.
+"""The ``factorcl`` command: ``train``, ``compare``, ``embed`` and ``mi-bench``.
 
 Bad flags or unusable data end the command with one line on stderr and exit status 2; Ctrl-C
 during training saves a checkpoint and exits with status 130. Run data parallel with
@@ -73,9 +73,7 @@ def _csv(kind):
     return parse
 
 
-def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    from .models import BACKBONES, MODELS
-
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic",
@@ -115,6 +113,12 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
                    "(default %(default)s)")
     p.set_defaults(dataset_only_flags=only)
 
+
+def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
+    from .models import BACKBONES, MODELS
+
+    d = DEFAULTS
+    _add_data_flags(p)
     g = p.add_argument_group("model")
     if not compare:
         g.add_argument("--model", choices=MODELS, default="factorcl-ssl")
@@ -330,6 +334,47 @@ def _cmd_mi_bench(args, log) -> int:
     return 0
 
 
+def _cmd_embed(args, log) -> int:
+    import numpy as np
+
+    from .eval import embed
+    from .train import _data_fingerprint, load_model
+
+    if not args.out.endswith(".npz"):
+        raise _usage(f"--out must name a .npz file, got {args.out!r}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise _usage(f"{args.out} exists; pass --overwrite to replace it")
+    _check_dataset_flags(args)
+    model, info = load_model(args.run, device=args.device, what="run")
+    cfg, trained_on = info["config"], info["data"]
+    data = _load_data(args, cfg.seed if args.seed is None else args.seed)
+    shapes = (list(data.x1.shape[1:]), list(data.x2.shape[1:]))
+    if shapes != (trained_on["x1"], trained_on["x2"]):
+        raise _usage(f"the run was trained on examples of shape x1 {trained_on['x1']}, x2 "
+                     f"{trained_on['x2']}; {data.name} has x1 {shapes[0]}, x2 {shapes[1]}")
+    param = next(model.parameters())
+    reps = embed(model, data.x1, data.x2, param.device, param.dtype)
+    split = np.zeros(len(data.y), dtype=np.int8)
+    split[data.test_idx.numpy()] = 1
+    arrays = {k: v.to(param.dtype).numpy() for k, v in reps.items()}
+    arrays.update(y=data.y.numpy(), split=split)
+    directory = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(args.out)}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, args.out)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    same = _data_fingerprint(data) == trained_on
+    listed = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items() if k not in ("y", "split"))
+    log(f"[embed] {cfg.model} (step {info['step']}) on {data.describe()} "
+        f"({'the data it was trained on' if same else 'not the data it was trained on'}): "
+        f"wrote {listed}, y and split (0 train, 1 test) to {args.out}")
+    return 0
+
+
 class _UsageError(Exception):
     pass
 
@@ -340,7 +385,8 @@ def _usage(msg: str) -> _UsageError:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="factorcl", description="Train and evaluate FactorCL on fused critics.")
-    sub = p.add_subparsers(dest="command", metavar="{train,compare,mi-bench}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,compare,embed,mi-bench}",
+                           parser_class=_Parser)
     sub.required = True
 
     t = sub.add_parser("train", help="train one model",
@@ -358,6 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "supcon"))
     c.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds to average over (e.g. --seeds 0 1 2)")
+
+    e = sub.add_parser("embed", help="write a trained model's representations of a dataset",
+                       description="Write the representations a trained run gives every example "
+                                   "of a dataset (FactorCL: backbone, S, U1, U2, S+U1+U2, S1, "
+                                   "S2; SimCLR/SupCon: backbone, x1, x2), with y and the "
+                                   "train/test split, to one .npz file.")
+    e.add_argument("run", help="the run's --out directory or its checkpoint.pt")
+    _add_data_flags(e)
+    e.add_argument("--seed", type=int, default=None,
+                   help="data seed (synthetic data, random splits; default: the run's)")
+    e.add_argument("--device", default="cpu", help="auto | cpu | cuda[:k] (default cpu)")
+    e.add_argument("--out", required=True, help="output .npz file")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = sub.add_parser("mi-bench", help="the Gaussian MI benchmark",
                        description="InfoNCE, CLUB and NCE-CLUB on correlated Gaussians; writes "
@@ -399,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .train import TrainError
 
-    commands = {"train": _cmd_train, "compare": _cmd_compare, "mi-bench": _cmd_mi_bench}
+    commands = {"train": _cmd_train, "compare": _cmd_compare, "embed": _cmd_embed,
+                "mi-bench": _cmd_mi_bench}
     try:
         with _deterministic_mode(getattr(args, "deterministic", False)):
             return commands[args.command](args, log)

@@ -38,7 +38,8 @@ from .distributed import Comm
 from .models import MODELS, Batch, ModelConfig, build_model
 
 __all__ = ["TrainConfig", "TrainError", "train", "previous_run", "save_checkpoint",
-           "load_checkpoint", "resolve_device", "resolve_backend", "main_step", "club_step"]
+           "load_checkpoint", "load_model", "resolve_device", "resolve_backend", "main_step",
+           "club_step"]
 
 CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
 # The files of a run directory (--out).
@@ -190,6 +191,34 @@ def load_checkpoint(path: str, what: str = "--resume") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{what}: {path} is not a factorcl checkpoint")
     return state
+
+
+def load_model(path: str, device="cpu", backend: Optional[str] = None,
+               what: str = "load_model") -> tuple[torch.nn.Module, dict]:
+    """The model a run trained, to use its representations: ``path`` is the run's checkpoint or
+    its ``--out`` directory. The model is rebuilt from the settings and per-example input shapes
+    the checkpoint records, its weights loaded, on ``device`` in the run's dtype, in eval mode;
+    ``backend`` replaces the critics' backend (default: the run's). Returns ``(model, info)``,
+    ``info`` holding ``config`` (the run's TrainConfig), ``data`` (the training data's name,
+    ``x1`` and ``x2`` per-example shapes, ``num_classes``, ...) and ``step``. Errors are
+    TrainErrors starting with ``what``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT_FILE)
+    state = load_checkpoint(path, what=what)
+    cfg = TrainConfig.from_dict(state["config"])
+    if backend is not None:
+        cfg.model_cfg.critic_backend = backend
+    data = state["data"]
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    model = build_model(cfg.model, tuple(data["x1"]), tuple(data["x2"]), data["num_classes"],
+                        cfg.model_cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise TrainError(f"{what}: {path} does not fit the model its settings describe "
+                         f"({str(exc).splitlines()[0]})") from None
+    model = model.to(device=resolve_device(str(device)), dtype=dtype).eval()
+    return model, {"config": cfg, "data": data, "step": int(state["step"]), "checkpoint": path}
 
 
 def _describe_checkpoint(path: str) -> str:
