@@ -189,7 +189,8 @@ def _one_line_error(capsys, code, expected):
     (["train", "--out", "x", "--epochs", "0"], "--epochs: expected a positive integer"),
     (["train", "--out", "x", "--model", "clip"], "invalid choice: 'clip'"),
     (["train", "--out", "x", "--backend", "gpu"], "invalid choice: 'gpu'"),
-    (["train", "--out", "x", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["train", "--out", "x", "--frobnicate"],
+     "unrecognized arguments: --frobnicate (see factorcl train --help)"),
     (["train"], "required: --out"),
     (["mi-bench", "--out", "x", "--dims", "a,b"], "--dims"),
 ])

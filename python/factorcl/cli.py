@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{train,compare,embed,mi-bench}",
                            parser_class=_Parser)
     sub.required = True
+    p.commands = sub.choices  # name -> subcommand parser (main reports a stray flag there)
 
     t = sub.add_parser("train", help="train one model",
                        description="Train one model; writes OUT/metrics.json, metrics.jsonl and "
@@ -451,7 +452,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import DataError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, stray = parser.parse_known_args(argv)
+    if stray:  # named after the subcommand whose --help lists the flags
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(stray)}")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
