@@ -227,6 +227,10 @@ def test_cli_bad_data_and_values(capsys, tmp_path):
     code = cli.main(["compare", "--out", out, "--backend", "reference", "--models", "simclr,clip",
                      *TINY])
     _one_line_error(capsys, code, "unknown model 'clip'")
+    code = cli.main(["compare", "--out", out, "--seeds", "0", "1", "0", *TINY])
+    _one_line_error(capsys, code, "--seeds repeats 0")
+    code = cli.main(["compare", "--out", out, "--models", "simclr,supcon,simclr", *TINY])
+    _one_line_error(capsys, code, "--models repeats simclr")
     code = cli.main(["compare", "--out", out, "--backend", "reference", "--modalities",
                      "text,audio", *TINY])
     _one_line_error(capsys, code, "--modalities applies to --dataset multibench only")

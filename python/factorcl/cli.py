@@ -281,6 +281,10 @@ def _cmd_compare(args, log) -> int:
     for m in args.models:
         if m not in MODELS:
             raise _usage(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for name, values in (("--models", args.models), ("--seeds", args.seeds)):
+        repeated = sorted({v for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise _usage(f"{name} repeats {', '.join(map(str, repeated))}: each is run once")
     _check_dataset_flags(args)  # before any run (the data itself loads per seed)
     _preflight(args.backend, args.device, args.deterministic)
     cfg = _train_config(args, args.models[0], args.seeds[0])
