@@ -54,6 +54,62 @@ def test_tiny_benchmark_writes_json_and_png(tmp_path):
         math.log(8)
 
 
+def test_staircase_plot_takes_traces_not_divisible_by_the_levels(tmp_path):
+    # 2 levels x 1500 steps average down to 375 trace points (the plot once needed a multiple)
+    values = [float(i % 7) for i in range(3000)]
+    out = {"config": {"levels": [1.0, 2.0], "estimators": ["infonce"]}, "log_batch": 4.0,
+           "traces": {"3": {"infonce": B._downsample(values)}}}
+    assert len(out["traces"]["3"]["infonce"]) == 375
+    B._plot_staircase(out, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_benchmark_cut_short_continues_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Ctrl-C in the second dimension (or batch size) keeps the first in the results file; the
+    same call again reuses it and computes the rest, giving the uninterrupted run's numbers."""
+    cfg = B.MIBenchConfig(dims=(3, 4), levels=(1.0, 2.0), steps_per_level=4, batch=8, hidden=8,
+                          backend="reference", large_batch_sizes=(4, 8), large_batch_dim=3,
+                          large_batch_steps=3, large_batch_hidden=8)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    whole = B.run_mi_bench(cfg, str(full), log=lambda m: None)
+    whole_lb = B.run_large_batch(cfg, str(full), log=lambda m: None)
+
+    real_step, calls = B._step, []
+
+    def step_then_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) > limit:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(B, "_step", step_then_ctrl_c)
+    limit = 2 * 4 * len(B.ESTIMATORS) + 1  # all of dim 3, one step of dim 4
+    with pytest.raises(KeyboardInterrupt):
+        B.run_mi_bench(cfg, str(cut), log=lambda m: None)
+    kept = json.loads((cut / "mi_bench.json").read_text())
+    assert kept["complete"] is False and set(kept["results"]) == {"3"}
+    calls.clear()
+    limit = 3 + 1  # all of N = 4, one step of N = 8
+    with pytest.raises(KeyboardInterrupt):
+        B.run_large_batch(cfg, str(cut), log=lambda m: None)
+    assert [r["batch"] for r in json.loads((cut / "mi_large_batch.json").read_text())["rows"]] \
+        == [4]
+    monkeypatch.setattr(B, "_step", real_step)
+
+    lines = []
+    again = B.run_mi_bench(cfg, str(cut), log=lines.append)
+    again_lb = B.run_large_batch(cfg, str(cut), log=lines.append)
+    assert again["complete"] and again["results"] == whole["results"]
+    assert again["traces"] == whole["traces"] and again["findings"] == whole["findings"]
+    for a, b in zip(again_lb["rows"], whole_lb["rows"]):
+        assert a["estimate"] == b["estimate"]
+    assert sum("finished earlier, reusing" in line for line in lines) == 2
+    # overwrite computes everything again
+    lines.clear()
+    B.run_mi_bench(cfg, str(cut), log=lines.append, overwrite=True)
+    assert not any("reusing" in line for line in lines)
+
+
 def test_infonce_estimate_tracks_truth_at_low_mi(tmp_path):
     # One level at 1 nat in 2 dimensions: the trained InfoNCE critic lands near the truth.
     cfg = B.MIBenchConfig(dims=(2,), levels=(1.0,), steps_per_level=150, tail_steps=50, batch=32,
@@ -95,7 +151,7 @@ def test_cli_mi_bench_keeps_results_of_other_settings(tmp_path, capsys):
             assert (tmp_path / name).read_text() == text, name
     # a setting only the large-batch mode uses does not concern the staircase, and back
     assert cli.main(out + TINY_MI + ["--large-batch-steps", "3", "--no-large-batch"]) == 0
-    # the same settings again recompute the same numbers; --overwrite replaces
+    # the same settings again reuse the same numbers; --overwrite replaces
     assert cli.main(out + TINY_MI) == 0
     again = json.loads((tmp_path / "mi_bench.json").read_text())
     assert again["results"] == json.loads(before["mi_bench.json"])["results"]

@@ -327,12 +327,17 @@ def _cmd_mi_bench(args, log) -> int:
     except ValueError as exc:
         raise _usage(str(exc)) from None
     _preflight(args.backend, args.device)
-    progress = not args.no_progress
-    out = run_mi_bench(cfg, args.out, log=log, overwrite=True, progress=progress)
-    log(f"[mi-bench] findings: {json.dumps(out['findings'])}")
-    if not args.no_large_batch:
-        lb = run_large_batch(cfg, args.out, log=log, overwrite=True, progress=progress)
-        log(f"[mi-bench] InfoNCE estimate rises with the batch: {lb['rises_with_batch']}")
+    kw = dict(log=log, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        out = run_mi_bench(cfg, args.out, **kw)
+        log(f"[mi-bench] findings: {json.dumps(out['findings'])}")
+        if not args.no_large_batch:
+            lb = run_large_batch(cfg, args.out, **kw)
+            log(f"[mi-bench] InfoNCE estimate rises with the batch: {lb['rises_with_batch']}")
+    except KeyboardInterrupt:
+        print(f"factorcl mi-bench: interrupted; the finished dimensions and batch sizes are kept "
+              f"in {args.out}: run the same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     log(f"[mi-bench] wrote {args.out}/mi_bench.json, mi_bench.png"
         + ("" if args.no_large_batch else ", mi_large_batch.json, mi_large_batch.png"))
     return 0
@@ -448,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--overwrite", action="store_true",
-                   help="replace results of other settings already in --out")
+                   help="compute everything again, replacing the results in --out (by "
+                        "default those of other settings are refused and those of the same "
+                        "settings reused)")
     return p
 
 

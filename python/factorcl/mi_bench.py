@@ -20,6 +20,7 @@ batches (which the fused kernels make affordable) lift.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -97,12 +98,9 @@ def check_previous_results(cfg: MIBenchConfig, out_dir: str, files=(STAIRCASE_FI
     """Refuse (ValueError naming the first differing setting) when ``out_dir`` holds results of
     ``files`` made with other settings that file depends on: a run would replace them. Results
     of the same settings are recomputed identically, so they may be replaced."""
-    mine = json.loads(json.dumps(asdict(cfg)))
+    mine = _as_json(cfg)
     for name in files:
-        if name == STAIRCASE_FILE:
-            keys = [k for k in mine if not k.startswith("large_batch")]
-        else:
-            keys = [k for k in mine if k.startswith("large_batch_") or k in _SHARED_KEYS]
+        keys = _keys_of(name, mine)
         path = os.path.join(out_dir, name)
         if not os.path.exists(path):
             continue
@@ -118,6 +116,44 @@ def check_previous_results(cfg: MIBenchConfig, out_dir: str, files=(STAIRCASE_FI
                     f"{out_dir} holds {name} made with {key}={theirs.get(key)!r} but this run "
                     f"has {key}={mine[key]!r}; pass --overwrite to replace it, or choose "
                     "another --out")
+
+
+def _as_json(cfg: MIBenchConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as a results file holds them
+
+
+def _keys_of(name: str, settings: dict) -> list:
+    """The settings the results file ``name`` depends on."""
+    if name == STAIRCASE_FILE:
+        return [k for k in settings if not k.startswith("large_batch")]
+    return [k for k in settings if k.startswith("large_batch_") or k in _SHARED_KEYS]
+
+
+def _previous(cfg: MIBenchConfig, out_dir: str, name: str) -> Optional[dict]:
+    """The results file ``name`` in ``out_dir`` if it was made with ``cfg``'s settings (finished,
+    or cut short by Ctrl-C: its finished dimensions or batch sizes are reused), else None."""
+    try:
+        with open(os.path.join(out_dir, name)) as f:
+            prev = json.load(f)
+        theirs, mine = prev["config"], _as_json(cfg)
+        if all(theirs.get(k) == mine[k] for k in _keys_of(name, mine)):
+            return prev
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _write_json(path: str, out: dict) -> None:
+    """Write atomically (a temporary file renamed over ``path``): a Ctrl-C while writing leaves
+    the previous file whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 class CLUBGaussian(nn.Module):
@@ -209,28 +245,53 @@ def _log_above(bar, log, msg: str) -> None:
 def run_mi_bench(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: bool = False,
                  progress: bool = False) -> dict:
     """The staircase benchmark for every dimension; writes ``mi_bench.json`` and ``.png``.
-    Results of other settings already in ``out_dir`` are refused unless ``overwrite``;
-    ``progress``: a progress bar on a terminal."""
+    Results of other settings already in ``out_dir`` are refused, and the dimensions finished
+    with the same settings (by an earlier run, or one cut short by Ctrl-C) are reused, unless
+    ``overwrite`` (everything is then computed again); ``progress``: a progress bar on a
+    terminal."""
     device = _prepare(cfg, out_dir, STAIRCASE_FILE, overwrite)
+    prev = None if overwrite else _previous(cfg, out_dir, STAIRCASE_FILE)
     threads = torch.get_num_threads()
     # Batch-64 ops are too small to split across threads: extra threads only wait at barriers
     # (7x slower on a busy 2-core machine).
     torch.set_num_threads(1)
     bar = _progress_bar(len(cfg.dims) * len(cfg.levels) * cfg.steps_per_level, 0, progress)
     try:
-        return _run_staircase(cfg, out_dir, log, device, bar)
+        return _run_staircase(cfg, out_dir, log, device, bar, prev)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
 
 
-def _run_staircase(cfg: MIBenchConfig, out_dir: str, log, device: torch.device, bar) -> dict:
+def _run_staircase(cfg: MIBenchConfig, out_dir: str, log, device: torch.device, bar,
+                   prev: Optional[dict]) -> dict:
+    """Each dimension's estimators and data depend only on the seed and the dimension, so the
+    dimensions of ``prev`` (the same settings) are reused as they are; the file is rewritten
+    after each new dimension (``complete`` false until the last)."""
     tail = cfg.tail_steps or max(1, cfg.steps_per_level // 2)
     results: dict = {}
     traces: dict = {}
-    t_start = time.perf_counter()
+    dim_seconds: dict = {}
+    path = os.path.join(out_dir, STAIRCASE_FILE)
+    per_dim = len(cfg.levels) * cfg.steps_per_level
+
+    def output(complete: bool) -> dict:
+        return {
+            "config": asdict(cfg), "complete": complete, "tail_steps": tail,
+            "log_batch": math.log(cfg.batch), "results": results, "traces": traces,
+            "dim_seconds": dim_seconds, "seconds": sum(dim_seconds.values()),
+        }
+
     for dim in cfg.dims:
+        key = str(dim)
+        if prev is not None and key in prev.get("results", {}) and key in prev.get("traces", {}):
+            results[key], traces[key] = prev["results"][key], prev["traces"][key]
+            dim_seconds[key] = prev.get("dim_seconds", {}).get(key, 0.0)
+            if bar is not None:
+                bar.update(per_dim)
+            _log_above(bar, log, f"[mi-bench] dim {dim}: finished earlier, reusing {path}")
+            continue
         est = _make_estimators(cfg, dim, device)
         opts = {k: torch.optim.Adam(m.parameters(), lr=cfg.lr) for k, m in est.items()}
         values = {k: [] for k in est}
@@ -258,22 +319,20 @@ def _run_staircase(cfg: MIBenchConfig, out_dir: str, log, device: torch.device, 
                     "variance": float(v.var()), "mse": float(((v - level) ** 2).mean()),
                 }
             res[k] = per_level
-        results[str(dim)] = res
-        traces[str(dim)] = {k: _downsample(v) for k, v in values.items()}
+        results[key] = res
+        traces[key] = {k: _downsample(v) for k, v in values.items()}
+        dim_seconds[key] = secs
         summary = "; ".join(
             f"{k} " + " ".join(f"{r['mean']:.2f}" for r in res[k].values()) for k in res)
         _log_above(bar, log, f"[mi-bench] dim {dim} ({secs:.1f} s): mean estimate per level "
                    f"{'/'.join(f'{lv:g}' for lv in cfg.levels)}: {summary}")
-    out = {
-        "config": asdict(cfg), "tail_steps": tail, "log_batch": math.log(cfg.batch),
-        "results": results, "traces": traces,
-        "trace_points_per_level": len(next(iter(next(iter(traces.values())).values())))
-        // len(cfg.levels),
-        "seconds": time.perf_counter() - t_start,
-    }
+        if dim != cfg.dims[-1]:
+            _write_json(path, output(complete=False))
+    out = output(complete=True)
+    out["trace_points_per_level"] = (len(next(iter(next(iter(traces.values())).values())))
+                                     // len(cfg.levels))
     out["findings"] = _findings(out)
-    with open(os.path.join(out_dir, STAIRCASE_FILE), "w") as f:
-        json.dump(out, f, indent=1)
+    _write_json(path, out)
     _plot_staircase(out, os.path.join(out_dir, "mi_bench.png"))
     return out
 
@@ -320,9 +379,9 @@ def _plot_staircase(out: dict, path: str) -> None:
         for i, e in enumerate(ests):
             ax = axes[i][j]
             tr = out["traces"][dim][e]
-            per = max(1, len(tr) // len(cfg["levels"]))
-            xs = np.arange(len(tr)) / per
-            truth = np.repeat(cfg["levels"], per)[: len(tr)]
+            # trace points are means of equal runs of steps; x in units of levels
+            xs = np.arange(len(tr)) * len(cfg["levels"]) / len(tr)
+            truth = np.asarray(cfg["levels"])[np.minimum(xs.astype(int), len(cfg["levels"]) - 1)]
             ax.plot(xs, tr, lw=0.8, color="#3b6ea8", label="estimate")
             ax.plot(xs, truth, color="black", lw=1.2, label="true MI")
             if e == "infonce":
@@ -346,11 +405,27 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: b
     writes ``mi_large_batch.json`` / ``.png`` (``overwrite``, ``progress``: as
     :func:`run_mi_bench`)."""
     device = _prepare(cfg, out_dir, LARGE_BATCH_FILE, overwrite)
+    prev = None if overwrite else _previous(cfg, out_dir, LARGE_BATCH_FILE)
+    earlier = {r.get("batch"): r for r in (prev or {}).get("rows", []) if isinstance(r, dict)}
+    path = os.path.join(out_dir, LARGE_BATCH_FILE)
     dim, mi = cfg.large_batch_dim, cfg.large_batch_mi
     rows = []
+
+    def output(complete: bool) -> dict:
+        return {"config": asdict(cfg), "complete": complete, "rows": rows,
+                "rises_with_batch": all(b["estimate"] > a["estimate"]
+                                        for a, b in zip(rows, rows[1:]))}
+
     bar = _progress_bar(len(cfg.large_batch_sizes) * cfg.large_batch_steps, 0, progress)
     try:
         for n in cfg.large_batch_sizes:
+            if n in earlier:  # each batch size depends only on the seed and n
+                rows.append(earlier[n])
+                if bar is not None:
+                    bar.update(cfg.large_batch_steps)
+                _log_above(bar, log, f"[mi-bench] large batch N={n}: finished earlier, reusing "
+                           f"{path}")
+                continue
             torch.manual_seed(D.derive_seed(cfg.seed, "lb-init", n))
             critic = InfoNCECritic(dim, dim, cfg.large_batch_hidden, cfg.layers, "relu",
                                    backend=cfg.backend).to(device)
@@ -374,13 +449,13 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: b
             _log_above(bar, log, f"[mi-bench] large batch N={n}: InfoNCE {row['estimate']:.2f} "
                        f"nats (log N = {row['log_batch']:.2f}, true {mi:g}), "
                        f"{row['seconds_per_step'] * 1e3:.0f} ms/step")
+            if n != cfg.large_batch_sizes[-1]:
+                _write_json(path, output(complete=False))
     finally:
         if bar is not None:
             bar.close()
-    out = {"config": asdict(cfg), "rows": rows,
-           "rises_with_batch": all(b["estimate"] > a["estimate"] for a, b in zip(rows, rows[1:]))}
-    with open(os.path.join(out_dir, LARGE_BATCH_FILE), "w") as f:
-        json.dump(out, f, indent=1)
+    out = output(complete=True)
+    _write_json(path, out)
     _plot_large_batch(out, os.path.join(out_dir, "mi_large_batch.png"))
     return out
 
