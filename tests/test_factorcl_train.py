@@ -192,6 +192,7 @@ def _one_line_error(capsys, code, expected):
     (["train", "--out", "x", "--frobnicate"],
      "unrecognized arguments: --frobnicate (see factorcl train --help)"),
     (["train"], "required: --out"),
+    (["compare", "--out", "x", "--no-probe"], "unrecognized arguments: --no-probe"),
     (["mi-bench", "--out", "x", "--dims", "a,b"], "--dims"),
 ])
 def test_cli_bad_flags(capsys, argv, expected):
@@ -212,6 +213,7 @@ def test_cli_bad_data_and_values(capsys, tmp_path):
         (["--device", "tpu"], "--device"),
         (["--resume", str(tmp_path / "none.pt")], "checkpoint not found"),
         (["--mi-probe-steps", "1", "--backend", "cuda"], "--backend cuda"),
+        (["--mi-probe-steps", "5", "--no-probe"], "--mi-probe-steps runs in the evaluation"),
         # a data flag the chosen dataset does not use is refused, not silently ignored
         (["--task", "3"], "--task applies to --dataset multibench only, not to synthetic"),
         (["--dataset", f"npz:{tmp_path / 'd.npz'}", "--n-examples", "50"],

@@ -162,7 +162,9 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
                    help="steps between checkpoints (0: only at the end and on Ctrl-C)")
     g.add_argument("--log-every", type=_positive_int, default=10)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--no-probe", action="store_true", help="skip the linear probe at the end")
+    if not compare:  # compare's table is the probe accuracy
+        g.add_argument("--no-probe", action="store_true",
+                       help="skip the linear probe at the end")
     g.add_argument("--mi-probe-steps", type=_nonneg_int, default=0,
                    help="also estimate I(S1;S2), I(U1;U2) with an InfoNCE critic (steps)")
     g.add_argument("--out", required=True, help="output directory")
@@ -186,7 +188,7 @@ def _train_config(args, model: str, seed: int):
                        aug_noise=args.aug_noise, aug_drop=args.aug_drop,
                        augmentations=args.augmentations,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                       progress=not args.no_progress, probe=not args.no_probe,
+                       progress=not args.no_progress, probe=not getattr(args, "no_probe", False),
                        mi_probe_steps=args.mi_probe_steps, model_cfg=mc)
 
 

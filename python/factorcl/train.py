@@ -101,6 +101,9 @@ class TrainConfig:
             if bad or not self.augmentations:
                 raise TrainError(f"--augmentations: unknown {bad or 'empty list'}; choose from "
                                  f"{', '.join(sorted(known))}")
+        if self.mi_probe_steps and not self.probe:
+            raise TrainError("--mi-probe-steps runs in the evaluation, which --no-probe skips; "
+                             "drop one of them")
         if self.dtype not in ("float32", "float64"):
             raise TrainError(f"--dtype must be float32 or float64, got {self.dtype!r}")
         m = self.model_cfg
