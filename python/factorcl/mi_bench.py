@@ -97,7 +97,7 @@ def check_previous_results(cfg: MIBenchConfig, out_dir: str, files=(STAIRCASE_FI
                                                                      LARGE_BATCH_FILE)) -> None:
     """Refuse (ValueError naming the first differing setting) when ``out_dir`` holds results of
     ``files`` made with other settings that file depends on: a run would replace them. Results
-    of the same settings are recomputed identically, so they may be replaced."""
+    of the same settings pass (a run reuses what they finished)."""
     mine = _as_json(cfg)
     for name in files:
         keys = _keys_of(name, mine)
