@@ -257,3 +257,11 @@ def test_multibench_bad_modalities(tmp_path):
     path.write_bytes(pickle.dumps(_affect()))
     with pytest.raises(D.DataError, match="unknown modality"):
         D.load_dataset(f"multibench:{path}", modalities=("text", "smell"))
+
+
+def test_pt_with_ragged_labels_is_refused_in_one_line(tmp_path):
+    torch.save({"x1": torch.zeros(3, 2), "x2": torch.zeros(3, 2), "y": [[0, 1], [1], [0]]},
+               tmp_path / "r.pt")
+    with pytest.raises(D.DataError, match="'y' must hold integer class indices, got a list that "
+                                          "is not a rectangular array"):
+        D.load_dataset(f"pt:{tmp_path / 'r.pt'}")

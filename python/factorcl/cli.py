@@ -349,7 +349,7 @@ def _cmd_embed(args, log) -> int:
     import numpy as np
 
     from .eval import embed
-    from .train import _data_fingerprint, load_model
+    from .train import _data_fingerprint, load_model, write_atomically
 
     if not args.out.endswith(".npz"):
         raise _usage(f"--out must name a .npz file, got {args.out!r}")
@@ -369,15 +369,7 @@ def _cmd_embed(args, log) -> int:
     split[data.test_idx.numpy()] = 1
     arrays = {k: v.to(param.dtype).numpy() for k, v in reps.items()}
     arrays.update(y=data.y.numpy(), split=split)
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(args.out)}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, args.out)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    write_atomically(args.out, lambda f: np.savez(f, **arrays))
     same = _data_fingerprint(data) == trained_on
     listed = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items() if k not in ("y", "split"))
     log(f"[embed] {cfg.model} (step {info['step']}) on {data.describe()} "

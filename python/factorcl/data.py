@@ -353,15 +353,18 @@ _REAL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, 
 def _as_real_tensor(name: str, key: str, a, what: str) -> Tensor:
     """``a`` (array or tensor) as a tensor of a real number type, else a DataError saying what
     the key must hold (strings, objects and complex numbers are refused in one line)."""
+    arr = None
     try:
-        t = torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a)
+        arr = a if isinstance(a, Tensor) else np.asarray(a)
+        t = torch.as_tensor(arr)
     except (TypeError, ValueError) as exc:
-        kind = getattr(np.asarray(a), "dtype", None) if not isinstance(a, Tensor) else a.dtype
-        hint = ("; map class names to indices first, e.g. "
-                "np.unique(y, return_inverse=True)[1]") if "class" in what else ""
-        raise DataError(
-            f"{name}: key {key!r} must hold {what}, got an array of dtype {kind} "
-            f"({exc.__class__.__name__}){hint}") from None
+        got = (f"an array of dtype {arr.dtype}" if arr is not None
+               else f"a {type(a).__name__} that is not a rectangular array")
+        names = "class" in what and arr is not None  # e.g. strings as labels
+        hint = "; map class names to indices first, e.g. np.unique(y, return_inverse=True)[1]"
+        hint = hint if names else ""
+        raise DataError(f"{name}: key {key!r} must hold {what}, got {got} "
+                        f"({exc.__class__.__name__}){hint}") from None
     if not (t.is_floating_point() or t.dtype in _REAL_DTYPES):
         raise DataError(f"{name}: key {key!r} has dtype {t.dtype}; it must hold {what}")
     return t

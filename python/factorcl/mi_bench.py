@@ -20,7 +20,6 @@ batches (which the fused kernels make affordable) lift.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic
 
 from . import data as D
-from .train import _progress_bar, resolve_device
+from .train import _progress_bar, resolve_device, write_atomically
 
 __all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS",
            "STAIRCASE_FILE", "LARGE_BATCH_FILE", "check_previous_results"]
@@ -98,62 +97,40 @@ def check_previous_results(cfg: MIBenchConfig, out_dir: str, files=(STAIRCASE_FI
     """Refuse (ValueError naming the first differing setting) when ``out_dir`` holds results of
     ``files`` made with other settings that file depends on: a run would replace them. Results
     of the same settings pass (a run reuses what they finished)."""
-    mine = _as_json(cfg)
     for name in files:
-        keys = _keys_of(name, mine)
-        path = os.path.join(out_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            with open(path) as f:
-                theirs = json.load(f)["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} exists and is not a result of this benchmark; pass "
-                             "--overwrite to replace it, or choose another --out") from None
-        for key in keys:
-            if theirs.get(key) != mine[key]:
-                raise ValueError(
-                    f"{out_dir} holds {name} made with {key}={theirs.get(key)!r} but this run "
-                    f"has {key}={mine[key]!r}; pass --overwrite to replace it, or choose "
-                    "another --out")
+        _results_of_same_settings(cfg, out_dir, name)
 
 
-def _as_json(cfg: MIBenchConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as a results file holds them
-
-
-def _keys_of(name: str, settings: dict) -> list:
-    """The settings the results file ``name`` depends on."""
-    if name == STAIRCASE_FILE:
-        return [k for k in settings if not k.startswith("large_batch")]
-    return [k for k in settings if k.startswith("large_batch_") or k in _SHARED_KEYS]
-
-
-def _previous(cfg: MIBenchConfig, out_dir: str, name: str) -> Optional[dict]:
-    """The results file ``name`` in ``out_dir`` if it was made with ``cfg``'s settings (finished,
-    or cut short by Ctrl-C: its finished dimensions or batch sizes are reused), else None."""
+def _results_of_same_settings(cfg: MIBenchConfig, out_dir: str, name: str) -> Optional[dict]:
+    """The results file ``name`` in ``out_dir`` (finished, or cut short by Ctrl-C) when it was
+    made with ``cfg``'s settings, None when there is none; a ValueError when it holds results of
+    other settings or is not a result of this benchmark."""
+    path = os.path.join(out_dir, name)
+    if not os.path.exists(path):
+        return None
     try:
-        with open(os.path.join(out_dir, name)) as f:
+        with open(path) as f:
             prev = json.load(f)
-        theirs, mine = prev["config"], _as_json(cfg)
-        if all(theirs.get(k) == mine[k] for k in _keys_of(name, mine)):
-            return prev
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return None
+        theirs = prev["config"]
+        if not isinstance(theirs, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} exists and is not a result of this benchmark; pass "
+                         "--overwrite to replace it, or choose another --out") from None
+    mine = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as the file holds them
+    keys = ([k for k in mine if not k.startswith("large_batch")] if name == STAIRCASE_FILE
+            else [k for k in mine if k.startswith("large_batch_") or k in _SHARED_KEYS])
+    for key in keys:
+        if theirs.get(key) != mine[key]:
+            raise ValueError(
+                f"{out_dir} holds {name} made with {key}={theirs.get(key)!r} but this run "
+                f"has {key}={mine[key]!r}; pass --overwrite to replace it, or choose "
+                "another --out")
+    return prev
 
 
 def _write_json(path: str, out: dict) -> None:
-    """Write atomically (a temporary file renamed over ``path``): a Ctrl-C while writing leaves
-    the previous file whole."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    write_atomically(path, lambda f: f.write(json.dumps(out, indent=1).encode()))
 
 
 class CLUBGaussian(nn.Module):
@@ -223,13 +200,15 @@ def _downsample(values: list, points: int = 400) -> list:
     return [round(float(v), 5) for v in arr]
 
 
-def _prepare(cfg: MIBenchConfig, out_dir: str, name: str, overwrite: bool) -> torch.device:
+def _prepare(cfg: MIBenchConfig, out_dir: str, name: str, overwrite: bool
+             ) -> tuple[torch.device, Optional[dict]]:
+    """The device, and the results of the same settings already in ``out_dir`` to reuse (None
+    with ``overwrite``); results of other settings are refused unless ``overwrite``."""
     cfg.validate()
-    if not overwrite:
-        check_previous_results(cfg, out_dir, (name,))
+    prev = None if overwrite else _results_of_same_settings(cfg, out_dir, name)
     device = resolve_device(cfg.device)
     os.makedirs(out_dir, exist_ok=True)
-    return device
+    return device, prev
 
 
 def _log_above(bar, log, msg: str) -> None:
@@ -249,8 +228,7 @@ def run_mi_bench(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: bool
     with the same settings (by an earlier run, or one cut short by Ctrl-C) are reused, unless
     ``overwrite`` (everything is then computed again); ``progress``: a progress bar on a
     terminal."""
-    device = _prepare(cfg, out_dir, STAIRCASE_FILE, overwrite)
-    prev = None if overwrite else _previous(cfg, out_dir, STAIRCASE_FILE)
+    device, prev = _prepare(cfg, out_dir, STAIRCASE_FILE, overwrite)
     threads = torch.get_num_threads()
     # Batch-64 ops are too small to split across threads: extra threads only wait at barriers
     # (7x slower on a busy 2-core machine).
@@ -404,8 +382,7 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: b
     """InfoNCE at true MI ``large_batch_mi`` for each batch size in ``large_batch_sizes``;
     writes ``mi_large_batch.json`` / ``.png`` (``overwrite``, ``progress``: as
     :func:`run_mi_bench`)."""
-    device = _prepare(cfg, out_dir, LARGE_BATCH_FILE, overwrite)
-    prev = None if overwrite else _previous(cfg, out_dir, LARGE_BATCH_FILE)
+    device, prev = _prepare(cfg, out_dir, LARGE_BATCH_FILE, overwrite)
     earlier = {r.get("batch"): r for r in (prev or {}).get("rows", []) if isinstance(r, dict)}
     path = os.path.join(out_dir, LARGE_BATCH_FILE)
     dim, mi = cfg.large_batch_dim, cfg.large_batch_mi

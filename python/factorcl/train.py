@@ -37,9 +37,9 @@ from . import data as D
 from .distributed import Comm
 from .models import MODELS, Batch, ModelConfig, build_model
 
-__all__ = ["TrainConfig", "TrainError", "train", "previous_run", "save_checkpoint",
-           "load_checkpoint", "load_model", "resolve_device", "resolve_backend", "main_step",
-           "club_step"]
+__all__ = ["TrainConfig", "TrainError", "train", "previous_run", "write_atomically",
+           "save_checkpoint", "load_checkpoint", "load_model", "resolve_device", "resolve_backend",
+           "main_step", "club_step"]
 
 CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
 # The files of a run directory (--out).
@@ -119,6 +119,10 @@ class TrainConfig:
         if not m.temperature > 0:
             raise TrainError(f"--temperature must be positive, got {m.temperature}")
 
+    def torch_dtype(self) -> torch.dtype:
+        """The models' and inputs' dtype (``dtype``)."""
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -164,16 +168,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same directory, flushed to
-    disk, then renamed over ``path`` (a crash leaves the old checkpoint or the new one, never a
-    torn file)."""
+def write_atomically(path: str, write) -> None:
+    """``write(f)`` into a temporary file (binary) in ``path``'s directory, flushed to disk, then
+    renamed over ``path``: a crash or Ctrl-C leaves the old file or the new one, never a torn
+    file. Used for checkpoints, the MI benchmark's results and ``factorcl embed``'s output."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -181,6 +185,11 @@ def save_checkpoint(path: str, state: dict) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (:func:`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str, what: str = "--resume") -> dict:
@@ -212,7 +221,7 @@ def load_model(path: str, device="cpu", backend: Optional[str] = None,
     if backend is not None:
         cfg.model_cfg.critic_backend = backend
     data = state["data"]
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    dtype = cfg.torch_dtype()
     model = build_model(cfg.model, tuple(data["x1"]), tuple(data["x2"]), data["num_classes"],
                         cfg.model_cfg)
     try:
@@ -373,7 +382,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     comm = comm or Comm()
     device = resolve_device(cfg.device)
     backend = resolve_backend(cfg.model_cfg.critic_backend, device)
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    dtype = cfg.torch_dtype()
     use_amp = device.type == "cuda" and cfg.amp in ("auto", "on")
     if cfg.amp == "on" and device.type != "cuda":
         raise TrainError("--amp on needs a CUDA device (AMP runs in bfloat16 on the GPU only)")
