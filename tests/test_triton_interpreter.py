@@ -31,7 +31,8 @@ pytestmark = [
 ]
 
 # the shared backend-parametrised suites, run with the triton backend only
-SHARED = ["tests/test_concat_critic.py", "tests/test_separable_critic.py", "tests/test_nn.py"]
+SHARED = ["tests/test_concat_critic.py", "tests/test_separable_critic.py", "tests/test_nn.py",
+          "tests/test_random_configurations.py"]
 
 
 def run_interpreted(args: list[str], extra_env: dict | None = None, timeout: int = 600) -> None:
