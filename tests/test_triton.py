@@ -286,13 +286,13 @@ def test_autotune_off_launches_the_fixed_configuration(monkeypatch):
     from factorcl_ext.triton import _config, ops
 
     launched = []
-    real = ops.wrap_triton
+    real = ops._launchable
 
     def spy(tuner):
         launched.append(tuner)
         return real(tuner)
 
-    monkeypatch.setattr(ops, "wrap_triton", spy)
+    monkeypatch.setattr(ops, "_launchable", spy)
     n, m, h = MLP_SHAPES[0]
     for autotune in (True, False):
         monkeypatch.setattr(_config, "AUTOTUNE", autotune)

@@ -104,7 +104,15 @@ def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
     if getattr(_tracing, "fake", False):
         return
     fixed = deterministic or not _config.AUTOTUNE
-    wrap_triton(tuners[family, fixed])[grid](*args, **kwargs)
+    _launchable(tuners[family, fixed])[grid](*args, **kwargs)
+
+
+def _launchable(tuner):
+    """``wrap_triton(tuner)`` on a GPU, so that torch.compile traces the launch; the tuner itself
+    under the interpreter, where the ops are opaque custom ops (``_register``) and torch 2.11's
+    wrap_triton, unlike 2.14's, wraps an interpreted kernel into a launcher that fails
+    ("'function' object has no attribute 'fn'")."""
+    return tuner if _config.INTERPRETED else wrap_triton(tuner)
 
 
 def _register(name: str):
