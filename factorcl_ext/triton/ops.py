@@ -503,9 +503,35 @@ def _mm_acc(a: Tensor, b: Tensor, acc: Optional[Tensor]) -> Tensor:
         if a.is_cuda and _OUT_DTYPE_MM:
             if acc is None:
                 return torch.mm(a, b, out_dtype=torch.float32)
-            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+            if _addmm_out_dtype_traces():
+                return torch.addmm(acc, a, b, out_dtype=torch.float32)
+            return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
         a, b = a.float(), b.float()
     return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+
+
+@functools.cache
+def _addmm_out_dtype_traces() -> bool:
+    """Whether ``torch.addmm(..., out_dtype=)`` has a working fake implementation, which
+    torch.compile and the triton_op's fake pass run: torch 2.11's (the GPU machine's) takes
+    out_dtype for ``beta`` and raises a TypeError; 2.14's works. Without it the sum is a product
+    and an in-place add, in eager and traced runs alike (same rounding: one float32 add)."""
+    import logging
+
+    from torch._subclasses import fake_tensor
+
+    log = logging.getLogger(fake_tensor.__name__)  # it logs the failure at ERROR level
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with fake_tensor.FakeTensorMode():
+            x = torch.empty(2, 2, dtype=torch.bfloat16)
+            torch.addmm(torch.empty(2, 2), x, x, out_dtype=torch.float32)
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        return False
+    finally:
+        log.setLevel(level)
+    return True
 
 
 def _dot_backward_chunked(a: _DotArgs, lse, grads, scale, inv):
