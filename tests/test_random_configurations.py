@@ -28,7 +28,7 @@ TOL = 1e-10
 CASES = 8 if _backends.triton_interpreted() else 40
 
 
-def _tensor(rng, shape, scale, transposed, device):
+def _tensor(shape, scale, transposed, device):
     if transposed and len(shape) == 2:  # same values, column-major storage
         return (torch.randn(shape[::-1], dtype=F64) * scale).t().to(device)
     return (torch.randn(shape, dtype=F64) * scale).to(device)
@@ -54,23 +54,23 @@ def _draw_case(rng: random.Random):
     return case
 
 
-def _inputs(case, rng, device):
+def _inputs(case, device):
     """The op's positional tensors (hidden layers as lists) and keyword options."""
     t = case["transposed"]
     n, m = case["N"], case["M"]
     if case["kind"] == "concat":
         du, dv, h, L = case["du"], case["dv"], case["H"], case["L"]
-        args = [_tensor(rng, (n, du), 1.0, t, device), _tensor(rng, (m, dv), 1.0, t, device),
-                _tensor(rng, (h, du), 0.5, t, device), _tensor(rng, (h, dv), 0.5, t, device),
-                _tensor(rng, (h,), 0.3, t, device),
-                [_tensor(rng, (h, h), 1 / math.sqrt(h), t, device) for _ in range(L)],
-                [_tensor(rng, (h,), 0.1, t, device) for _ in range(L)],
-                _tensor(rng, (h,), 1 / math.sqrt(h), t, device), _tensor(rng, (), 1.0, t, device)]
+        args = [_tensor((n, du), 1.0, t, device), _tensor((m, dv), 1.0, t, device),
+                _tensor((h, du), 0.5, t, device), _tensor((h, dv), 0.5, t, device),
+                _tensor((h,), 0.3, t, device),
+                [_tensor((h, h), 1 / math.sqrt(h), t, device) for _ in range(L)],
+                [_tensor((h,), 0.1, t, device) for _ in range(L)],
+                _tensor((h,), 1 / math.sqrt(h), t, device), _tensor((), 1.0, t, device)]
         kw = dict(activation=case["activation"], out_activation=case["out_activation"],
                   pos_offset=case["pos_offset"])
     else:
-        args = [_tensor(rng, (n, case["D"]), 1.0, t, device),
-                _tensor(rng, (m, case["D"]), 1.0, t, device)]
+        args = [_tensor((n, case["D"]), 1.0, t, device),
+                _tensor((m, case["D"]), 1.0, t, device)]
         kw = dict(pos_offset=case["pos_offset"], exclude_offset=case["exclude_offset"],
                   normalize=case["normalize"], temperature=case["temperature"])
         if case["tensor_temperature"]:
@@ -114,7 +114,7 @@ def test_random_configurations_match_reference(backend, device):
     rng = random.Random(torch.randint(0, 2**31, ()).item())  # from the test's fresh seed
     for k in range(CASES):
         case = _draw_case(rng)
-        args, kw = _inputs(case, rng, device)
+        args, kw = _inputs(case, device)
         n = case["N"]
         upstream = [torch.randn(n, dtype=F64, device=device) for _ in range(3)]
         coefs = dict(c_lse=rng.uniform(-1, 1), c_rowsum=rng.uniform(-1, 1),

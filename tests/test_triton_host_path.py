@@ -103,6 +103,8 @@ CONCAT_SHAPES = [(37, 1000, 96, 1), (512, 512, 512, 1), (4096, 4096, 512, 1),
 @pytest.mark.parametrize("shape", CONCAT_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 def test_concat_ops_plan_and_trace(gpu, dtype, shape, deterministic):
+    from factorcl_ext.triton import _config
+
     n, m, h, L = shape
     if dtype == "fp64" and n > 4096:
         pytest.skip("float64 is for tests: small shapes")
@@ -111,8 +113,8 @@ def test_concat_ops_plan_and_trace(gpu, dtype, shape, deterministic):
     with mode:
         A, B, w_out, b_out = mk(n, h), mk(m, h), mk(h), mk(())
         W, b = [mk(h, h) for _ in range(L)], [mk(h) for _ in range(L)]
-        grads = [torch.empty(n, device="cuda", dtype=torch.float32 if DTYPES[dtype] in (
-            torch.bfloat16, torch.float16) else DTYPES[dtype]) for _ in range(3)]
+        acc = _config.acc_dtype(DTYPES[dtype])
+        grads = [torch.empty(n, device="cuda", dtype=acc) for _ in range(3)]
         core = (A, B, W, b, w_out, b_out, "relu", "none", 7 if m >= n + 7 else None)
         stats = f.triton_pair_mlp_stats(*core, deterministic)
         same_meta(stats, f.pair_mlp_stats(*core), "pair_mlp_stats")
@@ -166,8 +168,7 @@ def test_separable_ops_plan_and_trace(gpu, dtype, shape, bwd_mode):
         f = torch.ops.factorcl
         with mode:
             G, H = mk(n, d), mk(m, d)
-            acc = torch.float32 if DTYPES[dtype] in (torch.bfloat16, torch.float16) else \
-                DTYPES[dtype]
+            acc = _config.acc_dtype(DTYPES[dtype])
             grads = [torch.empty(n, device="cuda", dtype=acc) for _ in range(3)]
             offsets = (0, 1) if m >= n + 1 else (None, None)
             for deterministic in (False, True):

@@ -1,5 +1,5 @@
 """The Triton backend's core ops, registered with ``torch.library.triton_op`` so that
-``torch.compile`` traces into the kernels (each launch goes through ``wrap_triton``).
+``torch.compile`` traces into the kernels (on a GPU each launch goes through ``wrap_triton``).
 
 Same schemas and semantics as the C++ core ops of csrc/ops.cpp (DESIGN.md section 5), plus a
 last argument ``deterministic`` (bit-identical results run to run for this call, whatever the
@@ -116,8 +116,8 @@ def _launchable(tuner):
 
 
 def _register(name: str):
-    """``torch.library.triton_op`` on a GPU. Under the interpreter, wrap_triton hands back the
-    raw interpreted kernel, which cannot run on fake tensors; there the op is an opaque
+    """``torch.library.triton_op`` on a GPU. Under the interpreter the kernels are launched
+    directly (``_launchable``) and cannot run on fake tensors; there the op is an opaque
     ``custom_op`` whose fake implementation is the same body with the launches skipped, so that
     torch.compile still traces the ops (as opaque calls) without a graph break."""
 
