@@ -4,6 +4,7 @@ run, and the speed-up over the authors' tiling formulation.
 
     python benchmarks/cpu_table.py                 # FactorCL (N 64..512) and MI (N 128..1024)
     python benchmarks/cpu_table.py --large         # FactorCL critic at N = 4096, H = 128 (minutes)
+    python benchmarks/cpu_table.py --host-overhead # N = d = H = 8: host (Python, dispatch) time
     python benchmarks/cpu_table.py --json out.json # also write the rows as JSON
 """
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 
 import torch
@@ -43,20 +45,50 @@ def measure(case: Case, impl: str, repeats: int) -> dict:
     }
 
 
+def measure_interleaved(case: Case, impls: list[str], repeats: int) -> list[dict]:
+    """Median time of each implementation, the calls taken in turn (one of each per round) so
+    that a shared machine's load falls on all of them alike: for sub-millisecond calls."""
+    steps = {impl: make_step(case, impl) for impl in impls}
+    for step in steps.values():
+        median_seconds(step, repeats=20, warmup=1)  # warm-up; compiles for torch.compile
+    times = {impl: [] for impl in impls}
+    for _ in range(repeats):
+        for impl, step in steps.items():
+            times[impl].append(median_seconds(step, repeats=1, warmup=0))
+    return [{
+        "case": case.name, "n": case.n, "dim": case.dim, "hidden": case.hidden,
+        "layers": case.layers, "impl": impl, "seconds": statistics.median(times[impl]),
+        "peak_extra_bytes": 0, "gflops": None,
+        "mpairs_per_s": case.n * case.n / statistics.median(times[impl]) / 1e6,
+    } for impl in impls]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--large", action="store_true", help="FactorCL critic at N=4096, H=128, L=1")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="every implementation at N = d = H = 8, L = 1 on one thread, where the "
+                        "arithmetic is negligible: the host (Python and dispatch) time of one "
+                        "forward + backward, the implementations interleaved (300 rounds)")
     p.add_argument("--impls", default=None, help="comma list of implementations to run")
     p.add_argument("--ns", default=None, help="comma list of batch sizes N to run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
+    if args.host_overhead:
+        torch.set_num_threads(1)
 
     mm_before = matmul_gflops()
     rows = []
     if args.large:
         plan = [(Case("factorcl", 4096, 128, 128, 1), ["fused"])]
         args.repeats = 1
+    elif args.host_overhead:
+        impls = ["fused", "fused_stats", "fused_compiled", "authors", "reference", "compiled"]
+        if args.impls:
+            impls = [i for i in impls if i in args.impls.split(",")]
+        rows = measure_interleaved(Case("tiny", 8, 8, 8, 1), impls, max(args.repeats, 300))
+        plan = []
     else:
         plan = [(c, ["fused", "fused_stats", "authors", "compiled"]) for c in factorcl_cases()]
         plan += [(c, ["fused", "reference", "compiled"]) for c in mi_cases()]
@@ -91,7 +123,9 @@ def main(argv=None) -> int:
         else:
             rate, pct = f"{row['mpairs_per_s']:.2f} Mpairs/s", "-"
         label = (f"{row['case']} d={row['dim']} H={row['hidden']} L={row['layers']}")
-        print(f"| {label} | {row['n']} | {row['impl']} | {row['seconds'] * 1e3:.1f} ms | {speedup} "
+        t = row["seconds"]
+        t = f"{t * 1e3:.1f} ms" if t >= 1e-3 else f"{t * 1e6:.0f} us"
+        print(f"| {label} | {row['n']} | {row['impl']} | {t} | {speedup} "
               f"| {mem:.1f} MiB{memrel} | {rate} | {pct} |")
     if args.json:
         with open(args.json, "w") as f:

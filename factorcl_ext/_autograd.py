@@ -53,8 +53,17 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         return [g if g is not None else torch.zeros_like(like) for g in grads]
 
     def scaled(grads, by: Tensor):
-        flat, spec = tree_flatten(grads)
-        return tree_unflatten([g * by.to(g.dtype) for g in flat], spec)
+        # grads: tensors and lists of tensors. One _foreach_mul per dtype rather than a product
+        # per tensor, and no pytree: this runs once per backward, where host time counts.
+        flat = [t for g in grads for t in (g if isinstance(g, (list, tuple)) else (g,))]
+        out: list = [None] * len(flat)
+        for dtype in {t.dtype for t in flat}:
+            where = [i for i, t in enumerate(flat) if t.dtype == dtype]
+            for i, t in zip(where, torch._foreach_mul([flat[i] for i in where], by.to(dtype))):
+                out[i] = t
+        it = iter(out)
+        return tuple([next(it) for _ in g] if isinstance(g, (list, tuple)) else next(it)
+                     for g in grads)
 
     def check_compute_grad(ctx, op):
         if not ctx.compute_grad:
