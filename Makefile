@@ -20,5 +20,7 @@ bench-large:
 	$(PY) benchmarks/cpu_table.py --large
 bench-gpu:
 	$(PY) benchmarks/gpu_bench.py
+# needs `pip install ruff clang-format`; rules in pyproject.toml and .clang-format
 lint:
-	ruff check factorcl_ext python tests benchmarks && clang-format --dry-run -Werror csrc/*.cpp csrc/*/*.cpp csrc/*.h
+	ruff check factorcl_ext python tests benchmarks && \
+	clang-format --dry-run -Werror csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh

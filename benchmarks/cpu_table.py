@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cases import Case, factorcl_cases, make_step, mi_cases  # noqa: E402
-
 from factorcl_ext.measure import (  # noqa: E402
     concat_critic_flops,
     matmul_gflops,
     median_seconds,
     peak_extra_rss_bytes,
 )
+
+from cases import Case, factorcl_cases, make_step, mi_cases  # noqa: E402
 
 
 def measure(case: Case, impl: str, repeats: int) -> dict:

@@ -129,7 +129,8 @@ def main() -> None:
         head = f"{'file':<18} {'kernel':<24} {'mode':<5} {'regs':>4} {'spill st':>8} " \
                f"{'spill ld':>8} {'stack':>5}"
         extra = ["instr", "HMMA", "LDG", "LDG.128", "LDL/STL"]
-        print(f"sm_{args.arch}\n" + head + ("".join(f" {e:>8}" for e in extra) if args.sass else ""))
+        columns = "".join(f" {e:>8}" for e in extra) if args.sass else ""
+        print(f"sm_{args.arch}\n" + head + columns)
         for src, (log, obj) in zip(srcs, results):
             sass = sass_counts(obj) if args.sass else {}
             for kernel, mode, regs, st, ld, stack, name in ptxas_rows(log):

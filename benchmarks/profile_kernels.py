@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     import torch
 
     import factorcl_ext
+
     import gpu_bench as gb
 
     if not torch.cuda.is_available():

@@ -41,8 +41,8 @@ the kernel no longer contains it):
 Separable critic (``--critic separable``, N = M, D = ``--hidden``; ``dot_bwd_kernel``):
 ``full``; ``no_dh_atomic`` (without dH); ``dh_store_not_atomic`` (dH by plain stores: atomics
 against stores; wrong values, timing only); ``full_grid2``; ``dh_atomic_acq_rel`` (the dH
-atomics as before session 4, acq_rel); ``dg_store_no_load`` (the dG update without its load); ``forward``,
-``forward_grid2``. Useful backward FLOPs there: 4*N*M*D.
+atomics as before session 4, acq_rel); ``dg_store_no_load`` (the dG update without its load);
+``forward``, ``forward_grid2``. Useful backward FLOPs there: 4*N*M*D.
 
 ``--check`` (any device, meant for the interpreter): runs each variant of both critics once on a
 small shape and checks that ``full`` and ``dw_atomic_slots`` give the production op's gradients
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -92,9 +91,9 @@ EDITS = {
     "dw_atomic_slots": [
         ("    dWp = dW_ptr + gp * L * H * H\n",
          "    dWp = dW_ptr + (gp % DW_SLOTS) * L * H * H\n"),
-        ("                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):\n"
+        ("                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):\n"  # noqa: E501
          '    """Recomputing backward',
-         "                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,\n"
+         "                   BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,\n"  # noqa: E501
          "                   DW_SLOTS: tl.constexpr):\n"
          '    """Recomputing backward'),
         (_DW_UPDATE, _DW_HEAD + """\
@@ -108,7 +107,7 @@ EDITS = {
 }
 _DG_UPDATE = "                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)\n"
 _DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,\n"
-              '                                      mask=mj[:, None] & md[None, :], sem="relaxed")')
+              '                                      mask=mj[:, None] & md[None, :], sem="relaxed")')  # noqa: E501
 DOT_EDITS = {
     "full": [],
     "no_dh_atomic": [],

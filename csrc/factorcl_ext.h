@@ -17,21 +17,19 @@ using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (lse, pos, row
 // ---- concat critic core: scores s_ij = out_act(w_out . MLP(act(A_i + B_j)) + b_out) ----------
 // A [N, H], B [M, H] (B already holds b_0), hidden_weights[l] [H, H], hidden_biases[l] [H],
 // w_out [H], b_out [] (0-dim).
-Stats pair_mlp_stats_cpu(const at::Tensor& A, const at::Tensor& B,
-                         at::TensorList hidden_weights, at::TensorList hidden_biases,
-                         const at::Tensor& w_out, const at::Tensor& b_out,
-                         c10::string_view activation, c10::string_view out_activation,
-                         std::optional<int64_t> pos_offset);
+Stats pair_mlp_stats_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorList hidden_weights,
+                         at::TensorList hidden_biases, const at::Tensor& w_out,
+                         const at::Tensor& b_out, c10::string_view activation,
+                         c10::string_view out_activation, std::optional<int64_t> pos_offset);
 
 // Recomputing backward of pair_mlp_stats. Returns (dA, dB, d_hidden_weights, d_hidden_biases,
 // d_w_out, d_b_out).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
            at::Tensor>
 pair_mlp_stats_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
-                            const at::Tensor& grad_rowsum, const at::Tensor& A,
-                            const at::Tensor& B, at::TensorList hidden_weights,
-                            at::TensorList hidden_biases, const at::Tensor& w_out,
-                            const at::Tensor& b_out, const at::Tensor& lse,
+                            const at::Tensor& grad_rowsum, const at::Tensor& A, const at::Tensor& B,
+                            at::TensorList hidden_weights, at::TensorList hidden_biases,
+                            const at::Tensor& w_out, const at::Tensor& b_out, const at::Tensor& lse,
                             c10::string_view activation, c10::string_view out_activation,
                             std::optional<int64_t> pos_offset);
 
@@ -48,8 +46,8 @@ pair_mlp_loss_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorList hidde
 
 // ---- separable critic core: s_ij = G_i . H_j (temperature and normalisation applied in Python) --
 // exclude_offset: column i + exclude_offset is left out of row i's logsumexp and row sum.
-Stats pair_dot_stats_cpu(const at::Tensor& G, const at::Tensor& H, std::optional<int64_t> pos_offset,
-                         std::optional<int64_t> exclude_offset);
+Stats pair_dot_stats_cpu(const at::Tensor& G, const at::Tensor& H,
+                         std::optional<int64_t> pos_offset, std::optional<int64_t> exclude_offset);
 
 // Returns (dG, dH).
 std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(

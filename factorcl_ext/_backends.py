@@ -18,7 +18,8 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _C = None
 _C_ERROR: Optional[BaseException] = None
 try:
-    _C = importlib.import_module("factorcl_ext._C")  # loading it registers the torch.ops.factorcl ops
+    # loading it registers the torch.ops.factorcl ops
+    _C = importlib.import_module("factorcl_ext._C")
 except ImportError as exc:  # pragma: no cover - only when the extension was not built
     _C_ERROR = exc
 

@@ -134,7 +134,7 @@ def _check_pair_mlp(
 ):
     _check_tensor("A", A, 2)
     _check_tensor("B", B, 2)
-    if not isinstance(hidden_weights, (list, tuple)) or not isinstance(hidden_biases, (list, tuple)):
+    if not (isinstance(hidden_weights, (list, tuple)) and isinstance(hidden_biases, (list, tuple))):
         raise TypeError("hidden_weights and hidden_biases must be lists (or tuples) of tensors")
     if len(hidden_weights) != len(hidden_biases):
         raise ValueError(
@@ -623,13 +623,16 @@ def _scaled(g: Tensor, h: Tensor, temperature, normalize: bool) -> tuple[Tensor,
     if isinstance(temperature, Tensor):
         if temperature.numel() != 1 or temperature.dim() > 1:
             raise ValueError(
-                f"temperature must be a float or a 0-dim tensor, got shape {tuple(temperature.shape)}"
+                "temperature must be a float or a 0-dim tensor, got shape "
+                f"{tuple(temperature.shape)}"
             )
         if temperature.device != g.device:
             raise ValueError(f"temperature is on {temperature.device} but g is on {g.device}")
         temperature = temperature.reshape(()).to(g.dtype)
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+        raise TypeError(
+            f"temperature must be a float or a tensor, got {type(temperature).__name__}"
+        )
     elif not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     _check_bool("normalize", normalize)

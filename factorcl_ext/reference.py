@@ -101,7 +101,8 @@ def pair_mlp_stats(
     pos_offset: Optional[int] = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of the core op ``factorcl::pair_mlp_stats``."""
-    s = pair_mlp_scores(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation)
+    s = pair_mlp_scores(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                        out_activation)
     return stats_from_scores(s, pos_offset)
 
 

@@ -118,7 +118,8 @@ def temperature_floor(g, h, temperature, objective, *, normalize: bool = False,
     return (G * dG).abs().sum().item() / abs(tau)
 
 
-def assert_rel_close(actual, expected, tol: float, name: str = "tensor", floor: float = 0.0) -> None:
+def assert_rel_close(actual, expected, tol: float, name: str = "tensor",
+                     floor: float = 0.0) -> None:
     """DESIGN.md section 6 tolerance check, with the worst element in the message."""
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     err = rel_error(actual, expected, floor)

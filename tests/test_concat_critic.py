@@ -7,12 +7,13 @@ with ``-k "not large"`` where a backend is slow (the Triton interpreter).
 
 from __future__ import annotations
 
-import torch
 import pytest
-from conftest import assert_rel_close, rel_error
+import torch
 
 import factorcl_ext as fe
 from factorcl_ext import reference as ref
+
+from conftest import assert_rel_close, rel_error
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 BUDGET_ENV = "FACTORCL_EXT_CPU_BUFFER_BYTES"  # CPU kernel's per-thread buffer budget (bytes)

@@ -85,10 +85,13 @@ def check(name: str, actual: torch.Tensor, exact: torch.Tensor, lowp: torch.Tens
     dB for some seeds (4e-2 .. 8e-2 seen), and the kernel's error tracks it. A tighter "at most 2x
     the reference" bar below the tolerance is flaky for the same reason (a few flips more or less:
     ratios up to ~4 seen at errors near 1e-2, in the CPU emulation of these kernels). Without
-    ``lowp`` (shapes too large for it) the dtype tolerance applies. ``floor``: conftest's stats_floor / loss_floor.
+    ``lowp`` (shapes too large for it) the dtype tolerance applies. ``floor``: conftest's
+    stats_floor / loss_floor.
     """
     _, _, tol = PRECISIONS[prec]
-    assert actual.shape == exact.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    assert actual.shape == exact.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    )
     assert actual.device.type == "cuda", f"{name} is on {actual.device}"
     err = rel_error(actual, exact, floor)
     allowed, note = tol, ""

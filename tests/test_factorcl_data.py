@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
 from factorcl import data as D
 
 # ---- synthetic ------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_rel_close
+
 from factorcl import data as D
 from factorcl import models as M
 from factorcl import train as T
+
+from conftest import assert_rel_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,11 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import assert_rel_close
+
 from factorcl import cli
 from factorcl import data as D
 from factorcl import eval as E
 from factorcl import mi_bench as B
+
+from conftest import assert_rel_close
 
 F64 = torch.float64
 

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_rel_close
+
 from factorcl import models as M
 from factorcl.models import Batch
-
 from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic, SupConLoss
+
+from conftest import assert_rel_close
 
 F64 = torch.float64
 CFG = M.ModelConfig(embed_dim=6, backbone_hidden=10, critic_hidden=9, critic_layers=1,

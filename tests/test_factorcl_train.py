@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from factorcl import cli
 from factorcl import data as D
 from factorcl import models as M

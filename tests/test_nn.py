@@ -126,7 +126,8 @@ def _compare(ours_module, theirs_module, call, inputs, tol):
     assert_rel_close(out_ours, out_theirs, tol, "value", floor=1.0)
     g_ours = _grads(out_ours, params_ours + list(inputs))
     g_theirs = _grads(out_theirs, params_theirs + list(inputs))
-    names = [n for n, _ in ours_module.named_parameters()] + [f"input{i}" for i in range(len(inputs))]
+    names = [n for n, _ in ours_module.named_parameters()]
+    names += [f"input{i}" for i in range(len(inputs))]
     for name, a, b in zip(names, g_ours, g_theirs):
         # The output bias's gradient is exactly 0 under InfoNCE: compare it at the weights' scale.
         assert_rel_close(a, b, tol, f"grad {name}", floor=1e-2)
@@ -354,7 +355,8 @@ def test_compiled_module_has_no_graph_break(backend):
     compiled_loss = compiled(x, y)
     assert_rel_close(compiled_loss, eager_loss, 1e-12, "compiled value")
     params = list(critic.parameters()) + [x, y]
-    for a, b in zip(torch.autograd.grad(compiled_loss, params), torch.autograd.grad(eager_loss, params)):
+    compiled_grads = torch.autograd.grad(compiled_loss, params)
+    for a, b in zip(compiled_grads, torch.autograd.grad(eager_loss, params)):
         assert_rel_close(a, b, 1e-12, "compiled grad", floor=1e-2)
 
 

@@ -41,8 +41,8 @@ void check_pair_dot(const char* op, const at::Tensor& G, const at::Tensor& H,
   TORCH_CHECK_TYPE(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble, op,
                    ": G has dtype ", G.scalar_type(),
                    "; the CPU kernel supports float32 and float64");
-  TORCH_CHECK_VALUE(G.size(1) == H.size(1), op, ": G has shape ", G.sizes(), " and H ",
-                    H.sizes(), ": embedding widths must agree");
+  TORCH_CHECK_VALUE(G.size(1) == H.size(1), op, ": G has shape ", G.sizes(), " and H ", H.sizes(),
+                    ": embedding widths must agree");
   const int64_t n = G.size(0), m = H.size(0);
   TORCH_CHECK_VALUE(n > 0 && m > 0, op, ": empty batch: G has shape ", G.sizes(), " and H ",
                     H.sizes());
@@ -57,8 +57,7 @@ void check_row_vector(const char* op, const char* name, const at::Tensor& t, con
                     G.size(0), ",), got ", t.sizes());
   TORCH_CHECK_TYPE(t.scalar_type() == G.scalar_type(), op, ": ", name, " has dtype ",
                    t.scalar_type(), " but G has ", G.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
-                    t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
 // ---- work plan --------------------------------------------------------------------------------
@@ -277,21 +276,21 @@ FACTORCL_INLINE void seg_affine_impl(T* x, int64_t n, T shift, T a, T b) {
 }
 
 // target_clones needs plain (non-template) functions: one set per dtype.
-#define FACTORCL_DEFINE_ROW_KERNELS(T)                                                          \
-  FACTORCL_ROW_KERNEL void seg_max_sum(const T* x, int64_t n, T& mx, T& sum) {                  \
-    seg_max_sum_impl<T>(x, n, mx, sum);                                                         \
-  }                                                                                             \
-  FACTORCL_ROW_KERNEL T seg_sumexp(const T* x, int64_t n, T shift) {                            \
-    return seg_exp_sum_impl<T, false>(const_cast<T*>(x), n, shift);                             \
-  }                                                                                             \
-  FACTORCL_ROW_KERNEL T seg_exp_store(T* x, int64_t n, T shift) {                               \
-    return seg_exp_sum_impl<T, true>(x, n, shift);                                              \
-  }                                                                                             \
-  FACTORCL_ROW_KERNEL void seg_affine(T* x, int64_t n, T a, T b) {                              \
-    seg_affine_impl<T, false>(x, n, T(0), a, b);                                                \
-  }                                                                                             \
-  FACTORCL_ROW_KERNEL void seg_exp_affine(T* x, int64_t n, T shift, T a, T b) {                 \
-    seg_affine_impl<T, true>(x, n, shift, a, b);                                                \
+#define FACTORCL_DEFINE_ROW_KERNELS(T)                                          \
+  FACTORCL_ROW_KERNEL void seg_max_sum(const T* x, int64_t n, T& mx, T& sum) {  \
+    seg_max_sum_impl<T>(x, n, mx, sum);                                         \
+  }                                                                             \
+  FACTORCL_ROW_KERNEL T seg_sumexp(const T* x, int64_t n, T shift) {            \
+    return seg_exp_sum_impl<T, false>(const_cast<T*>(x), n, shift);             \
+  }                                                                             \
+  FACTORCL_ROW_KERNEL T seg_exp_store(T* x, int64_t n, T shift) {               \
+    return seg_exp_sum_impl<T, true>(x, n, shift);                              \
+  }                                                                             \
+  FACTORCL_ROW_KERNEL void seg_affine(T* x, int64_t n, T a, T b) {              \
+    seg_affine_impl<T, false>(x, n, T(0), a, b);                                \
+  }                                                                             \
+  FACTORCL_ROW_KERNEL void seg_exp_affine(T* x, int64_t n, T shift, T a, T b) { \
+    seg_affine_impl<T, true>(x, n, shift, a, b);                                \
   }
 FACTORCL_DEFINE_ROW_KERNELS(float)
 FACTORCL_DEFINE_ROW_KERNELS(double)
@@ -436,8 +435,7 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(
     const scalar_t* g_pos_p = g_pos.const_data_ptr<scalar_t>();
     const scalar_t* g_rowsum_p = g_rowsum.const_data_ptr<scalar_t>();
     const scalar_t* lse_p = lse.const_data_ptr<scalar_t>();
-    for_each_strip(plan, G.options(), [&](int64_t slot, bool first, int64_t row0, int64_t r,
-                                          at::Tensor& S) {
+    const auto strip = [&](int64_t slot, bool first, int64_t row0, int64_t r, at::Tensor& S) {
       const at::Tensor G_strip = G.narrow(0, row0, r);
       at::mm_out(S, G_strip, Ht);
       scalar_t* s = S.data_ptr<scalar_t>();
@@ -453,7 +451,8 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(
       at::Tensor dG_strip = dG.narrow(0, row0, r);
       at::mm_out(dG_strip, S, H);
       dH_parts.accumulate(slot, first, S, G_strip);
-    });
+    };
+    for_each_strip(plan, G.options(), strip);
   });
   dH_parts.reduce();
   return {like_input(dG, G_in), like_input(dH, H_in)};
@@ -487,8 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
     scalar_t* rowsum_p = rowsum.data_ptr<scalar_t>();
     const auto cl = static_cast<scalar_t>(c_lse), cp = static_cast<scalar_t>(c_pos),
                cr = static_cast<scalar_t>(c_rowsum);
-    for_each_strip(plan, G.options(), [&](int64_t slot, bool first, int64_t row0, int64_t r,
-                                          at::Tensor& S) {
+    const auto strip = [&](int64_t slot, bool first, int64_t row0, int64_t r, at::Tensor& S) {
       const at::Tensor G_strip = G.narrow(0, row0, r);
       at::mm_out(S, G_strip, Ht);
       scalar_t* s = S.data_ptr<scalar_t>();
@@ -509,7 +507,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
       at::Tensor dG_strip = dG.narrow(0, row0, r);
       at::mm_out(dG_strip, S, H);
       dH_parts->accumulate(slot, first, S, G_strip);
-    });
+    };
+    for_each_strip(plan, G.options(), strip);
   });
   // The same expression as the reference, so that e.g. 0 * Inf gives its NaN here too.
   at::Tensor loss = (lse * c_lse + pos * c_pos + rowsum * c_rowsum).sum();

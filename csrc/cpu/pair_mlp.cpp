@@ -159,8 +159,8 @@ FCL_CLONES void bias_relu_score(T* __restrict z, const T* __restrict bias, const
 }
 
 template <typename T>
-FCL_CLONES void score_rows(const T* __restrict h, const T* __restrict w, T b_out,
-                           T* __restrict x, int64_t rows, int64_t H) {
+FCL_CLONES void score_rows(const T* __restrict h, const T* __restrict w, T b_out, T* __restrict x,
+                           int64_t rows, int64_t H) {
   for (int64_t t = 0; t < rows; ++t) {
     const T* ht = h + t * H;
     T acc = 0;
@@ -216,8 +216,8 @@ FCL_CLONES void mid_backward(T* __restrict h, const T* __restrict dh, int64_t ro
 // First layer backward: dz0 = act'(h0) * dh0, dA[r] += dz0, dB[c] += dz0. Column-major over the
 // tile so each dB row is loaded once per tile column while the R dA rows stay in L1.
 template <typename T, bool kRelu>
-FCL_CLONES void first_backward(const T* __restrict dh, const T* __restrict h0, int64_t R,
-                               int64_t C, int64_t H, T* __restrict dA, T* __restrict dB) {
+FCL_CLONES void first_backward(const T* __restrict dh, const T* __restrict h0, int64_t R, int64_t C,
+                               int64_t H, T* __restrict dA, T* __restrict dB) {
   for (int64_t c = 0; c < C; ++c) {
     T* dBc = dB + c * H;
     for (int64_t r = 0; r < R; ++r) {
@@ -237,9 +237,9 @@ FCL_CLONES void first_backward(const T* __restrict dh, const T* __restrict h0, i
 
 // L = 0 backward from a stored h0 (tanh): dwout += dx h0, dz0 = act'(h0) dx w, into dA, dB.
 template <typename T, bool kRelu>
-FCL_CLONES void l0_backward(const T* __restrict h0, const T* __restrict dx,
-                            const T* __restrict w, int64_t R, int64_t C, int64_t H,
-                            T* __restrict dA, T* __restrict dB, T* __restrict dwout) {
+FCL_CLONES void l0_backward(const T* __restrict h0, const T* __restrict dx, const T* __restrict w,
+                            int64_t R, int64_t C, int64_t H, T* __restrict dA, T* __restrict dB,
+                            T* __restrict dwout) {
   for (int64_t c = 0; c < C; ++c) {
     T* dBc = dB + c * H;
     for (int64_t r = 0; r < R; ++r) {
@@ -293,15 +293,14 @@ FCL_CLONES void l0_relu_backward(const T* __restrict a, const T* __restrict b,
       for (int64_t c = c0; c < c1; ++c) {
         T g[kL0Rows];
         for (int64_t rr = 0; rr < kL0Rows; ++rr) g[rr] = dx[(r + rr) * C + c];
-        l0_relu_backward_block<T, kL0Rows>(a + r * H, b + c * H, g, w, H, dA + r * H,
-                                           dB + c * H, dwout);
+        l0_relu_backward_block<T, kL0Rows>(a + r * H, b + c * H, g, w, H, dA + r * H, dB + c * H,
+                                           dwout);
       }
     }
     for (; r < R; ++r) {
       for (int64_t c = c0; c < c1; ++c) {
         const T g = dx[r * C + c];
-        l0_relu_backward_block<T, 1>(a + r * H, b + c * H, &g, w, H, dA + r * H, dB + c * H,
-                                     dwout);
+        l0_relu_backward_block<T, 1>(a + r * H, b + c * H, &g, w, H, dA + r * H, dB + c * H, dwout);
       }
     }
   }
@@ -439,9 +438,9 @@ template <typename T>
 struct Workspace {
   at::Tensor storage;
   std::vector<T*> h;  // activation buffers, then (keep, L >= 1) one backprop scratch
-  T* x = nullptr;   // [tile pairs]
-  T* dx = nullptr;  // [tile pairs]
-  T* db = nullptr;  // [L * H]
+  T* x = nullptr;     // [tile pairs]
+  T* dx = nullptr;    // [tile pairs]
+  T* db = nullptr;    // [L * H]
   T* dwout = nullptr;
   T* s_strip = nullptr;  // [strip rows * M]
   T* x_strip = nullptr;
@@ -456,8 +455,8 @@ struct Workspace {
     const int64_t strip = round(strip_elems);
     int64_t total = nbuf * buf + 2 * vec + 3 * strip;
     if (grads) total += round(L * H) + round(H);
-    storage = at::empty({total + kAlign},
-                        at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    storage =
+        at::empty({total + kAlign}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     T* base = storage.data_ptr<T>();
     // at::empty is 64-byte aligned already; the slack makes that an assumption we do not need.
     const auto addr = reinterpret_cast<std::uintptr_t>(base);
@@ -478,9 +477,9 @@ struct Workspace {
 // Gradient partials of one slot, in the accumulation dtype (the input dtype; d_b_out in double).
 template <typename T>
 struct Slot {
-  T* dB;                 // [M, H]
-  std::vector<T*> dW;    // L x [H, H]
-  T* db;                 // [L, H], then dwout [H]
+  T* dB;               // [M, H]
+  std::vector<T*> dW;  // L x [H, H]
+  T* db;               // [L, H], then dwout [H]
   T* dwout;
   double dbout = 0.0;
 };
@@ -540,8 +539,8 @@ void row_dx(const T* s, const T* x, int64_t M, int64_t pos_col, double lse, doub
 // Scores (pre output activation) of the R x C tile at (i0, j0) into x[r*C + c]. With keep, h[l]
 // holds layer l's activations afterwards (what backward_tile needs).
 template <typename T>
-void forward_tile(const Net<T>& net, Workspace<T>& ws, int64_t i0, int64_t R, int64_t j0,
-                  int64_t C, bool keep, T* x) {
+void forward_tile(const Net<T>& net, Workspace<T>& ws, int64_t i0, int64_t R, int64_t j0, int64_t C,
+                  bool keep, T* x) {
   const int64_t H = net.H, rows = R * C;
   const T* a = net.A + i0 * H;
   const T* b = net.B + j0 * H;
@@ -595,8 +594,7 @@ void backward_tile_impl(const Net<T>& net, Workspace<T>& ws, Slot<T>& slot, int6
   T* dB = slot.dB + j0 * H;
   if (L == 0) {
     if constexpr (kRelu) {
-      l0_relu_backward<T>(net.A + i0 * H, net.B + j0 * H, dx, net.w_out, R, C, H, dA, dB,
-                          ws.dwout);
+      l0_relu_backward<T>(net.A + i0 * H, net.B + j0 * H, dx, net.w_out, R, C, H, dA, dB, ws.dwout);
     } else {
       l0_backward<T, false>(ws.h[0], dx, net.w_out, R, C, H, dA, dB, ws.dwout);
     }
@@ -605,7 +603,7 @@ void backward_tile_impl(const Net<T>& net, Workspace<T>& ws, Slot<T>& slot, int6
   }
   std::fill(ws.db, ws.db + L * H, T(0));
   last_backward<T, kRelu>(ws.h[L], dx, net.w_out, rows, H, ws.dwout, ws.db + (L - 1) * H);
-  T* cur = ws.h[L];  // dz of layer l
+  T* cur = ws.h[L];        // dz of layer l
   T* spare = ws.h[L + 1];  // the backprop scratch buffer
   for (int64_t l = L; l >= 1; --l) {
     mm_weight_grad(slot.dW[l - 1], cur, ws.h[l - 1], rows, H);
@@ -652,10 +650,10 @@ struct Checked {
   int64_t pos;
 };
 
-Checked check_inputs(const char* op, const at::Tensor& A, const at::Tensor& B,
-                     at::TensorList Ws, at::TensorList bs, const at::Tensor& w_out,
-                     const at::Tensor& b_out, c10::string_view activation,
-                     c10::string_view out_activation, std::optional<int64_t> pos_offset) {
+Checked check_inputs(const char* op, const at::Tensor& A, const at::Tensor& B, at::TensorList Ws,
+                     at::TensorList bs, const at::Tensor& w_out, const at::Tensor& b_out,
+                     c10::string_view activation, c10::string_view out_activation,
+                     std::optional<int64_t> pos_offset) {
   TORCH_CHECK_VALUE(A.defined() && A.dim() == 2, op, ": A must have 2 dimensions, got shape ",
                     A.sizes());
   TORCH_CHECK_VALUE(B.defined() && B.dim() == 2, op, ": B must have 2 dimensions, got shape ",
@@ -745,10 +743,10 @@ struct WorkerGuard {
 template <typename T>
 struct SlotSet {
   int64_t S, M, H, L;
-  at::Tensor dB;                 // output [M, H]
-  std::vector<at::Tensor> dW;    // outputs, L x [H, H]
-  at::Tensor small;              // slot 0's db (L x H) and dwout (H)
-  at::Tensor scratch;            // slots 1..S-1, each [M*H + L*H*H + L*H + H]
+  at::Tensor dB;               // output [M, H]
+  std::vector<at::Tensor> dW;  // outputs, L x [H, H]
+  at::Tensor small;            // slot 0's db (L x H) and dwout (H)
+  at::Tensor scratch;          // slots 1..S-1, each [M*H + L*H*H + L*H + H]
   std::vector<Slot<T>> slots;
 
   int64_t per_slot() const { return M * H + L * H * H + L * H + H; }
@@ -969,8 +967,7 @@ Grads<T> loss_with_grad(const Net<T>& net, double c_lse, double c_pos, double c_
           forward_tile(net, ws, i0, Rr, 0, M, /*keep=*/true, ws.x_strip);
         } else {
           for (int64_t j0 = 0; j0 < M; j0 += C) {
-            forward_tile(net, ws, i0, 1, j0, std::min(C, M - j0), /*keep=*/false,
-                         ws.x_strip + j0);
+            forward_tile(net, ws, i0, 1, j0, std::min(C, M - j0), /*keep=*/false, ws.x_strip + j0);
           }
         }
         for (int64_t t = 0; t < Rr * M; ++t)
@@ -1015,8 +1012,7 @@ Stats pair_mlp_stats_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorLis
              rowsum = at::empty({c.N}, dopts);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "pair_mlp_stats_cpu", [&] {
     NetHolder<scalar_t> h(c, A, B, hidden_weights, hidden_biases, w_out, b_out);
-    stats_forward(h.net, lse.data_ptr<double>(), pos.data_ptr<double>(),
-                  rowsum.data_ptr<double>());
+    stats_forward(h.net, lse.data_ptr<double>(), pos.data_ptr<double>(), rowsum.data_ptr<double>());
   });
   const auto st = A.scalar_type();
   return {lse.to(st), pos.to(st), rowsum.to(st)};
@@ -1025,18 +1021,18 @@ Stats pair_mlp_stats_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorLis
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
            at::Tensor>
 pair_mlp_stats_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
-                            const at::Tensor& grad_rowsum, const at::Tensor& A,
-                            const at::Tensor& B, at::TensorList hidden_weights,
-                            at::TensorList hidden_biases, const at::Tensor& w_out,
-                            const at::Tensor& b_out, const at::Tensor& lse,
+                            const at::Tensor& grad_rowsum, const at::Tensor& A, const at::Tensor& B,
+                            at::TensorList hidden_weights, at::TensorList hidden_biases,
+                            const at::Tensor& w_out, const at::Tensor& b_out, const at::Tensor& lse,
                             c10::string_view activation, c10::string_view out_activation,
                             std::optional<int64_t> pos_offset) {
   const char* op = "pair_mlp_stats_backward";
-  const Checked c = check_inputs(op, A, B, hidden_weights, hidden_biases, w_out, b_out,
-                                 activation, out_activation, pos_offset);
-  const std::pair<const char*, const at::Tensor*> vecs[] = {
-      {"grad_lse", &grad_lse}, {"grad_pos", &grad_pos}, {"grad_rowsum", &grad_rowsum},
-      {"lse", &lse}};
+  const Checked c = check_inputs(op, A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                                 out_activation, pos_offset);
+  const std::pair<const char*, const at::Tensor*> vecs[] = {{"grad_lse", &grad_lse},
+                                                            {"grad_pos", &grad_pos},
+                                                            {"grad_rowsum", &grad_rowsum},
+                                                            {"lse", &lse}};
   for (const auto& [name, t] : vecs) {
     TORCH_CHECK_VALUE(t->defined() && t->dim() == 1 && t->size(0) == c.N, op, ": ", name,
                       " must have shape (", c.N, ",), got ",
@@ -1067,8 +1063,8 @@ pair_mlp_loss_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorList hidde
                   c10::string_view activation, c10::string_view out_activation,
                   std::optional<int64_t> pos_offset, double c_lse, double c_pos, double c_rowsum,
                   bool compute_grad) {
-  const Checked c = check_inputs("pair_mlp_loss", A, B, hidden_weights, hidden_biases, w_out,
-                                 b_out, activation, out_activation, pos_offset);
+  const Checked c = check_inputs("pair_mlp_loss", A, B, hidden_weights, hidden_biases, w_out, b_out,
+                                 activation, out_activation, pos_offset);
   if (c.pos < 0) c_pos = 0.0;  // pos is identically zero without positives
   const auto st = A.scalar_type();
   std::vector<double> row_loss(c.N);

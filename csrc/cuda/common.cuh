@@ -114,7 +114,7 @@ __device__ __forceinline__ A out_act_grad(A t, int out_act) {
   return e / (e + A(1));
 }
 
-// ---- online logsumexp -----------------------------------------------------------------------------
+// ---- online logsumexp ---------------------------------------------------------------------------
 // State (m, l) stands for sum = l * exp(m). exp_diff(a, m) = exp(a - m) for a <= m, with a == m
 // giving exactly 1 so that m = +-inf never forms inf - inf. m = -inf with any l means an empty
 // (or all -inf) sum and yields lse = -inf, like torch.logsumexp; NaN inputs turn l into NaN.
@@ -176,7 +176,7 @@ __device__ __forceinline__ A pow2_scale_for(A maxabs) {
   return ldexp(A(1), -e);
 }
 
-// ---- modes ------------------------------------------------------------------------------------------
+// ---- modes --------------------------------------------------------------------------------------
 
 template <class T_, Kind K_>
 struct Mode {
@@ -207,7 +207,7 @@ using ModeTF32 = Mode<float, Kind::WmmaTf32>;
 using ModeF32 = Mode<float, Kind::Simt>;
 using ModeF64 = Mode<double, Kind::Simt>;
 
-// ---- accumulators of one output tile ----------------------------------------------------------------
+// ---- accumulators of one output tile ------------------------------------------------------------
 
 template <class Md, Kind K = Md::kind>
 struct TileAcc;
@@ -335,7 +335,7 @@ struct TileAcc<Md, Kind::Simt> {
   }
 };
 
-// ---- GEMM operands -------------------------------------------------------------------------------------
+// ---- GEMM operands ------------------------------------------------------------------------------
 // BlockGemm reads an operand X (opA(m, k) or opB(k, n): "x" the first index, "y" the second)
 // through scalar(x, y) -> acc_t, any element in range; and through vec(x, y, out), which writes
 // the kVec = 16 / sizeof(T) elements that start at (x, y) and run along the index the GEMM is
@@ -384,7 +384,9 @@ struct Strided {
   __device__ bool vec_ok(bool y_fastest) const {
     return y_fastest ? sy == 1 && vec_aligned(base, sx) : sx == 1 && vec_aligned(base, sy);
   }
-  __device__ __forceinline__ auto scalar(int x, int y) const { return to_acc(base[x * sx + y * sy]); }
+  __device__ __forceinline__ auto scalar(int x, int y) const {
+    return to_acc(base[x * sx + y * sy]);
+  }
   __device__ __forceinline__ void vec(int x, int y, T* out) const {
     fcl_load16(out, base + x * sx + y * sy);
   }
@@ -405,7 +407,7 @@ __device__ Computed<Scalar, Vec> computed(bool vec_ok, Scalar s, Vec v) {
   return {s, v, vec_ok};
 }
 
-// ---- the block GEMM -----------------------------------------------------------------------------------
+// ---- the block GEMM -----------------------------------------------------------------------------
 
 template <class Md>
 struct BlockGemm {
@@ -453,8 +455,7 @@ struct BlockGemm {
   // This thread's groups of the tile at (row0, col0) of the Rdim x Cdim operand X into regs.
   template <int GROUPS, class X>
   __device__ static __forceinline__ void fetch(const X& x, int rows, int cols, bool col_fastest,
-                                               int row0, int col0, int Rdim, int Cdim,
-                                               op_t* regs) {
+                                               int row0, int col0, int Rdim, int Cdim, op_t* regs) {
     const bool vec = x.vec_ok(col_fastest);
 #pragma unroll
     for (int e = 0; e < GROUPS; ++e) {
@@ -462,7 +463,8 @@ struct BlockGemm {
       group_coords(threadIdx.x + e * kThreads, rows, cols, col_fastest, r, c);
       const int gr = row0 + r, gc = col0 + c;
       op_t* out = regs + e * V;
-      const bool whole = col_fastest ? (gr < Rdim && gc + V <= Cdim) : (gc < Cdim && gr + V <= Rdim);
+      const bool whole =
+          col_fastest ? (gr < Rdim && gc + V <= Cdim) : (gc < Cdim && gr + V <= Rdim);
       if (vec && whole) {
         x.vec(gr, gc, out);
       } else {
@@ -547,7 +549,7 @@ struct BlockGemm {
   }
 };
 
-// ---- work split ---------------------------------------------------------------------------------------
+// ---- work split ---------------------------------------------------------------------------------
 // A kernel's grid is G = R * S blocks; block g = r * S + s owns row chunks r, r + R, ... and
 // column chunks s, s + S, ... of the N x M pair grid. Every row belongs to one r, every column
 // to one s, so per-split partial results ([S, N, .] for row quantities, [R, M, .] for column

@@ -26,11 +26,11 @@ Stats mlp_forward(ModeId mode, const at::Tensor& A, const at::Tensor& B, const a
 // every tensor its own allocation (custom-op outputs must not alias each other).
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
            at::Tensor>
-mlp_backward(
-    ModeId mode, const at::Tensor& grad_lse, const at::Tensor& grad_pos,
-    const at::Tensor& grad_rowsum, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-    const at::Tensor& bias, const at::Tensor& w_out, const at::Tensor& b_out,
-    const at::Tensor& lse, int64_t L, int act, int out_act, int64_t pos_offset);
+mlp_backward(ModeId mode, const at::Tensor& grad_lse, const at::Tensor& grad_pos,
+             const at::Tensor& grad_rowsum, const at::Tensor& A, const at::Tensor& B,
+             const at::Tensor& W, const at::Tensor& bias, const at::Tensor& w_out,
+             const at::Tensor& b_out, const at::Tensor& lse, int64_t L, int act, int out_act,
+             int64_t pos_offset);
 
 // Separable critic s = G H^T. exclude_offset -1 means none.
 Stats dot_forward(ModeId mode, const at::Tensor& G, const at::Tensor& H, int64_t pos_offset,
@@ -39,9 +39,8 @@ Stats dot_forward(ModeId mode, const at::Tensor& G, const at::Tensor& H, int64_t
 // Returns (dG, dH) in the input dtype.
 std::tuple<at::Tensor, at::Tensor> dot_backward(ModeId mode, const at::Tensor& grad_lse,
                                                 const at::Tensor& grad_pos,
-                                                const at::Tensor& grad_rowsum,
-                                                const at::Tensor& G, const at::Tensor& H,
-                                                const at::Tensor& lse, int64_t pos_offset,
-                                                int64_t exclude_offset);
+                                                const at::Tensor& grad_rowsum, const at::Tensor& G,
+                                                const at::Tensor& H, const at::Tensor& lse,
+                                                int64_t pos_offset, int64_t exclude_offset);
 
 }  // namespace factorcl_ext::cuda

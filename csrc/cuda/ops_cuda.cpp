@@ -40,8 +40,10 @@ ModeId mode_for(at::ScalarType t) {
     case at::kDouble:
       return ModeId::F64;
     default:
-      TORCH_CHECK_TYPE(false, "factorcl CUDA kernels support float64, float32, bfloat16 and "
-                              "float16, got ", t);
+      TORCH_CHECK_TYPE(false,
+                       "factorcl CUDA kernels support float64, float32, bfloat16 and "
+                       "float16, got ",
+                       t);
   }
 }
 
@@ -119,10 +121,10 @@ MlpInputs prepare_mlp(const at::Tensor& A, const at::Tensor& B, at::TensorList h
   for (size_t l = 0; l < hidden_weights.size(); ++l) {
     const auto& w = hidden_weights[l];
     const auto& b = hidden_biases[l];
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == H && w.size(1) == H && b.dim() == 1 &&
-                          b.size(0) == H,
-                      "hidden layer ", l, ": expected weight (", H, ", ", H, ") and bias (", H,
-                      ",), got ", shape_str(w), " and ", shape_str(b));
+    TORCH_CHECK_VALUE(
+        w.dim() == 2 && w.size(0) == H && w.size(1) == H && b.dim() == 1 && b.size(0) == H,
+        "hidden layer ", l, ": expected weight (", H, ", ", H, ") and bias (", H, ",), got ",
+        shape_str(w), " and ", shape_str(b));
     check_like("hidden_weights", w, A, "A");
     check_like("hidden_biases", b, A, "A");
   }
@@ -149,7 +151,7 @@ MlpInputs prepare_mlp(const at::Tensor& A, const at::Tensor& B, at::TensorList h
       ws.push_back(hidden_weights[l].detach());
       bs.push_back(hidden_biases[l].detach());
     }
-    in.W = at::stack(ws).contiguous();    // [L, H, H]
+    in.W = at::stack(ws).contiguous();     // [L, H, H]
     in.bias = at::stack(bs).contiguous();  // [L, H]
   }
   in.w_out = w_out.detach().contiguous();
@@ -190,9 +192,8 @@ using MlpGrads = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>,
 
 MlpGrads mlp_grads(const MlpInputs& in, const at::Tensor& g_lse, const at::Tensor& g_pos,
                    const at::Tensor& g_rowsum, const at::Tensor& lse, const at::Tensor& A,
-                   const at::Tensor& B, at::TensorList hidden_weights,
-                   at::TensorList hidden_biases, const at::Tensor& w_out,
-                   const at::Tensor& b_out) {
+                   const at::Tensor& B, at::TensorList hidden_weights, at::TensorList hidden_biases,
+                   const at::Tensor& w_out, const at::Tensor& b_out) {
   auto [dA, dB, dW, db, dwo, dbo] =
       cuda::mlp_backward(in.mode, g_lse, g_pos, g_rowsum, in.A, in.B, in.W, in.bias, in.w_out,
                          in.b_out, lse, in.L, in.act, in.out_act, in.pos);
@@ -200,8 +201,8 @@ MlpGrads mlp_grads(const MlpInputs& in, const at::Tensor& g_lse, const at::Tenso
     dW[l] = like_input(dW[l], hidden_weights[l]);
     db[l] = like_input(db[l], hidden_biases[l]);
   }
-  return {like_input(dA, A), like_input(dB, B), dW, db, like_input(dwo, w_out),
-          dbo.reshape(b_out.sizes())};
+  return {like_input(dA, A),      like_input(dB, B),         dW, db,
+          like_input(dwo, w_out), dbo.reshape(b_out.sizes())};
 }
 
 MlpGrads pair_mlp_stats_backward_cuda(const at::Tensor& grad_lse, const at::Tensor& grad_pos,
@@ -209,8 +210,7 @@ MlpGrads pair_mlp_stats_backward_cuda(const at::Tensor& grad_lse, const at::Tens
                                       const at::Tensor& B, at::TensorList hidden_weights,
                                       at::TensorList hidden_biases, const at::Tensor& w_out,
                                       const at::Tensor& b_out, const at::Tensor& lse,
-                                      c10::string_view activation,
-                                      c10::string_view out_activation,
+                                      c10::string_view activation, c10::string_view out_activation,
                                       std::optional<int64_t> pos_offset) {
   FCL_DEVICE_GUARD(A);
   const MlpInputs in = prepare_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
@@ -221,8 +221,8 @@ MlpGrads pair_mlp_stats_backward_cuda(const at::Tensor& grad_lse, const at::Tens
     TORCH_CHECK_VALUE(t->device() == A.device(), "gradients and lse must be on ", A.device());
   return mlp_grads(in, row_grad(grad_lse, N, acc, "grad_lse"),
                    row_grad(grad_pos, N, acc, "grad_pos"),
-                   row_grad(grad_rowsum, N, acc, "grad_rowsum"), row_grad(lse, N, acc, "lse"), A,
-                   B, hidden_weights, hidden_biases, w_out, b_out);
+                   row_grad(grad_rowsum, N, acc, "grad_rowsum"), row_grad(lse, N, acc, "lse"), A, B,
+                   hidden_weights, hidden_biases, w_out, b_out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
@@ -244,17 +244,16 @@ pair_mlp_loss_cuda(const at::Tensor& A, const at::Tensor& B, at::TensorList hidd
       dW.push_back(A.new_empty({0}));
       db.push_back(A.new_empty({0}));
     }
-    return {loss, A.new_empty({0}), B.new_empty({0}), dW, db, w_out.new_empty({0}),
-            b_out.new_empty({0})};
+    return {loss, A.new_empty({0}),     B.new_empty({0}),    dW,
+            db,   w_out.new_empty({0}), b_out.new_empty({0})};
   }
   // The loss is linear in (lse, pos, rowsum) with constant coefficients: its gradient is the
   // stats backward with constant upstream gradients (a second, recomputing pass on the GPU).
   const int64_t N = A.size(0);
   const auto opts = lse.options();
-  auto [dA, dB, dW, db, dwo, dbo] =
-      mlp_grads(in, at::full({N}, c_lse, opts), at::full({N}, c_pos, opts),
-                at::full({N}, c_rowsum, opts), lse, A, B, hidden_weights, hidden_biases, w_out,
-                b_out);
+  auto [dA, dB, dW, db, dwo, dbo] = mlp_grads(
+      in, at::full({N}, c_lse, opts), at::full({N}, c_pos, opts), at::full({N}, c_rowsum, opts),
+      lse, A, B, hidden_weights, hidden_biases, w_out, b_out);
   return {loss, dA, dB, dW, db, dwo, dbo};
 }
 
@@ -320,9 +319,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cuda(
   if (!compute_grad) return {loss, G.new_empty({0}), H.new_empty({0})};
   const int64_t N = G.size(0);
   const auto opts = lse.options();
-  auto [dG, dH] = cuda::dot_backward(in.mode, at::full({N}, c_lse, opts),
-                                     at::full({N}, c_pos, opts), at::full({N}, c_rowsum, opts),
-                                     in.G, in.H, lse, in.pos, in.excl);
+  auto [dG, dH] =
+      cuda::dot_backward(in.mode, at::full({N}, c_lse, opts), at::full({N}, c_pos, opts),
+                         at::full({N}, c_rowsum, opts), in.G, in.H, lse, in.pos, in.excl);
   return {loss, like_input(dG, G), like_input(dH, H)};
 }
 

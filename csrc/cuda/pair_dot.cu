@@ -210,8 +210,8 @@ static std::tuple<at::Tensor, at::Tensor> dot_backward_impl(
     inv_scale = at::reciprocal(scale);
   }
   const int64_t per_row = M * int64_t(sizeof(acc_t) + (low ? sizeof(T) : 0));
-  const int64_t rows = std::clamp<int64_t>(workspace_budget() / std::max<int64_t>(per_row, 1),
-                                           1, N);
+  const int64_t rows =
+      std::clamp<int64_t>(workspace_budget() / std::max<int64_t>(per_row, 1), 1, N);
   at::Tensor s_buf = at::empty({rows, M}, acc_opts);
   at::Tensor ds_buf = low ? at::empty({rows, M}, G.options()) : s_buf;
   at::Tensor dG = at::empty({N, D}, G.options());
@@ -250,10 +250,9 @@ Stats dot_forward(ModeId mode, const at::Tensor& G, const at::Tensor& H, int64_t
 
 std::tuple<at::Tensor, at::Tensor> dot_backward(ModeId mode, const at::Tensor& grad_lse,
                                                 const at::Tensor& grad_pos,
-                                                const at::Tensor& grad_rowsum,
-                                                const at::Tensor& G, const at::Tensor& H,
-                                                const at::Tensor& lse, int64_t pos_offset,
-                                                int64_t exclude_offset) {
+                                                const at::Tensor& grad_rowsum, const at::Tensor& G,
+                                                const at::Tensor& H, const at::Tensor& lse,
+                                                int64_t pos_offset, int64_t exclude_offset) {
   return dispatch_mode(mode, [&](auto tag) {
     using Md = typename decltype(tag)::type;
     return dot_backward_impl<Md>(grad_lse, grad_pos, grad_rowsum, G, H, lse, pos_offset,

@@ -8,12 +8,12 @@ namespace factorcl_ext::cuda {
 
 template <class T>
 struct MlpArgs {
-  const T* __restrict__ A;     // [N, H]
-  const T* __restrict__ B;     // [M, H], first-layer bias included
-  const T* __restrict__ W;     // [L, H, H] stacked hidden weights (W[l][o][k])
-  const T* __restrict__ bias;  // [L, H]
-  const T* __restrict__ w_out; // [H]
-  const T* __restrict__ b_out; // [1]
+  const T* __restrict__ A;      // [N, H]
+  const T* __restrict__ B;      // [M, H], first-layer bias included
+  const T* __restrict__ W;      // [L, H, H] stacked hidden weights (W[l][o][k])
+  const T* __restrict__ bias;   // [L, H]
+  const T* __restrict__ w_out;  // [H]
+  const T* __restrict__ b_out;  // [1]
   int64_t N, M;
   int H, L;
   int act, out_act;
@@ -82,8 +82,7 @@ __device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, i
       const T* ai = Ab + int64_t(p / nj) * H;
       const T* bj = Bb + int64_t(p % nj) * H;
       acc_t sum = 0;
-      for (int k = lane; k < H; k += 32)
-        sum += to_acc(a.w_out[k]) * pair_act(ai[k], bj[k], a.act);
+      for (int k = lane; k < H; k += 32) sum += to_acc(a.w_out[k]) * pair_act(ai[k], bj[k], a.act);
       sum = warp_sum(sum);
       if (lane == 0) t_acc[p] = sum;
     }
@@ -101,7 +100,7 @@ __device__ void mlp_chunk_scores(char* smem, const MlpArgs<typename Md::T>& a, i
       for (int p = tid; p < np; p += kThreads) t_acc[p] = acc_t(0);
     // (the GEMM's first barrier orders these stores before the epilogue's updates)
     const auto opA = layer_input<Md>(a.act, Ab, Bb, H, nj, hin);  // opA(p, k)
-    const Strided<T> opB(Wl, 1, H);  // opB(k, n) = W_l[n][k]
+    const Strided<T> opB(Wl, 1, H);                               // opB(k, n) = W_l[n][k]
     auto epi = [&](int m0, int n0, int mlen, int nlen, const acc_t* Cs) {
       // One warp per pair row: lanes walk the columns (coalesced h stores), then a fixed
       // butterfly adds the row's share of w_out . h_L. Tiles arrive in increasing n0 for a

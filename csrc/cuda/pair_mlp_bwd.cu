@@ -2,7 +2,8 @@
 // the forward keeping h_1..h_L in per-block scratch, form dL/ds from the saved lse, and
 // back-propagate through the MLP with block GEMMs:
 //
-//   dt_p   = ds_p * out_act'(t_p)                 ds_p = g_lse e^(s_p - lse_i) + g_pos [j = i + off] + g_rowsum
+//   ds_p   = g_lse e^(s_p - lse_i) + g_pos [j = i + off] + g_rowsum
+//   dt_p   = ds_p * out_act'(t_p)
 //   dz_L   = dt_p w_out * act'(h_L)
 //   dW_l  += dz_l^T h_(l-1)      db_l += sum_p dz_l        dh_(l-1) = dz_l W_l
 //   dz_(l-1) = dh_(l-1) * act'(h_(l-1)),   h_0 = act(A_i + B_j) recomputed, never stored
@@ -29,12 +30,12 @@ struct MlpGrads {
   const A* __restrict__ g_pos;
   const A* __restrict__ g_rowsum;
   const A* __restrict__ lse;
-  A* dA_part;    // [S, N, H]
-  A* dB_part;    // [R, M, H]
-  A* dW_part;    // [G, L, H, H]
-  A* db_part;    // [G, L, H]
-  A* dwo_part;   // [G, H]
-  A* dbo_part;   // [G]
+  A* dA_part;   // [S, N, H]
+  A* dB_part;   // [R, M, H]
+  A* dW_part;   // [G, L, H, H]
+  A* db_part;   // [G, L, H]
+  A* dwo_part;  // [G, H]
+  A* dbo_part;  // [G]
 };
 
 // NS sums over the pairs of a chunk, feature by feature, for every feature k < H. Thread (q, f)
@@ -138,8 +139,8 @@ __device__ void add_pair_sums(const typename Md::acc_t* Z, int ldz, int m0, int 
 template <class Md>
 __global__ void __launch_bounds__(kThreads)
     mlp_bwd_kernel(MlpArgs<typename Md::T> a, MlpGrads<typename Md::acc_t> gr,
-                   typename Md::T* scratch, int64_t scratch_stride,
-                   typename Md::acc_t* acc_scratch, int64_t acc_scratch_stride) {
+                   typename Md::T* scratch, int64_t scratch_stride, typename Md::acc_t* acc_scratch,
+                   int64_t acc_scratch_stride) {
   using T = typename Md::T;
   using acc_t = typename Md::acc_t;
   using Gemm = BlockGemm<Md>;
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
         const bool vec = vec_aligned(Ab, H) && vec_aligned(Bb, H);
         column_sums<Md, 1>(
             smem, H,
-            [&](int k, int n, int q, int Q, acc_t (&sum)[1][V]) {
+            [&](int k, int n, int q, int Q, acc_t(&sum)[1][V]) {
               acc_t wo[V];
               w_out_group(k, n, wo);
               for (int p = q; p < np; p += Q) {
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
           const bool vec = vec_aligned(hL, H);  // dzbuf has the same layout and alignment
           column_sums<Md, 2>(
               smem, H,
-              [&](int k, int n, int q, int Q, acc_t (&sum)[2][V]) {
+              [&](int k, int n, int q, int Q, acc_t(&sum)[2][V]) {
                 acc_t wo[V];
                 w_out_group(k, n, wo);
                 for (int p = q; p < np; p += Q) {
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
             const bool vec = vec_aligned(dzc, H);
             column_sums<Md, 1>(
                 smem, H,
-                [&](int k, int n, int q, int Q, acc_t (&sum)[1][V]) {
+                [&](int k, int n, int q, int Q, acc_t(&sum)[1][V]) {
                   for (int p = q; p < np; p += Q) {
                     alignas(16) T v[V];
                     load_group(v, dzc + int64_t(p) * H + k, n, vec);
@@ -368,10 +369,12 @@ using MlpGradsOut = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>,
                                std::vector<at::Tensor>, at::Tensor, at::Tensor>;
 
 template <class Md>
-static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& g_pos, const at::Tensor& g_rowsum,
-                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-                  const at::Tensor& bias, const at::Tensor& w_out, const at::Tensor& b_out,
-                  const at::Tensor& lse, int64_t L, int act, int out_act, int64_t pos_offset) {
+static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& g_pos,
+                                     const at::Tensor& g_rowsum, const at::Tensor& A,
+                                     const at::Tensor& B, const at::Tensor& W,
+                                     const at::Tensor& bias, const at::Tensor& w_out,
+                                     const at::Tensor& b_out, const at::Tensor& lse, int64_t L,
+                                     int act, int out_act, int64_t pos_offset) {
   using T = typename Md::T;
   using acc_t = typename Md::acc_t;
   constexpr int C = Md::CHUNK;
@@ -395,9 +398,9 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   a.pos_offset = pos_offset;
 
   const int64_t n_dz = L >= 2 ? 2 : (L == 1 ? 1 : 0);
-  const int64_t scratch_stride = (L + n_dz) * C * H;            // elements of T per block
+  const int64_t scratch_stride = (L + n_dz) * C * H;               // elements of T per block
   const int64_t acc_scratch_stride = L == 0 ? int64_t(C) * H : 0;  // dz_0 (L >= 1: in smem)
-  const int64_t weight_part = L * H * H + L * H + H + 1;         // acc elements per block
+  const int64_t weight_part = L * H * H + L * H + H + 1;           // acc elements per block
   const int64_t per_block = scratch_stride * int64_t(sizeof(T)) +
                             (acc_scratch_stride + weight_part) * int64_t(sizeof(acc_t));
   const int64_t acc_bytes = sizeof(acc_t);
@@ -469,8 +472,7 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   gr.dwo_part = ptr<acc_t>(dwo_part);
   gr.dbo_part = ptr<acc_t>(dbo_part);
 
-  const size_t smem =
-      BlockGemm<Md>::kSmemBytes + (2 * size_t(C) + 2 * kWarps + 2) * sizeof(acc_t);
+  const size_t smem = BlockGemm<Md>::kSmemBytes + (2 * size_t(C) + 2 * kWarps + 2) * sizeof(acc_t);
   at::Tensor dA = at::empty({N, H}, A.options());
   at::Tensor dB = at::empty({M, H}, A.options());
   for (int64_t r0 = 0; r0 < N; r0 += nb) {
@@ -494,8 +496,8 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
       launch_kernel(mlp_bwd_kernel<Md>, G, smem, band, gr, ptr<T>(scratch), scratch_stride,
                     ptr<acc_t>(acc_scratch), acc_scratch_stride);
       if (banded)
-        reduce_partials<acc_t, acc_t>(dB_part, 0, a.R, m_c * H, m_c * H,
-                                      dB_sum.narrow(0, c0, m_c), /*accumulate=*/true);
+        reduce_partials<acc_t, acc_t>(dB_part, 0, a.R, m_c * H, m_c * H, dB_sum.narrow(0, c0, m_c),
+                                      /*accumulate=*/true);
     }
     reduce_partials<acc_t, T>(dA_part, 0, a.S, n_r * H, n_r * H, dA.narrow(0, r0, n_r));
   }
@@ -517,15 +519,15 @@ static MlpGradsOut mlp_backward_impl(const at::Tensor& g_lse, const at::Tensor& 
   return {dA, dB, dW, db, dwo, dbo};
 }
 
-MlpGradsOut mlp_backward(
-    ModeId mode, const at::Tensor& grad_lse, const at::Tensor& grad_pos,
-    const at::Tensor& grad_rowsum, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
-    const at::Tensor& bias, const at::Tensor& w_out, const at::Tensor& b_out,
-    const at::Tensor& lse, int64_t L, int act, int out_act, int64_t pos_offset) {
+MlpGradsOut mlp_backward(ModeId mode, const at::Tensor& grad_lse, const at::Tensor& grad_pos,
+                         const at::Tensor& grad_rowsum, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& W, const at::Tensor& bias, const at::Tensor& w_out,
+                         const at::Tensor& b_out, const at::Tensor& lse, int64_t L, int act,
+                         int out_act, int64_t pos_offset) {
   return dispatch_mode(mode, [&](auto tag) {
     using Md = typename decltype(tag)::type;
-    return mlp_backward_impl<Md>(grad_lse, grad_pos, grad_rowsum, A, B, W, bias, w_out, b_out,
-                                 lse, L, act, out_act, pos_offset);
+    return mlp_backward_impl<Md>(grad_lse, grad_pos, grad_rowsum, A, B, W, bias, w_out, b_out, lse,
+                                 L, act, out_act, pos_offset);
   });
 }
 

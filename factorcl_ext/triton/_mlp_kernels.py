@@ -46,8 +46,7 @@ by other threads of the program (different register layouts).
 import triton
 import triton.language as tl
 
-from ._common import (_act, _act_bwd, _block_range, _column_range, _lse_step, _out_act,
-                      _out_act_grad)
+from ._common import _act, _act_bwd, _block_range, _column_range, _lse_step, _out_act, _out_act_grad
 
 
 @triton.jit
