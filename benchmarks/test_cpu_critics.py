@@ -5,7 +5,7 @@
 
 import pytest
 
-from cases import factorcl_cases, make_step, mi_cases
+from cases import Case, factorcl_cases, make_step, mi_cases
 
 FACTORCL = factorcl_cases()
 MI = mi_cases()
@@ -30,3 +30,15 @@ def test_factorcl_critic(benchmark, case, impl):
 def test_mi_critic(benchmark, case, impl):
     benchmark.group = case.label
     _bench(benchmark, case, impl)
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused_stats", "fused_compiled", "authors", "reference",
+                                  "compiled"])
+def test_host_overhead(benchmark, impl):
+    """N = d = H = 8: the Python and dispatch time of one forward + backward (cpu_table.py
+    --host-overhead interleaves the implementations, which a shared machine needs)."""
+    case = Case("tiny", 8, 8, 8, 1)
+    benchmark.group = case.label
+    step = make_step(case, impl)
+    step()
+    benchmark.pedantic(step, rounds=300, iterations=1, warmup_rounds=10)
