@@ -22,7 +22,7 @@ import factorcl_ext
 from factorcl_ext import reference
 from factorcl_ext.nn import InfoNCECritic
 
-IMPLS = ("fused", "fused_stats", "authors", "reference", "compiled", "fused_compiled")
+IMPLS = ("fused", "fused_stats", "fused_compiled", "authors", "reference", "compiled")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,12 @@ def factorcl_cases(ns=(64, 128, 256, 512)) -> list[Case]:
 def mi_cases(ns=(128, 256, 512, 1024)) -> list[Case]:
     """The MI-estimation critic: d = 20, H = 512, L = 0."""
     return [Case("mi", n, 20, 512, 0) for n in ns]
+
+
+def host_overhead_case() -> Case:
+    """N = d = H = 8, L = 1: the arithmetic is negligible, so a call's time is host time (Python
+    and dispatch); measured for every implementation (IMPLS)."""
+    return Case("tiny", 8, 8, 8, 1)
 
 
 _COMPILED = {}

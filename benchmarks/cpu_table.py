@@ -28,7 +28,7 @@ from factorcl_ext.measure import (  # noqa: E402
     peak_extra_rss_bytes,
 )
 
-from cases import Case, factorcl_cases, make_step, mi_cases  # noqa: E402
+from cases import IMPLS, Case, factorcl_cases, host_overhead_case, make_step, mi_cases  # noqa: E402
 
 
 def measure(case: Case, impl: str, repeats: int) -> dict:
@@ -55,12 +55,15 @@ def measure_interleaved(case: Case, impls: list[str], repeats: int) -> list[dict
     for _ in range(repeats):
         for impl, step in steps.items():
             times[impl].append(median_seconds(step, repeats=1, warmup=0))
-    return [{
-        "case": case.name, "n": case.n, "dim": case.dim, "hidden": case.hidden,
-        "layers": case.layers, "impl": impl, "seconds": statistics.median(times[impl]),
-        "peak_extra_bytes": 0, "gflops": None,
-        "mpairs_per_s": case.n * case.n / statistics.median(times[impl]) / 1e6,
-    } for impl in impls]
+    rows = []
+    for impl in impls:
+        t = statistics.median(times[impl])
+        rows.append({
+            "case": case.name, "n": case.n, "dim": case.dim, "hidden": case.hidden,
+            "layers": case.layers, "impl": impl, "seconds": t, "peak_extra_bytes": 0,
+            "gflops": None, "mpairs_per_s": case.n * case.n / t / 1e6,
+        })
+    return rows
 
 
 def main(argv=None) -> int:
@@ -84,10 +87,8 @@ def main(argv=None) -> int:
         plan = [(Case("factorcl", 4096, 128, 128, 1), ["fused"])]
         args.repeats = 1
     elif args.host_overhead:
-        impls = ["fused", "fused_stats", "fused_compiled", "authors", "reference", "compiled"]
-        if args.impls:
-            impls = [i for i in impls if i in args.impls.split(",")]
-        rows = measure_interleaved(Case("tiny", 8, 8, 8, 1), impls, max(args.repeats, 300))
+        impls = [i for i in IMPLS if not args.impls or i in args.impls.split(",")]
+        rows = measure_interleaved(host_overhead_case(), impls, max(args.repeats, 300))
         plan = []
     else:
         plan = [(c, ["fused", "fused_stats", "authors", "compiled"]) for c in factorcl_cases()]

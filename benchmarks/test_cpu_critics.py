@@ -5,7 +5,7 @@
 
 import pytest
 
-from cases import Case, factorcl_cases, make_step, mi_cases
+from cases import IMPLS, factorcl_cases, host_overhead_case, make_step, mi_cases
 
 FACTORCL = factorcl_cases()
 MI = mi_cases()
@@ -32,12 +32,11 @@ def test_mi_critic(benchmark, case, impl):
     _bench(benchmark, case, impl)
 
 
-@pytest.mark.parametrize("impl", ["fused", "fused_stats", "fused_compiled", "authors", "reference",
-                                  "compiled"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_host_overhead(benchmark, impl):
     """N = d = H = 8: the Python and dispatch time of one forward + backward (cpu_table.py
     --host-overhead interleaves the implementations, which a shared machine needs)."""
-    case = Case("tiny", 8, 8, 8, 1)
+    case = host_overhead_case()
     benchmark.group = case.label
     step = make_step(case, impl)
     step()
