@@ -41,8 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
 pair_mlp_loss_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorList hidden_weights,
                   at::TensorList hidden_biases, const at::Tensor& w_out, const at::Tensor& b_out,
                   c10::string_view activation, c10::string_view out_activation,
-                  std::optional<int64_t> pos_offset, double c_lse, double c_pos, double c_rowsum,
-                  bool compute_grad);
+                  std::optional<int64_t> pos_offset, const at::Scalar& c_lse,
+                  const at::Scalar& c_pos, const at::Scalar& c_rowsum, bool compute_grad);
 
 // ---- separable critic core: s_ij = G_i . H_j (temperature and normalisation applied in Python) --
 // exclude_offset: column i + exclude_offset is left out of row i's logsumexp and row sum.
@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(
 // Returns (loss, dG, dH); dG and dH are empty [0] tensors when !compute_grad.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
     const at::Tensor& G, const at::Tensor& H, std::optional<int64_t> pos_offset,
-    std::optional<int64_t> exclude_offset, double c_lse, double c_pos, double c_rowsum,
-    bool compute_grad);
+    std::optional<int64_t> exclude_offset, const at::Scalar& c_lse, const at::Scalar& c_pos,
+    const at::Scalar& c_rowsum, bool compute_grad);
 
 }  // namespace factorcl_ext

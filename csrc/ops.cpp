@@ -1,11 +1,13 @@
-// Op schemas (one TORCH_LIBRARY block) and the CPU implementations; the CUDA implementations are
-// registered from csrc/cuda/. Importing factorcl_ext._C loads this library and so registers them.
+// The ops' TORCH_LIBRARY block (schemas in op_schemas.h) and the CPU implementations; the CUDA
+// implementations are registered from csrc/cuda/. Importing factorcl_ext._C loads this library
+// and so registers them.
 #ifndef FACTORCL_EXT_NO_PYTHON  // set by the CMake build: a plain C++ library, no Python module
 #include <Python.h>
 #endif
 #include <torch/library.h>
 
 #include "factorcl_ext.h"
+#include "op_schemas.h"
 
 #ifndef FACTORCL_EXT_CUDA_ARCHS
 #define FACTORCL_EXT_CUDA_ARCHS ""
@@ -13,31 +15,7 @@
 
 namespace factorcl_ext {
 
-TORCH_LIBRARY(factorcl, m) {
-  m.def(
-      "pair_mlp_stats(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
-      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset) "
-      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
-  m.def(
-      "pair_mlp_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor A, "
-      "Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, Tensor b_out, "
-      "Tensor lse, str activation, str out_activation, int? pos_offset) "
-      "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
-  m.def(
-      "pair_mlp_loss(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
-      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset, "
-      "float c_lse, float c_pos, float c_rowsum, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
-  m.def(
-      "pair_dot_stats(Tensor G, Tensor H, int? pos_offset, int? exclude_offset) "
-      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
-  m.def(
-      "pair_dot_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor G, "
-      "Tensor H, Tensor lse, int? pos_offset, int? exclude_offset) -> (Tensor, Tensor)");
-  m.def(
-      "pair_dot_loss(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, "
-      "float c_pos, float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(factorcl, m) { define_core_ops(m); }
 
 TORCH_LIBRARY_IMPL(factorcl, CPU, m) {
   m.impl("pair_mlp_stats", &pair_mlp_stats_cpu);

@@ -140,7 +140,7 @@ class InfoNCECritic(_ConcatMLP):
         n = _check_paired(x_samples, y_samples, self.A_dim, self.B_dim)
         # -I_NCE = mean(lse) - mean(pos) - log N; the x part of the input comes first.
         loss = self._loss(y_samples, x_samples, rows_first=False, c_lse=1.0 / n, c_pos=-1.0 / n)
-        return loss - math.log(n)
+        return loss - ops._log_count(n)
 
 
 class CLUBInfoNCECritic(_ConcatMLP):
@@ -161,7 +161,7 @@ class CLUBInfoNCECritic(_ConcatMLP):
     def learning_loss(self, x_samples: Tensor, y_samples: Tensor) -> Tensor:
         n = _check_paired(x_samples, y_samples, self.A_dim, self.B_dim)
         loss = self._loss(y_samples, x_samples, rows_first=True, c_lse=1.0 / n, c_pos=-1.0 / n)
-        return loss - math.log(n)
+        return loss - ops._log_count(n)
 
 
 class FusedConcatCritic(_ConcatMLP):
@@ -190,7 +190,7 @@ class FusedConcatCritic(_ConcatMLP):
         n, m = rows.shape[0], cols.shape[0]
         loss = self._loss(rows, cols, True, c_lse=1.0 / n, c_pos=-1.0 / n, pos_offset=pos_offset,
                           out_activation=self.out_activation)
-        return math.log(m) - loss
+        return ops._log_count(m) - loss
 
     def nce_club_upper_bound(self, rows: Tensor, cols: Tensor, pos_offset: int = 0) -> Tensor:
         """I_CLUB = mean_i s_(i,i+pos_offset) - mean_ij s_ij, through the fused loss op."""
@@ -247,7 +247,7 @@ class FusedSeparableCritic(nn.Module):
             backend=self.backend,
             deterministic=self.deterministic,
         )
-        return math.log(m - (exclude_offset is not None)) - loss
+        return ops._log_count(m - (exclude_offset is not None)) - loss
 
     def nce_club_upper_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0) -> Tensor:
         n, m = g.shape[0], h.shape[0]

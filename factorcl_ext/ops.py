@@ -196,10 +196,34 @@ def _check_bool(name: str, value) -> None:
 def _check_coefficients(**coefs) -> tuple[float, ...]:
     out = []
     for name, c in coefs.items():
+        if isinstance(c, (torch.SymFloat, torch.SymInt)):
+            out.append(c)  # symbolic under torch.compile (1/N of a dynamic batch size): kept so
+            continue  # the graph is not specialised on it; the ops take it as a Scalar
         if isinstance(c, bool) or not isinstance(c, numbers.Real):
             raise TypeError(f"{name} must be a float, got {type(c).__name__}")
         out.append(float(c))
     return tuple(out)
+
+
+_LN2 = math.log(2.0)
+
+
+def _log_count(n) -> float:
+    """``log(n)`` of a count such as a batch size. Traced with dynamic shapes, ``n`` is
+    symbolic and ``math.log`` of it would specialise the graph on its value; log2 is one of the
+    math functions PyTorch keeps symbolic, so traced code takes ``log2(n) * ln 2`` (within an
+    ulp of ``math.log(n)``, which eager code gets)."""
+    if torch.compiler.is_compiling() or isinstance(n, torch.SymInt):
+        return math.log2(n) * _LN2
+    return math.log(n)
+
+
+def _check_count(name: str, n) -> None:
+    if isinstance(n, torch.SymInt):
+        torch._check(n >= 1, lambda: f"{name} must be a positive int")
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -691,13 +715,11 @@ def separable_critic_loss(
 
 def infonce_lower_bound(lse: Tensor, pos: Tensor, num_cols: int) -> Tensor:
     """InfoNCE lower bound ``I_NCE = mean(pos) - mean(lse) + log M`` (M = ``num_cols``)."""
-    if isinstance(num_cols, bool) or not isinstance(num_cols, numbers.Integral) or num_cols < 1:
-        raise ValueError(f"num_cols must be a positive int, got {num_cols!r}")
-    return pos.mean() - lse.mean() + math.log(num_cols)
+    _check_count("num_cols", num_cols)
+    return pos.mean() - lse.mean() + _log_count(num_cols)
 
 
 def nce_club_upper_bound(pos: Tensor, rowsum: Tensor, num_cols: int) -> Tensor:
     """NCE-CLUB upper bound ``I_CLUB = mean(pos) - sum(rowsum) / (N*M)`` (M = ``num_cols``)."""
-    if isinstance(num_cols, bool) or not isinstance(num_cols, numbers.Integral) or num_cols < 1:
-        raise ValueError(f"num_cols must be a positive int, got {num_cols!r}")
+    _check_count("num_cols", num_cols)
     return pos.mean() - rowsum.sum() / (rowsum.shape[0] * num_cols)

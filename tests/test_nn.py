@@ -360,6 +360,50 @@ def test_compiled_module_has_no_graph_break(backend):
         assert_rel_close(a, b, 1e-12, "compiled grad", floor=1e-2)
 
 
+@pytest.mark.parametrize("dynamic", [True, None])
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in BACKENDS if b != "triton"])
+def test_compiled_modules_follow_the_batch_size(backend, dynamic):
+    """torch.compile does not specialise the drop-in critics on the batch size: with
+    ``dynamic=True`` three batch sizes share one graph, and by default (automatic dynamic shapes)
+    the second size compiles the dynamic graph that the third reuses. The bounds' 1/N and
+    1/(N*M) coefficients and log N reach the fused ops symbolically (their coefficients are
+    ``Scalar`` arguments). Values and gradients match eager at every size. (The Triton ops plan
+    their launch grids from the shapes in Python, so they may compile per size range.)"""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    device = device_for(backend)
+    club = CLUBInfoNCECritic(5, 4, 12, 1, "relu", backend=backend).to(device, F64)
+    nce = InfoNCECritic(5, 4, 12, 1, "tanh", backend=backend).to(device, F64)
+    general = FusedConcatCritic(4, 5, 12, 1, out_activation="softplus", backend=backend)
+    general = general.to(device, F64)
+    sep = FusedSeparableCritic(0.5, learnable_temperature=True, normalize=True, backend=backend)
+    sep = sep.to(device, F64)
+    modules = [club, nce, general, sep]
+
+    def step(x, y):
+        stats = general(y, x)
+        return (club(x, y) + club.learning_loss(x, y) + nce(x, y)
+                + general.infonce_lower_bound(y, x) + general.nce_club_upper_bound(y, x)
+                + sep.infonce_lower_bound(y, x[:, :4])
+                + sep(y, x[:, :4], pos_offset=None, exclude_offset=0).lse.mean()
+                + sep.nce_club_upper_bound(y, x[:, :4])
+                + factorcl_ext.infonce_lower_bound(stats.lse, stats.pos, x.shape[0])
+                + factorcl_ext.nce_club_upper_bound(stats.pos, stats.rowsum, x.shape[0]))
+
+    torch._dynamo.reset()  # step's code object is shared by the parametrisations
+    compiled = torch.compile(step, backend="aot_eager", dynamic=dynamic, fullgraph=True)
+    params = [p for m in modules for p in m.parameters()]
+    for n in (6, 11, 17):
+        x, y = _pair(n, 5, 4, device)
+        eager, got = step(x, y), compiled(x, y)
+        assert_rel_close(got, eager, 1e-12, f"compiled value, N = {n}")
+        for a, b in zip(torch.autograd.grad(got, params + [x, y]),
+                        torch.autograd.grad(eager, params + [x, y])):
+            assert_rel_close(a, b, 1e-12, f"compiled grad, N = {n}", floor=1e-2)
+    graphs = len(_debug_get_cache_entry_list(step.__code__))  # one per compiled version
+    assert graphs == (1 if dynamic else 2), f"{graphs} graphs for 3 batch sizes"
+
+
 # ---- under torch.autocast: bfloat16 features from an autocast encoder, float32 critic ---------
 
 

@@ -460,9 +460,11 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
     const at::Tensor& G_in, const at::Tensor& H_in, std::optional<int64_t> pos_offset,
-    std::optional<int64_t> exclude_offset, double c_lse, double c_pos, double c_rowsum,
-    bool compute_grad) {
+    std::optional<int64_t> exclude_offset, const at::Scalar& c_lse_arg, const at::Scalar& c_pos_arg,
+    const at::Scalar& c_rowsum_arg, bool compute_grad) {
   check_pair_dot("pair_dot_loss", G_in, H_in, pos_offset, exclude_offset);
+  const double c_lse = c_lse_arg.toDouble(), c_pos = c_pos_arg.toDouble(),
+               c_rowsum = c_rowsum_arg.toDouble();
   const at::AutoDispatchBelowAutograd below_autograd;
   const at::Tensor G = G_in.detach().contiguous(), H = H_in.detach().contiguous();
   const int64_t n = G.size(0), m = H.size(0);

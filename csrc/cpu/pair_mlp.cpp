@@ -1061,10 +1061,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
 pair_mlp_loss_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorList hidden_weights,
                   at::TensorList hidden_biases, const at::Tensor& w_out, const at::Tensor& b_out,
                   c10::string_view activation, c10::string_view out_activation,
-                  std::optional<int64_t> pos_offset, double c_lse, double c_pos, double c_rowsum,
-                  bool compute_grad) {
+                  std::optional<int64_t> pos_offset, const at::Scalar& c_lse_arg,
+                  const at::Scalar& c_pos_arg, const at::Scalar& c_rowsum_arg, bool compute_grad) {
   const Checked c = check_inputs("pair_mlp_loss", A, B, hidden_weights, hidden_biases, w_out, b_out,
                                  activation, out_activation, pos_offset);
+  double c_lse = c_lse_arg.toDouble(), c_pos = c_pos_arg.toDouble(),
+         c_rowsum = c_rowsum_arg.toDouble();
   if (c.pos < 0) c_pos = 0.0;  // pos is identically zero without positives
   const auto st = A.scalar_type();
   std::vector<double> row_loss(c.N);

@@ -230,9 +230,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
 pair_mlp_loss_cuda(const at::Tensor& A, const at::Tensor& B, at::TensorList hidden_weights,
                    at::TensorList hidden_biases, const at::Tensor& w_out, const at::Tensor& b_out,
                    c10::string_view activation, c10::string_view out_activation,
-                   std::optional<int64_t> pos_offset, double c_lse, double c_pos, double c_rowsum,
-                   bool compute_grad) {
+                   std::optional<int64_t> pos_offset, const at::Scalar& c_lse_arg,
+                   const at::Scalar& c_pos_arg, const at::Scalar& c_rowsum_arg, bool compute_grad) {
   FCL_DEVICE_GUARD(A);
+  const double c_lse = c_lse_arg.toDouble(), c_pos = c_pos_arg.toDouble(),
+               c_rowsum = c_rowsum_arg.toDouble();
   const MlpInputs in = prepare_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                                    out_activation, pos_offset);
   auto [lse, pos, rowsum] = cuda::mlp_forward(in.mode, in.A, in.B, in.W, in.bias, in.w_out,
@@ -310,9 +312,11 @@ std::tuple<at::Tensor, at::Tensor> pair_dot_stats_backward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cuda(
     const at::Tensor& G, const at::Tensor& H, std::optional<int64_t> pos_offset,
-    std::optional<int64_t> exclude_offset, double c_lse, double c_pos, double c_rowsum,
-    bool compute_grad) {
+    std::optional<int64_t> exclude_offset, const at::Scalar& c_lse_arg, const at::Scalar& c_pos_arg,
+    const at::Scalar& c_rowsum_arg, bool compute_grad) {
   FCL_DEVICE_GUARD(G);
+  const double c_lse = c_lse_arg.toDouble(), c_pos = c_pos_arg.toDouble(),
+               c_rowsum = c_rowsum_arg.toDouble();
   const DotInputs in = prepare_dot(G, H, pos_offset, exclude_offset);
   auto [lse, pos, rowsum] = cuda::dot_forward(in.mode, in.G, in.H, in.pos, in.excl);
   at::Tensor loss = (lse * c_lse + pos * c_pos + rowsum * c_rowsum).sum();

@@ -28,6 +28,7 @@ import torch
 import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
+from torch.types import Number
 
 from .._autograd import register_core_autograd
 from . import _config
@@ -401,7 +402,7 @@ def pair_mlp_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
 @_register("factorcl::triton_pair_mlp_loss")
 def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_biases: list[Tensor],
                   w_out: Tensor, b_out: Tensor, activation: str, out_activation: str,
-                  pos_offset: Optional[int], c_lse: float, c_pos: float, c_rowsum: float,
+                  pos_offset: Optional[int], c_lse: Number, c_pos: Number, c_rowsum: Number,
                   compute_grad: bool, deterministic: bool
                   ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
@@ -584,7 +585,7 @@ def pair_dot_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
 
 @_register("factorcl::triton_pair_dot_loss")
 def pair_dot_loss(G: Tensor, H: Tensor, pos_offset: Optional[int], exclude_offset: Optional[int],
-                  c_lse: float, c_pos: float, c_rowsum: float, compute_grad: bool,
+                  c_lse: Number, c_pos: Number, c_rowsum: Number, compute_grad: bool,
                   deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     a = _DotArgs(G, H, pos_offset, exclude_offset, deterministic)
     lse, pos, rowsum = _dot_forward(a)

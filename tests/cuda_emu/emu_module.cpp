@@ -11,31 +11,10 @@
 #include "../../csrc/cuda/pair_mlp_bwd.cu"
 #include "../../csrc/cuda/pair_mlp_fwd.cu"
 #include "../../csrc/cuda/ops_cuda.cpp"
+#include "../../csrc/op_schemas.h"
 
 TORCH_LIBRARY(factorcl_emu, m) {
-  m.def(
-      "pair_mlp_stats(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
-      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset) "
-      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
-  m.def(
-      "pair_mlp_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor A, "
-      "Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, Tensor w_out, Tensor b_out, "
-      "Tensor lse, str activation, str out_activation, int? pos_offset) "
-      "-> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
-  m.def(
-      "pair_mlp_loss(Tensor A, Tensor B, Tensor[] hidden_weights, Tensor[] hidden_biases, "
-      "Tensor w_out, Tensor b_out, str activation, str out_activation, int? pos_offset, "
-      "float c_lse, float c_pos, float c_rowsum, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor)");
-  m.def(
-      "pair_dot_stats(Tensor G, Tensor H, int? pos_offset, int? exclude_offset) "
-      "-> (Tensor lse, Tensor pos, Tensor rowsum)");
-  m.def(
-      "pair_dot_stats_backward(Tensor grad_lse, Tensor grad_pos, Tensor grad_rowsum, Tensor G, "
-      "Tensor H, Tensor lse, int? pos_offset, int? exclude_offset) -> (Tensor, Tensor)");
-  m.def(
-      "pair_dot_loss(Tensor G, Tensor H, int? pos_offset, int? exclude_offset, float c_lse, "
-      "float c_pos, float c_rowsum, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+  factorcl_ext::define_core_ops(m);
   // 16-byte operand loads made since the last call (fcl_cuda_emulation.h), and reset
   m.def("take_vector_loads() -> int", [] { return int64_t(emu::vector_loads.exchange(0)); });
   // grid sizes of the kernel launches since the last call, and reset
