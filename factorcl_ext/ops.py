@@ -209,11 +209,12 @@ _LN2 = math.log(2.0)
 
 
 def _log_count(n) -> float:
-    """``log(n)`` of a count such as a batch size. Traced with dynamic shapes, ``n`` is
-    symbolic and ``math.log`` of it would specialise the graph on its value; log2 is one of the
-    math functions PyTorch keeps symbolic, so traced code takes ``log2(n) * ln 2`` (within an
-    ulp of ``math.log(n)``, which eager code gets)."""
-    if torch.compiler.is_compiling() or isinstance(n, torch.SymInt):
+    """``log(n)`` of a count such as a batch size. Under torch.compile with dynamic shapes ``n``
+    is symbolic and ``math.log`` of it would specialise the graph on its value; log2 is one of
+    the math functions dynamo keeps symbolic, so compiled code takes ``log2(n) * ln 2`` (within
+    an ulp of ``math.log(n)``, which eager code gets). (torch.export's graphs allow no log of a
+    symbolic size at all: there a dynamic batch dimension is specialised.)"""
+    if torch.compiler.is_compiling():
         return math.log2(n) * _LN2
     return math.log(n)
 
