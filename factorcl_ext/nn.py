@@ -17,7 +17,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -324,16 +323,42 @@ class SupConLoss(nn.Module):
             own = torch.arange(n_anchor, device=big.device)
             big[own, own] = 0.0  # the anchor's own view is never a positive
             return big @ contrast, big.sum(1)
-        if labels is None:
-            labels = torch.arange(bsz, device=features.device)
+        sample_sum = features.sum(1)  # [bsz, D]: all views of each sample
+        if labels is None:  # SimCLR: every sample is a class of its own
+            class_sum = sample_sum
+            class_count = sample_sum.new_full((bsz,), n_views)
         else:
             labels = labels.contiguous().view(-1)
             if labels.shape[0] != bsz:
                 raise ValueError("Num of labels does not match num of features")
-        _, cls = torch.unique(labels, return_inverse=True)
-        n_cls = int(cls.max().item()) + 1
-        onehot = F.one_hot(cls, n_cls).to(contrast.dtype)  # [bsz, C]
-        class_sum = onehot.t() @ features.sum(1)  # [C, D]: all views of each class
-        class_count = onehot.sum(0) * n_views  # [C]
-        anchor_cls = cls.repeat(n_views)[:n_anchor]
-        return class_sum[anchor_cls] - anchor, class_count[anchor_cls] - 1
+            class_sum, class_count = _same_label_sums(labels, sample_sum)
+            class_count = class_count.to(contrast.dtype) * n_views
+        # contrast row a is view a // bsz of sample a % bsz (view-major)
+        class_sum = class_sum.repeat(n_views, 1)[:n_anchor]
+        class_count = class_count.repeat(n_views)[:n_anchor]
+        return class_sum - anchor, class_count - 1
+
+
+def _same_label_sums(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """For every sample b: the sum of ``values`` over the samples whose label equals b's (b
+    included), and their number. By a stable sort of the labels and differences of a float64
+    running sum over the sorted samples: every shape is static (no class count read back to the
+    host: no GPU sync, no graph break under torch.compile), nothing is accumulated by atomics
+    (deterministic), and no [bsz, bsz] or [bsz, classes] matrix is formed."""
+    n = labels.shape[0]
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    where = torch.arange(n, device=labels.device)
+    starts = torch.ones(n, dtype=torch.bool, device=labels.device)  # a class begins here
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    ends = torch.ones_like(starts)  # a class ends here
+    ends[:-1] = starts[1:]
+    first = torch.cummax(torch.where(starts, where, 0), 0).values
+    last = torch.cummin(torch.where(ends, where, n - 1).flip(0), 0).values.flip(0)
+    running = values[order].double().cumsum(0)
+    running = torch.cat([running.new_zeros(1, running.shape[1]), running])
+    sums = torch.empty_like(values)
+    sums[order] = (running[last + 1] - running[first]).to(values.dtype)
+    counts = torch.empty_like(where)
+    counts[order] = last - first + 1
+    return sums, counts

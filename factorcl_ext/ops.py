@@ -209,14 +209,13 @@ _LN2 = math.log(2.0)
 
 
 def _log_count(n) -> float:
-    """``log(n)`` of a count such as a batch size. Under torch.compile with dynamic shapes ``n``
-    is symbolic and ``math.log`` of it would specialise the graph on its value; log2 is one of
-    the math functions dynamo keeps symbolic, so compiled code takes ``log2(n) * ln 2`` (within
-    an ulp of ``math.log(n)``, which eager code gets). (torch.export's graphs allow no log of a
-    symbolic size at all: there a dynamic batch dimension is specialised.)"""
-    if torch.compiler.is_compiling():
-        return math.log2(n) * _LN2
-    return math.log(n)
+    """``log(n)`` of a count such as a batch size, as ``log2(n) * ln 2`` (within an ulp of
+    ``math.log(n)``). Under torch.compile with dynamic shapes ``n`` is symbolic, and
+    ``math.log`` of it would specialise the graph on its value, while log2 is one of the math
+    functions dynamo keeps symbolic; eager code takes the same formula, so that compiled and
+    eager values agree to the bit. (torch.export's graphs allow no log of a symbolic size at
+    all: there a dynamic batch dimension is specialised.)"""
+    return math.log2(n) * _LN2
 
 
 def _check_count(name: str, n) -> None:

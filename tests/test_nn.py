@@ -281,6 +281,51 @@ def test_supcon_matches_reference_implementation(backend, contrast_mode, kind):
     assert_rel_close(g_ours, g_theirs, 1e-10, "supcon grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_same_label_sums(dtype):
+    """SupConLoss's class sums (sort and running sums) against the [bsz, bsz] same-label mask,
+    with labels in no order, negative and large, a singleton class, float labels and ties."""
+    from factorcl_ext.nn import _same_label_sums
+
+    for labels in (torch.tensor([5, -3, 5, 10**9, -3, 5, 0, 2, 2]),
+                   torch.randint(-4, 4, (37,)), torch.tensor([0.5, -1.5, 0.5, 7.0]),
+                   torch.tensor([3]), torch.zeros(6, dtype=torch.long)):
+        values = torch.randn(labels.shape[0], 5, dtype=dtype)
+        same = (labels[:, None] == labels[None, :]).to(F64)
+        sums, counts = _same_label_sums(labels, values)
+        assert sums.dtype == dtype and counts.dtype == torch.long
+        assert_rel_close(sums, same @ values.double(), 1e-15 if dtype == F64 else 1e-7,
+                         f"class sums of {labels.tolist()}")
+        assert torch.equal(counts, same.sum(1).long()), labels
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("kind", ["simclr", "labels"])
+def test_supcon_compiles_without_graph_break(backend, kind):
+    """SupConLoss has no data-dependent shape (its class sums come from a sort, not from
+    torch.unique and a class count read back to the host), so torch.compile(fullgraph=True)
+    traces it, and one dynamic graph serves several batch sizes."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    device = device_for(backend)
+    loss_fn = SupConLoss(temperature=0.1, base_temperature=0.07, backend=backend)
+
+    def step(feats, labels):
+        return loss_fn(feats, labels=labels)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", dynamic=True, fullgraph=True)
+    for bsz in (7, 12):
+        feats = F.normalize(torch.randn(bsz, 2, 6, dtype=F64, device=device), dim=-1)
+        feats.requires_grad_(True)
+        labels = torch.randint(0, 3, (bsz,), device=device) if kind == "labels" else None
+        eager, got = step(feats, labels), compiled(feats, labels)
+        assert_rel_close(got, eager, 1e-12, f"compiled supcon, bsz = {bsz}")
+        assert_rel_close(torch.autograd.grad(got, feats)[0], torch.autograd.grad(eager, feats)[0],
+                         1e-12, f"compiled supcon grad, bsz = {bsz}")
+    assert len(_debug_get_cache_entry_list(step.__code__)) == 1
+
+
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("out_activation", ["none", "softplus"])
 def test_fused_concat_critic_bounds(backend, out_activation):
