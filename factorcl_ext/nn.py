@@ -341,10 +341,10 @@ class SupConLoss(nn.Module):
 
 def _same_label_sums(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     """For every sample b: the sum of ``values`` over the samples whose label equals b's (b
-    included), and their number. By a stable sort of the labels and differences of a float64
-    running sum over the sorted samples: every shape is static (no class count read back to the
-    host: no GPU sync, no graph break under torch.compile), nothing is accumulated by atomics
-    (deterministic), and no [bsz, bsz] or [bsz, classes] matrix is formed."""
+    included), and their number. By a stable sort of the labels and a segment sum over the
+    sorted samples: every shape is static (no class count read back to the host: no GPU sync,
+    no graph break under torch.compile), no float is accumulated by atomics or by a parallel
+    scan (deterministic), and no [bsz, bsz] or [bsz, classes] matrix is formed."""
     n = labels.shape[0]
     order = torch.argsort(labels, stable=True)
     sorted_labels = labels[order]
@@ -353,12 +353,12 @@ def _same_label_sums(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
     ends = torch.ones_like(starts)  # a class ends here
     ends[:-1] = starts[1:]
+    # sorted position -> first and last sorted position of its class (integer scans: exact)
     first = torch.cummax(torch.where(starts, where, 0), 0).values
     last = torch.cummin(torch.where(ends, where, n - 1).flip(0), 0).values.flip(0)
-    running = values[order].double().cumsum(0)
-    running = torch.cat([running.new_zeros(1, running.shape[1]), running])
-    sums = torch.empty_like(values)
-    sums[order] = (running[last + 1] - running[first]).to(values.dtype)
-    counts = torch.empty_like(where)
-    counts[order] = last - first + 1
-    return sums, counts
+    counts = last - first + 1
+    # one segment per class, each listed at its first position (empty segments elsewhere)
+    lengths = torch.where(starts, counts, 0)
+    sums = torch.segment_reduce(values[order], "sum", lengths=lengths, unsafe=True, initial=0)
+    back = torch.argsort(order)  # sorted position of each sample
+    return sums[first][back], counts[back]
