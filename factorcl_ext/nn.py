@@ -361,4 +361,4 @@ def _same_label_sums(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
     lengths = torch.where(starts, counts, 0)
     sums = torch.segment_reduce(values[order], "sum", lengths=lengths, unsafe=True, initial=0)
     back = torch.argsort(order)  # sorted position of each sample
-    return sums[first][back], counts[back]
+    return sums[first[back]], counts[back]

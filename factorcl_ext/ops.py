@@ -197,8 +197,11 @@ def _check_coefficients(**coefs) -> tuple[float, ...]:
     out = []
     for name, c in coefs.items():
         if isinstance(c, (torch.SymFloat, torch.SymInt)):
-            out.append(c)  # symbolic under torch.compile (1/N of a dynamic batch size): kept so
-            continue  # the graph is not specialised on it; the ops take it as a Scalar
+            # a traced 1/N of a dynamic batch size (torch.export, make_fx; under torch.compile
+            # dynamo hands the checks a float and keeps it symbolic itself): float() would
+            # specialise the graph on it, and the ops take it as a Scalar
+            out.append(c)
+            continue
         if isinstance(c, bool) or not isinstance(c, numbers.Real):
             raise TypeError(f"{name} must be a float, got {type(c).__name__}")
         out.append(float(c))
@@ -219,7 +222,7 @@ def _log_count(n) -> float:
 
 
 def _check_count(name: str, n) -> None:
-    if isinstance(n, torch.SymInt):
+    if isinstance(n, torch.SymInt):  # traced size (torch.export, make_fx): not numbers.Integral
         torch._check(n >= 1, lambda: f"{name} must be a positive int")
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
