@@ -9,6 +9,15 @@ same parameters for every implementation:
 - ``reference``: factorcl_ext.reference (materialising, split first layer),
 - ``compiled``: torch.compile of the authors' formulation,
 - ``fused_compiled``: torch.compile of the drop-in module (the custom ops traced into one graph).
+
+The separable critic (SimCLR / CLIP InfoNCE on L2-normalised embeddings, temperature 0.1) has its
+own implementations (SEPARABLE_IMPLS):
+
+- ``fused``: ``FusedSeparableCritic.infonce_lower_bound`` (the fused loss op),
+- ``fused_stats``: separable_critic_stats + the InfoNCE bound (recomputing backward),
+- ``user``: what a user writes: normalise, ``g @ h.T / tau``, ``F.cross_entropy`` (materialises
+  the N x M logits),
+- ``compiled``: torch.compile of ``user``.
 """
 
 from __future__ import annotations
@@ -17,12 +26,15 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import factorcl_ext
 from factorcl_ext import reference
-from factorcl_ext.nn import InfoNCECritic
+from factorcl_ext.nn import FusedSeparableCritic, InfoNCECritic
 
 IMPLS = ("fused", "fused_stats", "fused_compiled", "authors", "reference", "compiled")
+SEPARABLE_IMPLS = ("fused", "fused_stats", "user", "compiled")
+TEMPERATURE = 0.1  # the separable critic's
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,13 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.name} N={self.n} d={self.dim} H={self.hidden} L={self.layers}"
+        return f"{self.name} N={self.n} {self.shape}"
+
+    @property
+    def shape(self) -> str:
+        if self.name == "separable":
+            return f"D={self.dim} tau={TEMPERATURE}"
+        return f"d={self.dim} H={self.hidden} L={self.layers}"
 
 
 def factorcl_cases(ns=(64, 128, 256, 512)) -> list[Case]:
@@ -48,6 +66,11 @@ def mi_cases(ns=(128, 256, 512, 1024)) -> list[Case]:
     return [Case("mi", n, 20, 512, 0) for n in ns]
 
 
+def separable_cases(ns=(1024, 2048, 4096, 8192)) -> list[Case]:
+    """The separable critic: D = 128, normalised, temperature 0.1 (no hidden layers)."""
+    return [Case("separable", n, 128, 0, 0) for n in ns]
+
+
 def host_overhead_case() -> Case:
     """N = d = H = 8, L = 1: the arithmetic is negligible, so a call's time is host time (Python
     and dispatch); measured for every implementation (IMPLS)."""
@@ -57,12 +80,24 @@ def host_overhead_case() -> Case:
 _COMPILED = {}
 
 
-def make_step(case: Case, impl: str, seed: int = 0):
-    """A zero-argument callable that runs forward + backward once and returns the loss."""
+def user_separable_infonce_loss(g, h):
+    """The negative InfoNCE bound of the separable critic as a user writes it (SimCLR / CLIP
+    style): cross-entropy of the materialised logits against the diagonal, minus log N."""
+    logits = F.normalize(g, dim=1) @ F.normalize(h, dim=1).t() / TEMPERATURE
+    n = logits.shape[0]
+    return F.cross_entropy(logits, torch.arange(n)) - math.log(n)
+
+
+def make_step(case: Case, impl: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A zero-argument callable that runs forward + backward once and returns the loss (the
+    negative InfoNCE bound, the same quantity for every implementation of a case)."""
     torch.manual_seed(seed)
+    if case.name == "separable":
+        return _separable_step(case, impl, dtype)
     critic = InfoNCECritic(case.dim, case.dim, case.hidden, case.layers, "relu", backend="cpu")
-    x = torch.randn(case.n, case.dim, requires_grad=True)
-    y = torch.randn(case.n, case.dim, requires_grad=True)
+    critic.to(dtype)
+    x = torch.randn(case.n, case.dim, dtype=dtype, requires_grad=True)
+    y = torch.randn(case.n, case.dim, dtype=dtype, requires_grad=True)
     f = critic._f
 
     if impl == "fused":
@@ -107,14 +142,43 @@ def make_step(case: Case, impl: str, seed: int = 0):
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
-    params = list(critic.parameters())
+    return _step(loss, [x, y, *critic.parameters()])
 
+
+def _separable_step(case: Case, impl: str, dtype: torch.dtype):
+    g = torch.randn(case.n, case.dim, dtype=dtype, requires_grad=True)
+    h = torch.randn(case.n, case.dim, dtype=dtype, requires_grad=True)
+    critic = FusedSeparableCritic(TEMPERATURE, normalize=True, backend="cpu")
+    if impl == "fused":
+        def loss():
+            return -critic.infonce_lower_bound(g, h)
+    elif impl == "fused_stats":
+        def loss():
+            st = factorcl_ext.separable_critic_stats(g, h, temperature=TEMPERATURE,
+                                                     normalize=True, backend="cpu")
+            return -factorcl_ext.infonce_lower_bound(st.lse, st.pos, case.n)
+    elif impl == "user":
+        def loss():
+            return user_separable_infonce_loss(g, h)
+    elif impl == "compiled":
+        compiled = torch.compile(user_separable_infonce_loss, dynamic=False)
+
+        def loss():
+            return compiled(g, h)
+    else:
+        raise ValueError(f"unknown impl {impl!r} for the separable critic; choose from "
+                         f"{SEPARABLE_IMPLS}")
+    return _step(loss, [g, h])
+
+
+def _step(loss, leaves):
+    """Forward + backward of ``loss()`` with the leaves' gradients cleared first."""
     def step():
-        for p in params:
+        for p in leaves:
             p.grad = None
-        x.grad = y.grad = None
         out = loss()
         out.backward()
         return out
 
+    step.leaves = leaves  # for the test that every implementation computes the same gradients
     return step

@@ -1,8 +1,11 @@
 """Print a Markdown table of the CPU critics, forward + backward, float32: median time, peak extra
 resident memory, achieved rate (DESIGN.md FLOP count) next to torch.mm's rate measured in the same
-run, and the speed-up over the authors' tiling formulation.
+run, and the speed-up over the baseline: the authors' tiling formulation (FactorCL critic), the
+materialising reference (MI critic) or the cross-entropy a user writes (separable critic).
 
-    python benchmarks/cpu_table.py                 # FactorCL (N 64..512) and MI (N 128..1024)
+    python benchmarks/cpu_table.py                 # FactorCL (N 64..512), MI (N 128..1024) and
+                                                   # separable (N 1024..8192) critics
+    python benchmarks/cpu_table.py --critics separable --ns 4096,8192   # a part of it
     python benchmarks/cpu_table.py --large         # FactorCL critic at N = 4096, H = 128 (minutes)
     python benchmarks/cpu_table.py --host-overhead # N = d = H = 8: host (Python, dispatch) time
     python benchmarks/cpu_table.py --json out.json # also write the rows as JSON
@@ -26,9 +29,21 @@ from factorcl_ext.measure import (  # noqa: E402
     matmul_gflops,
     median_seconds,
     peak_extra_rss_bytes,
+    separable_critic_flops,
 )
 
-from cases import IMPLS, Case, factorcl_cases, host_overhead_case, make_step, mi_cases  # noqa: E402
+from cases import (  # noqa: E402
+    IMPLS,
+    SEPARABLE_IMPLS,
+    Case,
+    factorcl_cases,
+    host_overhead_case,
+    make_step,
+    mi_cases,
+    separable_cases,
+)
+
+BASELINES = ("authors", "reference", "user")  # the "vs" column's denominator, per case
 
 
 def measure(case: Case, impl: str, repeats: int) -> dict:
@@ -36,11 +51,16 @@ def measure(case: Case, impl: str, repeats: int) -> dict:
     step()  # warm-up; compiles for torch.compile
     t = median_seconds(step, repeats=repeats, warmup=0)
     mem = peak_extra_rss_bytes(step)
-    flops = concat_critic_flops(case.n, case.n, case.hidden, case.layers, case.dim, case.dim)
+    if case.name == "separable":
+        flops = separable_critic_flops(case.n, case.n, case.dim)
+    elif case.layers:
+        flops = concat_critic_flops(case.n, case.n, case.hidden, case.layers, case.dim, case.dim)
+    else:
+        flops = None  # element-wise bound: reported in pairs/s
     return {
         "case": case.name, "n": case.n, "dim": case.dim, "hidden": case.hidden,
         "layers": case.layers, "impl": impl, "seconds": t, "peak_extra_bytes": mem,
-        "gflops": flops / t / 1e9 if case.layers else None,
+        "gflops": flops / t / 1e9 if flops else None,
         "mpairs_per_s": case.n * case.n / t / 1e6,
     }
 
@@ -75,6 +95,8 @@ def main(argv=None) -> int:
                         "forward + backward, the implementations interleaved (300 rounds)")
     p.add_argument("--impls", default=None, help="comma list of implementations to run")
     p.add_argument("--ns", default=None, help="comma list of batch sizes N to run")
+    p.add_argument("--critics", default=None,
+                   help="comma list of the critics to run: factorcl, mi, separable (default all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -93,8 +115,11 @@ def main(argv=None) -> int:
     else:
         plan = [(c, ["fused", "fused_stats", "authors", "compiled"]) for c in factorcl_cases()]
         plan += [(c, ["fused", "reference", "compiled"]) for c in mi_cases()]
+        plan += [(c, list(SEPARABLE_IMPLS)) for c in separable_cases()]
     for case, impls in plan:
         if args.ns and str(case.n) not in args.ns.split(","):
+            continue
+        if args.critics and case.name not in args.critics.split(","):
             continue
         if args.impls:
             impls = [i for i in impls if i in args.impls.split(",")]
@@ -108,12 +133,12 @@ def main(argv=None) -> int:
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; torch.mm 4096x512x512 fp32: {mm:.1f} GFLOP/s "
           f"(before {mm_before:.1f}, after {mm_after:.1f})\n")
-    print("| critic | N | impl | fwd+bwd median | vs authors/reference | peak extra memory "
+    print(f"| critic | N | impl | fwd+bwd median | vs {'/'.join(BASELINES)} | peak extra memory "
           "| rate | % of torch.mm |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         base = next((r for r in rows if r["case"] == row["case"] and r["n"] == row["n"]
-                     and r["impl"] in ("authors", "reference")), None)
+                     and r["impl"] in BASELINES), None)
         speedup = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
         mem = row["peak_extra_bytes"] / 2**20
         memrel = (f" ({100 * row['peak_extra_bytes'] / base['peak_extra_bytes']:.1f}%)"
@@ -123,7 +148,8 @@ def main(argv=None) -> int:
             pct = f"{100 * row['gflops'] / mm:.0f}%"
         else:
             rate, pct = f"{row['mpairs_per_s']:.2f} Mpairs/s", "-"
-        label = (f"{row['case']} d={row['dim']} H={row['hidden']} L={row['layers']}")
+        label = f"{row['case']} " + Case(row["case"], row["n"], row["dim"], row["hidden"],
+                                         row["layers"]).shape
         t = row["seconds"]
         t = f"{t * 1e3:.1f} ms" if t >= 1e-3 else f"{t * 1e6:.0f} us"
         print(f"| {label} | {row['n']} | {row['impl']} | {t} | {speedup} "

@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:
 
 import factorcl_ext  # noqa: E402
 from factorcl_ext import reference  # noqa: E402
+from factorcl_ext.measure import concat_critic_flops, separable_critic_flops  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICE = "cuda"  # tests set "cpu" to run the step functions under the Triton interpreter
@@ -225,12 +226,6 @@ def concat_step(impl, n, fwd_only, chunk, compiled_cache):
         loss.backward()
         return loss
     return step
-
-
-def concat_flops(n, d, h, layers, fwd_only):
-    first = 2 * 2 * n * h * d  # A and B
-    pairs = n * n * 2 * layers * h * h
-    return (first + pairs) if fwd_only else 3 * (first + pairs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,7 +426,8 @@ def main() -> None:
                                    hidden=args.hidden, dim=args.dim, impl=impl, **res)
                         row["pass"] = pass_name
                         if "ms" in res:
-                            flops = concat_flops(n, args.dim, args.hidden, layers, fwd_only)
+                            flops = concat_critic_flops(n, n, args.hidden, layers, args.dim,
+                                                        args.dim, backward=not fwd_only)
                             row["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
                             row["pct_peak"] = 100 * row["tflops"] / peaks[dname]
                             row["gpairs_s"] = n * n / (res["ms"] * 1e-3) / 1e9
@@ -453,8 +449,8 @@ def main() -> None:
                                **res)
                     row["pass"] = pass_name
                     if "ms" in res:
-                        per = 2 if fwd_only else 6
-                        row["tflops"] = per * n * n * args.sep_dim / (res["ms"] * 1e-3) / 1e12
+                        flops = separable_critic_flops(n, n, args.sep_dim, backward=not fwd_only)
+                        row["tflops"] = flops / (res["ms"] * 1e-3) / 1e12
                         row["pct_peak"] = 100 * row["tflops"] / peaks[dname]
                         row["gpairs_s"] = n * n / (res["ms"] * 1e-3) / 1e9
                     report(row)

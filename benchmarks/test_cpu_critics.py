@@ -5,16 +5,25 @@
 
 import pytest
 
-from cases import IMPLS, factorcl_cases, host_overhead_case, make_step, mi_cases
+from cases import (
+    IMPLS,
+    SEPARABLE_IMPLS,
+    factorcl_cases,
+    host_overhead_case,
+    make_step,
+    mi_cases,
+    separable_cases,
+)
 
 FACTORCL = factorcl_cases()
 MI = mi_cases()
+SEPARABLE = separable_cases()
 
 
 def _bench(benchmark, case, impl):
     step = make_step(case, impl)
     step()  # warm-up (and compilation, for torch.compile)
-    rounds = 3 if case.n * case.n * case.hidden >= 2**27 else 7
+    rounds = 3 if case.n * case.n * max(case.hidden, case.dim) >= 2**27 else 7
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
@@ -28,6 +37,13 @@ def test_factorcl_critic(benchmark, case, impl):
 @pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])
 @pytest.mark.parametrize("case", MI, ids=lambda c: f"N{c.n}")
 def test_mi_critic(benchmark, case, impl):
+    benchmark.group = case.label
+    _bench(benchmark, case, impl)
+
+
+@pytest.mark.parametrize("impl", SEPARABLE_IMPLS)
+@pytest.mark.parametrize("case", SEPARABLE, ids=lambda c: f"N{c.n}")
+def test_separable_critic(benchmark, case, impl):
     benchmark.group = case.label
     _bench(benchmark, case, impl)
 

@@ -52,6 +52,13 @@ def concat_critic_flops(n: int, m: int, hidden: int, layers: int, du: int, dv: i
     return float(n) * m * per_pair + first
 
 
+def separable_critic_flops(n: int, m: int, dim: int, backward: bool = True) -> float:
+    """Useful FLOPs of the separable critic (DESIGN.md section 3): the N x M x D score product,
+    2*N*M*D forward, 6*N*M*D with backward (dG and dH). Normalisation and the logsumexp (O(N*M)
+    element-wise) are not counted."""
+    return float(n) * m * dim * (6 if backward else 2)
+
+
 def matmul_gflops(m: int = 4096, k: int = 512, n: int = 512, repeats: int = 7,
                   dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of torch.mm on an [m, k] x [k, n] product on the CPU (median of ``repeats``)."""

@@ -211,18 +211,22 @@ class FusedConcatCritic(_ConcatMLP):
 
 class FusedSeparableCritic(nn.Module):
     """Separable critic ``s_ij = (g_i . h_j) / temperature`` (optionally on L2-normalised
-    embeddings), with an optionally learnable temperature (stored as its logarithm)."""
+    embeddings), with an optionally learnable temperature (stored as its logarithm).
+
+    A learnable temperature is a parameter of the default dtype, like any weight; a fixed one is
+    a float64 buffer, so that float64 scores divide by the temperature given, not by its float32
+    rounding (``module.to(dtype)`` casts the buffer as it does every floating buffer)."""
 
     def __init__(self, temperature: float = 1.0, learnable_temperature: bool = False,
                  normalize: bool = False, backend: str = "auto", deterministic: bool = False):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        log_t = torch.tensor(math.log(temperature))
         if learnable_temperature:
-            self.log_temperature = nn.Parameter(log_t)
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         else:
-            self.register_buffer("log_temperature", log_t)
+            self.register_buffer("log_temperature",
+                                 torch.tensor(math.log(temperature), dtype=torch.float64))
         self.normalize, self.backend, self.deterministic = normalize, backend, deterministic
 
     @property

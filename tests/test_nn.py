@@ -371,6 +371,24 @@ def test_fused_separable_critic_learnable_temperature(backend):
     assert critic.log_temperature.grad is None  # autograd.grad does not accumulate
 
 
+@pytest.mark.parametrize("backend", ALL)
+def test_fused_separable_critic_fixed_temperature_is_exact_in_float64(backend):
+    """A fixed temperature divides float64 scores by the value given (the buffer was float32:
+    8e-8 relative error); ``.float()`` casts it like any buffer."""
+    device = device_for(backend)
+    critic = FusedSeparableCritic(temperature=0.1, normalize=True, backend=backend).to(device)
+    assert critic.log_temperature.dtype == F64 and not critic.log_temperature.requires_grad
+    g = torch.randn(9, 5, dtype=F64, device=device, requires_grad=True)
+    h = torch.randn(9, 5, dtype=F64, device=device, requires_grad=True)
+    nce = critic.infonce_lower_bound(g, h)
+    s = F.normalize(g, dim=1) @ F.normalize(h, dim=1).t() / 0.1
+    ref = s.diagonal().mean() - s.logsumexp(1).mean() + math.log(9)
+    assert_rel_close(nce, ref, 1e-13, "I_NCE")
+    for a, e in zip(torch.autograd.grad(nce, [g, h]), torch.autograd.grad(ref, [g, h])):
+        assert_rel_close(a, e, 1e-12, "grad")
+    assert critic.float().log_temperature.dtype == torch.float32
+
+
 def test_build_info_and_backends():
     info = factorcl_ext.build_info()
     assert info["cpu_kernels"] is True, info

@@ -1,0 +1,70 @@
+"""benchmarks/cases.py: every implementation the CPU benchmarks time computes the same loss and
+the same gradients (float64, odd sizes), so a table's ratios compare equal work."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_rel_close
+
+
+def _load_cases():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cases.py"
+    spec = importlib.util.spec_from_file_location("benchmark_cases", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cases = _load_cases()
+
+# (case, implementations, baseline); the torch.compile variants are left out (compile time)
+FAMILIES = {
+    "factorcl": (cases.Case("factorcl", 9, 5, 7, 1), ["fused", "fused_stats", "authors",
+                                                      "reference"], "authors"),
+    "mi": (cases.Case("mi", 11, 3, 6, 0), ["fused", "fused_stats", "reference"], "reference"),
+    "separable": (cases.Case("separable", 13, 5, 0, 0), ["fused", "fused_stats", "user"],
+                  "user"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_benchmark_implementations_agree(family):
+    case, impls, baseline = FAMILIES[family]
+    results = {}
+    for impl in impls:
+        step = cases.make_step(case, impl, seed=3, dtype=torch.float64)
+        loss = step()
+        results[impl] = (loss.detach(), [p.grad.clone() for p in step.leaves])
+    ref_loss, ref_grads = results[baseline]
+    assert all(g.abs().max() > 0 for g in ref_grads[:2]), "input gradients vanish: a weak test"
+    for impl in impls:
+        loss, grads = results[impl]
+        assert_rel_close(loss, ref_loss, 1e-10, f"{family} {impl} loss")
+        assert len(grads) == len(ref_grads)
+        scale = min(g.norm().item() for g in ref_grads[:2])  # d/d b_out is 0 in exact arithmetic
+        for i, (a, e) in enumerate(zip(grads, ref_grads)):
+            assert_rel_close(a, e, 1e-10, f"{family} {impl} grad {i}", floor=scale)
+
+
+def test_separable_baseline_is_the_user_cross_entropy():
+    """``user`` is the SimCLR / CLIP loss (cross-entropy over normalised logits) minus log N,
+    i.e. the negative InfoNCE bound; checked against an explicit log-softmax."""
+    g, h = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    gn, hn = g / g.norm(dim=1, keepdim=True), h / h.norm(dim=1, keepdim=True)
+    s = gn @ hn.t() / cases.TEMPERATURE
+    expected = -(s.diagonal() - s.logsumexp(1)).mean() - math.log(7)
+    assert_rel_close(cases.user_separable_infonce_loss(g, h), expected, 1e-12, "user loss")
+
+
+def test_unknown_implementation_is_named():
+    for case in (cases.Case("factorcl", 4, 3, 5, 1), cases.Case("separable", 4, 3, 0, 0)):
+        with pytest.raises(ValueError, match="unknown impl 'nope'"):
+            cases.make_step(case, "nope")
