@@ -3,6 +3,7 @@ resident memory of a call, the FLOP count of DESIGN.md, and a matmul rate to com
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import statistics
 import time
@@ -31,10 +32,25 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``), so that memory an
+    earlier call freed but the allocator kept resident is faulted in again, and counted, when a
+    measured call reuses it. Elsewhere (no glibc) a no-op."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 def peak_extra_rss_bytes(fn: Callable[[], object]) -> int:
-    """Peak resident memory of ``fn()`` above the resident memory before it (Linux): VmHWM is reset
-    to the current RSS through /proc/self/clear_refs, then read after the call."""
+    """Peak resident memory of ``fn()`` above the resident memory before it (Linux): the heap's
+    free pages are released, VmHWM is reset to the current RSS through /proc/self/clear_refs, then
+    read after the call."""
     gc.collect()
+    _release_free_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
