@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 import factorcl_ext
 from factorcl_ext import demo
@@ -33,3 +34,22 @@ def test_demo_rejects_bad_sizes(capsys, argv):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"{argv[0]} must be at least" in err and "Traceback" not in err
+
+
+def test_peak_extra_memory_counts_reused_heap_memory():
+    """Memory a previous call freed, and the C heap kept resident, counts again when the measured
+    call reuses it (it read as 0 MiB before the heap's free pages were released first)."""
+    import ctypes
+
+    from factorcl_ext.measure import peak_extra_rss_bytes
+
+    if not hasattr(ctypes.CDLL(None), "malloc_trim"):
+        pytest.skip("not glibc: the heap is not trimmed")
+
+    def alloc():  # 24 MiB in 1 MiB blocks: below glibc's largest mmap threshold, so heap memory
+        blocks = [torch.ones(2**18) for _ in range(24)]
+        return sum(float(b[0]) for b in blocks)
+
+    alloc()
+    alloc()
+    assert peak_extra_rss_bytes(alloc) >= 20 * 2**20
