@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import factorcl_ext
 from factorcl_ext import reference
+from factorcl_ext.measure import compile_every_case
 from factorcl_ext.nn import FusedSeparableCritic, InfoNCECritic
 
 IMPLS = ("fused", "fused_stats", "fused_compiled", "authors", "reference", "compiled")
@@ -92,6 +93,8 @@ def make_step(case: Case, impl: str, seed: int = 0, dtype: torch.dtype = torch.f
     """A zero-argument callable that runs forward + backward once and returns the loss (the
     negative InfoNCE bound, the same quantity for every implementation of a case)."""
     torch.manual_seed(seed)
+    if "compiled" in impl:
+        compile_every_case()
     if case.name == "separable":
         return _separable_step(case, impl, dtype)
     critic = InfoNCECritic(case.dim, case.dim, case.hidden, case.layers, "relu", backend="cpu")

@@ -52,7 +52,11 @@ if str(ROOT) not in sys.path:
 
 import factorcl_ext  # noqa: E402
 from factorcl_ext import reference  # noqa: E402
-from factorcl_ext.measure import concat_critic_flops, separable_critic_flops  # noqa: E402
+from factorcl_ext.measure import (  # noqa: E402
+    compile_every_case,
+    concat_critic_flops,
+    separable_critic_flops,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEVICE = "cuda"  # tests set "cpu" to run the step functions under the Triton interpreter
@@ -392,6 +396,7 @@ def main() -> None:
     print("# dense matmul peak: " + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks.items()))
     rows = []
     compiled_cache: dict = {}
+    compile_every_case()  # one compiled function serves every N, L, dtype and pass
     header = (f"{'critic':9s} {'dtype':5s} {'N':>6s} {'L':>2s} {'impl':15s} {'pass':8s} "
               f"{'ms':>9s} {'TFLOP/s':>8s} {'%peak':>6s} {'Gpairs/s':>9s} {'peak MB':>9s}")
     print(header)

@@ -58,6 +58,17 @@ def peak_extra_rss_bytes(fn: Callable[[], object]) -> int:
     return max(0, _status_kib("VmHWM") - before) * 1024
 
 
+def compile_every_case(limit: int = 256) -> None:
+    """Let ``torch.compile`` compile every shape a benchmark run gives it. Dynamo compiles a
+    function for at most ``recompile_limit`` (8) sets of guards and then runs it eagerly, with a
+    warning only, which would time eager code under a ``compiled`` label (the 9th case of a run,
+    each N, L, dtype and pass being a set). Raises the limit and makes reaching it an error."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 def concat_critic_flops(n: int, m: int, hidden: int, layers: int, du: int, dv: int,
                         backward: bool = True) -> float:
     """Useful FLOPs of the concat critic (DESIGN.md section 2): per pair 2*L*H^2 forward, 6*L*H^2

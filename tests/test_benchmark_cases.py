@@ -68,3 +68,15 @@ def test_unknown_implementation_is_named():
     for case in (cases.Case("factorcl", 4, 3, 5, 1), cases.Case("separable", 4, 3, 0, 0)):
         with pytest.raises(ValueError, match="unknown impl 'nope'"):
             cases.make_step(case, "nope")
+
+
+def test_compiled_cases_never_fall_back_to_eager_silently():
+    """The ``compiled`` rows of a run share one function (one dynamo cache): past dynamo's limit
+    of 8 compiles it would run eagerly with only a warning. make_step raises the limit and makes
+    reaching it an error (config restored after the test)."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False):
+        cases.make_step(cases.Case("separable", 4, 3, 0, 0), "compiled")  # compiles lazily
+        assert torch._dynamo.config.recompile_limit >= 64
+        assert torch._dynamo.config.fail_on_recompile_limit_hit
