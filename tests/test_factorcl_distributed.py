@@ -39,7 +39,7 @@ WORKER = textwrap.dedent("""
                                                 critic_backend="reference"))
     res = T.train(cfg, d, f"{out}/run", comm=comm, stop_at_step=3)
     if comm.rank == 0:
-        state = torch.load(res["checkpoint"], weights_only=False)["model"]
+        state = torch.load(res["checkpoint"], weights_only=True)["model"]
         torch.save({"state": state, "loss": res["final_loss"]}, f"{out}/{model_name}.pt")
     print(f"rank {comm.rank}: trained", file=sys.stderr, flush=True)
     dist.barrier()  # neither rank tears down gloo while the other still uses it
@@ -67,7 +67,7 @@ def _single_process(model_name, tmp_path):
                         model_cfg=M.ModelConfig(embed_dim=5, backbone_hidden=7, critic_hidden=6,
                                                 critic_backend="reference"))
     res = T.train(cfg, d, str(tmp_path / f"single-{model_name}"), stop_at_step=3)
-    return torch.load(res["checkpoint"], weights_only=False)["model"], res["final_loss"]
+    return torch.load(res["checkpoint"], weights_only=True)["model"], res["final_loss"]
 
 
 @pytest.mark.parametrize("model_name", ["factorcl-sup", "factorcl-ssl", "supcon"])
@@ -88,7 +88,7 @@ def test_two_processes_match_one(tmp_path, model_name):
     outputs = [p.communicate(timeout=240) for p in procs]
     for rank, (p, (_, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{err[-3000:]}"
-    dist_out = torch.load(tmp_path / f"{model_name}.pt", weights_only=False)
+    dist_out = torch.load(tmp_path / f"{model_name}.pt", weights_only=True)
     single_state, single_loss = _single_process(model_name, tmp_path)
     # Both runs moved the parameters the same way (float64: only the order of sums differs).
     for k, v in single_state.items():

@@ -111,7 +111,7 @@ def test_resume_equals_uninterrupted(tmp_path, name):
     full = T.train(cfg, d, str(tmp_path / "full"))
     part = T.train(cfg, d, str(tmp_path / "part"), stop_at_step=7)
     assert part["stopped"] and part["steps"] == 7
-    ckpt = torch.load(part["checkpoint"], weights_only=False)
+    ckpt = torch.load(part["checkpoint"], weights_only=True)
     assert ckpt["step"] == 7
     resumed = T.train(cfg, d, str(tmp_path / "part"), resume=part["checkpoint"])
     assert resumed["steps"] == full["steps"] == 2 * (128 // 16)
@@ -151,8 +151,27 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         T.save_checkpoint(path, {"a": 2})
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"a": 1}
+    assert torch.load(path, weights_only=True) == {"a": 1}
     assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_checkpoints_load_without_running_code(tmp_path):
+    """A pickle that would call a function when unpickled is refused (weights_only), nothing
+    runs, and the error says which file."""
+    evil = _RunsCode()
+    evil.marker = str(tmp_path / "ran")
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": T.CHECKPOINT_FORMAT, "payload": evil}, path)
+    with pytest.raises(T.TrainError, match=f"--resume: cannot read {path}"):
+        T.load_checkpoint(str(path))
+    with pytest.raises(T.TrainError, match=f"load_model: cannot read {path}"):
+        T.load_model(str(tmp_path))
+    assert not os.path.exists(evil.marker)
 
 
 def test_seeded_runs_are_reproducible(tmp_path):
@@ -274,7 +293,7 @@ def test_load_model_and_cli_embed(tmp_path, capsys):
     model, info = T.load_model(str(run))
     assert not model.training and info["step"] == metrics["steps"]
     assert info["config"].model == "factorcl-sup" and info["data"]["x1"] == [12]
-    trained = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    trained = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, trained[k]), k
 
@@ -343,7 +362,7 @@ def test_train_refuses_to_replace_a_run_unless_asked(tmp_path):
     assert part["steps"] == 3 and not (tmp_path / "metrics.json").exists()
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == []  # the old run's log was dropped; step 3 is before the first log line
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]["lr"] == 1e-2
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["lr"] == 1e-2
 
 
 def test_compare_continues_and_reuses_runs(tmp_path):
@@ -416,7 +435,7 @@ def test_deterministic_flag_reaches_every_critic_op(tmp_path, monkeypatch, flag)
     for model in ("factorcl-sup", "simclr"):  # the MI probes ran (their calls are in `seen`)
         metrics = json.loads((out / f"{model}-seed0" / "metrics.json").read_text())
         assert any(k.startswith("infonce I(") for k in metrics["mi"]), metrics["mi"]
-    ckpt = torch.load(out / "factorcl-sup-seed0" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "factorcl-sup-seed0" / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["model_cfg"]["critic_deterministic"] is flag
 
 
@@ -457,7 +476,7 @@ def test_checkpoints_from_before_a_setting_existed_still_match(tmp_path):
     cfg = _cfg("simclr", probe=True)
     T.train(cfg, d, str(tmp_path))
     path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     del state["config"]["model_cfg"]["critic_deterministic"]
     T.save_checkpoint(str(path), state)
     assert T.previous_run(str(tmp_path), cfg, d)["metrics"] is not None
@@ -543,7 +562,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == cli.EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr
     assert "interrupted at step" in stderr and "--resume" in stderr
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] >= 1
     logged = [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
     assert logged[-1] == state["step"]

@@ -193,11 +193,13 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str, what: str = "--resume") -> dict:
-    """The checkpoint at ``path``; a TrainError starting with ``what`` if it cannot be read."""
+    """The checkpoint at ``path``; a TrainError starting with ``what`` if it cannot be read.
+    Read with ``weights_only=True``: tensors, containers and plain values only (what
+    :func:`train` saves), so a checkpoint from elsewhere cannot run code when it is loaded."""
     if not os.path.isfile(path):
         raise TrainError(f"{what}: checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise TrainError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
