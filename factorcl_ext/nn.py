@@ -139,7 +139,7 @@ class InfoNCECritic(_ConcatMLP):
         n = _check_paired(x_samples, y_samples, self.A_dim, self.B_dim)
         # -I_NCE = mean(lse) - mean(pos) - log N; the x part of the input comes first.
         loss = self._loss(y_samples, x_samples, rows_first=False, c_lse=1.0 / n, c_pos=-1.0 / n)
-        return loss - ops._log_count(n)
+        return loss - ops._log_count(n, loss)
 
 
 class CLUBInfoNCECritic(_ConcatMLP):
@@ -160,7 +160,7 @@ class CLUBInfoNCECritic(_ConcatMLP):
     def learning_loss(self, x_samples: Tensor, y_samples: Tensor) -> Tensor:
         n = _check_paired(x_samples, y_samples, self.A_dim, self.B_dim)
         loss = self._loss(y_samples, x_samples, rows_first=True, c_lse=1.0 / n, c_pos=-1.0 / n)
-        return loss - ops._log_count(n)
+        return loss - ops._log_count(n, loss)
 
 
 class FusedConcatCritic(_ConcatMLP):
@@ -189,7 +189,7 @@ class FusedConcatCritic(_ConcatMLP):
         n, m = rows.shape[0], cols.shape[0]
         loss = self._loss(rows, cols, True, c_lse=1.0 / n, c_pos=-1.0 / n, pos_offset=pos_offset,
                           out_activation=self.out_activation)
-        return ops._log_count(m) - loss
+        return ops._log_count(m, loss) - loss
 
     def nce_club_upper_bound(self, rows: Tensor, cols: Tensor, pos_offset: int = 0) -> Tensor:
         """I_CLUB = mean_i s_(i,i+pos_offset) - mean_ij s_ij, through the fused loss op."""
@@ -250,7 +250,7 @@ class FusedSeparableCritic(nn.Module):
             backend=self.backend,
             deterministic=self.deterministic,
         )
-        return ops._log_count(m - (exclude_offset is not None)) - loss
+        return ops._log_count(m - (exclude_offset is not None), loss) - loss
 
     def nce_club_upper_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0) -> Tensor:
         n, m = g.shape[0], h.shape[0]

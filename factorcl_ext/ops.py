@@ -211,13 +211,17 @@ def _check_coefficients(**coefs) -> tuple[float, ...]:
 _LN2 = math.log(2.0)
 
 
-def _log_count(n) -> float:
+def _log_count(n, like: Tensor):
     """``log(n)`` of a count such as a batch size, as ``log2(n) * ln 2`` (within an ulp of
-    ``math.log(n)``). Under torch.compile with dynamic shapes ``n`` is symbolic, and
-    ``math.log`` of it would specialise the graph on its value, while log2 is one of the math
-    functions dynamo keeps symbolic; eager code takes the same formula, so that compiled and
-    eager values agree to the bit. (torch.export's graphs allow no log of a symbolic size at
-    all: there a dynamic batch dimension is specialised.)"""
+    ``math.log(n)``), to combine with the 0-dim tensor ``like``. Under torch.compile with dynamic
+    shapes ``n`` is symbolic, and ``math.log`` of it would specialise the graph on its value,
+    while log2 is one of the math functions dynamo keeps symbolic; eager code takes the same
+    formula, so that compiled and eager values agree to the bit. torch.export's graphs allow no
+    log of a symbolic size: when exporting with a dynamic batch, the log is a tensor op on the
+    size instead (0-dim, ``like``'s dtype and device)."""
+    if isinstance(n, torch.SymInt) and torch.compiler.is_exporting():
+        size = torch.full((), n, dtype=torch.float64, device=like.device)
+        return (torch.log2(size) * _LN2).to(like.dtype)
     return math.log2(n) * _LN2
 
 
@@ -719,7 +723,7 @@ def separable_critic_loss(
 def infonce_lower_bound(lse: Tensor, pos: Tensor, num_cols: int) -> Tensor:
     """InfoNCE lower bound ``I_NCE = mean(pos) - mean(lse) + log M`` (M = ``num_cols``)."""
     _check_count("num_cols", num_cols)
-    return pos.mean() - lse.mean() + _log_count(num_cols)
+    return pos.mean() - lse.mean() + _log_count(num_cols, lse)
 
 
 def nce_club_upper_bound(pos: Tensor, rowsum: Tensor, num_cols: int) -> Tensor:
