@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from factorcl_ext.measure import (  # noqa: E402
+    MEMORY_UNAVAILABLE,
     concat_critic_flops,
     matmul_gflops,
     median_seconds,
@@ -80,7 +81,7 @@ def measure_interleaved(case: Case, impls: list[str], repeats: int) -> list[dict
         t = statistics.median(times[impl])
         rows.append({
             "case": case.name, "n": case.n, "dim": case.dim, "hidden": case.hidden,
-            "layers": case.layers, "impl": impl, "seconds": t, "peak_extra_bytes": 0,
+            "layers": case.layers, "impl": impl, "seconds": t, "peak_extra_bytes": None,
             "gflops": None, "mpairs_per_s": case.n * case.n / t / 1e6,
         })
     return rows
@@ -140,9 +141,10 @@ def main(argv=None) -> int:
         base = next((r for r in rows if r["case"] == row["case"] and r["n"] == row["n"]
                      and r["impl"] in BASELINES), None)
         speedup = f"{base['seconds'] / row['seconds']:.2f}x" if base else "-"
-        mem = row["peak_extra_bytes"] / 2**20
-        memrel = (f" ({100 * row['peak_extra_bytes'] / base['peak_extra_bytes']:.1f}%)"
-                  if base and base is not row and base["peak_extra_bytes"] >= 2**20 else "")
+        mem, base_mem = row["peak_extra_bytes"], base["peak_extra_bytes"] if base else None
+        memrel = (f" ({100 * mem / base_mem:.1f}%)" if mem is not None and base is not row
+                  and base_mem is not None and base_mem >= 2**20 else "")
+        mem = f"{mem / 2**20:.1f} MiB" if mem is not None else "n/a"
         if row["gflops"] is not None:
             rate = f"{row['gflops']:.1f} GFLOP/s"
             pct = f"{100 * row['gflops'] / mm:.0f}%"
@@ -153,7 +155,9 @@ def main(argv=None) -> int:
         t = row["seconds"]
         t = f"{t * 1e3:.1f} ms" if t >= 1e-3 else f"{t * 1e6:.0f} us"
         print(f"| {label} | {row['n']} | {row['impl']} | {t} | {speedup} "
-              f"| {mem:.1f} MiB{memrel} | {rate} | {pct} |")
+              f"| {mem}{memrel} | {rate} | {pct} |")
+    if not args.host_overhead and any(r["peak_extra_bytes"] is None for r in rows):
+        print(f"\n{MEMORY_UNAVAILABLE}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch_mm_gflops": mm, "threads": torch.get_num_threads(),

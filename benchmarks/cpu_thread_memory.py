@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from factorcl_ext.measure import MEMORY_UNAVAILABLE
+
 CHILD = r"""
 import json, sys, time, torch
 import factorcl_ext as fx
@@ -39,7 +41,8 @@ def concat():
 out = {"threads": torch.get_num_threads()}
 for name, step in (("separable", separable), ("concat", concat)):
     t = time.perf_counter()
-    out[name + "_mib"] = peak_extra_rss_bytes(step) / 2**20
+    mem = peak_extra_rss_bytes(step)
+    out[name + "_mib"] = mem / 2**20 if mem is not None else None
     out[name + "_s"] = time.perf_counter() - t
 print(json.dumps(out))
 """
@@ -60,6 +63,9 @@ def main(argv=None) -> int:
             print(proc.stderr, file=sys.stderr)
             return 1
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if r["separable_mib"] is None:
+            print(MEMORY_UNAVAILABLE, file=sys.stderr)
+            return 1
         print(f"{r['threads']:>7} | +{r['separable_mib']:.0f} MiB ({r['separable_s']:.1f} s)"
               f" | +{r['concat_mib']:.0f} MiB ({r['concat_s']:.1f} s)"
               f"   [{time.perf_counter() - t0:.0f} s]", flush=True)

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from . import build_info, reference
-from .measure import concat_critic_flops, matmul_gflops, median_seconds, peak_extra_rss_bytes
+from .measure import (
+    MEMORY_UNAVAILABLE,
+    concat_critic_flops,
+    matmul_gflops,
+    median_seconds,
+    peak_extra_rss_bytes,
+)
 from .nn import InfoNCECritic
 
 
@@ -76,9 +82,14 @@ def main(argv=None) -> int:
         rows.append((name, t, mem))
     print(f"\n{'critic, forward+backward':<26}{'time':>10}{'peak extra memory':>20}{'GFLOP/s':>10}")
     for name, t, mem in rows:
-        print(f"{name:<26}{t * 1e3:>8.1f}ms{mem / 2**20:>17.1f}MiB{flops / t / 1e9:>10.1f}")
+        mem = f"{mem / 2**20:>17.1f}MiB" if mem is not None else f"{'n/a':>20}"
+        print(f"{name:<26}{t * 1e3:>8.1f}ms{mem}{flops / t / 1e9:>10.1f}")
     (_, tf, mf), (_, tn, mn) = rows
-    print(f"\nfused is {tn / tf:.2f}x faster and uses {100 * mf / max(mn, 1):.1f}% of the memory; "
+    share = (f"uses {100 * mf / max(mn, 1):.1f}% of the memory" if None not in (mf, mn)
+             else f"({MEMORY_UNAVAILABLE})")
+    speed = (f"{tn / tf:.2f}x faster" if tn >= tf
+             else f"{tf / tn:.2f}x slower (at this size the time is Python and dispatch)")
+    print(f"\nfused is {speed} and {share}; "
           f"torch.mm (4096x512x512) runs at {rate:.1f} GFLOP/s here, the fused critic at "
           f"{100 * flops / tf / 1e9 / rate:.0f}% of it")
     return 0
