@@ -102,6 +102,12 @@ def _check_offset(name: str, offset, n: int, m: int, *, optional: bool = True) -
         if not optional:
             raise TypeError(f"{name} must be an int")
         return None
+    if isinstance(offset, torch.SymInt):
+        # an offset computed from a dynamic batch size (a rank's rank * N) under torch.compile or
+        # torch.export: int() would specialise the graph on it; the C++ ops take SymInt
+        torch._check(offset >= 0, lambda: f"{name} must be >= 0")
+        torch._check(n + offset <= m, lambda: f"{name}: need N + {name} <= M")
+        return offset
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
         raise TypeError(f"{name} must be an int or None, got {type(offset).__name__}")
     offset = int(offset)
@@ -386,7 +392,10 @@ def _core(name: str, backend: str, deterministic: bool):
         from . import triton as triton_backend
 
         op = getattr(triton_backend, name)
-        return lambda *args: op(*args, deterministic)
+        # its schemas (inferred from annotations) take plain ints: a symbolic offset is made
+        # concrete here, as before the C++ schemas took SymInt
+        return lambda *args: op(*(int(a) if isinstance(a, torch.SymInt) else a for a in args),
+                                deterministic)
     raise AssertionError(backend)
 
 

@@ -423,15 +423,26 @@ def test_compiled_module_has_no_graph_break(backend):
         assert_rel_close(a, b, 1e-12, "compiled grad", floor=1e-2)
 
 
+def _offset_terms(general, sep, x, y):
+    """Offsets that depend on the batch size, as a rank's positives at ``rank * N`` among
+    gathered columns: the concat critic's positives in a second block of columns, the separable
+    critic's own view excluded from a [other view; own view] column set."""
+    n = x.shape[0]
+    return (general.infonce_lower_bound(y, torch.cat([x.flip(0), x]), pos_offset=n)
+            + sep.infonce_lower_bound(y, torch.cat([x[:, :4], y]), pos_offset=0,
+                                      exclude_offset=n))
+
+
 @pytest.mark.parametrize("dynamic", [True, None])
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in BACKENDS if b != "triton"])
 def test_compiled_modules_follow_the_batch_size(backend, dynamic):
     """torch.compile does not specialise the drop-in critics on the batch size: with
     ``dynamic=True`` three batch sizes share one graph, and by default (automatic dynamic shapes)
     the second size compiles the dynamic graph that the third reuses. The bounds' 1/N and
-    1/(N*M) coefficients and log N reach the fused ops symbolically (their coefficients are
-    ``Scalar`` arguments). Values and gradients match eager at every size. (The Triton ops plan
-    their launch grids from the shapes in Python, so they may compile per size range.)"""
+    1/(N*M) coefficients, log N and offsets computed from N reach the fused ops symbolically
+    (their coefficients are ``Scalar`` arguments, their offsets ``SymInt``). Values and gradients
+    match eager at every size. (The Triton ops plan their launch grids from the shapes in Python,
+    so they may compile per size range.)"""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     device = device_for(backend)
@@ -451,7 +462,8 @@ def test_compiled_modules_follow_the_batch_size(backend, dynamic):
                 + sep(y, x[:, :4], pos_offset=None, exclude_offset=0).lse.mean()
                 + sep.nce_club_upper_bound(y, x[:, :4])
                 + factorcl_ext.infonce_lower_bound(stats.lse, stats.pos, x.shape[0])
-                + factorcl_ext.nce_club_upper_bound(stats.pos, stats.rowsum, x.shape[0]))
+                + factorcl_ext.nce_club_upper_bound(stats.pos, stats.rowsum, x.shape[0])
+                + _offset_terms(general, sep, x, y))
 
     torch._dynamo.reset()  # step's code object is shared by the parametrisations
     compiled = torch.compile(step, backend="aot_eager", dynamic=dynamic, fullgraph=True)
@@ -489,6 +501,7 @@ class _AllCritics(nn.Module):
             self.sep.nce_club_upper_bound(y, x[:, :4]),
             factorcl_ext.infonce_lower_bound(stats.lse, stats.pos, x.shape[0]),
             factorcl_ext.nce_club_upper_bound(stats.pos, stats.rowsum, x.shape[0]),
+            _offset_terms(self.general, self.sep, x, y),
             self.supcon(torch.stack([x[:, :4], y], 1), labels),
         ]
         return torch.stack(parts)
