@@ -250,7 +250,8 @@ class FusedSeparableCritic(nn.Module):
             backend=self.backend,
             deterministic=self.deterministic,
         )
-        return ops._log_count(m - (exclude_offset is not None), loss) - loss
+        # an int, not a bool: torch 2.11 cannot subtract a bool from a symbolic size
+        return ops._log_count(m - (1 if exclude_offset is not None else 0), loss) - loss
 
     def nce_club_upper_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0) -> Tensor:
         n, m = g.shape[0], h.shape[0]
