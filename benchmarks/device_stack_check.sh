@@ -9,7 +9,9 @@
 # environment (VENV, default /tmp/factorcl-device-stack; about 6 GB) and runs what needs no GPU:
 #   1. the build (CUDA kernels for sm_90 included) and build_info();
 #   2. the sm_90 compile check of the Triton kernels (wgmma, spills, relaxed atomics);
-#   3. tests/test_triton_host_path.py: the Triton ops' GPU host path on fake CUDA tensors;
+#   3. tests/test_triton_host_path.py: the Triton ops' GPU host path on fake CUDA tensors, and
+#      tests/test_nn.py and test_factorcl_train.py on the CPU backends (torch.compile / export
+#      tracing and the trainer differ between torch versions: session 17 found one this way);
 #   4. (not with --quick) the Triton suites under the interpreter, with numpy < 2.3: triton 3.6's
 #      interpreter calls int() on one-element arrays, which numpy 2.4 refuses.
 # Session 14 found two torch 2.11 incompatibilities this way (benchmarks/README.md).
@@ -45,6 +47,8 @@ echo "=== sm_90 compile check of the Triton kernels"
 "$py" benchmarks/triton_compile_check.py --arch 90 --dtypes bf16 --layers 1 | tail -20
 echo "=== Triton GPU host path on fake CUDA tensors"
 "$py" -m pytest -q -p no:cacheprovider tests/test_triton_host_path.py
+echo "=== the modules under torch.compile / torch.export and the trainer, CPU backends"
+"$py" -m pytest -q -p no:cacheprovider tests/test_nn.py tests/test_factorcl_train.py
 if [ "$quick" = 0 ]; then
   echo "=== Triton suites under the interpreter"
   TRITON_INTERPRET=1 "$py" -m pytest -q -p no:cacheprovider tests/test_triton.py
