@@ -7,14 +7,28 @@ Triton interpreter run selects ``triton`` on CPU tensors, in its own process).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 import factorcl_ext
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a fresh module (the benchmarks are scripts, not a package),
+    registered in sys.modules as ``benchmark_<name>`` (dataclasses look their module up there)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _backends_under_test() -> list[str]:

@@ -3,27 +3,14 @@ the same gradients (float64, odd sizes), so a table's ratios compare equal work.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, load_benchmark
 
-
-def _load_cases():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cases.py"
-    spec = importlib.util.spec_from_file_location("benchmark_cases", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cases = _load_cases()
+cases = load_benchmark("cases")
 
 # (case, implementations, baseline); the torch.compile variants are left out (compile time)
 FAMILIES = {

@@ -6,16 +6,14 @@ benchmarks/cpu_vectorize_check.py does the compiling; about 20 s a run on 2 core
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
 import re
 import shutil
 import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 def _is_gcc() -> bool:
@@ -31,11 +29,7 @@ pytestmark = pytest.mark.skipif(not _is_gcc(), reason="needs GCC (its vectoriser
 
 @pytest.fixture(scope="module")
 def check():
-    spec = importlib.util.spec_from_file_location(
-        "cpu_vectorize_check", ROOT / "benchmarks" / "cpu_vectorize_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("cpu_vectorize_check")
 
 
 def test_every_simd_loop_vectorises_with_the_build_flags(check, capsys):

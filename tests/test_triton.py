@@ -20,7 +20,7 @@ import torch
 import factorcl_ext
 from factorcl_ext import _backends, reference
 
-from conftest import assert_rel_close, rel_error, temperature_floor
+from conftest import assert_rel_close, load_benchmark, rel_error, temperature_floor
 
 GPU = torch.cuda.is_available()
 INTERPRET = _backends.triton_interpreted()
@@ -864,19 +864,8 @@ def test_large_shapes_fp32():
 # --------------------------------------------------------------------------------------------
 
 
-def _load_benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _load_gpu_bench():
-    mod = _load_benchmark("gpu_bench")
+    mod = load_benchmark("gpu_bench")
     mod.DEVICE = str(DEVICE)
     return mod
 
@@ -884,7 +873,7 @@ def _load_gpu_bench():
 def test_backward_ablation_variants_run_and_the_atomic_slots_are_right(capsys):
     """benchmarks/triton_bwd_ablation.py edits the backward kernel's source: every variant still
     compiles and runs, and the shared-slot atomic weight gradient equals the op's (float64)."""
-    _load_benchmark("triton_bwd_ablation").main(["--check", "--slots", "2"])
+    load_benchmark("triton_bwd_ablation").main(["--check", "--slots", "2"])
     assert "check passed" in capsys.readouterr().out
 
 
@@ -902,7 +891,7 @@ def test_profile_kernels_puts_each_step_in_its_own_range(monkeypatch, capsys):
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda.profiler, "start", lambda: calls.append("start"))
     monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: calls.append("stop"))
-    _load_benchmark("profile_kernels").main(
+    load_benchmark("profile_kernels").main(
         ["--n", "5", "--sep-n", "7", "--hidden", "16", "--dim", "8", "--sep-dim", "8",
          "--dtype", "fp32", "--backends", "triton", "triton_dwslots"])
     out = capsys.readouterr().out

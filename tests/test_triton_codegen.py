@@ -15,7 +15,6 @@ fails here rather than on a rare GPU lease:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
@@ -23,7 +22,7 @@ import pytest
 
 from factorcl_ext import _backends
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 pytestmark = [
     pytest.mark.skipif(not _backends.has_triton(), reason="needs the triton package"),
@@ -39,11 +38,7 @@ def check():
     tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not os.access(tool, os.X_OK):
         pytest.skip("this triton package carries no cuobjdump")
-    spec = importlib.util.spec_from_file_location(
-        "triton_compile_check", ROOT / "benchmarks" / "triton_compile_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("triton_compile_check")
 
 
 def kernels(check):
@@ -123,10 +118,7 @@ def test_forward_only_concat_tiles_keep_the_tensor_cores_busy(check):
 def test_every_backward_ablation_variant_compiles_for_sm90(tmp_path):
     """benchmarks/triton_bwd_ablation.py's variants are edits of the kernels' source: each must
     still lower for Hopper, so that a GPU lease is not spent on one that does not."""
-    spec = importlib.util.spec_from_file_location(
-        "triton_bwd_ablation", ROOT / "benchmarks" / "triton_bwd_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("triton_bwd_ablation")
     lines = mod.compile_variants(tmp_path)
     assert len(lines) == sum(len(edits) for _, edits in mod.CRITICS.values())
     by_name = {line.split(":")[0]: line for line in lines}
