@@ -301,7 +301,14 @@ def _autocast_dot(G, H):
 
 
 def _wants_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Whether a loss op should form its input gradients. Under torch.vmap the batched tensors
+    hide ``requires_grad`` (PyTorch's batching fallback calls the op on the underlying slices,
+    which autograd then records), so there it is always yes."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in tensors):
+        return True
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,21 +388,65 @@ if _backends.has_cpu_kernels():
     _register_compiled_ops()
 
 
-def _core(name: str, backend: str, deterministic: bool):
-    """The core op ``name`` of a concrete (resolved) backend, called with the C++ op's arguments.
-    ``deterministic``: the Triton twin takes it as its last argument; the C++ kernels are
-    deterministic in every mode (no atomics; the CPU's reduction order is fixed for a thread
+def _has_tangent(args) -> bool:
+    """Whether a tensor among ``args`` (lists included) is a forward-mode AD dual tensor."""
+    from torch.autograd import forward_ad
+
+    for a in args:
+        for t in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+                return True
+    return False
+
+
+def _refuse_differentiating_transforms(name: str, backend: str, args) -> None:
+    """The compiled backends' autograd is a hand-written backward (reverse mode, through
+    ``torch.library.register_autograd``), which PyTorch runs for ``torch.autograd`` only. Forward-
+    mode AD (``torch.autograd.forward_ad`` dual tensors, ``torch.func.jvp`` / ``jacfwd``) would
+    pass a tangent straight through to the kernel and drop it: a silently zero derivative. The
+    torch.func reverse transforms (``grad``, ``vjp``, ``jacrev``) fail inside PyTorch with a
+    message about ``setup_context`` that names neither the op nor a way out. Both are refused
+    here, naming the op. ``torch.vmap`` alone is let through for the separable critic's ops:
+    PyTorch runs them once per batch entry (its batching fallback, with a performance warning),
+    which computes the right values; the concat critic's ops, whose tensor-list arguments that
+    fallback cannot take, are refused here rather than by PyTorch's "could not generate a
+    fallback". Under torch.compile tracing this is skipped (not a tensor computation)."""
+    if torch.compiler.is_compiling():
+        return
+    how = None
+    if torch._C._are_functorch_transforms_active():
+        vmap = torch._C._functorch.TransformType.Vmap
+        if any(i.key() != vmap for i in torch._C._functorch.get_interpreter_stack()):
+            how = "torch.func transforms other than vmap (grad, vjp, jvp, jacrev, jacfwd, hessian)"
+        elif name.startswith("pair_mlp"):
+            # PyTorch's batching fallback cannot take the hidden layers' tensor lists
+            how = "torch.vmap (loop over the batch entries instead)"
+    if how is None and torch.autograd.forward_ad._current_level >= 0 and _has_tangent(args):
+        how = "forward-mode AD (dual tensors of torch.autograd.forward_ad)"
+    if how is not None:
+        raise NotImplementedError(
+            f"factorcl_ext: {name} with backend='{backend}' does not support {how}: its "
+            "hand-written backward is reverse-mode only, for torch.autograd (.backward(), "
+            "torch.autograd.grad). Use torch.autograd, or backend='reference', which is made of "
+            "PyTorch ops and supports every transform"
+        )
+
+
+def _core(name: str, backend: str, deterministic: bool, args: tuple):
+    """The core op ``name`` of a concrete (resolved) backend, called with the C++ op's arguments
+    ``args``. ``deterministic``: the Triton twin takes it as its last argument; the C++ kernels
+    are deterministic in every mode (no atomics; the CPU's reduction order is fixed for a thread
     count), so they need no flag."""
+    _refuse_differentiating_transforms(name, backend, args)
     if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.factorcl, name)
+        return getattr(torch.ops.factorcl, name)(*args)
     if backend == "triton":
         from . import triton as triton_backend
 
         op = getattr(triton_backend, name)
         # its schemas (inferred from annotations) take plain ints: a symbolic offset is made
         # concrete here, as before the C++ schemas took SymInt
-        return lambda *args: op(*(int(a) if isinstance(a, torch.SymInt) else a for a in args),
-                                deterministic)
+        return op(*(int(a) if isinstance(a, torch.SymInt) else a for a in args), deterministic)
     raise AssertionError(backend)
 
 
@@ -443,10 +494,10 @@ def pair_mlp_stats(
                 A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                 pos_offset,
             ))
-    out = _core("pair_mlp_stats", backend, deterministic)(
+    out = _core("pair_mlp_stats", backend, deterministic, (
         A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, activation,
         out_activation, pos_offset,
-    )
+    ))
     return CriticStats(*out)
 
 
@@ -492,10 +543,10 @@ def pair_mlp_loss(
             )
         return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     compute_grad = _wants_grad(A, B, w_out, b_out, *hidden_weights, *hidden_biases)
-    out = _core("pair_mlp_loss", backend, deterministic)(
+    out = _core("pair_mlp_loss", backend, deterministic, (
         A, B, list(hidden_weights), list(hidden_biases), w_out, b_out, activation,
         out_activation, pos_offset, c_lse, c_pos, c_rowsum, compute_grad,
-    )
+    ))
     return out[0]
 
 
@@ -516,7 +567,7 @@ def pair_dot_stats(
     if backend == "reference":
         with _without_autocast(device):
             return CriticStats(*reference.pair_dot_stats(G, H, pos_offset, exclude_offset))
-    out = _core("pair_dot_stats", backend, deterministic)(G, H, pos_offset, exclude_offset)
+    out = _core("pair_dot_stats", backend, deterministic, (G, H, pos_offset, exclude_offset))
     return CriticStats(*out)
 
 
@@ -545,9 +596,9 @@ def pair_dot_loss(
             lse, pos, rowsum = reference.pair_dot_stats(G, H, pos_offset, exclude_offset)
         return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
     compute_grad = _wants_grad(G, H)
-    out = _core("pair_dot_loss", backend, deterministic)(
-        G, H, pos_offset, exclude_offset, c_lse, c_pos, c_rowsum, compute_grad
-    )
+    out = _core("pair_dot_loss", backend, deterministic, (
+        G, H, pos_offset, exclude_offset, c_lse, c_pos, c_rowsum, compute_grad,
+    ))
     return out[0]
 
 

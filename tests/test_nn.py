@@ -221,9 +221,9 @@ def test_modules_pass_deterministic_to_every_op(monkeypatch, flag):
     seen = []
     real = ops._core
 
-    def spy(name, backend, deterministic):
+    def spy(name, backend, deterministic, args):
         seen.append((name, deterministic))
-        return real(name, backend, deterministic)
+        return real(name, backend, deterministic, args)
 
     monkeypatch.setattr(ops, "_core", spy)
     backend = BACKENDS[0] if BACKENDS else "cpu"
@@ -533,6 +533,101 @@ def test_exported_modules_follow_the_batch_size(backend):
         for a, b in zip(torch.autograd.grad(got.sum(), params + [x, y]),
                         torch.autograd.grad(eager.sum(), list(model.parameters()) + [x, y])):
             assert_rel_close(a, b, 1e-12, f"exported grad, N = {n}", floor=1e-2)
+
+
+# ---- torch.func and forward-mode AD -------------------------------------------------------
+
+
+def _one_function_per_core_op(backend, device, seed):
+    """A scalar function of one input x [7, 5] per core op, through the drop-in modules; the
+    same weights for the same seed whatever the backend."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nce = InfoNCECritic(5, 4, 12, 1, "relu", backend=backend).to(device, F64)
+        general = FusedConcatCritic(4, 5, 12, 1, "tanh", "softplus", backend=backend)
+        general = general.to(device, F64)
+        sep = FusedSeparableCritic(0.5, normalize=True, backend=backend).to(device, F64)
+        y = torch.randn(7, 4, dtype=F64).to(device)
+        h = torch.randn(7, 5, dtype=F64).to(device)
+    return {
+        "pair_mlp_loss": lambda x: nce(x, y),
+        "pair_mlp_stats": lambda x: general(y, x).lse.mean(),
+        "pair_dot_stats": lambda x: sep(x, h).lse.mean(),
+        "pair_dot_loss": lambda x: sep.infonce_lower_bound(x, h),
+    }
+
+
+def _forward_ad(f, x, t):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+
+
+# transform -> (how to run it on f at x with tangent t, what it equals given g = df/dx at x)
+TRANSFORMS = {
+    "grad": (lambda f, x, t: torch.func.grad(f)(x), lambda g, t: g),
+    "vjp": (lambda f, x, t: torch.func.vjp(f, x)[1](torch.ones((), dtype=F64, device=x.device))[0],
+            lambda g, t: g),
+    "jacrev": (lambda f, x, t: torch.func.jacrev(f)(x), lambda g, t: g),
+    "jvp": (lambda f, x, t: torch.func.jvp(f, (x,), (t,))[1], lambda g, t: (g * t).sum()),
+    "jacfwd": (lambda f, x, t: torch.func.jacfwd(f)(x), lambda g, t: g),
+    "hessian": (lambda f, x, t: torch.func.hessian(f)(x).sum(0).sum(0), None),
+    "forward_ad": (_forward_ad, lambda g, t: (g * t).sum()),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_differentiating_transforms_are_refused_not_wrong(backend, transform):
+    """Forward-mode AD (torch.func.jvp / jacfwd, forward_ad dual tensors) reached the compiled
+    ops' kernels with the tangent dropped: a derivative of zeros, silently (seen: jvp returned a
+    zero tangent). The torch.func reverse transforms failed inside PyTorch with a message about
+    ``setup_context``. Now each names the op and the way out; ``backend="reference"`` gives the
+    derivative the compiled backend gives through torch.autograd."""
+    device = device_for(backend)
+    run, expected = TRANSFORMS[transform]
+    seed = int(torch.randint(2**31, ()))
+    x = torch.randn(7, 5, dtype=F64, device=device)
+    t = torch.randn_like(x)
+    fused = _one_function_per_core_op(backend, device, seed)
+    for op, f in fused.items():
+        with pytest.raises(NotImplementedError,
+                           match=f"{op} with backend='{backend}' does not support.*"
+                                 "backend='reference'"):
+            run(f, x, t)
+    for op, f in _one_function_per_core_op("reference", device, seed).items():
+        got = run(f, x, t)
+        assert torch.isfinite(got).all() and got.abs().sum() > 0, op
+        if expected is not None:  # against the fused backward, through torch.autograd
+            x_ = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad(fused[op](x_), x_)
+            assert_rel_close(got, expected(g, t), 1e-12, f"{transform} of {op}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_runs_the_separable_ops_per_batch_entry(backend):
+    """torch.vmap alone is let through for the separable critic's ops: PyTorch runs them once per
+    batch entry (its batching fallback), values and torch.autograd gradients as a loop over the
+    entries gives. The concat critic's ops, whose hidden-layer tensor lists the fallback cannot
+    take, are refused naming the op."""
+    device = device_for(backend)
+    seed = int(torch.randint(2**31, ()))
+    xs = torch.randn(3, 7, 5, dtype=F64, device=device, requires_grad=True)
+    scale = torch.tensor([1.0, -2.0, 0.5], dtype=F64, device=device)
+    fused = _one_function_per_core_op(backend, device, seed)
+    for op, f in _one_function_per_core_op("reference", device, seed).items():
+        if op.startswith("pair_mlp"):
+            with pytest.raises(NotImplementedError, match=f"{op} with backend='{backend}' does "
+                               "not support torch.vmap"):
+                torch.vmap(fused[op])(xs)
+            continue
+        got = torch.vmap(fused[op])(xs)
+        looped = torch.stack([f(x) for x in xs])
+        assert_rel_close(got, looped, 1e-12, f"vmap of {op}")
+        (g_got,) = torch.autograd.grad((got * scale).sum(), xs)
+        (g_loop,) = torch.autograd.grad((looped * scale).sum(), xs)
+        assert_rel_close(g_got, g_loop, 1e-12, f"gradient through vmap of {op}")
 
 
 # ---- under torch.autocast: bfloat16 features from an autocast encoder, float32 critic ---------
