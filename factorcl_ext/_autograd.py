@@ -47,7 +47,12 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
     - the loss ops formed their input gradients in the forward pass (``compute_grad=True``);
       backward scales them by the upstream gradient.
 
-    Every returned gradient goes through :func:`first_order_only`."""
+    Every returned gradient goes through :func:`first_order_only`. A stats op's gradients depend
+    on its upstream gradients through a hand-written kernel too, so those are among what
+    ``depends_on`` links: a derivative with respect to them (the double-backward trick of
+    ``torch.autograd.functional.jvp``) raises instead of coming back as zeros. A loss op's are
+    scaled by the upstream gradient after the guard, with a recorded product, so that derivative
+    is exact there."""
 
     def zeros_for_missing(grads, like):
         return [g if g is not None else torch.zeros_like(like) for g in grads]
@@ -55,12 +60,19 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
     def scaled(grads, by: Tensor):
         # grads: tensors and lists of tensors. One _foreach_mul per dtype rather than a product
         # per tensor, and no pytree: this runs once per backward, where host time counts.
+        # Under create_graph=True the product is recorded, so a derivative with respect to the
+        # upstream gradient is exact (torch.autograd.functional.jvp's double-backward trick);
+        # per tensor there, as _foreach_mul's derivative for a tensor scalar fails.
         flat = [t for g in grads for t in (g if isinstance(g, (list, tuple)) else (g,))]
-        out: list = [None] * len(flat)
-        for dtype in {t.dtype for t in flat}:
-            where = [i for i, t in enumerate(flat) if t.dtype == dtype]
-            for i, t in zip(where, torch._foreach_mul([flat[i] for i in where], by.to(dtype))):
-                out[i] = t
+        if torch.is_grad_enabled():
+            out = [t * by.to(t.dtype) for t in flat]
+        else:
+            out = [None] * len(flat)
+            for dtype in {t.dtype for t in flat}:
+                where = [i for i, t in enumerate(flat) if t.dtype == dtype]
+                products = torch._foreach_mul([flat[i] for i in where], by.to(dtype))
+                for i, t in zip(where, products):
+                    out[i] = t
         it = iter(out)
         return tuple([next(it) for _ in g] if isinstance(g, (list, tuple)) else next(it)
                      for g in grads)
@@ -85,7 +97,8 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
             list(rest[k:]), w_out, b_out, lse, *ctx.config,
         )
         grads = (dA, dB, list(dW), list(db), dw_out, db_out)
-        return (*first_order_only("pair_mlp_stats", grads, saved), *[None] * len(ctx.config))
+        read = (*saved, grad_lse, grad_pos, grad_rowsum)
+        return (*first_order_only("pair_mlp_stats", grads, read), *[None] * len(ctx.config))
 
     def mlp_loss_setup(ctx, inputs, output):
         ctx.num_layers = len(inputs[2])
@@ -99,8 +112,9 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         saved = ctx.saved_tensors
         dA, dB, dw_out, db_out, *rest = saved
         k = ctx.num_layers
-        grads = scaled((dA, dB, list(rest[:k]), list(rest[k:]), dw_out, db_out), grad_loss)
-        return (*first_order_only("pair_mlp_loss", grads, saved), *[None] * ctx.num_config)
+        grads = first_order_only("pair_mlp_loss",
+                                 (dA, dB, list(rest[:k]), list(rest[k:]), dw_out, db_out), saved)
+        return (*scaled(grads, grad_loss), *[None] * ctx.num_config)
 
     # -- separable critic -----------------------------------------------------------------
     def dot_stats_setup(ctx, inputs, output):
@@ -112,7 +126,8 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         G, H, lse = saved = ctx.saved_tensors
         dG, dH = dot_stats_backward(*zeros_for_missing((grad_lse, grad_pos, grad_rowsum), lse),
                                     G, H, lse, *ctx.config)
-        return (*first_order_only("pair_dot_stats", (dG, dH), saved), *[None] * len(ctx.config))
+        read = (*saved, grad_lse, grad_pos, grad_rowsum)
+        return (*first_order_only("pair_dot_stats", (dG, dH), read), *[None] * len(ctx.config))
 
     def dot_loss_setup(ctx, inputs, output):
         ctx.compute_grad = inputs[7]
@@ -122,8 +137,8 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
     def dot_loss_bwd(ctx, grad_loss, *_unused):
         check_compute_grad(ctx, "pair_dot_loss")
         saved = ctx.saved_tensors
-        grads = scaled(tuple(saved), grad_loss)
-        return (*first_order_only("pair_dot_loss", grads, saved), *[None] * ctx.num_config)
+        grads = first_order_only("pair_dot_loss", tuple(saved), saved)
+        return (*scaled(grads, grad_loss), *[None] * ctx.num_config)
 
     for op, backward, setup in (
         ("pair_mlp_stats", mlp_stats_bwd, mlp_stats_setup),

@@ -606,6 +606,30 @@ def test_differentiating_transforms_are_refused_not_wrong(backend, transform):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_functional_jvp_is_exact_or_refused(backend):
+    """torch.autograd.functional.jvp differentiates the gradient with respect to the upstream
+    gradient (create_graph=True, then a second backward). The fused ops cut that path, so it gave
+    zeros silently. Now the loss ops, whose gradient is the upstream gradient times what the
+    forward pass formed, give the exact jvp; the stats ops, whose backward kernel takes the
+    upstream gradients, raise the first-order error."""
+    from torch.autograd.functional import jvp
+
+    device = device_for(backend)
+    seed = int(torch.randint(2**31, ()))
+    x = torch.randn(7, 5, dtype=F64, device=device)
+    t = torch.randn_like(x)
+    fused = _one_function_per_core_op(backend, device, seed)
+    for op, f in _one_function_per_core_op("reference", device, seed).items():
+        if op.endswith("_stats"):
+            with pytest.raises(RuntimeError, match=f"{op} is first-order only"):
+                jvp(fused[op], x, t)
+            continue
+        expected = jvp(f, x, t)[1]
+        assert expected.abs() > 0
+        assert_rel_close(jvp(fused[op], x, t)[1], expected, 1e-12, f"jvp of {op}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vmap_runs_the_separable_ops_per_batch_entry(backend):
     """torch.vmap alone is let through for the separable critic's ops: PyTorch runs them once per
     batch entry (its batching fallback), values and torch.autograd gradients as a loop over the
