@@ -629,6 +629,28 @@ def test_autograd_functional_jvp_is_exact_or_refused(backend):
         assert_rel_close(jvp(fused[op], x, t)[1], expected, 1e-12, f"jvp of {op}")
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_checkpointing(backend, use_reentrant):
+    """Under torch.utils.checkpoint (the forward recomputed during backward; the loss ops form
+    their gradients in the forward pass, the stats ops save their inputs) every core op gives the
+    reference backend's values and input gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    device = device_for(backend)
+    seed = int(torch.randint(2**31, ()))
+    x = torch.randn(7, 5, dtype=F64, device=device)
+    fused = _one_function_per_core_op(backend, device, seed)
+    for op, f in _one_function_per_core_op("reference", device, seed).items():
+        x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = f(x_ref)
+        expected.backward()
+        got = checkpoint(fused[op], x_ours, use_reentrant=use_reentrant)
+        got.backward()
+        assert_rel_close(got, expected, 1e-12, f"checkpointed {op}")
+        assert_rel_close(x_ours.grad, x_ref.grad, 1e-12, f"checkpointed {op}: input gradient")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vmap_runs_the_separable_ops_per_batch_entry(backend):
     """torch.vmap alone is let through for the separable critic's ops: PyTorch runs them once per
