@@ -413,9 +413,9 @@ def test_deterministic_flag_reaches_every_critic_op(tmp_path, monkeypatch, flag)
     seen, torch_mode = [], []
     real_core, real_step = ops._core, T.main_step
 
-    def core(name, backend, deterministic):
+    def core(name, backend, deterministic, args):
         seen.append((name, deterministic))
-        return real_core(name, backend, deterministic)
+        return real_core(name, backend, deterministic, args)
 
     def step(*args, **kw):
         torch_mode.append(torch.are_deterministic_algorithms_enabled())
