@@ -62,9 +62,13 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         # per tensor, and no pytree: this runs once per backward, where host time counts.
         # Under create_graph=True the product is recorded, so a derivative with respect to the
         # upstream gradient is exact (torch.autograd.functional.jvp's double-backward trick);
-        # per tensor there, as _foreach_mul's derivative for a tensor scalar fails.
+        # per tensor there, as _foreach_mul's derivative for a tensor scalar fails, and under
+        # vmap (autograd.grad's is_grads_batched, jacobian(vectorize=True)), which has no
+        # batching rule for it.
         flat = [t for g in grads for t in (g if isinstance(g, (list, tuple)) else (g,))]
-        if torch.is_grad_enabled():
+        functorch = torch._C._functorch
+        if (torch.is_grad_enabled() or functorch.is_batchedtensor(by)
+                or functorch.is_legacy_batchedtensor(by)):
             out = [t * by.to(t.dtype) for t in flat]
         else:
             out = [None] * len(flat)

@@ -629,6 +629,31 @@ def test_autograd_functional_jvp_is_exact_or_refused(backend):
         assert_rel_close(jvp(fused[op], x, t)[1], expected, 1e-12, f"jvp of {op}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_gradients(backend):
+    """torch.autograd.grad(is_grads_batched=True) (and so jacobian(vectorize=True)) runs the
+    backward under vmap: the loss ops' scaling was a _foreach_mul, which has no batching rule
+    (it failed); the separable stats op's backward op runs per entry (PyTorch's fallback). Each
+    gives a loop's gradients; the concat stats op's backward op, whose tensor lists the fallback
+    cannot take, fails naming it."""
+    device = device_for(backend)
+    seed = int(torch.randint(2**31, ()))
+    x = torch.randn(7, 5, dtype=F64, device=device)
+    fused = _one_function_per_core_op(backend, device, seed)
+    for op, f in _one_function_per_core_op("reference", device, seed).items():
+        x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, ref = fused[op](x_ours), f(x_ref)
+        upstream = torch.randn(3, dtype=F64, device=device)
+        if op == "pair_mlp_stats":
+            with pytest.raises(RuntimeError, match="pair_mlp_stats_backward"):
+                torch.autograd.grad(ours, x_ours, upstream, is_grads_batched=True)
+            continue
+        (got,) = torch.autograd.grad(ours, x_ours, upstream, is_grads_batched=True)
+        for i in range(3):
+            (expected,) = torch.autograd.grad(ref, x_ref, upstream[i], retain_graph=True)
+            assert_rel_close(got[i], expected, 1e-12, f"batched gradient {i} of {op}")
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_activation_checkpointing(backend, use_reentrant):
