@@ -413,22 +413,24 @@ def _refuse_differentiating_transforms(name: str, backend: str, args) -> None:
     fallback". Under torch.compile tracing this is skipped (not a tensor computation)."""
     if torch.compiler.is_compiling():
         return
-    how = None
+    reverse_only = ("its hand-written backward is reverse-mode only, for torch.autograd "
+                    "(.backward(), torch.autograd.grad). Use torch.autograd")
+    how = why = None
     if torch._C._are_functorch_transforms_active():
         vmap = torch._C._functorch.TransformType.Vmap
         if any(i.key() != vmap for i in torch._C._functorch.get_interpreter_stack()):
             how = "torch.func transforms other than vmap (grad, vjp, jvp, jacrev, jacfwd, hessian)"
+            why = reverse_only
         elif name.startswith("pair_mlp"):
-            # PyTorch's batching fallback cannot take the hidden layers' tensor lists
-            how = "torch.vmap (loop over the batch entries instead)"
+            how = "torch.vmap"
+            why = ("PyTorch's batching fallback cannot take its hidden layers' tensor lists. Loop "
+                   "over the batch entries")
     if how is None and torch.autograd.forward_ad._current_level >= 0 and _has_tangent(args):
-        how = "forward-mode AD (dual tensors of torch.autograd.forward_ad)"
+        how, why = "forward-mode AD (dual tensors of torch.autograd.forward_ad)", reverse_only
     if how is not None:
         raise NotImplementedError(
-            f"factorcl_ext: {name} with backend='{backend}' does not support {how}: its "
-            "hand-written backward is reverse-mode only, for torch.autograd (.backward(), "
-            "torch.autograd.grad). Use torch.autograd, or backend='reference', which is made of "
-            "PyTorch ops and supports every transform"
+            f"factorcl_ext: {name} with backend='{backend}' does not support {how}: {why}, or "
+            "backend='reference', which is made of PyTorch ops and supports every transform"
         )
 
 
