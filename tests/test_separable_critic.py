@@ -386,7 +386,9 @@ def test_large_column_count_sums_stay_accurate(backend, device):
     sums were one vector accumulator per row, sequential over M / 8 additions per lane, and its
     rowsum drifted to 2.6e-6 at M = 1e6 and 1.3e-5 at 16e6 (DESIGN.md's float32 bound: 1e-5;
     torch's cascade sum: 2e-8); they are now blocked in two levels (at most 6.7e-7 here over ten
-    seeds). Bar: 2e-6, or twice the materialising reference's float32 error if that is larger."""
+    seeds). Bar: 2e-6 on the CPU, DESIGN.md's float32 1e-5 on GPU backends (whose running sums
+    over column tiles are not measured at this size yet), or twice the materialising reference's
+    float32 error if that is larger."""
     n, m = 3, 2**23
     g = torch.randn(n, 2, dtype=torch.float64, device=device) * 0.5 + 0.3
     h = torch.randn(m, 2, dtype=torch.float64, device=device) * 0.5 + 0.3
@@ -394,7 +396,7 @@ def test_large_column_count_sums_stay_accurate(backend, device):
     ours = factorcl_ext.pair_dot_stats(g.float(), h.float(), backend=backend)
     theirs = reference.pair_dot_stats(g.float(), h.float(), 0, None)
     for name, a, b, e in zip(("lse", "pos", "rowsum"), ours, theirs, exact):
-        bar = max(2e-6, 2 * rel_error(b.double(), e))
+        bar = max(2e-6 if backend == "cpu" else F32_TOL, 2 * rel_error(b.double(), e))
         assert_rel_close(a.double(), e, bar, f"{name}, M = {m}")
 
 
