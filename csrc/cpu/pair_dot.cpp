@@ -115,6 +115,7 @@ void for_each_strip(const Plan& plan, const at::TensorOptions& opts, Fn&& fn) {
 #define FACTORCL_ROW_KERNEL
 #endif
 #define FACTORCL_INLINE __attribute__((always_inline)) inline
+#define FACTORCL_INLINE_LAMBDA __attribute__((always_inline))
 // Vectors only cross always-inlined calls, so the ABI of passing them (what -Wpsabi warns about in
 // the baseline clone) never matters.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -220,25 +221,36 @@ FACTORCL_INLINE typename Vec<T>::V exp_vector(typename Vec<T>::V x) {
 // 1e-5; torch's cascade sum, 2e-8). Same order every run.
 constexpr int64_t kSumBlock = 4096;  // elements; a multiple of every Vec<T>::lanes
 
+// The vector sum of term(j) over the full vectors of [0, n), j = 0, L, 2L, ..., in those two
+// levels; leaves j at the scalar tail.
+template <typename T, typename Term>
+FACTORCL_INLINE typename Vec<T>::V blocked_vector_sum(int64_t n, int64_t& j, Term&& term) {
+  using V = typename Vec<T>::V;
+  constexpr int L = Vec<T>::lanes;
+  static_assert(kSumBlock % L == 0);
+  const int64_t full = n - n % L;
+  V vt = V{};
+  while (j < full) {
+    const int64_t stop = std::min(full, j + kSumBlock);
+    V vs = V{};
+    for (; j < stop; j += L) vs += term(j);
+    vt += vs;
+  }
+  return vt;
+}
+
 template <typename T>
 FACTORCL_INLINE void seg_max_sum_impl(const T* x, int64_t n, T& mx, T& sum) {
   using V = typename Vec<T>::V;
   constexpr int L = Vec<T>::lanes;
-  static_assert(kSumBlock % L == 0);
   // NaN is skipped by the maximum (the compare is false) but reaches the sum of exponentials.
-  V vm = V{} + mx, vt = V{};
-  const int64_t full = n - n % L;
+  V vm = V{} + mx;
   int64_t j = 0;
-  while (j < full) {
-    const int64_t stop = std::min(full, j + kSumBlock);
-    V vs = V{};
-    for (; j < stop; j += L) {
-      const V v = load<V>(x + j);
-      vm = v > vm ? v : vm;
-      vs += v;
-    }
-    vt += vs;
-  }
+  const V vt = blocked_vector_sum<T>(n, j, [&](int64_t k) FACTORCL_INLINE_LAMBDA {
+    const V v = load<V>(x + k);
+    vm = v > vm ? v : vm;
+    return v;
+  });
   T m = vm[0];
   for (int l = 1; l < L; ++l) m = vm[l] > m ? vm[l] : m;
   T s = lane_sum<T>(vt);
@@ -253,21 +265,13 @@ FACTORCL_INLINE void seg_max_sum_impl(const T* x, int64_t n, T& mx, T& sum) {
 template <typename T, bool kStore>
 FACTORCL_INLINE T seg_exp_sum_impl(T* x, int64_t n, T shift) {
   using V = typename Vec<T>::V;
-  constexpr int L = Vec<T>::lanes;
   const V vshift = V{} + shift;
-  V vt = V{};
-  const int64_t full = n - n % L;
   int64_t j = 0;
-  while (j < full) {
-    const int64_t stop = std::min(full, j + kSumBlock);
-    V vs = V{};
-    for (; j < stop; j += L) {
-      const V e = exp_vector<T>(load<V>(x + j) - vshift);
-      if constexpr (kStore) store(x + j, e);
-      vs += e;
-    }
-    vt += vs;
-  }
+  const V vt = blocked_vector_sum<T>(n, j, [&](int64_t k) FACTORCL_INLINE_LAMBDA {
+    const V e = exp_vector<T>(load<V>(x + k) - vshift);
+    if constexpr (kStore) store(x + k, e);
+    return e;
+  });
   T s = lane_sum<T>(vt);
   for (; j < n; ++j) {
     const T e = exp_scalar<T>(x[j] - shift);
