@@ -390,11 +390,10 @@ if _backends.has_cpu_kernels():
 
 def _has_tangent(args) -> bool:
     """Whether a tensor among ``args`` (lists included) is a forward-mode AD dual tensor."""
-    from torch.autograd import forward_ad
-
+    unpack_dual = torch.autograd.forward_ad.unpack_dual
     for a in args:
         for t in a if isinstance(a, (list, tuple)) else (a,):
-            if isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            if isinstance(t, Tensor) and unpack_dual(t).tangent is not None:
                 return True
     return False
 

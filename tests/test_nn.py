@@ -557,6 +557,16 @@ def _one_function_per_core_op(backend, device, seed):
     }
 
 
+def _fused_and_reference(backend):
+    """The device of ``backend`` and, per core op, (op, its function on ``backend``, the same
+    function with the same weights on the reference backend)."""
+    device = device_for(backend)
+    seed = int(torch.randint(2**31, ()))
+    fused = _one_function_per_core_op(backend, device, seed)
+    ref = _one_function_per_core_op("reference", device, seed)
+    return device, [(op, fused[op], ref[op]) for op in fused]
+
+
 def _forward_ad(f, x, t):
     import torch.autograd.forward_ad as fwAD
 
@@ -585,23 +595,20 @@ def test_differentiating_transforms_are_refused_not_wrong(backend, transform):
     zero tangent). The torch.func reverse transforms failed inside PyTorch with a message about
     ``setup_context``. Now each names the op and the way out; ``backend="reference"`` gives the
     derivative the compiled backend gives through torch.autograd."""
-    device = device_for(backend)
     run, expected = TRANSFORMS[transform]
-    seed = int(torch.randint(2**31, ()))
+    device, functions = _fused_and_reference(backend)
     x = torch.randn(7, 5, dtype=F64, device=device)
     t = torch.randn_like(x)
-    fused = _one_function_per_core_op(backend, device, seed)
-    for op, f in fused.items():
+    for op, ours, ref in functions:
         with pytest.raises(NotImplementedError,
                            match=f"{op} with backend='{backend}' does not support.*"
                                  "backend='reference'"):
-            run(f, x, t)
-    for op, f in _one_function_per_core_op("reference", device, seed).items():
-        got = run(f, x, t)
+            run(ours, x, t)
+        got = run(ref, x, t)
         assert torch.isfinite(got).all() and got.abs().sum() > 0, op
         if expected is not None:  # against the fused backward, through torch.autograd
             x_ = x.clone().requires_grad_()
-            (g,) = torch.autograd.grad(fused[op](x_), x_)
+            (g,) = torch.autograd.grad(ours(x_), x_)
             assert_rel_close(got, expected(g, t), 1e-12, f"{transform} of {op}")
 
 
@@ -614,19 +621,17 @@ def test_autograd_functional_jvp_is_exact_or_refused(backend):
     upstream gradients, raise the first-order error."""
     from torch.autograd.functional import jvp
 
-    device = device_for(backend)
-    seed = int(torch.randint(2**31, ()))
+    device, functions = _fused_and_reference(backend)
     x = torch.randn(7, 5, dtype=F64, device=device)
     t = torch.randn_like(x)
-    fused = _one_function_per_core_op(backend, device, seed)
-    for op, f in _one_function_per_core_op("reference", device, seed).items():
+    for op, ours, ref in functions:
         if op.endswith("_stats"):
             with pytest.raises(RuntimeError, match=f"{op} is first-order only"):
-                jvp(fused[op], x, t)
+                jvp(ours, x, t)
             continue
-        expected = jvp(f, x, t)[1]
+        expected = jvp(ref, x, t)[1]
         assert expected.abs() > 0
-        assert_rel_close(jvp(fused[op], x, t)[1], expected, 1e-12, f"jvp of {op}")
+        assert_rel_close(jvp(ours, x, t)[1], expected, 1e-12, f"jvp of {op}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -636,13 +641,11 @@ def test_batched_gradients(backend):
     (it failed); the separable stats op's backward op runs per entry (PyTorch's fallback). Each
     gives a loop's gradients; the concat stats op's backward op, whose tensor lists the fallback
     cannot take, fails naming it."""
-    device = device_for(backend)
-    seed = int(torch.randint(2**31, ()))
+    device, functions = _fused_and_reference(backend)
     x = torch.randn(7, 5, dtype=F64, device=device)
-    fused = _one_function_per_core_op(backend, device, seed)
-    for op, f in _one_function_per_core_op("reference", device, seed).items():
+    for op, f_ours, f_ref in functions:
         x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ours, ref = fused[op](x_ours), f(x_ref)
+        ours, ref = f_ours(x_ours), f_ref(x_ref)
         upstream = torch.randn(3, dtype=F64, device=device)
         if op == "pair_mlp_stats":
             with pytest.raises(RuntimeError, match="pair_mlp_stats_backward"):
@@ -662,15 +665,13 @@ def test_activation_checkpointing(backend, use_reentrant):
     reference backend's values and input gradients."""
     from torch.utils.checkpoint import checkpoint
 
-    device = device_for(backend)
-    seed = int(torch.randint(2**31, ()))
+    device, functions = _fused_and_reference(backend)
     x = torch.randn(7, 5, dtype=F64, device=device)
-    fused = _one_function_per_core_op(backend, device, seed)
-    for op, f in _one_function_per_core_op("reference", device, seed).items():
+    for op, ours, ref in functions:
         x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-        expected = f(x_ref)
+        expected = ref(x_ref)
         expected.backward()
-        got = checkpoint(fused[op], x_ours, use_reentrant=use_reentrant)
+        got = checkpoint(ours, x_ours, use_reentrant=use_reentrant)
         got.backward()
         assert_rel_close(got, expected, 1e-12, f"checkpointed {op}")
         assert_rel_close(x_ours.grad, x_ref.grad, 1e-12, f"checkpointed {op}: input gradient")
@@ -682,19 +683,17 @@ def test_vmap_runs_the_separable_ops_per_batch_entry(backend):
     batch entry (its batching fallback), values and torch.autograd gradients as a loop over the
     entries gives. The concat critic's ops, whose hidden-layer tensor lists the fallback cannot
     take, are refused naming the op."""
-    device = device_for(backend)
-    seed = int(torch.randint(2**31, ()))
+    device, functions = _fused_and_reference(backend)
     xs = torch.randn(3, 7, 5, dtype=F64, device=device, requires_grad=True)
     scale = torch.tensor([1.0, -2.0, 0.5], dtype=F64, device=device)
-    fused = _one_function_per_core_op(backend, device, seed)
-    for op, f in _one_function_per_core_op("reference", device, seed).items():
+    for op, ours, ref in functions:
         if op.startswith("pair_mlp"):
             with pytest.raises(NotImplementedError, match=f"{op} with backend='{backend}' does "
                                "not support torch.vmap"):
-                torch.vmap(fused[op])(xs)
+                torch.vmap(ours)(xs)
             continue
-        got = torch.vmap(fused[op])(xs)
-        looped = torch.stack([f(x) for x in xs])
+        got = torch.vmap(ours)(xs)
+        looped = torch.stack([ref(x) for x in xs])
         assert_rel_close(got, looped, 1e-12, f"vmap of {op}")
         (g_got,) = torch.autograd.grad((got * scale).sum(), xs)
         (g_loop,) = torch.autograd.grad((looped * scale).sum(), xs)
