@@ -8,6 +8,7 @@ Triton interpreter run selects ``triton`` on CPU tensors, in its own process).
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import random
 import sys
@@ -111,6 +112,18 @@ def signed_sum_floor(*terms) -> float:
     the worst was 2.8e-11, and 8.9e-16 with this floor."""
     return sum(t.detach().double().abs().sum().item() if torch.is_tensor(t) else abs(float(t))
                for t in terms)
+
+
+def infonce_floor(lse, pos, m) -> float:
+    """signed_sum_floor of I_NCE = mean(pos) - mean(lse) + log m, from its statistics."""
+    n = pos.numel()
+    return signed_sum_floor(pos.detach().double() / n, lse.detach().double() / n, math.log(m))
+
+
+def club_floor(pos, rowsum, m) -> float:
+    """signed_sum_floor of I_CLUB = mean(pos) - sum(rowsum) / (n m), from its statistics."""
+    n = pos.numel()
+    return signed_sum_floor(pos.detach().double() / n, rowsum.detach().double() / (n * m))
 
 
 def loss_floor(coefs, stats) -> float:

@@ -13,7 +13,7 @@ import torch
 import factorcl_ext as fe
 from factorcl_ext import reference as ref
 
-from conftest import assert_rel_close, rel_error
+from conftest import assert_rel_close, club_floor, infonce_floor, loss_floor, rel_error
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 BUDGET_ENV = "FACTORCL_EXT_CPU_BUFFER_BYTES"  # CPU kernel's per-thread buffer budget (bytes)
@@ -94,16 +94,18 @@ def grads_of(obj, p):
     return torch.autograd.grad(obj, leaves(p))
 
 
-def assert_all_close(actual, expected, tol, names, same_dtype_ref=None):
+def assert_all_close(actual, expected, tol, names, same_dtype_ref=None, floors=()):
     """Relative error <= tol per tensor. With ``same_dtype_ref`` (the reference run in the
     kernel's dtype, float32) a tensor may also pass at twice that reference's own error: a
     float32 result that is small by cancellation (a bias gradient summing terms of both signs)
-    cannot be more accurate than float32 arithmetic allows (DESIGN.md section 6)."""
+    cannot be more accurate than float32 arithmetic allows (DESIGN.md section 6). ``floors``
+    are the first tensors' denominator floors (a loss's, say); the others have none."""
     assert len(actual) == len(expected)
     refs = same_dtype_ref if same_dtype_ref is not None else [None] * len(actual)
-    for a, e, r, name in zip(actual, expected, refs, names):
+    floors = list(floors) + [0.0] * (len(actual) - len(floors))
+    for a, e, r, name, floor in zip(actual, expected, refs, names, floors):
         t = tol if r is None else max(tol, 2 * rel_error(r, e))
-        assert_rel_close(a, e, t, name)
+        assert_rel_close(a, e, t, name, floor)
 
 
 def stats_objective(stats, g):
@@ -141,6 +143,12 @@ def ref_stats(p, activation, out_activation, pos_offset):
 def ref_loss(p, activation, out_activation, pos_offset, c_lse, c_pos, c_rowsum):
     lse, pos, rowsum = ref_stats(p, activation, out_activation, pos_offset)
     return (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
+
+
+def ref_loss_floor(p, activation, out_activation, pos_offset, c_lse, c_pos, c_rowsum):
+    """The size of ref_loss's terms (conftest.loss_floor): its coefficients have either sign."""
+    return loss_floor((c_lse, c_pos, c_rowsum), ref_stats(p, activation, out_activation,
+                                                          pos_offset))
 
 
 def check_stats_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device):
@@ -183,7 +191,8 @@ def check_loss_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, ba
         loss32 = ref_loss(r32, act, out_act, pos_offset, **c)
         same = [loss32, *grads_of(loss32, r32)]
     assert_all_close([got, *grads_of(got, p)], [exp, *grads_of(exp, r)], TOL[dtype],
-                     ["loss", *leaf_names(p)], same)
+                     ["loss", *leaf_names(p)], same,
+                     [ref_loss_floor(r, act, out_act, pos_offset, **c)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +289,7 @@ def check_loss_against_reference_p(base, act, out_act, pos_offset, backend, devi
     got = fe.pair_mlp_loss(**p, backend=backend, activation=act, out_activation=out_act,
                            pos_offset=pos_offset, **c)
     exp = ref_loss(r, act, out_act, pos_offset, **c)
-    assert_rel_close(got, exp, 1e-10, "loss")
+    assert_rel_close(got, exp, 1e-10, "loss", ref_loss_floor(r, act, out_act, pos_offset, **c))
     assert_all_close(grads_of(got, p), grads_of(exp, r), 1e-10, leaf_names(p))
 
 
@@ -328,8 +337,9 @@ def test_concat_critic_public_small(L, act, out_act, pos_offset, dtype, backend,
     got = fe.concat_critic_loss(**p, backend=backend, **kw, **c)
     got_all = [got, *grads_of(got, p)]
     assert got_all[1 + names.index("b_out")].shape == (1,)
+    floor = loss_floor(c.values(), ref.concat_critic_stats(**r, **kw))
     assert_all_close(got_all, ref_loss_run(r), tol, ["loss", *names],
-                     ref_loss_run(r32) if r32 is not None else None)
+                     ref_loss_run(r32) if r32 is not None else None, [floor])
 
 
 def test_infonce_and_club_bounds_from_fused_loss(backend, device):
@@ -342,9 +352,11 @@ def test_infonce_and_club_bounds_from_fused_loss(backend, device):
     r = cast(base, torch.float64, "cpu")
     lse, pos, rowsum = ref.concat_critic_stats(**r)
     nce = fe.concat_critic_loss(**p, c_lse=1 / N, c_pos=-1 / N, backend=backend) - math.log(M)
-    assert_rel_close(nce, -fe.infonce_lower_bound(lse, pos, M), 1e-10, "-I_NCE")
+    assert_rel_close(nce, -fe.infonce_lower_bound(lse, pos, M), 1e-10, "-I_NCE",
+                     infonce_floor(lse, pos, M))
     club = fe.concat_critic_loss(**p, c_pos=1 / N, c_rowsum=-1 / (N * M), backend=backend)
-    assert_rel_close(club, fe.nce_club_upper_bound(pos, rowsum, M), 1e-10, "I_CLUB")
+    assert_rel_close(club, fe.nce_club_upper_bound(pos, rowsum, M), 1e-10, "I_CLUB",
+                     club_floor(pos, rowsum, M))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +387,8 @@ def test_loss_matches_stats_op(loss_first, L, pos_offset, backend, device):
         a, b = via_loss(), via_stats()
     else:
         b, a = via_stats(), via_loss()
-    assert_rel_close(a[0], b[0], 1e-12, "loss")
+    floor = ref_loss_floor(cast(base, torch.float64, "cpu"), "tanh", "softplus", pos_offset, **c)
+    assert_rel_close(a[0], b[0], 1e-12, "loss", floor)
     assert_all_close(a[1], b[1], 1e-12, leaf_names(base))
 
 
@@ -384,8 +397,9 @@ def test_loss_without_grad_mode(backend, device):
     c = coefficients(2)
     with torch.no_grad():
         got = fe.pair_mlp_loss(**p, pos_offset=2, backend=backend, **c)
-    exp = ref_loss(cast(p, torch.float64, "cpu"), "relu", "none", 2, **c)
-    assert_rel_close(got, exp, 1e-10, "loss")
+    r = cast(p, torch.float64, "cpu")
+    exp = ref_loss(r, "relu", "none", 2, **c)
+    assert_rel_close(got, exp, 1e-10, "loss", ref_loss_floor(r, "relu", "none", 2, **c))
 
 
 @pytest.mark.parametrize("L", [0, 1, 2])
@@ -545,7 +559,7 @@ def test_non_contiguous_inputs(backend, device):
     r = cast(base, torch.float64, "cpu", requires_grad=True)
     got = fe.pair_mlp_loss(**v, backend=backend, **kw, **c)
     ex = ref_loss(r, "relu", "softplus", 4, **c)
-    assert_rel_close(got, ex, 1e-10, "loss")
+    assert_rel_close(got, ex, 1e-10, "loss", ref_loss_floor(r, "relu", "softplus", 4, **c))
     assert_all_close(grads_of(got, v), grads_of(ex, r), 1e-10, leaf_names(base))
 
 
