@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import _backends, reference
 from ._autograd import register_core_autograd
+from ._vmap import register_core_vmap
 
 __all__ = [
     "CriticStats",
@@ -382,6 +383,7 @@ def _register_compiled_ops() -> None:
         torch.ops.factorcl.pair_mlp_stats_backward,
         torch.ops.factorcl.pair_dot_stats_backward,
     )
+    register_core_vmap("factorcl::")
 
 
 if _backends.has_cpu_kernels():
@@ -405,11 +407,8 @@ def _refuse_differentiating_transforms(name: str, backend: str, args) -> None:
     pass a tangent straight through to the kernel and drop it: a silently zero derivative. The
     torch.func reverse transforms (``grad``, ``vjp``, ``jacrev``) fail inside PyTorch with a
     message about ``setup_context`` that names neither the op nor a way out. Both are refused
-    here, naming the op. ``torch.vmap`` alone is let through for the separable critic's ops:
-    PyTorch runs them once per batch entry (its batching fallback, with a performance warning),
-    which computes the right values; the concat critic's ops, whose tensor-list arguments that
-    fallback cannot take, are refused here rather than by PyTorch's "could not generate a
-    fallback". Under torch.compile tracing this is skipped (not a tensor computation)."""
+    here, naming the op. ``torch.vmap`` alone is let through: the ops run once per batch entry
+    (``_vmap``). Under torch.compile tracing this is skipped (not a tensor computation)."""
     if torch.compiler.is_compiling():
         return
     reverse_only = ("its hand-written backward is reverse-mode only, for torch.autograd "
@@ -420,10 +419,6 @@ def _refuse_differentiating_transforms(name: str, backend: str, args) -> None:
         if any(i.key() != vmap for i in torch._C._functorch.get_interpreter_stack()):
             how = "torch.func transforms other than vmap (grad, vjp, jvp, jacrev, jacfwd, hessian)"
             why = reverse_only
-        elif name.startswith("pair_mlp"):
-            how = "torch.vmap"
-            why = ("PyTorch's batching fallback cannot take its hidden layers' tensor lists. Loop "
-                   "over the batch entries")
     if how is None and torch.autograd.forward_ad._current_level >= 0 and _has_tangent(args):
         how, why = "forward-mode AD (dual tensors of torch.autograd.forward_ad)", reverse_only
     if how is not None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import factorcl_ext
 from factorcl_ext.nn import (
@@ -667,24 +668,30 @@ def test_autograd_functional_jvp_is_exact_or_refused(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_gradients(backend):
     """torch.autograd.grad(is_grads_batched=True) (and so jacobian(vectorize=True)) runs the
-    backward under vmap: the loss ops' scaling was a _foreach_mul, which has no batching rule
-    (it failed); the separable stats op's backward op runs per entry (PyTorch's fallback). Each
-    gives a loop's gradients; the concat stats op's backward op, whose tensor lists the fallback
-    cannot take, fails naming it."""
+    backward under PyTorch's legacy vmap: the loss ops' scaling was a _foreach_mul, which has no
+    batching rule (it failed); the separable stats op's backward op runs per entry (the legacy
+    batching fallback). Each gives a loop's gradients; the concat stats op's backward op, whose
+    tensor lists that fallback cannot take (nor can a Python rule: torch.library's vmap rules are
+    for torch.vmap), fails naming it. torch.vmap over the upstream gradient works for every op."""
     device, functions = _fused_and_reference(backend)
     x = torch.randn(7, 5, dtype=F64, device=device)
     for op, f_ours, f_ref in functions:
         x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
         ours, ref = f_ours(x_ours), f_ref(x_ref)
         upstream = torch.randn(3, dtype=F64, device=device)
+        expected = [torch.autograd.grad(ref, x_ref, u, retain_graph=True)[0] for u in upstream]
+        # torch.vmap over the upstream gradient runs the backward ops under _vmap's rule
+        got = torch.vmap(lambda u: torch.autograd.grad(ours, x_ours, u, retain_graph=True)[0])(
+            upstream)
+        for i in range(3):
+            assert_rel_close(got[i], expected[i], 1e-12, f"vmapped gradient {i} of {op}")
         if op == "pair_mlp_stats":
             with pytest.raises(RuntimeError, match="pair_mlp_stats_backward"):
                 torch.autograd.grad(ours, x_ours, upstream, is_grads_batched=True)
             continue
         (got,) = torch.autograd.grad(ours, x_ours, upstream, is_grads_batched=True)
         for i in range(3):
-            (expected,) = torch.autograd.grad(ref, x_ref, upstream[i], retain_graph=True)
-            assert_rel_close(got[i], expected, 1e-12, f"batched gradient {i} of {op}")
+            assert_rel_close(got[i], expected[i], 1e-12, f"batched gradient {i} of {op}")
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -707,27 +714,85 @@ def test_activation_checkpointing(backend, use_reentrant):
         assert_rel_close(x_ours.grad, x_ref.grad, 1e-12, f"checkpointed {op}: input gradient")
 
 
+@pytest.mark.parametrize("in_dim", [0, 1])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_runs_the_separable_ops_per_batch_entry(backend):
-    """torch.vmap alone is let through for the separable critic's ops: PyTorch runs them once per
-    batch entry (its batching fallback), values and torch.autograd gradients as a loop over the
-    entries gives. The concat critic's ops, whose hidden-layer tensor lists the fallback cannot
-    take, are refused naming the op."""
+def test_vmap_runs_the_ops_per_batch_entry(backend, in_dim):
+    """torch.vmap runs every core op once per batch entry (factorcl_ext._vmap): values and
+    torch.autograd gradients as a loop over the entries gives, the batch dimension first or not.
+    The concat critic's ops were refused (PyTorch's batching fallback cannot take their hidden
+    layers' tensor lists)."""
     device, functions = _fused_and_reference(backend)
     xs = torch.randn(3, 7, 5, dtype=F64, device=device, requires_grad=True)
     scale = torch.tensor([1.0, -2.0, 0.5], dtype=F64, device=device)
     for op, ours, ref in functions:
-        if op.startswith("pair_mlp"):
-            with pytest.raises(NotImplementedError, match=f"{op} with backend='{backend}' does "
-                               "not support torch.vmap"):
-                torch.vmap(ours)(xs)
-            continue
-        got = torch.vmap(ours)(xs)
+        got = torch.vmap(ours, in_dims=in_dim)(xs.movedim(0, in_dim))
         looped = torch.stack([ref(x) for x in xs])
         assert_rel_close(got, looped, 1e-12, f"vmap of {op}", VALUE_FLOOR)
         (g_got,) = torch.autograd.grad((got * scale).sum(), xs)
         (g_loop,) = torch.autograd.grad((looped * scale).sum(), xs)
         assert_rel_close(g_got, g_loop, 1e-12, f"gradient through vmap of {op}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_an_empty_batch(backend):
+    """A batch of 0 entries gives the reference backend's empty outputs and gradients (the rule
+    had no entry to take the outputs' shapes from: an IndexError). The public functions, not the
+    modules: PyTorch's own vmap of a 0-dim tensor minus a number fails on an empty batch."""
+    device = device_for(backend)
+    w = [torch.randn(12, 5, dtype=F64, device=device), torch.randn(12, 4, dtype=F64, device=device),
+         torch.randn(12, dtype=F64, device=device), [torch.randn(12, 12, dtype=F64, device=device)],
+         [torch.randn(12, dtype=F64, device=device)], torch.randn(12, dtype=F64, device=device),
+         torch.randn((), dtype=F64, device=device)]
+    v, h = torch.randn(9, 4, dtype=F64, device=device), torch.randn(9, 5, dtype=F64, device=device)
+    calls = {
+        "concat_critic_stats": lambda u, b: factorcl_ext.concat_critic_stats(u, v, *w, backend=b),
+        "concat_critic_loss": lambda u, b: factorcl_ext.concat_critic_loss(
+            u, v, *w, c_lse=0.5, c_pos=-1.0, backend=b),
+        "separable_critic_stats": lambda g, b: factorcl_ext.separable_critic_stats(g, h,
+                                                                                   backend=b),
+        "separable_critic_loss": lambda g, b: factorcl_ext.separable_critic_loss(
+            g, h, c_lse=0.5, c_pos=-1.0, backend=b),
+    }
+    for name, call in calls.items():
+        xs = torch.randn(0, 7, 5, dtype=F64, device=device, requires_grad=True)
+        got = tree_leaves(torch.vmap(lambda x: call(x, backend))(xs))
+        expected = tree_leaves(torch.vmap(lambda x: call(x, "reference"))(xs))
+        assert [t.shape for t in got] == [t.shape for t in expected], name
+        (grad,) = torch.autograd.grad(sum(t.sum() for t in got), xs)
+        assert grad.shape == xs.shape, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_vmap_over_inputs_and_weights(backend):
+    """vmap inside vmap, over the input of one and the weights of the other (the rule's loop
+    selects each batched argument, hidden-layer lists entry by entry)."""
+    device = device_for(backend)
+    seed = int(torch.randint(2**31, ()))
+    critics = {}
+    for b in (backend, "reference"):
+        torch.manual_seed(seed)
+        critics[b] = FusedConcatCritic(4, 5, 12, 2, "relu", backend=b).to(device, F64)
+    xs = torch.randn(2, 3, 6, 5, dtype=F64, device=device)
+    ys = torch.randn(3, 6, 4, dtype=F64, device=device)
+    critic = critics[backend]
+    names = [n for n, _ in critic.named_parameters()]
+    params = {n: torch.stack([p, 1.5 * p]) for n, p in critic.named_parameters()}
+
+    def bound(b, p, x, y):
+        return torch.func.functional_call(critics[b], p, (y, x), strict=True,
+                                          tie_weights=False).lse.mean()
+
+    def run(b):
+        inner = torch.vmap(lambda p, x, y: bound(b, p, x, y), in_dims=(None, 0, 0))
+        return torch.vmap(inner, in_dims=(0, 0, None))(params, xs, ys)
+
+    got = run(backend)
+    assert got.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            p = {n: params[n][i] for n in names}
+            expected = bound("reference", p, xs[i, j], ys[j])
+            assert_rel_close(got[i, j], expected, 1e-12, f"entry ({i}, {j})", VALUE_FLOOR)
 
 
 # ---- under torch.autocast: bfloat16 features from an autocast encoder, float32 critic ---------

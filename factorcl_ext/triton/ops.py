@@ -31,6 +31,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from torch.types import Number
 
 from .._autograd import register_core_autograd
+from .._vmap import register_core_vmap
 from . import _config
 from ._common import ACT_CODES, OUT_CODES
 from ._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
@@ -598,3 +599,4 @@ def pair_dot_loss(G: Tensor, H: Tensor, pos_offset: Optional[int], exclude_offse
 
 
 register_core_autograd("factorcl::triton_", pair_mlp_stats_backward, pair_dot_stats_backward)
+register_core_vmap("factorcl::triton_")
