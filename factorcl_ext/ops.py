@@ -303,13 +303,13 @@ def _autocast_dot(G, H):
 
 def _wants_grad(*tensors: Tensor) -> bool:
     """Whether a loss op should form its input gradients. Under torch.vmap the batched tensors
-    hide ``requires_grad`` (PyTorch's batching fallback calls the op on the underlying slices,
-    which autograd then records), so there it is always yes."""
+    hide ``requires_grad`` (the vmap rule calls the op on the underlying entries, which autograd
+    then records), so with a batched input it is always yes; eager or traced by torch.compile
+    (where a check of the functorch transform stack was skipped, and a compiled vmap of the
+    separable loss failed in backward with "compute_grad=False")."""
     if not torch.is_grad_enabled():
         return False
-    if any(t.requires_grad for t in tensors):
-        return True
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    return any(t.requires_grad or torch._C._functorch.is_batchedtensor(t) for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -734,6 +734,22 @@ def test_vmap_runs_the_ops_per_batch_entry(backend, in_dim):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_vmap(backend):
+    """torch.compile(fullgraph=True) of a vmapped core op traces the loop rule: the eager vmap's
+    values and gradients."""
+    device, functions = _fused_and_reference(backend)
+    xs = torch.randn(3, 7, 5, dtype=F64, device=device, requires_grad=True)
+    for op, ours, _ in functions:
+        torch._dynamo.reset()
+        eager = torch.vmap(ours)(xs)
+        got = torch.compile(torch.vmap(ours), fullgraph=True, backend="aot_eager")(xs)
+        assert_rel_close(got, eager, 1e-12, f"compiled vmap of {op}", VALUE_FLOOR)
+        (g_got,) = torch.autograd.grad(got.sum(), xs)
+        (g_eager,) = torch.autograd.grad(eager.sum(), xs)
+        assert_rel_close(g_got, g_eager, 1e-12, f"gradient of the compiled vmap of {op}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_vmap_over_an_empty_batch(backend):
     """A batch of 0 entries gives the reference backend's empty outputs and gradients (the rule
     had no entry to take the outputs' shapes from: an IndexError). The public functions, not the
