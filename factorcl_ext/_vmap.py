@@ -4,8 +4,10 @@ The ops take their hidden layers as tensor lists, which PyTorch's batching fallb
 (it could batch the separable critic's ops only, with a performance warning per call). Each op of
 a backend gets the same rule: the op once per batch entry, its outputs stacked along dimension 0.
 Under the op, autograd records each entry's call as usual, so gradients through vmap are those of
-the loop; the backward ops get the rule too, so batched gradients (``torch.autograd.grad(...,
-is_grads_batched=True)``, ``jacobian(vectorize=True)``) run them per entry.
+the loop; the backward ops get the rule too, so torch.vmap over ``torch.autograd.grad``'s upstream
+gradient runs them per entry. (``torch.autograd.grad(..., is_grads_batched=True)`` and
+``jacobian(vectorize=True)`` use PyTorch's older vmap, which these rules do not serve: its
+fallback batches the backward ops but the concat stats op's, whose tensor lists it cannot take.)
 """
 
 from __future__ import annotations
