@@ -26,17 +26,22 @@ CORE_OPS = (
 )
 
 
+def _dims(arg, dim) -> list:
+    """The batch dimension of each entry of a tensor list (``dim``: theirs, or one for all)."""
+    return list(dim) if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+
+
 def _entry(arg, dim, b: int):
     """Batch entry ``b`` of one argument (a tensor list entry by entry); unbatched as it is."""
     if isinstance(arg, (list, tuple)):
-        return [_entry(a, d, b) for a, d in zip(arg, dim)]
+        return [_entry(a, d, b) for a, d in zip(arg, _dims(arg, dim))]
     return arg if dim is None else arg.select(dim, b)
 
 
 def _meta_entry(arg, dim):
     """An entry's shape on the meta device (for an empty batch, which has no entry)."""
     if isinstance(arg, (list, tuple)):
-        return [_meta_entry(a, d) for a, d in zip(arg, dim)]
+        return [_meta_entry(a, d) for a, d in zip(arg, _dims(arg, dim))]
     if not isinstance(arg, torch.Tensor):
         return arg
     shape = list(arg.shape)
