@@ -755,11 +755,13 @@ def test_vmap_over_an_empty_batch(backend):
     had no entry to take the outputs' shapes from: an IndexError). The public functions, not the
     modules: PyTorch's own vmap of a 0-dim tensor minus a number fails on an empty batch."""
     device = device_for(backend)
-    w = [torch.randn(12, 5, dtype=F64, device=device), torch.randn(12, 4, dtype=F64, device=device),
-         torch.randn(12, dtype=F64, device=device), [torch.randn(12, 12, dtype=F64, device=device)],
-         [torch.randn(12, dtype=F64, device=device)], torch.randn(12, dtype=F64, device=device),
-         torch.randn((), dtype=F64, device=device)]
-    v, h = torch.randn(9, 4, dtype=F64, device=device), torch.randn(9, 5, dtype=F64, device=device)
+
+    def randn(*shape):
+        return torch.randn(shape, dtype=F64, device=device)
+
+    # w_u, w_v, b_0, hidden weights and biases, w_out, b_out
+    w = [randn(12, 5), randn(12, 4), randn(12), [randn(12, 12)], [randn(12)], randn(12), randn()]
+    v, h = randn(9, 4), randn(9, 5)
     calls = {
         "concat_critic_stats": lambda u, b: factorcl_ext.concat_critic_stats(u, v, *w, backend=b),
         "concat_critic_loss": lambda u, b: factorcl_ext.concat_critic_loss(
@@ -770,7 +772,7 @@ def test_vmap_over_an_empty_batch(backend):
             g, h, c_lse=0.5, c_pos=-1.0, backend=b),
     }
     for name, call in calls.items():
-        xs = torch.randn(0, 7, 5, dtype=F64, device=device, requires_grad=True)
+        xs = randn(0, 7, 5).requires_grad_()
         got = tree_leaves(torch.vmap(lambda x: call(x, backend))(xs))
         expected = tree_leaves(torch.vmap(lambda x: call(x, "reference"))(xs))
         assert [t.shape for t in got] == [t.shape for t in expected], name
@@ -790,23 +792,18 @@ def test_nested_vmap_over_inputs_and_weights(backend):
         critics[b] = FusedConcatCritic(4, 5, 12, 2, "relu", backend=b).to(device, F64)
     xs = torch.randn(2, 3, 6, 5, dtype=F64, device=device)
     ys = torch.randn(3, 6, 4, dtype=F64, device=device)
-    critic = critics[backend]
-    names = [n for n, _ in critic.named_parameters()]
-    params = {n: torch.stack([p, 1.5 * p]) for n, p in critic.named_parameters()}
+    params = {n: torch.stack([p, 1.5 * p]) for n, p in critics[backend].named_parameters()}
 
     def bound(b, p, x, y):
         return torch.func.functional_call(critics[b], p, (y, x), strict=True,
                                           tie_weights=False).lse.mean()
 
-    def run(b):
-        inner = torch.vmap(lambda p, x, y: bound(b, p, x, y), in_dims=(None, 0, 0))
-        return torch.vmap(inner, in_dims=(0, 0, None))(params, xs, ys)
-
-    got = run(backend)
+    inner = torch.vmap(lambda p, x, y: bound(backend, p, x, y), in_dims=(None, 0, 0))
+    got = torch.vmap(inner, in_dims=(0, 0, None))(params, xs, ys)
     assert got.shape == (2, 3)
     for i in range(2):
         for j in range(3):
-            p = {n: params[n][i] for n in names}
+            p = {n: t[i] for n, t in params.items()}
             expected = bound("reference", p, xs[i, j], ys[j])
             assert_rel_close(got[i, j], expected, 1e-12, f"entry ({i}, {j})", VALUE_FLOOR)
 
