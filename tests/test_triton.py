@@ -862,6 +862,142 @@ def test_deterministic_bit_identical(how):
                 assert torch.equal(a, b)
 
 
+# --------------------------------------------------------------------------------------------
+# every GPU tile configuration, forced one at a time (under the interpreter too)
+# --------------------------------------------------------------------------------------------
+#
+# The suites above run each kernel with one tile: the interpreter's small fixed one, or on a GPU
+# the family's first (FACTORCL_TRITON_AUTOTUNE=0) or the tuner's pick. The autotuner may pick any
+# tile of its list, and a mask, a slice loop or a diagonal-tile test that holds for one tile size
+# need not hold for another. Here each tile of every family's lists (hopper, ampere, fp64)
+# drives its kernels on shapes that none of them divides; under the interpreter that checks
+# each GPU tile's indexing on the CPU, in CI.
+
+
+def _tile_cases(fwd_lists, bwd_lists):
+    """(family, forward tile, backward tile) for every tile of every family: a forward-only tile
+    (in the forward's list but not the backward's) is paired with the family's first backward
+    tile, as the tuners would pair them."""
+    cases = []
+    for fam in ("hopper", "ampere", "fp64"):
+        bwd = bwd_lists[fam]
+        for i, cfg in enumerate(fwd_lists[fam]):
+            cases.append(pytest.param(fam, cfg, cfg if cfg in bwd else bwd[0],
+                                      id=f"{fam}{i}-" + "x".join(map(str, cfg.kwargs.values()))))
+    return cases
+
+
+def _force_tiles(monkeypatch, dtype, lists, tuners):
+    """Make every launch of this process's family for ``dtype`` use the given tiles: ``lists``
+    {name in _config: configurations} replaces the lists the ops size their grids and buffers
+    from, ``tuners`` {name in ops: (kernel, configuration, tuner arguments)} the fixed tuner
+    each launch goes through (autotuning off). Returns those tuners."""
+    from factorcl_ext.triton import _config, ops
+
+    fam = _config.config_family(DEVICE, dtype)
+    monkeypatch.setattr(_config, "AUTOTUNE", False)
+    for name, cfgs in lists.items():
+        monkeypatch.setitem(getattr(_config, name), fam, cfgs)
+    forced = {}
+    for name, (kernel, cfg, key, reset) in tuners.items():
+        forced[name] = ops._tuners(kernel, {fam: [cfg]}, key, reset)[fam, True]
+        monkeypatch.setitem(getattr(ops, name), (fam, True), forced[name])
+    return forced
+
+
+def _tile_dtype(fam):
+    # on a GPU the fp64 tiles are float64's, the others float32's (IEEE); interpreted, float64
+    return torch.float64 if fam == "fp64" or not GPU else torch.float32
+
+
+def _assert_tiles_used(launched, forced):
+    used = {id(t) for t in launched}
+    for name, tuner in forced.items():
+        assert id(tuner) in used, f"{name}: the forced tile was not launched"
+
+
+@pytest.fixture
+def launched_tuners(monkeypatch):
+    """The Autotuner object of every Triton launch (after _launch picked it)."""
+    from factorcl_ext.triton import ops
+
+    tuners = []
+    real = ops._launchable
+
+    def spy(tuner):
+        tuners.append(tuner)
+        return real(tuner)
+
+    monkeypatch.setattr(ops, "_launchable", spy)
+    return tuners
+
+
+def _cases_mlp():
+    from factorcl_ext.triton import _config
+
+    return _tile_cases(_config.MLP_FWD_CONFIGS, _config.MLP_CONFIGS)
+
+
+def _cases_dot():
+    from factorcl_ext.triton import _config
+
+    return _tile_cases(_config.DOT_CONFIGS, _config.DOT_BWD_CONFIGS)
+
+
+@pytest.mark.parametrize("layers, acts, deterministic",
+                         [(2, ("relu", "none"), False), (0, ("tanh", "softplus"), True)],
+                         ids=["L2-relu", "L0-tanh-sp-det"])
+@pytest.mark.parametrize("fam, fwd, bwd", _cases_mlp())
+def test_pair_mlp_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, layers, acts,
+                                 deterministic):
+    from factorcl_ext.triton import _config, ops
+    from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
+
+    dtype = _tile_dtype(fam)
+    dw = _config.MLP_DW_CONFIGS[fam][0]
+    tuners = {"_MLP_FWD": (mlp_fwd_kernel, fwd, ops._MLP_KEY, None),
+              "_MLP_BWD": (mlp_bwd_kernel, bwd, ops._MLP_KEY, ops._MLP_ACCUMULATORS)}
+    if layers:
+        tuners["_MLP_DW"] = (mlp_dw_kernel, dw, ["H"], None)
+    lists = {"MLP_FWD_CONFIGS": list(dict.fromkeys([fwd, bwd])), "MLP_CONFIGS": [bwd],
+             "MLP_DW_CONFIGS": [dw]}
+    forced = _force_tiles(monkeypatch, dtype, lists, tuners)
+    # 2 row and 3 column blocks at the largest pair tile (16 x 16), H = 70 in 3 slices of 32, 2
+    # of 64 and 1 of 128 or 256, each with a masked tail; the positive diagonal crosses tile edges
+    n, m, h = 19, 37, 70
+    args = mlp_inputs(n, m, h, layers)
+    check_mlp(args, dtype, activation=acts[0], out_activation=acts[1], pos_offset=m - n - 3,
+              deterministic=deterministic)
+    _assert_tiles_used(launched_tuners, forced)
+
+
+# one offset at a time: a tile that holds both diagonals is masked for either, which would hide
+# a wrong test of the other one
+@pytest.mark.parametrize("pos_offset, exclude_offset", [(127, None), (None, 127)],
+                         ids=["pos127", "excl127"])
+@pytest.mark.parametrize("mode", ["chunk", "fused"])
+@pytest.mark.parametrize("fam, fwd, bwd", _cases_dot())
+def test_pair_dot_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, mode, pos_offset,
+                                 exclude_offset):
+    import factorcl_ext.triton as ft
+    from factorcl_ext.triton import ops
+    from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
+
+    dtype = _tile_dtype(fam)
+    tuners = {"_DOT_FWD": (dot_fwd_kernel, fwd, ops._DOT_KEY, None)}
+    if mode == "chunk":
+        tuners["_DOT_DS"] = (dot_ds_kernel, fwd, ops._DOT_KEY, None)
+    else:
+        tuners["_DOT_BWD"] = (dot_bwd_kernel, bwd, ops._DOT_KEY, ops._DOT_ACCUMULATORS)
+    lists = {"DOT_CONFIGS": list(dict.fromkeys([fwd, bwd])), "DOT_BWD_CONFIGS": [bwd]}
+    forced = _force_tiles(monkeypatch, dtype, lists, tuners)
+    # 2 row blocks at the largest score tile (256), 4 column blocks at 128, D = 100 in slices
+    # of 32 or 64 with a masked tail; diagonal 127 crosses tile edges at every tile size
+    with ft.using_dot_bwd_mode(mode):
+        check_dot(261, 389, 100, dtype, 0.3, True, pos_offset, exclude_offset)
+    _assert_tiles_used(launched_tuners, forced)
+
+
 @gpu_only
 def test_large_shapes_fp32():
     n, m, h = 600, 631, 512  # the float64 reference materialises a few N*M*H tensors

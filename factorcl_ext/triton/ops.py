@@ -40,6 +40,7 @@ from ._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
 _MLP_KEY = ["N", "M", "H", "L"]
 _DOT_KEY = ["N", "M", "D"]
 _MLP_ACCUMULATORS = ["dA_ptr", "dB_ptr", "dW_ptr", "dBias_ptr", "dWout_ptr", "dBout_ptr"]
+_DOT_ACCUMULATORS = ["dG_ptr", "dH_ptr"]
 
 
 def _tuners(kernel, configs_by_family, key, reset=None):
@@ -61,7 +62,7 @@ _MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_FWD_CONFIGS, _MLP_KEY)
 _MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
 _MLP_DW = _tuners(mlp_dw_kernel, _config.MLP_DW_CONFIGS, ["H"])
 _DOT_FWD = _tuners(dot_fwd_kernel, _config.DOT_CONFIGS, _DOT_KEY)
-_DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_BWD_CONFIGS, _DOT_KEY, ["dG_ptr", "dH_ptr"])
+_DOT_BWD = _tuners(dot_bwd_kernel, _config.DOT_BWD_CONFIGS, _DOT_KEY, _DOT_ACCUMULATORS)
 _DOT_DS = _tuners(dot_ds_kernel, _config.DOT_CONFIGS, _DOT_KEY)
 
 _tracing = threading.local()
