@@ -998,6 +998,39 @@ def test_pair_dot_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, mo
     _assert_tiles_used(launched_tuners, forced)
 
 
+# Grid geometries a GPU gives (_config.num_programs, column_splits and dw_splits read the SM
+# count there; the interpreter fixes 3, up to 3 and 2): one program per block (no persistent
+# walk), and one program walking every block with its columns in 5 shares of 7 column blocks
+# (the last share empty) and 7 splits of the weight gradient's pair reduction.
+GEOMETRIES = {"program-per-block": (None, 1, 1), "one-program-5-shares": (1, 5, 7)}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_gpu_grid_geometries(monkeypatch, geometry, deterministic):
+    import factorcl_ext.triton as ft
+    from factorcl_ext.triton import _config
+
+    programs, shares, dw_splits = GEOMETRIES[geometry]
+    monkeypatch.setattr(_config, "num_programs", lambda device, blocks, per_sm=1:
+                        max(1, min(programs or blocks, blocks)))
+    monkeypatch.setattr(_config, "column_splits", lambda device, row_blocks, col_blocks:
+                        max(1, min(shares, col_blocks)))
+    monkeypatch.setattr(_config, "dw_splits", lambda device, tiles: dw_splits)
+    fam = _config.config_family(DEVICE, torch.float64)
+    bj_mlp = _config.max_kwarg(_config.MLP_FWD_CONFIGS[fam], lambda k: k["BJ"])
+    bj_dot = _config.max_kwarg(_config.DOT_CONFIGS[fam], lambda k: k["BJ"])
+    # 7 column blocks at the largest column tile, a partial last one; odd row counts
+    n, m, h = 3 * bj_mlp + 1, 7 * bj_mlp - 1, 21
+    check_mlp(mlp_inputs(n, m, h, 2), torch.float64, activation="relu", out_activation="softplus",
+              pos_offset=m - n - 1, deterministic=deterministic)
+    n, m = 2 * bj_dot + 3, 7 * bj_dot - 5
+    with ft.deterministic(deterministic):
+        for mode in ("chunk", "fused"):
+            with ft.using_dot_bwd_mode(mode):
+                check_dot(n, m, 19, torch.float64, 0.4, True, m - n - 2, 1)
+
+
 @gpu_only
 def test_large_shapes_fp32():
     n, m, h = 600, 631, 512  # the float64 reference materialises a few N*M*H tensors
