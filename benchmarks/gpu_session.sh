@@ -10,6 +10,8 @@
 #   triton     pytest tests/test_triton.py on the GPU (bf16/fp16, TF32, determinism included)
 #   triton-k-* the same for the tests that pytest's -k expression after 'triton-k-' selects, e.g.
 #              'triton-k-dot or fp16' (one argument: the expression is not split)
+#   tiles      the tests that force every Triton tile configuration of each family in turn
+#              (FACTORCL_TEST_EVERY_TILE=1; one compile per case: minutes)
 #   suites     the shared op and module suites with backends cuda,triton on CUDA tensors
 #   trainer    the GPU tests of the FactorCL trainer, step benchmark and mi-bench (-m gpu)
 #   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
@@ -91,6 +93,8 @@ for stage in "$@"; do
     triton-k-*)
       FACTORCL_TRITON_AUTOTUNE=0 pytest_stage triton-k tests/test_triton.py -k "${stage#triton-k-}"
       ;;
+    tiles)
+      FACTORCL_TEST_EVERY_TILE=1 pytest_stage tiles tests/test_triton.py -k every_gpu_tile ;;
     suites)
       FACTORCL_TRITON_AUTOTUNE=0 FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites \
         tests/test_concat_critic.py \

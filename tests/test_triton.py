@@ -13,6 +13,7 @@ walk several blocks. bf16/fp16, TF32, autocast and bit-determinism run on a GPU 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -871,7 +872,13 @@ def test_deterministic_bit_identical(how):
 # tile of its list, and a mask, a slice loop or a diagonal-tile test that holds for one tile size
 # need not hold for another. Here each tile of every family's lists (hopper, ampere, fp64)
 # drives its kernels on shapes that none of them divides; under the interpreter that checks
-# each GPU tile's indexing on the CPU, in CI.
+# each GPU tile's indexing on the CPU, in CI. On a GPU every case compiles its kernels afresh
+# (seconds each, 72 cases): there they run only with FACTORCL_TEST_EVERY_TILE=1
+# (benchmarks/gpu_session.sh stage 'tiles'), so that a lease's other test stages stay short.
+
+every_tile = pytest.mark.skipif(
+    GPU and os.environ.get("FACTORCL_TEST_EVERY_TILE", "0") in ("", "0"),
+    reason="on a GPU: set FACTORCL_TEST_EVERY_TILE=1 (minutes of kernel compiles)")
 
 
 def _tile_cases(fwd_lists, bwd_lists):
@@ -947,6 +954,7 @@ def _cases_dot():
 @pytest.mark.parametrize("layers, acts, deterministic",
                          [(2, ("relu", "none"), False), (0, ("tanh", "softplus"), True)],
                          ids=["L2-relu", "L0-tanh-sp-det"])
+@every_tile
 @pytest.mark.parametrize("fam, fwd, bwd", _cases_mlp())
 def test_pair_mlp_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, layers, acts,
                                  deterministic):
@@ -973,6 +981,7 @@ def test_pair_mlp_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, la
 
 # one offset at a time: a tile that holds both diagonals is masked for either, which would hide
 # a wrong test of the other one
+@every_tile
 @pytest.mark.parametrize("pos_offset, exclude_offset", [(127, None), (None, 127)],
                          ids=["pos127", "excl127"])
 @pytest.mark.parametrize("mode", ["chunk", "fused"])
