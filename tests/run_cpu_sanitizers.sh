@@ -5,13 +5,16 @@
 #
 # Copies this checkout's tracked files (as they are in the working tree) to a temporary
 # directory, builds the CPU extension there (FACTORCL_EXT_CUDA=0) with
-# -fsanitize=address,undefined, and runs the CPU backend's op, module and random-configuration
-# suites against it (PYTEST ARGS, if given, replace that selection), with the sanitizer runtime
-# preloaded into the uninstrumented Python. Out-of-bounds or use-after-free accesses of the
-# kernels' buffers (a vector loop reading past a row, a tail written twice) and undefined
-# behaviour (signed overflow, bad shifts, misaligned loads) stop the run with the report on
-# stderr and a non-zero exit status, as does any failing test. Leak detection is off (Python's own allocations would fill it).
-# About a minute to build and one or two to run on 2 cores. Needs gcc with libasan.
+# -fsanitize=address,undefined, and runs against it the CPU backend's op, module and
+# random-configuration suites and the CUDA kernels' CPU emulation (tests/test_cuda_emulated.py,
+# which builds its module with the same sanitizers here: out-of-bounds global and shared memory
+# accesses of the CUDA code, memcheck's job, without a GPU). PYTEST ARGS, if given, replace that
+# selection. The sanitizer runtime is preloaded into the uninstrumented Python. Out-of-bounds or
+# use-after-free accesses (a vector loop reading past a row, a tile past shared memory) and
+# undefined behaviour (signed overflow, bad shifts, misaligned loads) stop the run with the
+# report on stderr and a non-zero exit status, as does any failing test. Leak detection is off
+# (Python's own allocations would fill it). About 10 minutes on 2 cores (the CUDA emulation 6 of
+# them). Needs gcc with libasan.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
@@ -43,7 +46,7 @@ fi
 
 if [ $# -eq 0 ]; then
   set -- tests/test_concat_critic.py tests/test_separable_critic.py \
-    tests/test_random_configurations.py tests/test_nn.py
+    tests/test_random_configurations.py tests/test_nn.py tests/test_cuda_emulated.py
 fi
 echo "=== pytest $* (backend cpu) under the sanitizers"
 # --capture=sys: pytest captures Python's streams only, so that a sanitizer's report, written to

@@ -1,9 +1,10 @@
 """The fused CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 Runs tests/run_cpu_sanitizers.sh: the CPU extension built again with -fsanitize=address,undefined
-in a copy of this checkout, and the CPU backend's op, module and random-configuration suites run
-against it in their own pytest process. Fails on any sanitizer report (an out-of-bounds access of
-a kernel buffer, undefined behaviour) or failing test. A few minutes on 2 cores: marked slow.
+in a copy of this checkout, and the CPU backend's op, module and random-configuration suites and
+the CUDA kernels' CPU emulation run against it in their own pytest process. Fails on any
+sanitizer report (an out-of-bounds access of a kernel buffer or of the emulated shared memory,
+undefined behaviour) or failing test. About 10 minutes on 2 cores: marked slow.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from conftest import loss_floor, rel_error, stats_floor
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 HAVE_HEADERS = (pathlib.Path(CUDA_HOME) / "include" / "cuda_bf16.h").exists()
+SANITIZED = bool(os.environ.get("FACTORCL_UNDER_SANITIZERS"))
 
 pytestmark = [
     pytest.mark.slow,
@@ -46,15 +47,20 @@ PRECISIONS = {  # name -> (dtype, float32 matmul precision, tolerance)
 def emu():
     from torch.utils.cpp_extension import load
 
-    build = ROOT / "build" / "cuda_emu"
+    # under tests/run_cpu_sanitizers.sh the kernels are built with AddressSanitizer and
+    # UndefinedBehaviorSanitizer too: out-of-bounds global or shared memory accesses and undefined
+    # behaviour of the CUDA code, found on the CPU (compute-sanitizer's memcheck needs a GPU)
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                "-fno-omit-frame-pointer", "-g"] if SANITIZED else []
+    build = ROOT / "build" / ("cuda_emu_sanitized" if SANITIZED else "cuda_emu")
     build.mkdir(parents=True, exist_ok=True)
     load(
         name="factorcl_cuda_emu",
         sources=[str(ROOT / "tests" / "cuda_emu" / "emu_module.cpp")],
         extra_include_paths=[str(ROOT / "csrc" / "cuda"), str(ROOT / "tests" / "cuda_emu"),
                              str(pathlib.Path(CUDA_HOME) / "include")],
-        extra_cflags=["-O2", "-std=c++20", "-DFCL_EMULATION", "-pthread"],
-        extra_ldflags=["-pthread"],
+        extra_cflags=["-O2", "-std=c++20", "-DFCL_EMULATION", "-pthread", *sanitize],
+        extra_ldflags=["-pthread", *sanitize[:1]],
         build_directory=str(build),
         is_python_module=False,
         verbose=False,

@@ -951,10 +951,10 @@ def _cases_dot():
     return _tile_cases(_config.DOT_CONFIGS, _config.DOT_BWD_CONFIGS)
 
 
+@every_tile
 @pytest.mark.parametrize("layers, acts, deterministic",
                          [(2, ("relu", "none"), False), (0, ("tanh", "softplus"), True)],
                          ids=["L2-relu", "L0-tanh-sp-det"])
-@every_tile
 @pytest.mark.parametrize("fam, fwd, bwd", _cases_mlp())
 def test_pair_mlp_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, layers, acts,
                                  deterministic):

@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -59,16 +60,22 @@ struct Warp {
   alignas(16) unsigned char buf[32][16];
 };
 
+// The dynamic shared memory is allocated at exactly the launch's size (128-byte aligned, as
+// FCL_DYNAMIC_SMEM declares it), so that under AddressSanitizer (tests/run_cpu_sanitizers.sh)
+// an access past its end is reported rather than landing in alignment slack.
 struct Block {
+  struct AlignedDelete {
+    void operator()(char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+  };
   explicit Block(unsigned threads, size_t smem_bytes)
-      : bar(threads), smem(smem_bytes + 128, 0xFF) {
+      : bar(threads), smem(new (std::align_val_t(128)) char[smem_bytes > 0 ? smem_bytes : 1]) {
     for (unsigned w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
-    auto base = reinterpret_cast<uintptr_t>(smem.data());
-    smem_ptr = reinterpret_cast<char*>((base + 127) / 128 * 128);
+    std::memset(smem.get(), 0xFF, smem_bytes);
+    smem_ptr = smem.get();
   }
   std::barrier<> bar;
   std::vector<std::unique_ptr<Warp>> warps;
-  std::vector<unsigned char> smem;
+  std::unique_ptr<char[], AlignedDelete> smem;
   char* smem_ptr = nullptr;
 };
 
