@@ -263,6 +263,22 @@ def launched(monkeypatch):
     return tuners
 
 
+@pytest.fixture
+def launched_tuners(monkeypatch):
+    """The Autotuner object of every Triton launch (after _launch picked it)."""
+    from factorcl_ext.triton import ops
+
+    tuners = []
+    real = ops._launchable
+
+    def spy(tuner):
+        tuners.append(tuner)
+        return real(tuner)
+
+    monkeypatch.setattr(ops, "_launchable", spy)
+    return tuners
+
+
 @pytest.mark.parametrize("dw_mode, layers, deterministic", [
     ("chunk", 1, False), ("chunk", 2, True), ("slots", 2, False), ("slots", 1, True)])
 def test_pair_mlp_weight_gradient_modes(monkeypatch, launched, dw_mode, layers, deterministic):
@@ -288,20 +304,13 @@ def test_pair_mlp_weight_gradient_modes(monkeypatch, launched, dw_mode, layers, 
     assert n_dw == (chunks * layers if dw_mode == "chunk" else 0)
 
 
-def test_autotune_off_launches_the_fixed_configuration(monkeypatch):
+def test_autotune_off_launches_the_fixed_configuration(monkeypatch, launched_tuners):
     # FACTORCL_TRITON_AUTOTUNE=0 (read at import) sets _config.AUTOTUNE: every launch then goes
     # through the single-configuration tuner, as in the deterministic mode, but keeps the
     # atomic (one-sweep) backward. The values still match the reference.
     from factorcl_ext.triton import _config, ops
 
-    launched = []
-    real = ops._launchable
-
-    def spy(tuner):
-        launched.append(tuner)
-        return real(tuner)
-
-    monkeypatch.setattr(ops, "_launchable", spy)
+    launched = launched_tuners
     n, m, h = MLP_SHAPES[0]
     for autotune in (True, False):
         monkeypatch.setattr(_config, "AUTOTUNE", autotune)
@@ -921,22 +930,6 @@ def _assert_tiles_used(launched, forced):
     used = {id(t) for t in launched}
     for name, tuner in forced.items():
         assert id(tuner) in used, f"{name}: the forced tile was not launched"
-
-
-@pytest.fixture
-def launched_tuners(monkeypatch):
-    """The Autotuner object of every Triton launch (after _launch picked it)."""
-    from factorcl_ext.triton import ops
-
-    tuners = []
-    real = ops._launchable
-
-    def spy(tuner):
-        tuners.append(tuner)
-        return real(tuner)
-
-    monkeypatch.setattr(ops, "_launchable", spy)
-    return tuners
 
 
 def _cases_mlp():
