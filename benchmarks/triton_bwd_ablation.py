@@ -71,7 +71,8 @@ _DW_UPDATE = """\
                             if not COL_PASS and not DW_CHUNK:
                                 gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
                                             out_dtype=ACC)
-                                pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
+                                pw = (dWp + _row_offsets(l * H, H, I64)
+                                      + _row_offsets(rn, H, I64)[:, None] + rk[None, :])
                                 mw = mn[:, None] & mk[None, :]
                                 tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
 """
@@ -106,8 +107,8 @@ EDITS = {
     "db_atomic_acq_rel": [(_DB_ATOMIC, _DB_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
 }
 _DG_UPDATE = "                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)\n"
-_DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,\n"
-              '                                      mask=mj[:, None] & md[None, :], sem="relaxed")')  # noqa: E501
+_DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :],\n"  # noqa: E501
+              '                                      dh, mask=mj[:, None] & md[None, :], sem="relaxed")')  # noqa: E501
 DOT_EDITS = {
     "full": [],
     "no_dh_atomic": [],
@@ -367,14 +368,14 @@ def compile_variants(tmp: Path, arch: int = 90) -> list[str]:
             if critic == "concat":
                 cfg = _config.MLP_HOPPER[0]
                 kernel, sig = mod.mlp_bwd_kernel, cc.mlp_signature(mod.mlp_bwd_kernel, "bf16")
-                cx = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee", COL_PASS=False,
+                cx = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee", I64=False, COL_PASS=False,
                           ATOMIC_DB=name != "no_db_atomic", DW_CHUNK=name == "dw_chunk")
                 if name == "dw_atomic_slots":
                     cx["DW_SLOTS"] = 8
             else:
                 cfg = _config.DOT_HOPPER[0]
                 kernel, sig = mod.dot_bwd_kernel, cc.dot_signature(mod.dot_bwd_kernel, "bf16")
-                cx = dict(HAS_POS=True, HAS_EXCL=False, PREC="ieee", COL_PASS=False,
+                cx = dict(HAS_POS=True, HAS_EXCL=False, PREC="ieee", I64=False, COL_PASS=False,
                           ATOMIC_DH=name != "no_dh_atomic")
             k = cc.compile_kernel(kernel, sig, cx, cfg, arch)
             ops = cc.sass_counts(k.asm["cubin"])

@@ -193,6 +193,8 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "f32", "f64"], choices=list(TL))
     p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--all-configs", action="store_true")
+    p.add_argument("--i64", action="store_true",
+                   help="the 64-bit row offsets of operands of 2^31 elements or more")
     args = p.parse_args()
     failures = 0
     for arch in args.arch:
@@ -207,7 +209,7 @@ def main() -> None:
             prec = "ieee" if dt != "f32" else "tf32"
             jobs = []
             for L in args.layers:
-                common = dict(L=L, ACT=0, OUT=1, HAS_POS=True, PREC=prec)
+                common = dict(L=L, ACT=0, OUT=1, HAS_POS=True, PREC=prec, I64=args.i64)
                 for cfg in mlp_fwd_cfgs:
                     jobs.append((f"mlp_fwd L={L}", mlp_fwd_kernel, mlp_signature, common, cfg))
                 for cfg in mlp_cfgs:
@@ -219,9 +221,9 @@ def main() -> None:
                                           DW_CHUNK=chunk), cfg))
             for first in (True, False):
                 jobs.append((f"mlp_dw first={int(first)}", mlp_dw_kernel, mlp_signature,
-                             dict(FIRST=first, ACT=0, PREC=prec),
+                             dict(FIRST=first, ACT=0, PREC=prec, I64=args.i64),
                              _config.MLP_DW_CONFIGS[key][0]))
-            dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec)
+            dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec, I64=args.i64)
             dscaled = dict(dcommon, SCALED=dt in ("bf16", "f16"))
             for cfg in dot_cfgs:
                 jobs.append(("dot_fwd", dot_fwd_kernel, dot_signature, dcommon, cfg))

@@ -1042,6 +1042,218 @@ def test_large_shapes_fp32():
 
 
 # --------------------------------------------------------------------------------------------
+# operands of more than 2^31 elements
+# --------------------------------------------------------------------------------------------
+# A kernel finds row i of an [N, width] operand at element i * width, past 2^31 from
+# N * width = 2^31 on (4.2M rows of 512) though i and width fit 32 bits. For such operands the ops
+# set the kernels' I64, and those offsets are formed in 64 bits (_common._row_offsets; in 32 bits
+# they wrapped to negative addresses: a segfault under the interpreter, 2026-12-06, and so again
+# if the ops leave I64 unset). The kernels that take a range of rows and columns (the separable
+# critic's dS kernel, the concat critic's backward, whose recomputed scores are the forward's)
+# run here on the last rows or columns of such operands, allocated but written only there (the
+# rest is never read; on the CPU its pages are never committed); the whole ops run at that size
+# on a GPU (test_whole_ops_past_2_31_elements).
+
+BIG_WIDTH = 1024
+BIG_ROW = 2**31 // BIG_WIDTH  # this row starts at element 2^31
+
+
+def _big_rows(n_tail: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """An uninitialised [BIG_ROW + n_tail, BIG_WIDTH] operand whose last n_tail rows are random
+    (scaled so that their dot products are O(1)), and those rows in float64."""
+    big = torch.empty(BIG_ROW + n_tail, BIG_WIDTH, dtype=dtype, device=DEVICE)
+    tail = torch.randn(n_tail, BIG_WIDTH, dtype=torch.float64, device=DEVICE) / BIG_WIDTH**0.25
+    big[BIG_ROW:] = tail.to(dtype)
+    return big, big[BIG_ROW:].double()
+
+
+@pytest.mark.parametrize("side", ["rows", "columns"])
+def test_pair_mlp_backward_kernel_past_2_31_elements(side):
+    """mlp_bwd_kernel (row pass with dB atomics, then column pass) on rows [r0, r0 + 3) x columns
+    [c0, c0 + 5), r0 or c0 the first row at element 2^31 of A (dA) or B (dB), against the
+    float64 reference of that block (its lse, so that the softmax is the block's)."""
+    from factorcl_ext.triton import _mlp_kernels
+    from factorcl_ext.triton import ops as tops
+
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    nr, nc = 3, 5
+    r0, c0 = (BIG_ROW, 0) if side == "rows" else (0, BIG_ROW)
+    (A, A_blk), (B, B_blk) = (
+        (_big_rows(nr, torch.float32), (torch.randn(nc, BIG_WIDTH, **f32) / 6,) * 2)
+        if side == "rows" else
+        ((torch.randn(nr, BIG_WIDTH, **f32) / 6,) * 2, _big_rows(nc, torch.float32))
+    )
+    A_blk, B_blk = A_blk.double(), B_blk.double()
+    w_out = torch.randn(BIG_WIDTH, **f32) / BIG_WIDTH**0.5
+    b_out = torch.randn((), **f32)
+    pos_offset = c0 + 1 - r0  # rows r0.. -> columns c0 + 1..
+    ref_in = [t.double().requires_grad_() for t in (A_blk, B_blk, w_out, b_out)]
+    ref = reference.pair_mlp_stats(ref_in[0], ref_in[1], [], [], ref_in[2], ref_in[3], "relu",
+                                   "none", 1)
+    upstream = [torch.randn(nr, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    expected = torch.autograd.grad(sum((s * u).sum() for s, u in zip(ref, upstream)), ref_in)
+
+    N, M = A.shape[0], B.shape[0]
+    lse, *grads = (torch.zeros(N, **f32) for _ in range(4))
+    for t, v in zip((lse, *grads), (ref[0].detach(), *upstream)):
+        t[r0:r0 + nr] = v.float()
+    a = tops._MlpArgs(A, B, [], [], w_out, b_out, "relu", "none", pos_offset, False)
+    dA = torch.empty(N, BIG_WIDTH, **f32)
+    dA[r0:r0 + nr] = 0
+    dB = torch.empty(M, BIG_WIDTH, **f32)
+    dWout, dBout = torch.zeros(1, BIG_WIDTH, **f32), torch.zeros(1, **f32)
+    z, zps, zls = a.scratch(1, 0)
+    args = tops._mlp_bwd_args(a, z, z, lse, grads, (dA, dB, z, z, dWout, dBout), zps, zls,
+                              r0, r0 + nr, c0, c0 + nc, 0)
+    tiles = dict(DW_CHUNK=False, BI=4, BJ=4, BK=32, BN=32)
+    for col_pass in (False, True):
+        dB[c0:c0 + nc] = 0
+        _mlp_kernels.mlp_bwd_kernel[(1, 1)](*args, **a.bwd_constexprs(), COL_PASS=col_pass,
+                                            ATOMIC_DB=not col_pass, **tiles)
+        assert_rel_close(dB[c0:c0 + nc], expected[1], 1e-5, f"dB (column pass {col_pass})")
+    assert_rel_close(dA[r0:r0 + nr], expected[0], 1e-5, "dA")
+    assert_rel_close(dWout[0], expected[2], 1e-5, "dw_out")
+    assert_rel_close(dBout[0], expected[3], 1e-5, "db_out")
+
+
+def test_pair_dot_score_kernel_past_2_31_elements():
+    """dot_ds_kernel on rows [r0, r0 + 3) of G, r0 the first row at element 2^31 (every column
+    of a small H), against dS from float64 scores: the forward's and the fused backward's
+    scores (_dot_scores) address G the same way."""
+    from factorcl_ext.triton import _dot_kernels
+    from factorcl_ext.triton import ops as tops
+
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    nr, M = 3, 5
+    G, g_blk = _big_rows(nr, torch.float32)
+    H = torch.randn(M, BIG_WIDTH, **f32) / BIG_WIDTH**0.25
+    s = g_blk @ H.double().T
+    N, r0 = G.shape[0], BIG_ROW
+    pos_offset = 1 - r0  # rows r0.. -> columns 1..
+    lse, g_lse, g_pos, g_row = (torch.zeros(N, **f32) for _ in range(4))
+    lse[r0:] = torch.logsumexp(s, 1).float()
+    for t in (g_lse, g_pos, g_row):
+        t[r0:] = torch.randn(nr, **f32)
+    hit = torch.arange(M, device=DEVICE)[None, :] == torch.arange(nr, device=DEVICE)[:, None] + 1
+    expected = (g_lse[r0:, None].double() * torch.exp(s - lse[r0:, None].double())
+                + g_row[r0:, None].double() + torch.where(hit, g_pos[r0:, None].double(), 0.0))
+    a = tops._DotArgs(G, H, pos_offset, None, False)
+    ds = torch.full((nr, M), float("nan"), **f32)
+    _dot_kernels.dot_ds_kernel[(1,)](G, H, lse, g_lse, g_pos, g_row, ds, lse, *a.head(), r0, N,
+                                     **a.constexprs(), SCALED=False, BI=16, BJ=16, BD=32)
+    assert_rel_close(ds, expected, 1e-5, "dS")
+
+
+def _reference_by_column_blocks(stats, row_inputs, cols, upstream, offsets, block=2**16):
+    """float64 reference of a critic ``stats(cols_block, *offsets_in_block)`` whose [N, M, H]
+    scores do not fit at once, column block by column block: lse = logsumexp of the blocks' lse
+    (d lse / d lse_b = exp(lse_b - lse)), pos and rowsum their sums. ``offsets`` (pos_offset,
+    exclude_offset): the block holding every row's column gets them, the others None. Returns
+    the stats, the gradients of sum_k <stats_k, upstream_k> with respect to row_inputs, and
+    those with respect to cols as ((c0, c1), gradient of cols[c0:c1]) per block."""
+    n, M = row_inputs[0].shape[0], cols.shape[0]
+    blocks = [(c0, min(M, c0 + block)) for c0 in range(0, M, block)]
+
+    def local(c0, c1):
+        return [o - c0 if o is not None and c0 <= o and o + n <= c1 else None for o in offsets]
+
+    with torch.no_grad():
+        lse = torch.logsumexp(torch.stack(
+            [stats(cols[c0:c1].double(), *local(c0, c1))[0] for c0, c1 in blocks]), 0)
+    totals, row_grads, col_grads = [0.0, 0.0, 0.0], [0.0] * len(row_inputs), []
+    for c0, c1 in blocks:
+        blk = cols[c0:c1].double().requires_grad_()
+        st = stats(blk, *local(c0, c1))
+        weight = upstream[0] * torch.exp(st[0].detach() - lse)
+        loss = (st[0] * weight + st[1] * upstream[1] + st[2] * upstream[2]).sum()
+        g_blk, *g_rows = torch.autograd.grad(loss, [blk, *row_inputs])
+        col_grads.append(((c0, c1), g_blk))
+        row_grads = [a + b for a, b in zip(row_grads, g_rows)]
+        totals = [t + x.detach() for t, x in zip(totals, st)]
+    return (lse, totals[1], totals[2]), row_grads, col_grads
+
+
+# the whole ops at a narrower width: more rows, less arithmetic per pair (fp32 IEEE)
+OP_WIDTH = 256
+OP_BIG_ROW = 2**31 // OP_WIDTH
+
+
+@gpu_only
+@pytest.mark.parametrize("side", ["rows", "columns"])
+@pytest.mark.parametrize("case", ["concat-L0", "concat-L1-det", "separable-chunk",
+                                  "separable-fused", "separable-fused-det"])
+def test_whole_ops_past_2_31_elements(case, side):
+    """The Triton ops, forward and backward, when A / G (side "rows") or B / H ("columns") has
+    OP_BIG_ROW + a few rows of OP_WIDTH (just over 2^31 elements; 8.6 GB in float32), against
+    float64 references of the rows or columns past element 2^31 (upstream gradients zero on the
+    rows before them, so nothing else reaches a gradient). Tolerance 1e-4: the columns side's
+    sums run over 2M columns in float32."""
+    import factorcl_ext.triton as ft
+
+    critic, mode, *det = case.split("-")
+    deterministic = bool(det)
+
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    W = OP_WIDTH
+    n, m = (OP_BIG_ROW + 3, 5) if side == "rows" else (3, OP_BIG_ROW + 5)
+    r0 = OP_BIG_ROW if side == "rows" else 0
+    rows = (torch.randn(n, W, **f32) / W**0.25).requires_grad_()
+    cols = (torch.randn(m, W, **f32) / W**0.25).requires_grad_()
+    offsets = (None, None) if side == "rows" else (OP_BIG_ROW + 1, OP_BIG_ROW + 2)
+    upstream = [torch.randn(n, **f32) for _ in range(3)]
+    for u in upstream:
+        u[:r0] = 0
+    if offsets[0] is None:
+        upstream[1].zero_()
+    if critic == "concat":
+        layers = int(mode[1:])  # L = 1: the hidden layer's weight-gradient kernel too
+        params = [torch.randn(W, W, **f32) / W**0.5, 0.1 * torch.randn(W, **f32)] * layers
+        params += [torch.randn(W, **f32) / W**0.5, torch.randn((), **f32)]
+        params = [p.requires_grad_() for p in params]
+        ours = factorcl_ext.pair_mlp_stats(rows, cols, params[:layers], params[layers:-2],
+                                           *params[-2:], pos_offset=offsets[0],
+                                           backend="triton", deterministic=deterministic)
+        ref_params = [p.detach().double().requires_grad_() for p in params]
+
+        def stats(c, pos, _excl):
+            return reference.pair_mlp_stats(rows_ref, c, ref_params[:layers],
+                                            ref_params[layers:-2], *ref_params[-2:], "relu",
+                                            "none", pos)
+    else:
+        params, ref_params = [], []
+        with ft.using_dot_bwd_mode(mode):
+            ours = factorcl_ext.pair_dot_stats(rows, cols, pos_offset=offsets[0],
+                                               exclude_offset=offsets[1], backend="triton",
+                                               deterministic=deterministic)
+
+        def stats(c, pos, excl):
+            return reference.pair_dot_stats(rows_ref, c, pos, excl)
+    rows_ref = rows.detach()[r0:].double().requires_grad_()
+    ref, ref_grads, ref_col_grads = _reference_by_column_blocks(
+        stats, [rows_ref, *ref_params], cols.detach(), [u[r0:].double() for u in upstream],
+        offsets)
+    for name, a, e in zip(("lse", "pos", "rowsum"), ours, ref):
+        assert_rel_close(a[r0:], e, 1e-4, name)
+    loss = sum((s * u).sum() for s, u in zip(ours, upstream))
+    if critic == "separable":
+        with ft.using_dot_bwd_mode(mode):
+            grads = torch.autograd.grad(loss, [rows, cols])
+    else:
+        grads = torch.autograd.grad(loss, [rows, *params, cols])
+    if r0:
+        assert torch.count_nonzero(grads[0][:r0]) == 0
+    names = ["d_rows", *[f"d_param{i}" for i in range(len(params))]]
+    for name, a, e in zip(names, [grads[0][r0:], *grads[1:-1]], ref_grads):
+        assert_rel_close(a, e, 1e-4, name)
+    # d_cols block by block on the device (17 GB in float64 on the columns side)
+    err2 = norm2 = 0.0
+    for (c0, c1), e in ref_col_grads:
+        err2 += (grads[-1][c0:c1].double() - e).norm().item() ** 2
+        norm2 += e.norm().item() ** 2
+    assert (err2 / norm2) ** 0.5 <= 1e-4, f"d_cols: relative error {(err2 / norm2) ** 0.5:.3e}"
+
+
+# --------------------------------------------------------------------------------------------
 # benchmarks/gpu_bench.py: every timed implementation computes the same loss and gradients
 # --------------------------------------------------------------------------------------------
 

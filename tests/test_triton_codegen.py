@@ -49,8 +49,8 @@ def kernels(check):
     from factorcl_ext.triton._dot_kernels import dot_bwd_kernel, dot_ds_kernel, dot_fwd_kernel
     from factorcl_ext.triton._mlp_kernels import mlp_bwd_kernel, mlp_dw_kernel, mlp_fwd_kernel
 
-    mlp = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee")
-    dot = dict(HAS_POS=True, HAS_EXCL=False, PREC="ieee")
+    mlp = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee", I64=False)
+    dot = dict(HAS_POS=True, HAS_EXCL=False, PREC="ieee", I64=False)
     mcfg, dcfg = _config.MLP_HOPPER[0], _config.DOT_HOPPER[0]
     wcfg = _config.MLP_DW_CONFIGS["hopper"][0]
     return [
@@ -64,9 +64,9 @@ def kernels(check):
         ("mlp_bwd col", mlp_bwd_kernel, check.mlp_signature,
          dict(mlp, SCALED=True, COL_PASS=True, ATOMIC_DB=False, DW_CHUNK=False), mcfg),
         ("mlp_dw first", mlp_dw_kernel, check.mlp_signature,
-         dict(FIRST=True, ACT=0, PREC="ieee"), wcfg),
+         dict(FIRST=True, ACT=0, PREC="ieee", I64=False), wcfg),
         ("mlp_dw hidden", mlp_dw_kernel, check.mlp_signature,
-         dict(FIRST=False, ACT=0, PREC="ieee"), wcfg),
+         dict(FIRST=False, ACT=0, PREC="ieee", I64=False), wcfg),
         ("dot_fwd", dot_fwd_kernel, check.dot_signature, dot, dcfg),
         ("dot_fwd 128x128", dot_fwd_kernel, check.dot_signature, dot, _config.DOT_HOPPER_WIDE[0]),
         ("dot_ds", dot_ds_kernel, check.dot_signature, dict(dot, SCALED=True), dcfg),
@@ -105,7 +105,7 @@ def test_forward_only_concat_tiles_keep_the_tensor_cores_busy(check):
     from factorcl_ext.triton import _config
     from factorcl_ext.triton._mlp_kernels import mlp_fwd_kernel
 
-    mlp = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee")
+    mlp = dict(L=1, ACT=0, OUT=0, HAS_POS=True, PREC="ieee", I64=False)
     for cfg in _config.MLP_HOPPER_FWD:
         k = check.compile_kernel(mlp_fwd_kernel, check.mlp_signature(mlp_fwd_kernel, "bf16"),
                                  dict(mlp), cfg, 90)

@@ -88,3 +88,16 @@ def _column_range(M, BJ: tl.constexpr):
     """Columns [lo, hi) of this program's share of the column blocks of width BJ."""
     lo, hi = _block_range(tl.cdiv(M, BJ))
     return lo * BJ, tl.minimum(M, hi * BJ)
+
+
+@triton.jit
+def _row_offsets(r, width, I64: tl.constexpr):
+    """Offsets ``r * width`` of rows r of a row-major matrix whose rows hold ``width`` elements.
+    I64 (ops.py sets it for operands of 2^31 elements or more: 4.2M rows of 512): in 64 bits,
+    where r * width passes 2^31 though r and width fit 32 bits (it wrapped to a negative
+    address); else in 32 bits, as the kernels always were (64-bit offsets cost up to 66
+    registers a thread more, sm_90 bf16 compile)."""
+    if I64:
+        return tl.cast(r, tl.int64) * width
+    else:
+        return r * width

@@ -26,21 +26,23 @@ Backward (recompute): ``dS_ij = (g_lse_i exp(s_ij - lse_i) + g_rowsum_i) [j not 
 import triton
 import triton.language as tl
 
-from ._common import _column_range, _lse_step
+from ._common import _column_range, _lse_step, _row_offsets
 
 
 @triton.jit
 def _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC: tl.constexpr, PREC: tl.constexpr,
-                BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+                I64: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     ri = i0 + tl.arange(0, BI)
     rj = j0 + tl.arange(0, BJ)
     s = tl.zeros((BI, BJ), ACC)
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         md = rd < D
-        g = tl.load(G_ptr + ri[:, None] * D + rd[None, :], mask=(ri < N)[:, None] & md[None, :],
+        g = tl.load(G_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :],
+                    mask=(ri < N)[:, None] & md[None, :],
                     other=0.0)
-        h = tl.load(H_ptr + rj[None, :] * D + rd[:, None], mask=(rj < M)[None, :] & md[:, None],
+        h = tl.load(H_ptr + _row_offsets(rj, D, I64)[None, :] + rd[:, None],
+                    mask=(rj < M)[None, :] & md[:, None],
                     other=0.0)
         s = tl.dot(g, h, s, input_precision=PREC, out_dtype=ACC)
     return s
@@ -65,7 +67,7 @@ def _plain_tile(i0, j0, row_end, M, pos_offset, exclude_offset, HAS_POS: tl.cons
 @triton.jit
 def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset, exclude_offset,
                    HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
-                   BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+                   I64: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     """Program (p, c) walks row blocks p, p + num_programs(0), ... over column range c of
     num_programs(1) (_column_range) and writes that range's statistics to row c of the
     [num_programs(1), N] outputs."""
@@ -87,7 +89,7 @@ def dot_fwd_kernel(G_ptr, H_ptr, Lse_ptr, Pos_ptr, Row_ptr, N, M, D, pos_offset,
         rsum = tl.zeros((BI,), ACC)
         pos = tl.zeros((BI,), ACC)
         for j0 in range(j_lo, j_hi, BJ):
-            s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
+            s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, I64, BI, BJ, BD)
             if _plain_tile(i0, j0, N, M, pos_offset, exclude_offset, HAS_POS, HAS_EXCL, BI, BJ):
                 m_run, shift, l_run = _lse_step(m_run, shift, l_run, s)
                 rsum += tl.sum(s, axis=1)
@@ -141,7 +143,8 @@ def _dot_ds(s, ri, rj, mi, mj, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, Scale_ptr,
 def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr, Scale_ptr,
                   N, M, D, pos_offset, exclude_offset, row0, row1,
                   HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
-                  SCALED: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+                  SCALED: tl.constexpr, I64: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                  BD: tl.constexpr):
     """dS of rows [row0, row1) and every column into dS_ptr, a row-major [row1 - row0, M]
     buffer in dS_ptr's dtype (the input dtype): [BI, BJ] tiles, programs taking every
     num_programs-th tile (consecutive programs: the same rows, neighbouring columns)."""
@@ -150,7 +153,7 @@ def dot_ds_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dS_ptr, S
     for t in range(tl.program_id(0), tl.cdiv(row1 - row0, BI) * n_j, tl.num_programs(0)):
         i0 = row0 + (t // n_j) * BI
         j0 = (t % n_j) * BJ
-        s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
+        s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, I64, BI, BJ, BD)
         ri = i0 + tl.arange(0, BI)
         rj = j0 + tl.arange(0, BJ)
         mi = ri < row1
@@ -173,7 +176,7 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
                    Scale_ptr, N, M, D, pos_offset, exclude_offset,
                    HAS_POS: tl.constexpr, HAS_EXCL: tl.constexpr, PREC: tl.constexpr,
                    SCALED: tl.constexpr, COL_PASS: tl.constexpr, ATOMIC_DH: tl.constexpr,
-                   BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+                   I64: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
     """Row pass: dG (owned rows) and, when ATOMIC_DH, dH by atomics. Column pass: dH (owned
     rows). dG and dH are float32 (float64) accumulators that start at zero; when SCALED they
     receive the gradients times the scale at Scale_ptr."""
@@ -194,7 +197,7 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
             else:
                 i0 = ob * BI
                 j0 = ib * BJ
-            s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, BI, BJ, BD)
+            s = _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC, PREC, I64, BI, BJ, BD)
             ri = i0 + tl.arange(0, BI)
             rj = j0 + tl.arange(0, BJ)
             mi = ri < N
@@ -209,25 +212,25 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
                 rd = d0 + tl.arange(0, BD)
                 md = rd < D
                 if COL_PASS:
-                    g = tl.load(G_ptr + ri[:, None] * D + rd[None, :],
+                    g = tl.load(G_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :],
                                 mask=mi[:, None] & md[None, :], other=0.0)
                     dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC, out_dtype=ACC)
-                    ph = dH_ptr + rj[:, None] * D + rd[None, :]
+                    ph = dH_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :]
                     mh = mj[:, None] & md[None, :]
                     tl.store(ph, tl.load(ph, mask=mh, other=0.0) + dh, mask=mh)
                 else:
-                    h = tl.load(H_ptr + rj[:, None] * D + rd[None, :],
+                    h = tl.load(H_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :],
                                 mask=mj[:, None] & md[None, :], other=0.0)
                     dg = tl.dot(ds.to(h.dtype), h, input_precision=PREC, out_dtype=ACC)
-                    pg = dG_ptr + ri[:, None] * D + rd[None, :]
+                    pg = dG_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :]
                     mg = mi[:, None] & md[None, :]
                     tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)
                     if ATOMIC_DH:
-                        g = tl.load(G_ptr + ri[:, None] * D + rd[None, :],
+                        g = tl.load(G_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :],
                                     mask=mi[:, None] & md[None, :], other=0.0)
                         dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC,
                                     out_dtype=ACC)
                         # relaxed: no ordering needed (read after the kernel); the default
                         # acq_rel adds MEMBAR.ALL.GPU and CCTL.IVALL around each atomic (SASS)
-                        tl.atomic_add(dH_ptr + rj[:, None] * D + rd[None, :], dh,
-                                      mask=mj[:, None] & md[None, :], sem="relaxed")
+                        tl.atomic_add(dH_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :],
+                                      dh, mask=mj[:, None] & md[None, :], sem="relaxed")

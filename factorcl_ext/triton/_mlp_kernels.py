@@ -46,29 +46,38 @@ by other threads of the program (different register layouts).
 import triton
 import triton.language as tl
 
-from ._common import _act, _act_bwd, _block_range, _column_range, _lse_step, _out_act, _out_act_grad
+from ._common import (
+    _act,
+    _act_bwd,
+    _block_range,
+    _column_range,
+    _lse_step,
+    _out_act,
+    _out_act_grad,
+    _row_offsets,
+)
 
 
 @triton.jit
-def _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC: tl.constexpr, BI: tl.constexpr,
-        BJ: tl.constexpr, BK: tl.constexpr):
+def _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC: tl.constexpr, I64: tl.constexpr,
+        BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
     """First-layer pre-activations A_i + B_j of the tile's pairs on one feature slice: [P, BK]."""
     ri = i0 + tl.arange(0, BI)
     rj = j0 + tl.arange(0, BJ)
     rk = k0 + tl.arange(0, BK)
     mk = rk < H
-    a = tl.load(A_ptr + ri[:, None] * H + rk[None, :], mask=(ri < N)[:, None] & mk[None, :],
-                other=0.0).to(ACC)
-    b = tl.load(B_ptr + rj[:, None] * H + rk[None, :], mask=(rj < M)[:, None] & mk[None, :],
-                other=0.0).to(ACC)
+    a = tl.load(A_ptr + _row_offsets(ri, H, I64)[:, None] + rk[None, :],
+                mask=(ri < N)[:, None] & mk[None, :], other=0.0).to(ACC)
+    b = tl.load(B_ptr + _row_offsets(rj, H, I64)[:, None] + rk[None, :],
+                mask=(rj < M)[:, None] & mk[None, :], other=0.0).to(ACC)
     return tl.reshape(a[:, None, :] + b[None, :, :], (BI * BJ, BK))
 
 
 @triton.jit
 def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N, M, H,
                 ACC: tl.constexpr, L: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-                BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                STORE_LAST: tl.constexpr):
+                I64: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+                BN: tl.constexpr, STORE_LAST: tl.constexpr):
     """``w_out . h_L`` for the tile's P pairs ([P], before b_out and out_act).
 
     Layer l's pre-activations z_(l+1) go to scratch ``zp + l*zls``, pair p in row ``zr[p]``
@@ -80,7 +89,7 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N,
         for k0 in range(0, H, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < H
-            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK), ACT)
+            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK), ACT)
             wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
             t += tl.sum(h * wo[None, :], axis=1)
     else:
@@ -93,10 +102,11 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N,
                     rk = k0 + tl.arange(0, BK)
                     mk = rk < H
                     # W_l[n, k] read transposed: the [BK, BN] right operand of h @ W_l^T
-                    w = tl.load(W_ptr + l * H * H + rn[None, :] * H + rk[:, None],
+                    w = tl.load(W_ptr + _row_offsets(l * H, H, I64)
+                                + _row_offsets(rn, H, I64)[None, :] + rk[:, None],
                                 mask=mk[:, None] & mn[None, :], other=0.0)
                     if l == 0:
-                        x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK), ACT)
+                        x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK), ACT)
                     else:
                         x = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                     mask=mk[None, :], other=0.0).to(ACC)
@@ -121,7 +131,7 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
                    Lse_ptr, Pos_ptr, Row_ptr,
                    N, M, H, pos_offset, z_prog_stride, z_layer_stride,
                    L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
-                   HAS_POS: tl.constexpr, PREC: tl.constexpr,
+                   HAS_POS: tl.constexpr, PREC: tl.constexpr, I64: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     """(lse, pos, rowsum) of every row: one pass over the columns per row block. Program
     (p, c) walks row blocks p, p + num_programs(0), ... over column range c of num_programs(1)
@@ -151,7 +161,7 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
         pos = tl.zeros((BI,), ACC)
         for j0 in range(j_lo, j_hi, BJ):
             t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, z_layer_stride, rp,
-                            i0, j0, N, M, H, ACC, L, ACT, PREC, BI, BJ, BK, BN, False)
+                            i0, j0, N, M, H, ACC, L, ACT, PREC, I64, BI, BJ, BK, BN, False)
             s = tl.reshape(_out_act(t + bout, OUT), (BI, BJ))
             rj = j0 + tl.arange(0, BJ)
             valid = mi[:, None] & (rj < M)[None, :]
@@ -170,20 +180,21 @@ def mlp_fwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr,
 
 @triton.jit
 def _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS: tl.constexpr,
-                ATOMIC_DB: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
+                ATOMIC_DB: tl.constexpr, I64: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                BK: tl.constexpr):
     """dA_i += sum_j dz0_ij and dB_j += sum_i dz0_ij on one feature slice."""
     d3 = tl.reshape(dz0, (BI, BJ, BK))
     rk = k0 + tl.arange(0, BK)
     mk = rk < H
     rj = j0 + tl.arange(0, BJ)
     mb = (rj < M)[:, None] & mk[None, :]
-    pb = dB_ptr + rj[:, None] * H + rk[None, :]
+    pb = dB_ptr + _row_offsets(rj, H, I64)[:, None] + rk[None, :]
     if COL_PASS:
         tl.store(pb, tl.load(pb, mask=mb, other=0.0) + tl.sum(d3, axis=0), mask=mb)
     else:
         ri = i0 + tl.arange(0, BI)
         ma = (ri < N)[:, None] & mk[None, :]
-        pa = dA_ptr + ri[:, None] * H + rk[None, :]
+        pa = dA_ptr + _row_offsets(ri, H, I64)[:, None] + rk[None, :]
         tl.store(pa, tl.load(pa, mask=ma, other=0.0) + tl.sum(d3, axis=1), mask=ma)
         if ATOMIC_DB:
             # relaxed: a sum read only after the kernel ends needs no ordering; the default
@@ -200,6 +211,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                    L: tl.constexpr, ACT: tl.constexpr, OUT: tl.constexpr,
                    HAS_POS: tl.constexpr, PREC: tl.constexpr, SCALED: tl.constexpr,
                    COL_PASS: tl.constexpr, ATOMIC_DB: tl.constexpr, DW_CHUNK: tl.constexpr,
+                   I64: tl.constexpr,
                    BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
     """Recomputing backward over the pairs of rows [row0, row1) x columns [col0, col1) (row0 a
     multiple of BI, col0 of BJ). Row pass (COL_PASS False): dA, bias slots of this program, dB by
@@ -258,7 +270,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
             else:
                 zr = rp
             t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0,
-                            N, M, H, ACC, L, ACT, PREC, BI, BJ, BK, BN, True) + bout
+                            N, M, H, ACC, L, ACT, PREC, I64, BI, BJ, BK, BN, True) + bout
             # ds_ij = g_lse_i exp(s_ij - lse_i) + g_pos_i [j == i + off] + g_rowsum_i, times
             # out_act'(t); zero on padding pairs so nothing flows from them
             pi = i0 + rp // BJ
@@ -279,14 +291,14 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                 for k0 in range(0, H, BK):
                     rk = k0 + tl.arange(0, BK)
                     mk = rk < H
-                    z0 = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK)
+                    z0 = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK)
                     wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
                     if not COL_PASS:
                         g = tl.sum(ds[:, None] * _act(z0, ACT), axis=0)
                         tl.store(dWoutp + rk, tl.load(dWoutp + rk, mask=mk, other=0.0) + g, mask=mk)
                     dz0 = _act_bwd(ds[:, None] * wo[None, :], z0, ACT)
                     _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS, ATOMIC_DB,
-                                BI, BJ, BK)
+                                I64, BI, BJ, BK)
             else:
                 # top: dz_L = ds w_out act'(z_L), written over z_L in the scratch
                 for n0 in range(0, H, BN):
@@ -309,7 +321,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                         rk = k0 + tl.arange(0, BK)
                         mk = rk < H
                         if l == 0:
-                            z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BI, BJ, BK)
+                            z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK)
                         else:
                             z_in = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                            mask=mk[None, :], other=0.0).to(ACC)
@@ -322,7 +334,8 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                         for n0 in range(0, H, BN):
                             rn = n0 + tl.arange(0, BN)
                             mn = rn < H
-                            w = tl.load(W_ptr + l * H * H + rn[:, None] * H + rk[None, :],
+                            w = tl.load(W_ptr + _row_offsets(l * H, H, I64)
+                                        + _row_offsets(rn, H, I64)[:, None] + rk[None, :],
                                         mask=mn[:, None] & mk[None, :], other=0.0)
                             dz = tl.load(zp + l * zls + zr[:, None] * H + rn[None, :],
                                          mask=mn[None, :], other=0.0).to(w.dtype)
@@ -330,13 +343,14 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                             if not COL_PASS and not DW_CHUNK:
                                 gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
                                             out_dtype=ACC)
-                                pw = dWp + l * H * H + rn[:, None] * H + rk[None, :]
+                                pw = (dWp + _row_offsets(l * H, H, I64)
+                                      + _row_offsets(rn, H, I64)[:, None] + rk[None, :])
                                 mw = mn[:, None] & mk[None, :]
                                 tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
                         dz_in = _act_bwd(dh, z_in, ACT)
                         if l == 0:
                             _reduce_dz0(dz_in, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS,
-                                        ATOMIC_DB, BI, BJ, BK)
+                                        ATOMIC_DB, I64, BI, BJ, BK)
                         else:
                             if not COL_PASS:
                                 pb = dBiasp + (l - 1) * H + rk
@@ -353,7 +367,8 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
 def mlp_dw_kernel(A_ptr, B_ptr, Dz_ptr, Hin_ptr, Part_ptr,
                   N, M, H, row0, row1, col0, col1, chunk_w, n_split,
                   FIRST: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, BQI: tl.constexpr, BQJ: tl.constexpr):
+                  I64: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BQI: tl.constexpr,
+                  BQJ: tl.constexpr):
     """One layer's weight gradient over a chunk of pairs, ``dW[n, k] += sum_p dz[p, n] h[p, k]``,
     as a GEMM whose reduction dimension is the chunk's pairs (rows [row0, row1) x columns
     [col0, col1), laid out as mlp_bwd_kernel leaves them in Dz_ptr). ``h`` is the layer's input:
@@ -387,12 +402,13 @@ def mlp_dw_kernel(A_ptr, B_ptr, Dz_ptr, Hin_ptr, Part_ptr,
         dz = tl.load(Dz_ptr + zr[:, None] * H + rn[None, :], mask=valid[:, None] & mn[None, :],
                      other=0.0)
         if FIRST:
-            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, BQI, BQJ, BK), ACT)
+            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BQI, BQJ, BK), ACT)
             h = tl.where(valid[:, None], h, 0.0)
         else:
             h = tl.load(Hin_ptr + zr[:, None] * H + rk[None, :],
                         mask=valid[:, None] & mk[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), h.to(dz.dtype), acc, input_precision=PREC, out_dtype=ACC)
-    pp = Part_ptr + s.to(tl.int64) * H * H + rn[:, None] * H + rk[None, :]
+    pp = (Part_ptr + s.to(tl.int64) * H * H + _row_offsets(rn, H, I64)[:, None]
+          + rk[None, :])
     mw = mn[:, None] & mk[None, :]
     tl.store(pp, tl.load(pp, mask=mw, other=0.0) + acc, mask=mw)

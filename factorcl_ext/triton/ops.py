@@ -97,6 +97,12 @@ def _like(grad: Tensor, t: Tensor) -> Tensor:
     return out
 
 
+def _needs_i64(elements: int) -> bool:
+    """Whether the kernels need 64-bit row offsets (constexpr I64, _common._row_offsets): an
+    operand of ``elements`` elements has offsets past 2^31 - 1."""
+    return elements > 2**31
+
+
 def _deterministic(requested: bool) -> bool:
     """The call's ``deterministic`` argument, or the global mode (set_deterministic, the
     environment, torch.use_deterministic_algorithms)."""
@@ -176,6 +182,7 @@ class _MlpArgs:
         self.acc = _config.acc_dtype(dtype)
         self.prec = _config.dot_precision(dtype)
         self.family = _config.config_family(A.device, dtype)
+        self.i64 = _needs_i64(max(self.N, self.M, self.L * self.H) * self.H)
         # every tile either kernel may launch with (the forward's list holds the backward's):
         # grid sizes, scratch slots and chunk alignment hold for any of them
         self.configs = _config.MLP_FWD_CONFIGS[self.family]
@@ -197,7 +204,8 @@ class _MlpArgs:
         return z, layers * self.p_max * self.H, self.p_max * self.H
 
     def constexprs(self) -> dict:
-        return dict(L=self.L, ACT=self.act, OUT=self.out, HAS_POS=self.has_pos, PREC=self.prec)
+        return dict(L=self.L, ACT=self.act, OUT=self.out, HAS_POS=self.has_pos, PREC=self.prec,
+                    I64=self.i64)
 
     def bwd_constexprs(self) -> dict:
         return dict(self.constexprs(), SCALED=self.scaled)
@@ -374,7 +382,7 @@ def _mlp_row_pass_chunked(a: _MlpArgs, lse, grads, accs, row_kw, det, splits: in
                 _launch(_MLP_DW, a.family, (tiles * dw_splits,),
                         (a.A, a.B, z[l], hin[l - 1] if l else z[l], part[l],
                          N, M, H, row0, row1, col0, col1, cols, dw_splits),
-                        dict(FIRST=l == 0, ACT=a.act, PREC=a.prec), det)
+                        dict(FIRST=l == 0, ACT=a.act, PREC=a.prec, I64=a.i64), det)
     return [part[l].sum(0) for l in range(L)]
 
 
@@ -438,6 +446,7 @@ class _DotArgs:
         self.acc = _config.acc_dtype(G.dtype)
         self.prec = _config.dot_precision(G.dtype)
         self.family = _config.config_family(G.device, G.dtype)
+        self.i64 = _needs_i64(max(self.N, self.M) * self.D)
         self.configs = _config.DOT_CONFIGS[self.family]
         self.bi_min = _config.min_kwarg(self.configs, lambda k: k["BI"])
         self.bj_min = _config.min_kwarg(self.configs, lambda k: k["BJ"])
@@ -448,7 +457,7 @@ class _DotArgs:
         return (self.N, self.M, self.D, self.pos_offset, self.exclude_offset)
 
     def constexprs(self) -> dict:
-        return dict(HAS_POS=self.has_pos, HAS_EXCL=self.has_excl, PREC=self.prec)
+        return dict(HAS_POS=self.has_pos, HAS_EXCL=self.has_excl, PREC=self.prec, I64=self.i64)
 
 
 def _dot_forward(a: _DotArgs):
