@@ -72,7 +72,7 @@ _DW_UPDATE = """\
                                 gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
                                             out_dtype=ACC)
                                 pw = (dWp + _row_offsets(l * H, H, I64)
-                                      + _row_offsets(rn, H, I64)[:, None] + rk[None, :])
+                                      + _row_offsets(rn[:, None], H, I64) + rk[None, :])
                                 mw = mn[:, None] & mk[None, :]
                                 tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
 """
@@ -107,7 +107,7 @@ EDITS = {
     "db_atomic_acq_rel": [(_DB_ATOMIC, _DB_ATOMIC.replace('sem="relaxed"', 'sem="acq_rel"'))],
 }
 _DG_UPDATE = "                    tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)\n"
-_DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :],\n"  # noqa: E501
+_DH_ATOMIC = ("                        tl.atomic_add(dH_ptr + _row_offsets(rj[:, None], D, I64) + rd[None, :],\n"  # noqa: E501
               '                                      dh, mask=mj[:, None] & md[None, :], sem="relaxed")')  # noqa: E501
 DOT_EDITS = {
     "full": [],

@@ -92,11 +92,11 @@ def _column_range(M, BJ: tl.constexpr):
 
 @triton.jit
 def _row_offsets(r, width, I64: tl.constexpr):
-    """Offsets ``r * width`` of rows r of a row-major matrix whose rows hold ``width`` elements.
-    I64 (ops.py sets it for operands of 2^31 elements or more: 4.2M rows of 512): in 64 bits,
-    where r * width passes 2^31 though r and width fit 32 bits (it wrapped to a negative
-    address); else in 32 bits, as the kernels always were (64-bit offsets cost up to 66
-    registers a thread more, sm_90 bf16 compile)."""
+    """Offsets ``r * width`` of rows r (a scalar, or indices shaped as the tile needs them) of a
+    row-major matrix whose rows hold ``width`` elements. I64 (ops.py sets it for operands of
+    2^31 elements or more: 4.2M rows of 512): in 64 bits, since r * width passes 2^31 there
+    though r and width fit 32 bits (in 32 bits it wrapped to a negative address); else in 32
+    bits, the kernels' code as it was before I64 (same SASS, sm_90 / sm_80 compile check)."""
     if I64:
         return tl.cast(r, tl.int64) * width
     else:

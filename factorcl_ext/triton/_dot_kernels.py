@@ -38,10 +38,10 @@ def _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC: tl.constexpr, PREC: tl.const
     for d0 in range(0, D, BD):
         rd = d0 + tl.arange(0, BD)
         md = rd < D
-        g = tl.load(G_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :],
+        g = tl.load(G_ptr + _row_offsets(ri[:, None], D, I64) + rd[None, :],
                     mask=(ri < N)[:, None] & md[None, :],
                     other=0.0)
-        h = tl.load(H_ptr + _row_offsets(rj, D, I64)[None, :] + rd[:, None],
+        h = tl.load(H_ptr + _row_offsets(rj[None, :], D, I64) + rd[:, None],
                     mask=(rj < M)[None, :] & md[:, None],
                     other=0.0)
         s = tl.dot(g, h, s, input_precision=PREC, out_dtype=ACC)
@@ -212,25 +212,25 @@ def dot_bwd_kernel(G_ptr, H_ptr, Lse_ptr, Glse_ptr, Gpos_ptr, Grow_ptr, dG_ptr, 
                 rd = d0 + tl.arange(0, BD)
                 md = rd < D
                 if COL_PASS:
-                    g = tl.load(G_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :],
+                    g = tl.load(G_ptr + _row_offsets(ri[:, None], D, I64) + rd[None, :],
                                 mask=mi[:, None] & md[None, :], other=0.0)
                     dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC, out_dtype=ACC)
-                    ph = dH_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :]
+                    ph = dH_ptr + _row_offsets(rj[:, None], D, I64) + rd[None, :]
                     mh = mj[:, None] & md[None, :]
                     tl.store(ph, tl.load(ph, mask=mh, other=0.0) + dh, mask=mh)
                 else:
-                    h = tl.load(H_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :],
+                    h = tl.load(H_ptr + _row_offsets(rj[:, None], D, I64) + rd[None, :],
                                 mask=mj[:, None] & md[None, :], other=0.0)
                     dg = tl.dot(ds.to(h.dtype), h, input_precision=PREC, out_dtype=ACC)
-                    pg = dG_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :]
+                    pg = dG_ptr + _row_offsets(ri[:, None], D, I64) + rd[None, :]
                     mg = mi[:, None] & md[None, :]
                     tl.store(pg, tl.load(pg, mask=mg, other=0.0) + dg, mask=mg)
                     if ATOMIC_DH:
-                        g = tl.load(G_ptr + _row_offsets(ri, D, I64)[:, None] + rd[None, :],
+                        g = tl.load(G_ptr + _row_offsets(ri[:, None], D, I64) + rd[None, :],
                                     mask=mi[:, None] & md[None, :], other=0.0)
                         dh = tl.dot(tl.trans(ds.to(g.dtype)), g, input_precision=PREC,
                                     out_dtype=ACC)
                         # relaxed: no ordering needed (read after the kernel); the default
                         # acq_rel adds MEMBAR.ALL.GPU and CCTL.IVALL around each atomic (SASS)
-                        tl.atomic_add(dH_ptr + _row_offsets(rj, D, I64)[:, None] + rd[None, :],
+                        tl.atomic_add(dH_ptr + _row_offsets(rj[:, None], D, I64) + rd[None, :],
                                       dh, mask=mj[:, None] & md[None, :], sem="relaxed")

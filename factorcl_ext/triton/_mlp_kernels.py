@@ -66,9 +66,9 @@ def _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC: tl.constexpr, I64: tl.constexpr,
     rj = j0 + tl.arange(0, BJ)
     rk = k0 + tl.arange(0, BK)
     mk = rk < H
-    a = tl.load(A_ptr + _row_offsets(ri, H, I64)[:, None] + rk[None, :],
+    a = tl.load(A_ptr + _row_offsets(ri[:, None], H, I64) + rk[None, :],
                 mask=(ri < N)[:, None] & mk[None, :], other=0.0).to(ACC)
-    b = tl.load(B_ptr + _row_offsets(rj, H, I64)[:, None] + rk[None, :],
+    b = tl.load(B_ptr + _row_offsets(rj[:, None], H, I64) + rk[None, :],
                 mask=(rj < M)[:, None] & mk[None, :], other=0.0).to(ACC)
     return tl.reshape(a[:, None, :] + b[None, :, :], (BI * BJ, BK))
 
@@ -103,7 +103,7 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N,
                     mk = rk < H
                     # W_l[n, k] read transposed: the [BK, BN] right operand of h @ W_l^T
                     w = tl.load(W_ptr + _row_offsets(l * H, H, I64)
-                                + _row_offsets(rn, H, I64)[None, :] + rk[:, None],
+                                + _row_offsets(rn[None, :], H, I64) + rk[:, None],
                                 mask=mk[:, None] & mn[None, :], other=0.0)
                     if l == 0:
                         x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK), ACT)
@@ -188,13 +188,13 @@ def _reduce_dz0(dz0, dA_ptr, dB_ptr, i0, j0, k0, N, M, H, COL_PASS: tl.constexpr
     mk = rk < H
     rj = j0 + tl.arange(0, BJ)
     mb = (rj < M)[:, None] & mk[None, :]
-    pb = dB_ptr + _row_offsets(rj, H, I64)[:, None] + rk[None, :]
+    pb = dB_ptr + _row_offsets(rj[:, None], H, I64) + rk[None, :]
     if COL_PASS:
         tl.store(pb, tl.load(pb, mask=mb, other=0.0) + tl.sum(d3, axis=0), mask=mb)
     else:
         ri = i0 + tl.arange(0, BI)
         ma = (ri < N)[:, None] & mk[None, :]
-        pa = dA_ptr + _row_offsets(ri, H, I64)[:, None] + rk[None, :]
+        pa = dA_ptr + _row_offsets(ri[:, None], H, I64) + rk[None, :]
         tl.store(pa, tl.load(pa, mask=ma, other=0.0) + tl.sum(d3, axis=1), mask=ma)
         if ATOMIC_DB:
             # relaxed: a sum read only after the kernel ends needs no ordering; the default
@@ -335,7 +335,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                             rn = n0 + tl.arange(0, BN)
                             mn = rn < H
                             w = tl.load(W_ptr + _row_offsets(l * H, H, I64)
-                                        + _row_offsets(rn, H, I64)[:, None] + rk[None, :],
+                                        + _row_offsets(rn[:, None], H, I64) + rk[None, :],
                                         mask=mn[:, None] & mk[None, :], other=0.0)
                             dz = tl.load(zp + l * zls + zr[:, None] * H + rn[None, :],
                                          mask=mn[None, :], other=0.0).to(w.dtype)
@@ -344,7 +344,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                                 gw = tl.dot(tl.trans(dz), h_in.to(w.dtype), input_precision=PREC,
                                             out_dtype=ACC)
                                 pw = (dWp + _row_offsets(l * H, H, I64)
-                                      + _row_offsets(rn, H, I64)[:, None] + rk[None, :])
+                                      + _row_offsets(rn[:, None], H, I64) + rk[None, :])
                                 mw = mn[:, None] & mk[None, :]
                                 tl.store(pw, tl.load(pw, mask=mw, other=0.0) + gw, mask=mw)
                         dz_in = _act_bwd(dh, z_in, ACT)
@@ -408,7 +408,7 @@ def mlp_dw_kernel(A_ptr, B_ptr, Dz_ptr, Hin_ptr, Part_ptr,
             h = tl.load(Hin_ptr + zr[:, None] * H + rk[None, :],
                         mask=valid[:, None] & mk[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), h.to(dz.dtype), acc, input_precision=PREC, out_dtype=ACC)
-    pp = (Part_ptr + s.to(tl.int64) * H * H + _row_offsets(rn, H, I64)[:, None]
+    pp = (Part_ptr + s.to(tl.int64) * H * H + _row_offsets(rn[:, None], H, I64)
           + rk[None, :])
     mw = mn[:, None] & mk[None, :]
     tl.store(pp, tl.load(pp, mask=mw, other=0.0) + acc, mask=mw)
