@@ -659,6 +659,13 @@ def test_mode_settings_are_checked():
     with _config.using_dot_bwd_mode("fused"):
         assert _config.dot_bwd_mode() == "fused"
     assert _config.dot_bwd_mode() == "chunk"
+    assert _config.chunk_bytes("16") == 16 * 2**20
+    for bad, match in (("lots", "number of MiB"), ("0", "positive"), ("-1", "positive"),
+                       ("nan", "positive")):
+        with pytest.raises(ValueError, match=match):
+            _config.chunk_bytes(bad)
+    with pytest.warns(UserWarning, match="2048 MiB"):
+        assert _config.chunk_bytes("8192") == 2**31
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -177,7 +178,27 @@ class _Mode:
 # Both chunked modes below keep per-pair values of a chunk of pairs in one buffer of at most
 # CHUNK_BYTES (FACTORCL_TRITON_CHUNK_MB, 256 MiB, read at import): memory bounded by a constant,
 # not by N * M.
-CHUNK_BYTES = int(float(os.environ.get("FACTORCL_TRITON_CHUNK_MB", "256")) * 2**20)
+CHUNK_MB_MAX = 2048
+
+
+def chunk_bytes(mib: str) -> int:
+    """FACTORCL_TRITON_CHUNK_MB in bytes. At most CHUNK_MB_MAX (with a warning): the kernels
+    address a layer's rows of the concat backward's chunk buffer with 32-bit offsets, which a
+    buffer of 2 GiB keeps below 2^31 elements."""
+    try:
+        value = float(mib)
+    except ValueError:
+        raise ValueError(f"FACTORCL_TRITON_CHUNK_MB must be a number of MiB, got {mib!r}") from None
+    if not value > 0:
+        raise ValueError(f"FACTORCL_TRITON_CHUNK_MB must be positive, got {mib!r}")
+    if value > CHUNK_MB_MAX:
+        warnings.warn(f"FACTORCL_TRITON_CHUNK_MB={mib}: using {CHUNK_MB_MAX} MiB, the largest "
+                      "chunk buffer the Triton kernels address", stacklevel=2)
+        value = CHUNK_MB_MAX
+    return int(value * 2**20)
+
+
+CHUNK_BYTES = chunk_bytes(os.environ.get("FACTORCL_TRITON_CHUNK_MB", "256"))
 
 # Concat critic: how the backward forms the hidden weights' gradient dW_l = sum over pairs of
 # dz_l^T h_(l-1) (FACTORCL_TRITON_DW at import, set_dw_mode() at run time):
