@@ -39,11 +39,9 @@ def _dot_scores(G_ptr, H_ptr, i0, j0, N, M, D, ACC: tl.constexpr, PREC: tl.const
         rd = d0 + tl.arange(0, BD)
         md = rd < D
         g = tl.load(G_ptr + _row_offsets(ri[:, None], D, I64) + rd[None, :],
-                    mask=(ri < N)[:, None] & md[None, :],
-                    other=0.0)
+                    mask=(ri < N)[:, None] & md[None, :], other=0.0)
         h = tl.load(H_ptr + _row_offsets(rj[None, :], D, I64) + rd[:, None],
-                    mask=(rj < M)[None, :] & md[:, None],
-                    other=0.0)
+                    mask=(rj < M)[None, :] & md[:, None], other=0.0)
         s = tl.dot(g, h, s, input_precision=PREC, out_dtype=ACC)
     return s
 
