@@ -1123,6 +1123,21 @@ def test_pair_mlp_backward_kernel_past_2_31_elements(side):
     assert_rel_close(dBout[0], expected[3], 1e-5, "db_out")
 
 
+def test_row_counts_of_2_31_are_refused():
+    """Rows and columns are numbered in 32 bits in the kernels: 2^31 of them is an error, not a
+    wrapped index (a stride-0 view: nothing allocated)."""
+    from factorcl_ext.triton import ops as tops
+
+    x = torch.randn(1, 2, device=DEVICE)
+    many = x.expand(2**31, 2)
+    for rows, cols in ((many, x), (x, many)):
+        with pytest.raises(ValueError, match="fewer than 2\\^31 rows"):
+            tops._DotArgs(rows, cols, None, None, False)
+        with pytest.raises(ValueError, match="fewer than 2\\^31 rows"):
+            tops._MlpArgs(rows, cols, [], [], x[0], x[0, 0], "relu", "none", None, False)
+    tops._check_row_counts(2**31 - 1, 2**31 - 1)  # the largest counts taken
+
+
 def test_pair_dot_score_kernel_past_2_31_elements():
     """dot_ds_kernel on rows [r0, r0 + 3) of G, r0 the first row at element 2^31 (every column
     of a small H), against dS from float64 scores: the forward's and the fused backward's

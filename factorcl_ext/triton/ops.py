@@ -103,6 +103,13 @@ def _needs_i64(elements: int) -> bool:
     return elements > 2**31
 
 
+def _check_row_counts(N: int, M: int) -> None:
+    """The kernels number rows and columns in 32 bits (program ids times tile sizes)."""
+    if max(N, M) >= 2**31:
+        raise ValueError(f"the triton backend takes fewer than 2^31 rows and columns, got "
+                         f"N = {N}, M = {M}")
+
+
 def _deterministic(requested: bool) -> bool:
     """The call's ``deterministic`` argument, or the global mode (set_deterministic, the
     environment, torch.use_deterministic_algorithms)."""
@@ -160,6 +167,7 @@ class _MlpArgs:
     def __init__(self, A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                  out_activation, pos_offset, deterministic):
         # the callers' tensors: gradients take their layouts
+        _check_row_counts(A.shape[0], B.shape[0])
         self.src = (A, B, list(hidden_weights), list(hidden_biases), w_out, b_out)
         self.A = A.contiguous()
         self.B = B.contiguous()
@@ -433,6 +441,7 @@ def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_bia
 
 class _DotArgs:
     def __init__(self, G, H, pos_offset, exclude_offset, deterministic):
+        _check_row_counts(G.shape[0], H.shape[0])
         self.src = (G, H)
         self.det = _deterministic(deterministic)
         self.G = G.contiguous()
