@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SESSION_SEED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,9 @@ pytestmark = [
 
 
 def test_cpu_kernels_under_address_and_undefined_behaviour_sanitizers():
-    env = dict(os.environ, PYTHON=sys.executable)
+    # the child draws this session's per-test seeds, so that a failure there is rerun with the
+    # FACTORCL_TEST_SEED this session's header prints (its own header is not in the output)
+    env = dict(os.environ, PYTHON=sys.executable, FACTORCL_TEST_SEED=str(SESSION_SEED))
     proc = subprocess.run(["bash", str(ROOT / "tests" / "run_cpu_sanitizers.sh")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1800)
     output = proc.stdout + proc.stderr
