@@ -1090,7 +1090,6 @@ def test_pair_mlp_backward_kernel_past_2_31_elements(side):
         if side == "rows" else
         ((torch.randn(nr, BIG_WIDTH, **f32) / 6,) * 2, _big_rows(nc, torch.float32))
     )
-    A_blk, B_blk = A_blk.double(), B_blk.double()
     w_out = torch.randn(BIG_WIDTH, **f32) / BIG_WIDTH**0.5
     b_out = torch.randn((), **f32)
     pos_offset = c0 + 1 - r0  # rows r0.. -> columns c0 + 1..
@@ -1227,6 +1226,7 @@ def test_whole_ops_past_2_31_elements(case, side):
         u[:r0] = 0
     if offsets[0] is None:
         upstream[1].zero_()
+    rows_ref = rows.detach()[r0:].double().requires_grad_()  # the rows the reference sees
     if critic == "concat":
         layers = int(mode[1:])  # L = 1: the hidden layer's weight-gradient kernel too
         params = [torch.randn(W, W, **f32) / W**0.5, 0.1 * torch.randn(W, **f32)] * layers
@@ -1250,7 +1250,6 @@ def test_whole_ops_past_2_31_elements(case, side):
 
         def stats(c, pos, excl):
             return reference.pair_dot_stats(rows_ref, c, pos, excl)
-    rows_ref = rows.detach()[r0:].double().requires_grad_()
     ref, ref_grads, ref_col_grads = _reference_by_column_blocks(
         stats, [rows_ref, *ref_params], cols.detach(), [u[r0:].double() for u in upstream],
         offsets)

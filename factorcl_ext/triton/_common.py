@@ -96,7 +96,8 @@ def _row_offsets(r, width, I64: tl.constexpr):
     row-major matrix whose rows hold ``width`` elements. I64 (ops.py sets it for operands of
     2^31 elements or more: 4.2M rows of 512): in 64 bits, since r * width passes 2^31 there
     though r and width fit 32 bits (in 32 bits it wrapped to a negative address); else in 32
-    bits, the kernels' code as it was before I64 (same SASS, sm_90 / sm_80 compile check)."""
+    bits, as before I64 (the same SASS for 381 of 388 variants, sm_90 / sm_80 compile check;
+    benchmarks/README.md, session 21)."""
     if I64:
         return tl.cast(r, tl.int64) * width
     else:
