@@ -180,6 +180,8 @@ def test_npz_and_pt_round_trip(tmp_path):
     (dict(x1=np.zeros((4, 2)) + 1j, x2=np.zeros((4, 2)), y=np.arange(4) % 2), "complex128"),
     (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.arange(4) % 2,
           split=np.array(["train", "test"] * 2)), r"'split' must hold 0 \(train\) and 1"),
+    (dict(x1=np.zeros((4, 2)), x2=np.zeros((4, 2)), y=np.arange(4) % 2, split=np.arange(4) % 2),
+     r"the training split \(2 examples\) holds a single class \(class 0: 2;"),
 ])
 def test_npz_errors_name_the_problem(tmp_path, arrays, message):
     path = _write_npz(tmp_path / "bad.npz", **arrays)
@@ -209,6 +211,8 @@ def _affect(n_train=6, n_test=4, t=5):
 
 def test_multibench_affect_layout(tmp_path):
     raw = _affect()
+    raw["train"]["labels"][:3] = 1.0  # both classes in the training split
+    raw["train"]["labels"][3:] = -1.0
     raw["test"]["labels"][:2] = 1.0
     raw["test"]["labels"][2:] = -1.0
     raw["train"]["vision"][0, 0, 0] = np.nan  # MultiBench features carry missing values

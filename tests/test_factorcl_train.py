@@ -567,3 +567,251 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     logged = [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
     assert logged[-1] == state["step"]
     assert not (out / "metrics.json").exists()
+
+
+# ---- what a run is compared on, and what the CLI refuses --------------------------------------
+
+
+def test_data_fingerprint_covers_every_value_and_the_split():
+    # Any change to x1, x2, y (even in the last row) or to the split is other data; the same
+    # data in another process gives the same fingerprint.
+    d = _data()
+    fp = T._data_fingerprint(d)
+    assert fp == T._data_fingerprint(_data())
+
+    def changed(**kw):
+        return T._data_fingerprint(dataclasses.replace(d, **kw))
+
+    x1, x2, y = d.x1.clone(), d.x2.clone(), d.y.clone()
+    x1[-1, -1] += 1.0
+    x2[100, 3] += 1.0
+    y[-1] = 1 - y[-1]
+    train_idx, test_idx = d.train_idx.clone(), d.test_idx.clone()
+    train_idx[-1], test_idx[-1] = test_idx[-1].clone(), train_idx[-1].clone()
+    for other in (changed(x1=x1), changed(x2=x2), changed(y=y),
+                  changed(train_idx=train_idx, test_idx=test_idx)):
+        assert other["content_hash"] != fp["content_hash"]
+    code = ("from factorcl import data as D, train as T; print(T._data_fingerprint("
+            "D.make_synthetic(D.SyntheticConfig(num_examples=160, shared_dim=3, unique_dim=2, "
+            "x_dim=12, seed=0)))['content_hash'])")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == fp["content_hash"]
+
+
+def test_resume_and_compare_refuse_other_labels(tmp_path, capsys, monkeypatch):
+    # The labels alone differ (--label-parts): --resume refuses the checkpoint, and compare
+    # refuses to reuse (or continue) the runs of the first labels.
+    d = _data()
+    shared_only = D.make_synthetic(D.SyntheticConfig(num_examples=160, shared_dim=3, unique_dim=2,
+                                                     x_dim=12, label_parts=("shared",)))
+    assert torch.equal(shared_only.x1, d.x1) and not torch.equal(shared_only.y, d.y)
+    part = T.train(_cfg(), d, str(tmp_path / "r"), stop_at_step=2)
+    with pytest.raises(T.TrainError, match="different data .*label_parts"):
+        T.train(_cfg(), shared_only, str(tmp_path / "r"), resume=part["checkpoint"])
+    out = str(tmp_path / "cmp")
+    argv = ["compare", "--out", out, "--epochs", "1", "--backend", "reference", "--models",
+            "simclr", *TINY]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    _one_line_error(capsys, cli.main(argv + ["--label-parts", "shared"]), "label_parts")
+    # a failed --overwrite leaves none of the old results (summary, checkpoint) behind
+    with monkeypatch.context() as m:
+        m.setattr(T, "main_step", lambda *a, **k: (_ for _ in ()).throw(T.TrainError("failed")))
+        assert cli.main(argv + ["--label-parts", "shared", "--overwrite"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: failed")
+    assert os.listdir(out) == ["simclr-seed0"]
+    assert not os.path.exists(os.path.join(out, "simclr-seed0", "checkpoint.pt"))
+    assert cli.main(argv + ["--label-parts", "shared", "--overwrite"]) == 0
+    assert "reusing" not in capsys.readouterr().err
+
+
+def test_checkpoint_of_the_old_data_format_is_refused_clearly(tmp_path):
+    d = _data()
+    cfg = _cfg("simclr", probe=True)
+    T.train(cfg, d, str(tmp_path))
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    fp = state["data"]
+    state["data"] = {k: fp[k] for k in ("name", "n", "num_train", "x1", "x2", "num_classes")}
+    state["data"]["checksum"] = 12.5  # what factorcl recorded before it hashed the data
+    T.save_checkpoint(str(path), state)
+    with pytest.raises(T.TrainError, match="older factorcl.*--overwrite"):
+        T.train(cfg, d, str(tmp_path), resume=str(path))
+    with pytest.raises(T.TrainError, match="older factorcl.*--overwrite"):
+        T.previous_run(str(tmp_path), cfg, d)
+    T.load_model(str(tmp_path))  # still usable for its representations
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
+    d = _data()
+    done = T.train(_cfg(epochs=2), d, str(tmp_path))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(T.TrainError, match="at step 16.*--epochs 2 or more"):
+        T.train(_cfg(epochs=1), d, str(tmp_path), resume=done["checkpoint"])
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing was touched
+
+
+def test_failed_overwrite_leaves_no_file_of_the_old_run(tmp_path, monkeypatch):
+    d = _data()
+    T.train(_cfg(probe=True), d, str(tmp_path))
+    ckpt = str(tmp_path / "checkpoint.pt")
+    with pytest.raises(T.TrainError, match="--resume .*--overwrite"):
+        T.train(_cfg(), d, str(tmp_path), resume=ckpt, overwrite=True)
+    assert os.path.exists(ckpt) and (tmp_path / "metrics.json").exists()  # refused: untouched
+
+    def fails(*a, **k):
+        raise T.TrainError("the step failed")
+
+    monkeypatch.setattr(T, "main_step", fails)
+    with pytest.raises(T.TrainError, match="the step failed"):
+        T.train(_cfg(lr=1e-2), d, str(tmp_path), overwrite=True)
+    # the old run's checkpoint, metrics.json and log are gone with it, not left to be resumed
+    assert set(os.listdir(tmp_path)) <= {"metrics.jsonl"}
+    assert not os.path.exists(ckpt) and (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_cli_refuses_resume_with_overwrite(tmp_path, capsys):
+    argv = ["train", "--model", "simclr", "--epochs", "1", "--out", str(tmp_path),
+            "--backend", "reference", "--no-probe", *TINY]
+    assert cli.main(argv) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    code = cli.main(argv + ["--epochs", "2", "--resume", str(tmp_path / "checkpoint.pt"),
+                            "--overwrite"])
+    _one_line_error(capsys, code, "--resume and --overwrite")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_cli_unusable_out_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(run),
+                     "--backend", "reference", "--no-probe", *TINY]) == 0
+    (tmp_path / "adir.npz").mkdir()
+    capsys.readouterr()
+    bad = [str(afile), str(afile / "sub")] + (["/proc/factorcl-out"] if os.path.isdir("/proc")
+                                               else [])
+    commands = [
+        ["train", "--model", "simclr", "--epochs", "1", "--backend", "reference", *TINY],
+        ["compare", "--models", "simclr", "--epochs", "1", "--backend", "reference", *TINY],
+        ["mi-bench", "--quick", "--dims", "3", "--levels", "1", "--steps-per-level", "4",
+         "--hidden", "8", "--no-large-batch", "--backend", "reference", "--no-progress"],
+    ]
+    for argv in commands:
+        for out in bad:
+            _one_line_error(capsys, cli.main(argv + ["--out", out]), out)
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv + ["--out", ""])
+        _one_line_error(capsys, exc.value.code, "--out")
+    for out in [str(afile / "e.npz"), str(tmp_path / "adir.npz")] + [
+            p + ".npz" for p in bad[2:]]:
+        _one_line_error(capsys, cli.main(["embed", str(run), *TINY_SYNTHETIC, "--out", out,
+                                          "--overwrite"]), out)
+
+
+def test_single_class_training_split_is_refused_before_training(tmp_path, capsys):
+    y = np.arange(60) % 2
+    split = np.where(y == 1, 1, 0)
+    split[:2] = 1  # the test split has both classes, the training split only class 0
+    np.savez(tmp_path / "d.npz", x1=np.random.randn(60, 4), x2=np.random.randn(60, 3), y=y,
+             split=split)
+    out = tmp_path / "o"
+    code = cli.main(["train", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--out", str(out),
+                     "--backend", "reference", *TINY_MODEL, "--batch-size", "8"])
+    _one_line_error(capsys, code, "the training split (29 examples) holds a single class")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--aug-drop", "5"], "--aug-drop"), (["--aug-drop", "1"], "--aug-drop"),
+    (["--aug-drop", "-1"], "--aug-drop"), (["--aug-noise", "-1"], "--aug-noise"),
+    (["--aug-noise", "nan"], "--aug-noise"), (["--aug-noise", "inf"], "--aug-noise"),
+    (["--lr", "1e38"], "--lr"), (["--club-lr", "1e38"], "--club-lr"), (["--lr", "inf"], "--lr"),
+])
+def test_cli_out_of_range_values(tmp_path, capsys, extra, expected):
+    out = tmp_path / "o"
+    code = cli.main(["train", "--out", str(out), "--backend", "reference", "--model",
+                     "factorcl-ssl", *TINY, *extra])
+    _one_line_error(capsys, code, expected)
+    assert not out.exists()
+
+
+def test_nan_loss_names_the_step_and_the_usual_causes(tmp_path):
+    d = _data()
+    cfg = _cfg("simclr", model_cfg=dataclasses.replace(SMALL, temperature=1e-38))
+    with pytest.raises(T.TrainError) as exc:
+        T.train(cfg, d, str(tmp_path))
+    msg = str(exc.value)
+    assert "at step 1" in msg and "--temperature" in msg and "--lr" in msg
+    assert "--club-lr" not in msg  # SimCLR has no NCE-CLUB critics
+
+
+def test_cli_resume_of_a_file_that_is_no_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(run),
+                     "--backend", "reference", "--no-probe", *TINY]) == 0
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((run / "checkpoint.pt").read_bytes()[:5000])
+    objects = tmp_path / "objects.pt"  # torch's refusal spans lines, advising weights_only=False
+    torch.save({"x": np.zeros(3)}, objects)
+    capsys.readouterr()
+    for path in (junk, truncated, objects):
+        code = cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(run),
+                         "--backend", "reference", "--resume", str(path), *TINY])
+        err = capsys.readouterr().err
+        assert code == cli.EXIT_USAGE and len(err.strip().splitlines()) == 1, err
+        assert f"cannot read {path}: not a factorcl checkpoint, or a damaged one" in err, err
+        assert "weights_only" not in err  # no advice to load it unsafely
+
+
+def test_cli_train_always_ends_with_a_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(out),
+                     "--backend", "reference", "--no-probe", *TINY]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "5 steps" in last and "final loss" in last and str(out) in last, last
+
+
+def test_cli_ctrl_c_in_the_final_evaluation_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    from factorcl import eval as E
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "simclr", "--epochs", "1", "--out", str(out), "--backend",
+            "reference", *TINY]
+    with monkeypatch.context() as m:
+        m.setattr(E, "evaluate", interrupted)
+        assert cli.main(argv) == cli.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    ckpt = str(out / "checkpoint.pt")
+    assert "final evaluation" in err and f"--resume {ckpt}" in err, err
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    assert not (out / "metrics.json").exists()
+    assert cli.main(argv + ["--resume", ckpt]) == 0  # evaluates, trains nothing more
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 5
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--model", "simclr", "--club-lr", "1e-3"],
+     "--club-lr applies to --model factorcl-sup / factorcl-ssl only, not to simclr"),
+    (["train", "--model", "supcon", "--num-club-iter", "3"], "--num-club-iter applies"),
+    (["train", "--model", "factorcl-sup", "--temperature", "0.5"],
+     "--temperature applies to --model simclr / supcon only"),
+    (["train", "--model", "factorcl-sup", "--aug-noise", "0.3"],
+     "--aug-noise applies to --model factorcl-ssl only"),
+    (["train", "--model", "simclr", "--aug-drop", "0.3"], "--aug-drop applies"),
+    (["train", "--model", "supcon", "--augmentations", "noise"], "--augmentations applies"),
+    (["compare", "--models", "simclr,supcon", "--club-lr", "1e-3"],
+     "--club-lr applies to --model factorcl-sup / factorcl-ssl only, not to simclr, supcon"),
+])
+def test_cli_refuses_flags_the_model_does_not_use(tmp_path, capsys, argv, expected):
+    out = tmp_path / "o"
+    code = cli.main(argv + ["--out", str(out), "--backend", "reference", "--epochs", "1", *TINY])
+    _one_line_error(capsys, code, expected)
+    assert not out.exists()

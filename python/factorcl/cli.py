@@ -63,6 +63,12 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _out_path(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return s
+
+
 def _csv(kind):
     def parse(s: str):
         try:
@@ -114,11 +120,26 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dataset_only_flags=only)
 
 
+# The models that use a flag that not every model uses (see _check_model_flags).
+_CLUB_MODELS = ("factorcl-sup", "factorcl-ssl")  # NCE-CLUB critics
+_TEMPERATURE_MODELS = ("simclr", "supcon")
+_VIEW_MODELS = ("factorcl-ssl",)  # trained on augmented views
+
+
 def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
     from .models import BACKBONES, MODELS
 
     d = DEFAULTS
     _add_data_flags(p)
+    only: dict[str, tuple[str, object, tuple[str, ...]]] = {}
+
+    def model_flag(g, flag: str, models: tuple[str, ...], **kw) -> None:
+        """A flag that only ``models`` use; given (with another value than its default) for
+        other models only, it is refused (``_check_model_flags``) rather than ignored."""
+        action = g.add_argument(flag, **kw)
+        only[action.dest] = (flag, action.default, models)
+
+    p.set_defaults(model_only_flags=only)
     g = p.add_argument_group("model")
     if not compare:
         g.add_argument("--model", choices=MODELS, default="factorcl-ssl")
@@ -130,8 +151,8 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--critic-hidden", type=_positive_int, default=d["critic_hidden"],
                    help="concat critics' width H (the paper: 512; default %(default)s for speed)")
     g.add_argument("--critic-layers", type=_nonneg_int, default=d["critic_layers"])
-    g.add_argument("--temperature", type=_positive_float, default=0.07,
-                   help="SimCLR / SupCon temperature")
+    model_flag(g, "--temperature", _TEMPERATURE_MODELS, type=_positive_float, default=0.07,
+               help="SimCLR / SupCon temperature")
     g.add_argument("--backend", default="auto",
                    choices=("auto", "cpu", "triton", "cuda", "reference"),
                    help="critic backend (auto: fused cpu on CPU, cuda/triton on GPU)")
@@ -145,15 +166,17 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
                    help="global batch (split over torchrun processes)")
     g.add_argument("--lr", type=_positive_float, default=d["lr"])
-    g.add_argument("--club-lr", type=_positive_float, default=None,
-                   help="NCE-CLUB critics' learning rate (default: --lr)")
-    g.add_argument("--num-club-iter", type=_nonneg_int, default=1)
-    g.add_argument("--aug-noise", type=float, default=0.1, help="SSL augmentation noise scale")
-    g.add_argument("--aug-drop", type=float, default=0.2, help="SSL feature-drop probability")
-    g.add_argument("--augmentations", type=_csv(str), default=None,
-                   help="SSL view augmentations, comma-separated (vectors: noise, drop, "
-                        "half_swap, identity; sequences: time_permute, time_drop, noise; "
-                        "default: all that apply)")
+    model_flag(g, "--club-lr", _CLUB_MODELS, type=_positive_float, default=None,
+               help="NCE-CLUB critics' learning rate (default: --lr)")
+    model_flag(g, "--num-club-iter", _CLUB_MODELS, type=_nonneg_int, default=1)
+    model_flag(g, "--aug-noise", _VIEW_MODELS, type=float, default=0.1,
+               help="SSL augmentation noise std, in units of each feature's std (>= 0)")
+    model_flag(g, "--aug-drop", _VIEW_MODELS, type=float, default=0.2,
+               help="SSL feature-drop probability, in [0, 1)")
+    model_flag(g, "--augmentations", _VIEW_MODELS, type=_csv(str), default=None,
+               help="SSL view augmentations, comma-separated (vectors: noise, drop, "
+                    "half_swap, identity; sequences: time_permute, time_drop, noise; "
+                    "default: all that apply)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:k]")
     g.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="bfloat16 autocast (GPU only; auto: on for CUDA)")
@@ -167,7 +190,7 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
                        help="skip the linear probe at the end")
     g.add_argument("--mi-probe-steps", type=_nonneg_int, default=0,
                    help="also estimate I(S1;S2), I(U1;U2) with an InfoNCE critic (steps)")
-    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--out", type=_out_path, required=True, help="output directory")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run(s) already in --out instead of refusing (train) or "
                         "continuing them (compare)")
@@ -200,6 +223,15 @@ def _check_dataset_flags(args) -> None:
         if kind not in kinds and getattr(args, dest) != default:
             raise _usage(f"{flag} applies to --dataset {' / '.join(kinds)} only, not to "
                          f"{args.dataset}")
+
+
+def _check_model_flags(args, models: Sequence[str]) -> None:
+    """Refuse a flag that none of ``models`` uses (given with another value than its default),
+    instead of training as if it had not been given."""
+    for dest, (flag, default, users) in args.model_only_flags.items():
+        if getattr(args, dest) != default and not set(users) & set(models):
+            raise _usage(f"{flag} applies to --model {' / '.join(users)} only, not to "
+                         f"{', '.join(models)}")
 
 
 def _load_data(args, seed: int):
@@ -242,6 +274,7 @@ def _cmd_train(args, log) -> int:
     from .distributed import init_from_env
     from .train import METRICS_FILE, resolve_device, train
 
+    _check_model_flags(args, [args.model])
     _preflight(args.backend, args.device, args.deterministic)
     device = resolve_device(args.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -263,16 +296,27 @@ def _cmd_train(args, log) -> int:
 
             dist.destroy_process_group()
     if res["interrupted"]:
-        if comm.is_main:
+        if comm.is_main and res.get("interrupted_in") == "evaluation":
+            print(f"factorcl train: interrupted in the final evaluation; the trained model's "
+                  f"checkpoint (step {res['steps']}/{res['total_steps']}) is kept at "
+                  f"{res['checkpoint']}; evaluate it with the same command and --resume "
+                  f"{res['checkpoint']} (nothing is trained again)", file=sys.stderr)
+        elif comm.is_main:
             print(f"factorcl train: interrupted at step {res['steps']}/{res['total_steps']}; "
                   f"checkpoint saved to {res['checkpoint']} (continue with --resume "
                   f"{res['checkpoint']})", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if comm.is_main and "probe_accuracy" in res:
-        acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["accuracies"].items())
-        log(f"[train] {res['steps']} steps in {res['seconds']:.1f} s "
-            f"({res['samples_per_second']:.0f} samples/s, backend {res['backend']}); "
-            f"linear probe: {acc}; metrics in {os.path.join(args.out, METRICS_FILE)}")
+    if comm.is_main:
+        done = (f"[train] {res['steps']} steps in {res['seconds']:.1f} s "
+                f"({res['samples_per_second']:.0f} samples/s, backend {res['backend']}); "
+                f"final loss {res['final_loss']:.4g}")
+        metrics = os.path.join(args.out, METRICS_FILE)
+        if "probe_accuracy" in res:
+            acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["accuracies"].items())
+            log(f"{done}; linear probe: {acc}; metrics in {metrics}")
+        else:
+            log(f"{done}; no linear probe (--no-probe); metrics in {metrics}, checkpoint "
+                f"{res['checkpoint']}")
     return 0
 
 
@@ -288,8 +332,10 @@ def _cmd_compare(args, log) -> int:
         if repeated:
             raise _usage(f"{name} repeats {', '.join(map(str, repeated))}: each is run once")
     _check_dataset_flags(args)  # before any run (the data itself loads per seed)
+    _check_model_flags(args, args.models)
     _preflight(args.backend, args.device, args.deterministic)
     cfg = _train_config(args, args.models[0], args.seeds[0])
+    cfg.validate()  # before --out is created
     if args.dataset != "synthetic":
         _load_data(args, args.seeds[0])  # fail early on unusable data
     res = compare(cfg, lambda seed: _load_data(args, seed), args.out, models=args.models,
@@ -349,7 +395,14 @@ def _cmd_embed(args, log) -> int:
     import numpy as np
 
     from .eval import embed
-    from .train import _data_fingerprint, load_model, write_atomically
+    from .train import (
+        TrainError,
+        _data_diff,
+        _data_fingerprint,
+        load_model,
+        make_out_dir,
+        write_atomically,
+    )
 
     if not args.out.endswith(".npz"):
         raise _usage(f"--out must name a .npz file, got {args.out!r}")
@@ -363,6 +416,9 @@ def _cmd_embed(args, log) -> int:
     if shapes != (trained_on["x1"], trained_on["x2"]):
         raise _usage(f"the run was trained on examples of shape x1 {trained_on['x1']}, x2 "
                      f"{trained_on['x2']}; {data.name} has x1 {shapes[0]}, x2 {shapes[1]}")
+    if os.path.isdir(args.out):
+        raise TrainError(f"--out {args.out}: is a directory; name a .npz file")
+    make_out_dir(os.path.dirname(os.path.abspath(args.out)), what=f"--out {args.out}: its folder")
     param = next(model.parameters())
     reps = embed(model, data.x1, data.x2, param.device, param.dtype)
     split = np.zeros(len(data.y), dtype=np.int8)
@@ -370,10 +426,14 @@ def _cmd_embed(args, log) -> int:
     arrays = {k: v.to(param.dtype).numpy() for k, v in reps.items()}
     arrays.update(y=data.y.numpy(), split=split)
     write_atomically(args.out, lambda f: np.savez(f, **arrays))
-    same = _data_fingerprint(data) == trained_on
+    if "content_hash" not in trained_on:  # a checkpoint from before data hashes
+        which = "the run does not record enough of its data to tell whether it was trained on it"
+    elif _data_diff(trained_on, _data_fingerprint(data)) is None:
+        which = "the data it was trained on"
+    else:
+        which = "not the data it was trained on"
     listed = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items() if k not in ("y", "split"))
-    log(f"[embed] {cfg.model} (step {info['step']}) on {data.describe()} "
-        f"({'the data it was trained on' if same else 'not the data it was trained on'}): "
+    log(f"[embed] {cfg.model} (step {info['step']}) on {data.describe()} ({which}): "
         f"wrote {listed}, y and split (0 train, 1 test) to {args.out}")
     return 0
 
@@ -419,13 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=None,
                    help="data seed (synthetic data, random splits; default: the run's)")
     e.add_argument("--device", default="cpu", help="auto | cpu | cuda[:k] (default cpu)")
-    e.add_argument("--out", required=True, help="output .npz file")
+    e.add_argument("--out", type=_out_path, required=True, help="output .npz file")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     m = sub.add_parser("mi-bench", help="the Gaussian MI benchmark",
                        description="InfoNCE, CLUB and NCE-CLUB on correlated Gaussians; writes "
                                    "OUT/mi_bench.json, mi_bench.png and the large-batch files.")
-    m.add_argument("--out", required=True)
+    m.add_argument("--out", type=_out_path, required=True)
     m.add_argument("--quick", action="store_true", help="dim 20 and short levels (tens of seconds)")
     m.add_argument("--dims", type=_csv(_positive_int), default=None)
     m.add_argument("--levels", type=_csv(_positive_float), default=None)

@@ -6,6 +6,7 @@ an uninterrupted run's); ``overwrite=True`` (``--overwrite``) trains everything 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -14,7 +15,7 @@ from typing import Callable, Sequence
 
 from . import data as D
 from .models import MODELS
-from .train import METRICS_FILE, TrainConfig, previous_run, train
+from .train import METRICS_FILE, TrainConfig, make_out_dir, previous_run, train
 
 __all__ = ["compare", "markdown_table", "bar_chart"]
 
@@ -35,7 +36,11 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
     with the settings of ``cfg``; returns and writes the summary. The runs already in ``out_dir``
     with the same settings are reused (finished) or continued (interrupted) unless
     ``overwrite``; a run there with other settings is an error."""
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
+    if overwrite:  # the old summary goes now: it must not outlive a failed run
+        for name in ("compare.json", "compare.md", "compare.png"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out_dir, name))
     runs: dict[str, list[dict]] = {m: [] for m in models}
     for seed in seeds:
         data = make_data(seed)

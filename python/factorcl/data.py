@@ -13,7 +13,7 @@ import hashlib
 import math
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -77,7 +77,8 @@ class PairedData:
 
     ``x1`` [N, D1] or [N, T1, D1], ``x2`` [N, D2] or [N, T2, D2] (float32), ``y`` [N] int64 class
     indices in ``[0, num_classes)``. ``latents`` (synthetic data only) holds the generating
-    factors ``shared``, ``unique1``, ``unique2`` for diagnostics.
+    factors ``shared``, ``unique1``, ``unique2`` for diagnostics; ``settings`` (synthetic data
+    only) the generator's settings, which a resumed or reused run must share.
     """
 
     x1: Tensor
@@ -88,6 +89,7 @@ class PairedData:
     num_classes: int
     name: str = "data"
     latents: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
     def __post_init__(self):
         n = self.y.shape[0]
@@ -109,6 +111,14 @@ class PairedData:
                 f"{self.name}: the split leaves {len(self.train_idx)} training and "
                 f"{len(self.test_idx)} test examples; both must be non-empty"
             )
+        # The linear probe fits a classifier on the training split: refuse now, not after training.
+        train_y = self.y[self.train_idx]
+        if torch.unique(train_y).numel() < 2:
+            raise DataError(
+                f"{self.name}: the training split ({len(train_y)} examples) holds a single class "
+                f"({_class_counts(train_y)}; test split: {_class_counts(self.y[self.test_idx])});"
+                " the linear probe needs at least two classes to train on"
+            )
 
     @property
     def num_train(self) -> int:
@@ -123,6 +133,14 @@ class PairedData:
             f"{len(self.test_idx)} test), x1 {tuple(self.x1.shape[1:])}, "
             f"x2 {tuple(self.x2.shape[1:])}, {self.num_classes} classes"
         )
+
+
+def _class_counts(y: Tensor, most: int = 8) -> str:
+    """``class 0: 12, class 3: 4`` (the classes present, the first ``most`` of them)."""
+    classes, counts = torch.unique(y, return_counts=True)
+    parts = [f"class {int(c)}: {int(k)}" for c, k in zip(classes[:most], counts[:most])]
+    more = len(classes) - most
+    return ", ".join(parts) + (f", ... ({more} more classes)" if more > 0 else "")
 
 
 def _random_split(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -232,8 +250,9 @@ def make_synthetic(cfg: SyntheticConfig = SyntheticConfig()) -> PairedData:
         score = torch.tanh(z @ w1) @ w2
         y = (score > score.median()).long()
     train_idx, test_idx = _random_split(n, cfg.test_fraction, cfg.seed)
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
     return PairedData(x1.float(), x2.float(), y, train_idx, test_idx, 2, name="synthetic",
-                      latents=lat)
+                      latents=lat, settings=settings)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic
 
 from . import data as D
-from .train import _progress_bar, resolve_device, write_atomically
+from .train import _progress_bar, make_out_dir, resolve_device, write_atomically
 
 __all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS",
            "STAIRCASE_FILE", "LARGE_BATCH_FILE", "check_previous_results"]
@@ -207,7 +207,7 @@ def _prepare(cfg: MIBenchConfig, out_dir: str, name: str, overwrite: bool
     cfg.validate()
     prev = None if overwrite else _results_of_same_settings(cfg, out_dir, name)
     device = resolve_device(cfg.device)
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
     return device, prev
 
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -38,8 +40,8 @@ from .distributed import Comm
 from .models import MODELS, Batch, ModelConfig, build_model
 
 __all__ = ["TrainConfig", "TrainError", "train", "previous_run", "write_atomically",
-           "save_checkpoint", "load_checkpoint", "load_model", "resolve_device", "resolve_backend",
-           "main_step", "club_step"]
+           "make_out_dir", "save_checkpoint", "load_checkpoint", "load_model", "resolve_device",
+           "resolve_backend", "main_step", "club_step"]
 
 CHECKPOINT_FORMAT = "factorcl-checkpoint-1"
 # The files of a run directory (--out).
@@ -48,6 +50,9 @@ CHECKPOINT_FILE, METRICS_FILE, METRICS_LOG_FILE = "checkpoint.pt", "metrics.json
 _RESUME_KEYS = ("model", "batch_size", "lr", "club_lr", "num_club_iter", "seed", "aug_noise",
                 "aug_drop", "augmentations", "dtype")
 DEFAULT_VECTOR_AUGS = D.VECTOR_AUGS
+# Adam's step size moves every weight by about lr per step: above 1 a run only diverges (and past
+# ~1e37 the float32 step overflows inside Adam).
+MAX_LR = 1.0
 
 
 class TrainError(ValueError):
@@ -91,8 +96,16 @@ class TrainConfig:
                 f"--batch-size must be at least 2 (contrastive pairs), got {self.batch_size}")
         for name in ("lr", "club_lr"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be positive, got {v}")
+            if v is not None and not 0 < v <= MAX_LR:
+                raise TrainError(f"--{name.replace('_', '-')} must be in (0, {MAX_LR:g}] (Adam's "
+                                 f"step size), got {v}")
+        if not 0.0 <= self.aug_drop < 1.0:
+            raise TrainError(f"--aug-drop is the probability that an augmentation zeroes a feature "
+                             f"(or a time step) and must be in [0, 1), got {self.aug_drop}")
+        if not (math.isfinite(self.aug_noise) and self.aug_noise >= 0):
+            raise TrainError(f"--aug-noise is the augmentation noise's std (in units of each "
+                             f"feature's std) and must be a finite number >= 0, got "
+                             f"{self.aug_noise}")
         if self.amp not in ("auto", "on", "off"):
             raise TrainError(f"--amp must be auto, on or off, got {self.amp!r}")
         if self.augmentations is not None:
@@ -187,6 +200,25 @@ def write_atomically(path: str, write) -> None:
         raise
 
 
+def make_out_dir(path: str, what: str = "--out") -> None:
+    """Create the directory ``path`` (and its parents) and check that a file can be written in
+    it; a TrainError naming ``path`` if not (a file in the way, no permission, a read-only or
+    virtual file system, an empty name)."""
+    if not path:
+        raise TrainError(f"{what}: empty path; name a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        if os.path.exists(path) and not os.path.isdir(path):
+            reason = "a file of that name is in the way"
+        else:
+            reason = exc.strerror or str(exc)
+        raise TrainError(f"{what} {path}: cannot create or write to this directory ({reason})"
+                         ) from None
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (:func:`write_atomically`)."""
     write_atomically(path, lambda f: torch.save(state, f))
@@ -200,8 +232,11 @@ def load_checkpoint(path: str, what: str = "--resume") -> dict:
         raise TrainError(f"{what}: checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainError(f"{what}: cannot read {path} ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # not a checkpoint, a truncated one, or one holding other objects
+        # (torch's own message spans lines and suggests weights_only=False: not repeated here)
+        reason = exc.strerror if isinstance(exc, PermissionError) else type(exc).__name__
+        raise TrainError(f"{what}: cannot read {path}: not a factorcl checkpoint, or a damaged "
+                         f"one ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{what}: {path} is not a factorcl checkpoint")
     return state
@@ -244,10 +279,43 @@ def _describe_checkpoint(path: str) -> str:
 
 
 def _data_fingerprint(data: D.PairedData) -> dict:
+    """What a checkpoint records of its training data: the name, the sizes and per-example
+    shapes (to rebuild the model), the generator's settings (synthetic data) and a hash of every
+    value of x1, x2, y and of the train / test split (the same in every process and run)."""
+    h = hashlib.blake2b(digest_size=20)
+    for key in ("x1", "x2", "y", "train_idx", "test_idx"):
+        t = getattr(data, key).detach().cpu().contiguous()
+        h.update(repr((key, str(t.dtype), tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return {"name": data.name, "n": int(data.y.shape[0]), "num_train": data.num_train,
             "x1": list(data.x1.shape[1:]), "x2": list(data.x2.shape[1:]),
-            "num_classes": data.num_classes,
-            "checksum": float(data.x1[:64].double().sum() + data.x2[:64].double().sum())}
+            "num_classes": data.num_classes, "settings": dict(data.settings),
+            "content_hash": h.hexdigest()}
+
+
+def _data_diff(old: dict, new: dict) -> Optional[str]:
+    """How the data a checkpoint recorded (``old``, a :func:`_data_fingerprint`) differs from
+    ``new``, or None when it is the same data (the name alone may differ: a renamed file)."""
+    if "content_hash" not in old:
+        return ("the checkpoint was written by an older factorcl that did not record a hash of its "
+                "training data, so it cannot be checked that this run has the same data")
+    if {k: v for k, v in old.items() if k != "name"} == {k: v for k, v in new.items()
+                                                        if k != "name"}:
+        return None
+    old_s, new_s = old.get("settings") or {}, new.get("settings") or {}
+    for key in [*new_s, *(k for k in old_s if k not in new_s)]:
+        if old_s.get(key) != new_s.get(key):
+            detail = (f"made with {key}={old_s.get(key)!r}; this run's data has "
+                      f"{key}={new_s.get(key)!r}")
+            break
+    else:
+        for key in ("n", "num_train", "x1", "x2", "num_classes"):
+            if old.get(key) != new.get(key):
+                detail = f"{key} {old.get(key)!r}; this run's data has {new.get(key)!r}"
+                break
+        else:
+            detail = "the same shapes, other values of x1, x2, y or of the train/test split"
+    return f"the checkpoint was trained on different data ({detail})"
 
 
 # Settings that change nothing a run computes: a run is continued or reused across them.
@@ -256,12 +324,13 @@ _PRESENTATION_KEYS = ("progress", "checkpoint_every", "log_every")
 _KERNEL_KEYS = ("critic_backend", "critic_deterministic")
 
 
-def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict: bool
-                   ) -> Optional[str]:
+def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict: bool,
+                   fingerprint: Optional[dict] = None) -> Optional[str]:
     """How the run saved in ``state`` differs from ``cfg`` on ``data``, or None. ``strict=False``:
     only the settings a resumed run must share for its result to be an uninterrupted run's (the
     epochs, backend and evaluation may change); ``strict=True``: every setting but the
-    presentation ones."""
+    presentation ones. The data is compared in both: its generator's settings and every value
+    (``fingerprint``: ``data``'s :func:`_data_fingerprint`, when already computed)."""
     old = TrainConfig.from_dict(state["config"]).to_dict()  # settings added since: defaults
     new = cfg.to_dict()
     old_m, new_m = old.pop("model_cfg"), new.pop("model_cfg")
@@ -272,14 +341,16 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
             if where_old[key] != where_new[key]:
                 return (f"the checkpoint was made with {key}={where_old[key]!r} but this run "
                         f"has {key}={where_new[key]!r}")
-    if state.get("data") != _data_fingerprint(data):
-        return "the checkpoint was trained on different data"
-    return None
+    return _data_diff(state.get("data") or {}, fingerprint or _data_fingerprint(data))
 
 
-def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str) -> None:
-    diff = _settings_diff(state, cfg, data, strict=False)
+def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str,
+                  fingerprint: Optional[dict] = None) -> None:
+    diff = _settings_diff(state, cfg, data, strict=False, fingerprint=fingerprint)
     if diff is not None:
+        if "content_hash" not in (state.get("data") or {}):
+            raise TrainError(f"--resume {path}: {diff}; start the run again (--overwrite instead "
+                             "of --resume) or use another --out")
         raise TrainError(f"--resume {path}: {diff}; use the same settings")
 
 
@@ -377,10 +448,16 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     """Train ``cfg.model`` on ``data``; write ``out_dir/metrics.jsonl`` (every ``log_every``
     steps), ``out_dir/checkpoint.pt`` and, when training completes, evaluate and write
     ``out_dir/metrics.json``. Returns the summary (``interrupted`` True after a Ctrl-C,
-    ``stopped`` True after ``stop_at_step``). ``log`` receives one line at the start.
-    An ``out_dir`` that already holds another run's checkpoint is refused unless ``resume``
-    names that checkpoint or ``overwrite`` is set (then its files are replaced)."""
+    ``stopped`` True after ``stop_at_step``; ``interrupted_in`` ``"evaluation"`` when the
+    Ctrl-C came in the final evaluation, the checkpoint of the trained model being saved).
+    ``log`` receives one line at the start. An ``out_dir`` that already holds another run's
+    checkpoint is refused unless ``resume`` names that checkpoint or ``overwrite`` is set (then
+    the old run's checkpoint, metrics.json and metrics.jsonl are all removed before the new run
+    starts: a failed run does not leave them to be mixed with its own)."""
     cfg.validate()
+    if resume and overwrite:
+        raise TrainError("--resume and --overwrite exclude each other: --resume continues a run, "
+                         "--overwrite starts again and replaces the run in --out; pass one")
     comm = comm or Comm()
     device = resolve_device(cfg.device)
     backend = resolve_backend(cfg.model_cfg.critic_backend, device)
@@ -407,35 +484,6 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     opt = torch.optim.Adam(main_params, lr=cfg.lr)
     club_opt = torch.optim.Adam(club_params, lr=cfg.club_lr or cfg.lr) if club_params else None
 
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
-    jsonl_path = os.path.join(out_dir, METRICS_LOG_FILE)
-    metrics_path = os.path.join(out_dir, METRICS_FILE)
-    state = load_checkpoint(resume) if resume else None
-    if (os.path.exists(ckpt_path) and not overwrite
-            and not (resume and os.path.samefile(resume, ckpt_path))):
-        raise TrainError(f"{out_dir} already holds a run ({_describe_checkpoint(ckpt_path)}); "
-                         f"continue it with --resume {ckpt_path}, or pass --overwrite to start "
-                         "again and replace it")
-    os.makedirs(out_dir, exist_ok=True)
-    start, elapsed_before, loss_before = 0, 0.0, float("nan")
-    if state is not None:
-        _check_resume(state, cfg, data, resume)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if club_opt is not None:
-            club_opt.load_state_dict(state["club_opt"])
-        start, elapsed_before = int(state["step"]), float(state["elapsed"])
-        loss_before = float(state.get("loss", float("nan")))  # older checkpoints: NaN
-        torch.set_rng_state(state["torch_rng"])
-    if comm.is_main:
-        _trim_jsonl(jsonl_path, start)
-        if start < total_steps and os.path.exists(metrics_path):
-            os.unlink(metrics_path)  # it described the checkpoint this run moves past
-        if log is not None:
-            log(f"[train] {cfg.model} on {data.describe()}: steps {start}..{total_steps} "
-                f"(batch {cfg.batch_size}, {comm.world} process{'es' if comm.world > 1 else ''}, "
-                f"critic backend {backend})")
-
     x_scale = [_feature_std(data.x1[data.train_idx]), _feature_std(data.x2[data.train_idx])]
 
     def aug_ops(x: torch.Tensor) -> tuple:
@@ -449,6 +497,47 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         return ops
 
     ops1, ops2 = aug_ops(data.x1), aug_ops(data.x2)
+
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
+    jsonl_path = os.path.join(out_dir, METRICS_LOG_FILE)
+    metrics_path = os.path.join(out_dir, METRICS_FILE)
+    state = load_checkpoint(resume) if resume else None
+    if (os.path.exists(ckpt_path) and not overwrite
+            and not (resume and os.path.samefile(resume, ckpt_path))):
+        raise TrainError(f"{out_dir} already holds a run ({_describe_checkpoint(ckpt_path)}); "
+                         f"continue it with --resume {ckpt_path}, or pass --overwrite to start "
+                         "again and replace it")
+    fingerprint = _data_fingerprint(data)  # hashes every value: once per run
+    start, elapsed_before, loss_before = 0, 0.0, float("nan")
+    if state is not None:
+        _check_resume(state, cfg, data, resume, fingerprint)
+        if int(state["step"]) > total_steps:
+            spe = sampler.steps_per_epoch
+            raise TrainError(f"--resume {resume}: the checkpoint is at step {state['step']}, "
+                             f"past the {total_steps} steps of --epochs {cfg.epochs} ({spe} per "
+                             f"epoch); pass --epochs {-(-int(state['step']) // spe)} or more to "
+                             "continue it")
+    make_out_dir(out_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if club_opt is not None:
+            club_opt.load_state_dict(state["club_opt"])
+        start, elapsed_before = int(state["step"]), float(state["elapsed"])
+        loss_before = float(state.get("loss", float("nan")))  # older checkpoints: NaN
+        torch.set_rng_state(state["torch_rng"])
+    if comm.is_main:
+        if overwrite:  # the old run's files go together, its checkpoint included
+            for path in (ckpt_path, metrics_path, jsonl_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        _trim_jsonl(jsonl_path, start)
+        if start < total_steps and os.path.exists(metrics_path):
+            os.unlink(metrics_path)  # it described the checkpoint this run moves past
+        if log is not None:
+            log(f"[train] {cfg.model} on {data.describe()}: steps {start}..{total_steps} "
+                f"(batch {cfg.batch_size}, {comm.world} process{'es' if comm.world > 1 else ''}, "
+                f"critic backend {backend})")
 
     def make_batch(idx: torch.Tensor, aug_keys: tuple) -> Batch:
         x1, x2, y = data.x1[idx], data.x2[idx], data.y[idx]
@@ -477,7 +566,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         if comm.is_main:
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "loss": last_loss,
-                "config": cfg.to_dict(), "data": _data_fingerprint(data),
+                "config": cfg.to_dict(), "data": fingerprint,
                 "model": model.state_dict(), "opt": opt.state_dict(),
                 "club_opt": club_opt.state_dict() if club_opt is not None else None,
                 "torch_rng": torch.get_rng_state(),
@@ -503,7 +592,8 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                 step += 1
                 last_loss = float(loss.detach())
                 if not torch.isfinite(loss.detach()):
-                    raise TrainError(f"the loss became {last_loss} at step {step}; lower --lr")
+                    causes = _nonfinite_loss_causes(cfg, model, club_opt is not None, use_amp)
+                    raise TrainError(f"the loss became {last_loss} at step {step}; {causes}")
                 elapsed = elapsed_before + time.perf_counter() - t0
                 done = step - start
                 rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
@@ -549,14 +639,33 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         from .eval import evaluate
 
         t_eval = time.perf_counter()
-        summary.update(evaluate(model, data, device=device, dtype=dtype, seed=cfg.seed,
-                                mi_probe_steps=cfg.mi_probe_steps, backend=backend,
-                                deterministic=cfg.model_cfg.critic_deterministic))
+        try:
+            summary.update(evaluate(model, data, device=device, dtype=dtype, seed=cfg.seed,
+                                    mi_probe_steps=cfg.mi_probe_steps, backend=backend,
+                                    deterministic=cfg.model_cfg.critic_deterministic))
+        except KeyboardInterrupt:  # the trained model's checkpoint is saved: --resume evaluates
+            summary.pop("model_ref")
+            summary.update(interrupted=True, interrupted_in="evaluation")
+            return summary
         summary["eval_seconds"] = time.perf_counter() - t_eval
     out = {k: v for k, v in summary.items() if k != "model_ref"}
     with open(metrics_path, "w") as f:
         json.dump(out, f, indent=2)
     return summary
+
+
+def _nonfinite_loss_causes(cfg: TrainConfig, model, has_club: bool, use_amp: bool) -> str:
+    """The usual causes of a NaN or infinite loss that apply to this run's model."""
+    lr = f"--lr {cfg.lr:g}" + (f" / --club-lr {cfg.club_lr or cfg.lr:g}" if has_club else "")
+    causes = [f"a learning rate too high ({lr})"]
+    if cfg.model in ("simclr", "supcon"):
+        causes.append(f"a --temperature too small ({cfg.model_cfg.temperature:g})")
+    if model.uses_views:
+        causes.append(f"strong augmentations (--aug-noise {cfg.aug_noise:g})")
+    if use_amp:
+        causes.append("bfloat16 overflow under --amp (try --amp off)")
+    causes.append("input features of very large magnitude (standardise them)")
+    return "the usual causes: " + "; ".join(causes)
 
 
 def main_step(model, opt, batch: Batch, comm: Comm = Comm(),
