@@ -5,6 +5,7 @@ what a GPU would run.
 
     python benchmarks/triton_compile_check.py              # first config of each list, all dtypes
     python benchmarks/triton_compile_check.py --all-configs --dtypes bf16 --layers 1
+    python benchmarks/triton_compile_check.py --act tanh     # the concat kernels with tanh
 
 The kernels are compiled as a launch specialises them when every pointer is 16-byte aligned and
 every integer argument a multiple of 16 (N, M, H = 4096, 512, ...): Triton marks such arguments
@@ -35,6 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from factorcl_ext.triton import _config  # noqa: E402
+from factorcl_ext.triton._common import ACT_CODES  # noqa: E402
 from factorcl_ext.triton._dot_kernels import (  # noqa: E402
     dot_bwd_kernel,
     dot_ds_kernel,
@@ -193,6 +195,8 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "f32", "f64"], choices=list(TL))
     p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--all-configs", action="store_true")
+    p.add_argument("--act", choices=list(ACT_CODES), default="relu",
+                   help="the hidden activation the concat kernels are compiled for")
     p.add_argument("--i64", action="store_true",
                    help="the 64-bit row offsets of operands of 2^31 elements or more")
     args = p.parse_args()
@@ -209,7 +213,8 @@ def main() -> None:
             prec = "ieee" if dt != "f32" else "tf32"
             jobs = []
             for L in args.layers:
-                common = dict(L=L, ACT=0, OUT=1, HAS_POS=True, PREC=prec, I64=args.i64)
+                common = dict(L=L, ACT=ACT_CODES[args.act], OUT=1, HAS_POS=True, PREC=prec,
+                              I64=args.i64)
                 for cfg in mlp_fwd_cfgs:
                     jobs.append((f"mlp_fwd L={L}", mlp_fwd_kernel, mlp_signature, common, cfg))
                 for cfg in mlp_cfgs:
@@ -221,7 +226,7 @@ def main() -> None:
                                           DW_CHUNK=chunk), cfg))
             for first in (True, False):
                 jobs.append((f"mlp_dw first={int(first)}", mlp_dw_kernel, mlp_signature,
-                             dict(FIRST=first, ACT=0, PREC=prec, I64=args.i64),
+                             dict(FIRST=first, ACT=ACT_CODES[args.act], PREC=prec, I64=args.i64),
                              _config.MLP_DW_CONFIGS[key][0]))
             dcommon = dict(HAS_POS=True, HAS_EXCL=True, PREC=prec, I64=args.i64)
             dscaled = dict(dcommon, SCALED=dt in ("bf16", "f16"))

@@ -297,6 +297,10 @@ class SupConLoss(nn.Module):
         if features.dim() > 3:
             features = features.view(features.shape[0], features.shape[1], -1)
         bsz, n_views = features.shape[0], features.shape[1]
+        if bsz * n_views < 2:
+            # each anchor's own view leaves its logsumexp: one vector has nothing to contrast
+            raise ValueError("SupConLoss needs at least two feature vectors (bsz * n_views >= 2), "
+                             f"got features of shape {tuple(features.shape)}")
         if labels is not None and mask is not None:
             raise ValueError("Cannot define both `labels` and `mask`")
         # contrast_feature: views stacked view-major, as torch.cat(torch.unbind(features, 1)).

@@ -168,3 +168,56 @@ def assert_rel_close(actual, expected, tol: float, name: str = "tensor",
             f"{name}: relative error {err:.3e} > {tol:.1e}; worst element at flat index {idx}: "
             f"{actual.reshape(-1)[idx].item()!r} vs {expected.reshape(-1)[idx].item()!r}"
         )
+
+
+def nonfinite_weight_core(N: int, M: int, H: int, L: int, where: str, bad: float) -> dict:
+    """Concat-critic core inputs (float64, make_core's keys) with one non-finite weight, ``bad``
+    at ``where`` ("w_out", or "hidden": the last hidden layer's weight), and a relu unit, UNIT,
+    of the layer that weight reads (nonfinite_gated_layer) that is off for every pair of the batch
+    but on for a row whose A is 0, the padding row of a kernel tile. The scores are then NaN, and
+    the reference's relu backward (a select) keeps the NaN upstream gradient out of UNIT: its
+    gradients are 0, not NaN. A product with the relu mask (0 * NaN), or a padding row's dz that
+    is not zeroed (its 0 * NaN, with UNIT on), gives NaN. "hidden" needs L >= 1; H >= 4."""
+    d = torch.float64
+    A, B = torch.randn(N, H, dtype=d), torch.randn(M, H, dtype=d)
+    Ws = [torch.randn(H, H, dtype=d) / H**0.5 for _ in range(L)]
+    bs = [0.3 * torch.randn(H, dtype=d) for _ in range(L)]
+    w_out = torch.randn(H, dtype=d) / H**0.5
+    k, g = NONFINITE_UNIT, nonfinite_gated_layer(L, where)
+    if g == 0:  # layer-0 unit k: A + B = -9 in the batch, 0 + 1 on a padding row
+        A[:, k], B[:, k] = -10.0, 1.0
+    else:
+        # layer-g unit k: -h_(g-1)[0] + 1, with h[0] carried up from layer-0 unit 0, which is
+        # relu(10 - 1) = 9 in the batch and relu(0 - 1) = 0 on a padding row
+        A[:, 0], B[:, 0] = 10.0, -1.0
+        for W, b in zip(Ws[:g - 1], bs[:g - 1]):
+            W[0], b[0] = 0.0, 0.0
+            W[0, 0] = 1.0
+        Ws[g - 1][k], bs[g - 1][k] = 0.0, 1.0
+        Ws[g - 1][k, 0] = -1.0
+    if where == "hidden":
+        Ws[-1][1, k] = bad  # into dh_(L-1)[:, k] of every pair, padding rows too
+    else:
+        w_out[k] = bad
+    return {"A": A, "B": B, "hidden_weights": Ws, "hidden_biases": bs, "w_out": w_out,
+            "b_out": 0.5 * torch.randn((), dtype=d)}
+
+
+def nonfinite_gated_layer(L: int, where: str) -> int:
+    """The layer (0: the first, A + B) whose unit NONFINITE_UNIT nonfinite_weight_core keeps off:
+    its gradients there are 0 in the reference, dB[:, unit] for layer 0, else that row of
+    hidden_weights[layer - 1]'s gradient."""
+    return L if where == "w_out" else L - 1
+
+
+NONFINITE_UNIT = 3  # the unit that nonfinite_weight_core keeps off
+
+
+def assert_nonfinite_pattern_equal(actual, expected, name: str, tol: float = 1e-10) -> None:
+    """Same NaN and Inf positions as ``expected``, and the finite part within ``tol``."""
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{name}: NaN pattern differs"
+    assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: Inf pattern differs"
+    fin = torch.isfinite(e)
+    if fin.any():
+        assert_rel_close(a[fin], e[fin].to(a.dtype), tol, name + " (finite part)")

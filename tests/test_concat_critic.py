@@ -13,7 +13,17 @@ import torch
 import factorcl_ext as fe
 from factorcl_ext import reference as ref
 
-from conftest import assert_rel_close, club_floor, infonce_floor, loss_floor, rel_error
+from conftest import (
+    NONFINITE_UNIT,
+    assert_nonfinite_pattern_equal,
+    assert_rel_close,
+    club_floor,
+    infonce_floor,
+    loss_floor,
+    nonfinite_gated_layer,
+    nonfinite_weight_core,
+    rel_error,
+)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 BUDGET_ENV = "FACTORCL_EXT_CPU_BUFFER_BYTES"  # CPU kernel's per-thread buffer budget (bytes)
@@ -153,8 +163,14 @@ def ref_loss_floor(p, activation, out_activation, pos_offset, c_lse, c_pos, c_ro
 
 def check_stats_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device):
     """Values and every gradient of the stats op (through its backward) vs float64 reference."""
+    base = make_core(N, M, H, L, score_shift=2.0 if dtype == torch.float32 else 0.0)
+    check_stats(base, act, out_act, pos_offset, dtype, backend, device)
+
+
+def check_stats(base, act, out_act, pos_offset, dtype, backend, device):
+    """check_stats_against_reference on the core inputs ``base`` (float64)."""
     f32 = dtype == torch.float32
-    base = make_core(N, M, H, L, score_shift=2.0 if f32 else 0.0)
+    N = base["A"].shape[0]
     p = cast(base, dtype, device, requires_grad=True)
     r = cast(base, torch.float64, "cpu", requires_grad=True)
     kw = dict(activation=act, out_activation=out_act, pos_offset=pos_offset)
@@ -176,8 +192,13 @@ def check_stats_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, b
 
 
 def check_loss_against_reference(N, M, H, L, act, out_act, pos_offset, dtype, backend, device):
+    base = make_core(N, M, H, L, score_shift=2.0 if dtype == torch.float32 else 0.0)
+    check_loss(base, act, out_act, pos_offset, dtype, backend, device)
+
+
+def check_loss(base, act, out_act, pos_offset, dtype, backend, device):
+    """Value and every gradient of the fused loss op on ``base`` vs the float64 reference."""
     f32 = dtype == torch.float32
-    base = make_core(N, M, H, L, score_shift=2.0 if f32 else 0.0)
     p = cast(base, dtype, device, requires_grad=True)
     r = cast(base, torch.float64, "cpu", requires_grad=True)
     c = coefficients(pos_offset, positive=f32)
@@ -262,35 +283,58 @@ def test_bad_budget_env_rejected(backend, device, monkeypatch):
 
 def test_softplus_threshold(backend, device):
     # Scores straddle softplus' threshold 20 (x > 20 -> x) in both the forward and the backward.
-    p = make_core(6, 11, 9, 1, device=device)
-    p["b_out"] = torch.tensor(20.0, dtype=torch.float64, device=device)
-    base = cast(p, torch.float64, "cpu")
-    for fn in (check_stats_against_reference_p, check_loss_against_reference_p):
-        fn(base, "relu", "softplus", 1, backend, device)
+    base = make_core(6, 11, 9, 1, score_shift=20.0)
+    for check in (check_stats, check_loss):
+        check(base, "relu", "softplus", 1, torch.float64, backend, device)
 
 
-def check_stats_against_reference_p(base, act, out_act, pos_offset, backend, device):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_softplus_of_negative_scores(dtype, backend, device):
+    # Scores about -10 to -4: softplus(t) = log(1 + e^t) with e^t ~ 1e-4..1e-2, where
+    # log(1 + e) in float32 cancels (Triton's was 5e-4 off at t = -9 against torch's log1p).
+    base = make_core(6, 11, 9, 1, score_shift=-7.0)
+    for check in (check_stats, check_loss):
+        check(base, "relu", "softplus", 1, dtype, backend, device)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-8), (torch.float32, 1e-3)],
+                         ids=["f64", "f32"])
+@pytest.mark.parametrize("L", [0, 1])
+def test_tanh_of_small_preactivations(L, dtype, scale, backend, device):
+    # Every pre-activation and score ~scale: tanh(z) = (1 - e) / (1 + e), e = exp(-2|z|), cancels
+    # there (relative error eps / 2|z|: Triton's was 3e-9 off in float64 at 1e-8, 3e-5 in float32
+    # at 1e-3, where torch.tanh is exact). Small scores put the error in the statistics too.
+    base = make_core(6, 11, 9, L)
+    for key in ("A", "B", "b_out"):
+        base[key] = base[key] * scale
+    base["hidden_biases"] = [b * scale for b in base["hidden_biases"]]
+    for check in (check_stats, check_loss):
+        check(base, "tanh", "none", 1, dtype, backend, device)
+
+
+@pytest.mark.parametrize("b_out", [float("inf"), float("-inf")])
+def test_softplus_of_infinite_scores(b_out, backend, device):
+    # softplus(-inf) = 0 (every score 0: finite statistics, zero gradients), softplus(inf) = inf.
+    base = make_core(4, 6, 5, 1)
+    base["b_out"] = torch.tensor(b_out, dtype=torch.float64)
+    check_stats_nonfinite(base, "relu", "softplus", 0, backend, device)
+
+
+def check_stats_nonfinite(base, act, out_act, pos_offset, backend, device):
+    """The stats op and its gradients on ``base`` (float64) have the reference's NaN and Inf
+    positions and finite values; returns the reference's gradients."""
     p = cast(base, torch.float64, device, requires_grad=True)
     r = cast(base, torch.float64, "cpu", requires_grad=True)
     got = run_stats(p, backend, activation=act, out_activation=out_act, pos_offset=pos_offset)
     exp = ref_stats(r, act, out_act, pos_offset)
-    assert_all_close(got, exp, 1e-10, ("lse", "pos", "rowsum"))
+    for a, e, name in zip(got, exp, ("lse", "pos", "rowsum")):
+        assert_nonfinite_pattern_equal(a, e, name)
     g = upstream(base["A"].shape[0], torch.float64, "cpu")
-    assert_all_close(
-        grads_of(stats_objective(got, [x.to(device) for x in g]), p),
-        grads_of(stats_objective(exp, g), r), 1e-10, leaf_names(p),
-    )
-
-
-def check_loss_against_reference_p(base, act, out_act, pos_offset, backend, device):
-    p = cast(base, torch.float64, device, requires_grad=True)
-    r = cast(base, torch.float64, "cpu", requires_grad=True)
-    c = coefficients(pos_offset)
-    got = fe.pair_mlp_loss(**p, backend=backend, activation=act, out_activation=out_act,
-                           pos_offset=pos_offset, **c)
-    exp = ref_loss(r, act, out_act, pos_offset, **c)
-    assert_rel_close(got, exp, 1e-10, "loss", ref_loss_floor(r, act, out_act, pos_offset, **c))
-    assert_all_close(grads_of(got, p), grads_of(exp, r), 1e-10, leaf_names(p))
+    exp_g = grads_of(stats_objective(exp, g), r)
+    for a, e, name in zip(grads_of(stats_objective(got, [x.to(device) for x in g]), p), exp_g,
+                          leaf_names(p)):
+        assert_nonfinite_pattern_equal(a, e, name)
+    return exp_g
 
 
 # ------------------------------------------------------------------------------------------------
@@ -563,15 +607,6 @@ def test_non_contiguous_inputs(backend, device):
     assert_all_close(grads_of(got, v), grads_of(ex, r), 1e-10, leaf_names(base))
 
 
-def _nan_pattern_equal(actual, expected, name):
-    a, e = actual.detach().cpu(), expected.detach().cpu()
-    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{name}: NaN pattern differs"
-    assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{name}: Inf pattern differs"
-    fin = torch.isfinite(e)
-    if fin.any():
-        assert_rel_close(a[fin], e[fin].to(a.dtype), 1e-10, name + " (finite part)")
-
-
 @pytest.mark.parametrize("L,act", [(0, "relu"), (0, "tanh"), (1, "relu"), (2, "tanh")])
 def test_nan_in_a_row_propagates(L, act, backend, device):
     N, M, H, k = 6, 9, 7, 3
@@ -583,19 +618,43 @@ def test_nan_in_a_row_propagates(L, act, backend, device):
     got, exp = run_stats(p, backend, **kw), ref_stats(r, act, "none", 1)
     for a, e, name in zip(got, exp, ("lse", "pos", "rowsum")):
         assert torch.isnan(a[k]) and torch.isfinite(torch.cat([a[:k], a[k + 1:]])).all(), name
-        _nan_pattern_equal(a, e, name)
+        assert_nonfinite_pattern_equal(a, e, name)
     # Gradients: row k's dA is what the reference gives; the other rows stay finite.
     g = upstream(N, torch.float64, "cpu")
     got_g = grads_of(stats_objective(got, [x.to(device) for x in g]), p)
     exp_g = grads_of(stats_objective(exp, g), r)
     for a, e, name in zip(got_g, exp_g, leaf_names(p)):
-        _nan_pattern_equal(a, e, name)
+        assert_nonfinite_pattern_equal(a, e, name)
     c = coefficients(1)
     got_l = fe.pair_mlp_loss(**p, backend=backend, **kw, **c)
     exp_l = ref_loss(r, act, "none", 1, **c)
     assert torch.isnan(got_l) and torch.isnan(exp_l)
     for a, e, name in zip(grads_of(got_l, p), grads_of(exp_l, r), leaf_names(p)):
-        _nan_pattern_equal(a, e, name)
+        assert_nonfinite_pattern_equal(a, e, name)
+
+
+@pytest.mark.parametrize("L,where", [(0, "w_out"), (1, "w_out"), (2, "w_out"), (1, "hidden"),
+                                     (2, "hidden")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nonfinite_weight_follows_relu_mask(L, where, bad, backend, device):
+    # Every score is NaN; relu's backward keeps the NaN out of a unit that is off for every pair,
+    # which a padding row of a tile turns on (conftest.nonfinite_weight_core): stats, gradients
+    # and the loss op's gradients have the reference's NaN pattern and finite values.
+    k = NONFINITE_UNIT
+    base = nonfinite_weight_core(6, 9, 7, L, where, bad)
+    exp_g = check_stats_nonfinite(base, "relu", "none", 1, backend, device)
+    # not vacuous: the unit's gradients are finite zeros in the reference, the rest NaN
+    gate = nonfinite_gated_layer(L, where)
+    unit = exp_g[1][:, k] if gate == 0 else exp_g[2 + gate - 1][k]
+    assert torch.equal(unit, torch.zeros_like(unit)) and exp_g[1].isnan().any()
+    kw = dict(activation="relu", out_activation="none", pos_offset=1)
+    p = cast(base, torch.float64, device, requires_grad=True)
+    r = cast(base, torch.float64, "cpu", requires_grad=True)
+    c = coefficients(1)
+    got_l = fe.pair_mlp_loss(**p, backend=backend, **kw, **c)
+    exp_l = ref_loss(r, "relu", "none", 1, **c)
+    for a, e, name in zip(grads_of(got_l, p), grads_of(exp_l, r), leaf_names(p)):
+        assert_nonfinite_pattern_equal(a, e, "loss " + name)
 
 
 @pytest.mark.parametrize("b_out", [float("inf"), float("-inf")])
@@ -607,7 +666,7 @@ def test_infinite_scores_keep_their_sign(b_out, backend, device):
     exp = ref_stats(base, "relu", "none", 0)
     for a, e, name in zip(got, exp, ("lse", "pos", "rowsum")):
         assert torch.isinf(e).all()
-        _nan_pattern_equal(a, e, name)
+        assert_nonfinite_pattern_equal(a, e, name)
         assert torch.equal(torch.sign(a.cpu()), torch.sign(e)), name
 
 

@@ -21,7 +21,15 @@ import torch
 
 from factorcl_ext import reference
 
-from conftest import loss_floor, rel_error, stats_floor
+from conftest import (
+    NONFINITE_UNIT,
+    assert_nonfinite_pattern_equal,
+    loss_floor,
+    nonfinite_gated_layer,
+    nonfinite_weight_core,
+    rel_error,
+    stats_floor,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
@@ -281,6 +289,39 @@ def test_emulated_pair_mlp(emu, sms, case, prec_name):
         # bit-identical rerun
         stats2 = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
         assert all(torch.equal(a, b) for a, b in zip(stats, stats2))
+
+
+@pytest.mark.parametrize("prec_name", ["float64", "float32"])
+@pytest.mark.parametrize("L,where", [(0, "w_out"), (1, "w_out"), (2, "w_out"), (1, "hidden"),
+                                     (2, "hidden")])
+def test_emulated_nonfinite_weight_follows_relu_mask(emu, sms, L, where, prec_name):
+    # NaN scores; relu's backward is a select, so the NaN stays out of a unit that is off for
+    # every pair (conftest.nonfinite_weight_core): a product with the mask made it NaN there.
+    sms(2)
+    n, m, h, cfg = 6, 9, 7, ("relu", "none", 1)
+    base = nonfinite_weight_core(n, m, h, L, where, float("nan"))
+    with Precision(prec_name) as prec:
+        inputs = [base["A"], base["B"], base["hidden_weights"], base["hidden_biases"],
+                  base["w_out"], base["b_out"]]
+        inputs = [[t.to(prec.dtype) for t in x] if isinstance(x, list) else x.to(prec.dtype)
+                  for x in inputs]
+        up = upstream_grads(n, prec)
+        stats64, grads64 = mlp_reference(inputs, cfg, up, F64)
+        gate = nonfinite_gated_layer(L, where)
+        unit = grads64[1][:, NONFINITE_UNIT] if gate == 0 else grads64[1 + gate][NONFINITE_UNIT]
+        assert torch.equal(unit, torch.zeros_like(unit)) and grads64[1].isnan().any()
+        A, B, Ws, bs, w_out, b_out = inputs
+        stats = emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, *cfg)
+        dA, dB, dW, db, dwo, dbo = emu.pair_mlp_stats_backward(
+            *(g.to(stats[0].dtype) for g in up), A, B, Ws, bs, w_out, b_out, stats[0], *cfg)
+        names = ["lse", "pos", "rowsum", *mlp_grad_names(L)]
+        for a, e, name in zip([*stats, dA, dB, *dW, *db, dwo, dbo], [*stats64, *grads64], names):
+            assert_nonfinite_pattern_equal(a, e, name, prec.tol)
+        c = (0.7, -0.4, 0.05)
+        _, *lg = emu.pair_mlp_loss(A, B, Ws, bs, w_out, b_out, *cfg, *c, True)
+        _, g64 = mlp_reference(inputs, cfg, [torch.full((n,), ci, dtype=F64) for ci in c], F64)
+        for a, e, name in zip([lg[0], lg[1], *lg[2], *lg[3], lg[4], lg[5]], g64, names[3:]):
+            assert_nonfinite_pattern_equal(a, e, "loss " + name, prec.tol)
 
 
 # (N, M, D, pos_offset, exclude_offset, emulated SMs)

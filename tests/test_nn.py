@@ -4,6 +4,7 @@ identical weights: values and every parameter / input gradient, state-dict compa
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -217,6 +218,9 @@ def test_modules_reject_bad_inputs():
         InfoNCECritic(3, 2, 4, 1, "gelu")
     with pytest.raises(ValueError, match="contrast_mode|Unknown mode"):
         SupConLoss(contrast_mode="some")
+    for shape in [(1, 1, 4), (0, 2, 4)]:
+        with pytest.raises(ValueError, match="two feature vectors.*" + re.escape(str(shape))):
+            SupConLoss()(torch.randn(*shape))
     with pytest.raises(TypeError, match="deterministic must be a bool"):
         InfoNCECritic(3, 2, 4, 1, "relu", deterministic="yes")(torch.randn(4, 3), torch.randn(4, 2))
 

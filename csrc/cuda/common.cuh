@@ -92,12 +92,14 @@ __device__ __forceinline__ A act_fwd(A z, int act) {
   return dtanh(z);
 }
 
-// Derivative of the hidden activation expressed through its output h = act(z), as torch's
-// relu / tanh backward do (relu: h > 0, written so that NaN passes the gradient; tanh: 1 - h^2).
+// Gradient g through the hidden activation, expressed through its output h = act(z), as torch's
+// relu / tanh backward compute it: relu selects, `h <= 0 ? 0 : g` (threshold_backward), so a NaN
+// or Inf upstream gradient stays out of units that are off (a product g * [h > 0] made it NaN
+// there) and a NaN unit passes g on; tanh multiplies by 1 - h^2.
 template <class A>
-__device__ __forceinline__ A act_grad_from_out(A h, int act) {
-  if (act == kRelu) return h <= A(0) ? A(0) : A(1);
-  return A(1) - h * h;
+__device__ __forceinline__ A act_bwd_from_out(A g, A h, int act) {
+  if (act == kRelu) return h <= A(0) ? A(0) : g;
+  return g * (A(1) - h * h);
 }
 
 // nn.Softplus() (beta 1, threshold 20) and its derivative, as torch computes them.

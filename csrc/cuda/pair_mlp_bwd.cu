@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
                 for (int t = 0; t < V; ++t)
                   if (t < n) {
                     const acc_t h = pair_act(av[t], bv[t], a.act);
-                    dzp[t] = d * wo[t] * act_grad_from_out(h, a.act);
+                    dzp[t] = act_bwd_from_out(d * wo[t], h, a.act);
                     sum[0][t] += d * h;
                   }
               }
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
                   for (int t = 0; t < V; ++t)
                     if (t < n) {
                       const acc_t h = to_acc(hv[t]);
-                      const acc_t dz = d * wo[t] * act_grad_from_out(h, a.act);
+                      const acc_t dz = act_bwd_from_out(d * wo[t], h, a.act);
                       out[t] = Cvt<T>::from(dz * scale);
                       sum[0][t] += d * h;
                       sum[1][t] += dz;
@@ -343,10 +343,10 @@ __global__ void __launch_bounds__(kThreads)
                   const acc_t dh = Cs[mr * Md::LDC + nc];
                   if (l >= 2) {
                     const int64_t idx = int64_t(p) * H + k;
-                    dzn[idx] = Cvt<T>::from(dh * act_grad_from_out(to_acc(hprev[idx]), a.act));
+                    dzn[idx] = Cvt<T>::from(act_bwd_from_out(dh, to_acc(hprev[idx]), a.act));
                   } else {
                     const acc_t h = pair_act(ai[k], bj[k], a.act);
-                    Cs[mr * Md::LDC + nc] = dh * inv_scale * act_grad_from_out(h, a.act);
+                    Cs[mr * Md::LDC + nc] = act_bwd_from_out(dh * inv_scale, h, a.act);
                   }
                 }
               }

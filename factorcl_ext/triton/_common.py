@@ -9,6 +9,9 @@ import triton.language as tl
 
 ACT_CODES = {"relu": 0, "tanh": 1}
 OUT_CODES = {"none": 0, "softplus": 1}
+# 1/3 as a float32 value and the float32 value of the rest (tanh's series)
+_THIRD_HI = tl.constexpr(0.3333333432674408)
+_THIRD_LO = tl.constexpr(-9.934107758624577e-09)
 
 
 @triton.jit
@@ -19,9 +22,21 @@ def _act(z, ACT: tl.constexpr):
         # pair and feature slice)
         return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
-        # tanh through exp(-2|z|) <= 1: no overflow for large |z|
-        e = tl.exp(-2.0 * tl.abs(z))
-        y = (1.0 - e) / (1.0 + e)
+        # tanh through e = exp(-2|z|) <= 1 (no overflow for large |z|): (1 - e) / (1 + e). Below
+        # |z| = 1/16, 1 - e cancels (relative error eps / 2|z|: 3e-5 at |z| = 1e-3 in float32),
+        # so the Taylor series takes over there: to z^5 in float32 (next term 3e-9 relative at
+        # 1/16), to z^9 in float64 (8e-15), whose literals, float32 constants, are float64-exact
+        # where it matters: 1/3 goes in as two (high and low part); the later ones' rounding is
+        # below 2e-13 of the result.
+        a = tl.abs(z)
+        e = tl.exp(-2.0 * a)
+        a2 = a * a
+        if z.dtype == tl.float64:
+            q = 2.0 / 15.0 - a2 * (17.0 / 315.0 - a2 * (62.0 / 2835.0))
+            p = (_THIRD_HI - a2 * q) + _THIRD_LO
+        else:
+            p = _THIRD_HI - a2 * (2.0 / 15.0)
+        y = tl.where(a < 0.0625, a - a * a2 * p, (1.0 - e) / (1.0 + e))
         return tl.where(z < 0, -y, y)
 
 
@@ -29,7 +44,10 @@ def _act(z, ACT: tl.constexpr):
 def _act_bwd(g, z, ACT: tl.constexpr):
     """Gradient through act at pre-activation z, as torch computes it (and so with its NaN
     pattern): relu selects, ``where(relu(z) <= 0, 0, g)``, so a NaN upstream gradient stays out of
-    units that are off and a NaN unit passes it on; tanh multiplies by 1 - tanh(z)^2."""
+    units that are off and a NaN unit passes it on; tanh multiplies by 1 - tanh(z)^2. The
+    backward gives the padding pairs of a tile z = -inf (their g is 0 times a weight: NaN for a
+    non-finite one, where the reference has no such pair), so relu keeps them out at no cost;
+    with tanh a non-finite weight makes every gradient NaN in the reference too."""
     if ACT == 0:
         return tl.where(z <= 0, 0.0, g)
     else:
@@ -42,12 +60,15 @@ def _out_act(t, OUT: tl.constexpr):
     if OUT == 0:
         return t
     else:
-        # nn.Softplus(beta=1, threshold=20): identity above 20, log1p(exp(t)) below; log1p
-        # is not a core tl function, so small exp(t) takes its series (error < e^4/4).
+        # nn.Softplus(beta=1, threshold=20): identity above 20, log1p(exp(t)) below. log1p is
+        # not a core tl function and log(1 + e) cancels for small e (5e-4 relative at t = -9 in
+        # float32), so Goldberg's form log(u) * e / (u - 1), u = 1 + e: a few ulps given an
+        # accurate log (tl.log is libdevice's, not lg2.approx), and e itself where u rounds to 1.
         e = tl.exp(tl.minimum(t, 20.0))
-        lp = tl.where(e < 1e-4, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
-        # 0 * t brings a NaN score through (tl.minimum may drop it)
-        return tl.where(t > 20.0, t, lp + 0.0 * t)
+        u = 1.0 + e
+        lp = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
+        # a NaN score passes through (tl.minimum may drop it); -inf gives 0, as torch's
+        return tl.where((t > 20.0) | (t != t), t, lp)
 
 
 @triton.jit
@@ -56,7 +77,7 @@ def _out_act_grad(t, OUT: tl.constexpr):
         return tl.full(t.shape, 1.0, t.dtype)
     else:
         e = tl.exp(tl.minimum(t, 20.0))
-        return tl.where(t > 20.0, 1.0, e / (1.0 + e) + 0.0 * t).to(t.dtype)
+        return tl.where(t > 20.0, 1.0, tl.where(t != t, t, e / (1.0 + e))).to(t.dtype)
 
 
 @triton.jit

@@ -59,17 +59,21 @@ from ._common import (
 
 
 @triton.jit
-def _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC: tl.constexpr, I64: tl.constexpr,
-        BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr):
-    """First-layer pre-activations A_i + B_j of the tile's pairs on one feature slice: [P, BK]."""
+def _z0(A_ptr, B_ptr, i0, j0, k0, n_rows, n_cols, H, ACC: tl.constexpr, I64: tl.constexpr,
+        BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PAD: tl.constexpr):
+    """First-layer pre-activations A_i + B_j of the tile's pairs on one feature slice: [P, BK].
+    Rows from n_rows and columns from n_cols on are padding, loaded as PAD: 0.0, or -inf in the
+    backward, whose relu then keeps their dz at 0 (_act_bwd). The backward passes N, M too,
+    not its launch's row1, col1: no tile straddles a chunk edge (_config.dw_chunk's chunks are
+    whole tiles), and those bounds cost L = 0 tiles 34 more registers (compile check)."""
     ri = i0 + tl.arange(0, BI)
     rj = j0 + tl.arange(0, BJ)
     rk = k0 + tl.arange(0, BK)
     mk = rk < H
     a = tl.load(A_ptr + _row_offsets(ri[:, None], H, I64) + rk[None, :],
-                mask=(ri < N)[:, None] & mk[None, :], other=0.0).to(ACC)
+                mask=(ri < n_rows)[:, None] & mk[None, :], other=PAD).to(ACC)
     b = tl.load(B_ptr + _row_offsets(rj[:, None], H, I64) + rk[None, :],
-                mask=(rj < M)[:, None] & mk[None, :], other=0.0).to(ACC)
+                mask=(rj < n_cols)[:, None] & mk[None, :], other=PAD).to(ACC)
     return tl.reshape(a[:, None, :] + b[None, :, :], (BI * BJ, BK))
 
 
@@ -89,7 +93,7 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N,
         for k0 in range(0, H, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < H
-            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK), ACT)
+            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK, 0.0), ACT)
             wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
             t += tl.sum(h * wo[None, :], axis=1)
     else:
@@ -106,7 +110,8 @@ def _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0, N,
                                 + _row_offsets(rn[None, :], H, I64) + rk[:, None],
                                 mask=mk[:, None] & mn[None, :], other=0.0)
                     if l == 0:
-                        x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK), ACT)
+                        x = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK,
+                                     0.0), ACT)
                     else:
                         x = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                     mask=mk[None, :], other=0.0).to(ACC)
@@ -272,7 +277,8 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
             t = _mlp_scores(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, zp, zls, zr, i0, j0,
                             N, M, H, ACC, L, ACT, PREC, I64, BI, BJ, BK, BN, True) + bout
             # ds_ij = g_lse_i exp(s_ij - lse_i) + g_pos_i [j == i + off] + g_rowsum_i, times
-            # out_act'(t); zero on padding pairs so nothing flows from them
+            # out_act'(t); zero on padding pairs, whose z are -inf below, so that relu keeps
+            # their dz at 0 too (0 times a non-finite weight is NaN): nothing flows from them
             pi = i0 + rp // BJ
             pj = j0 + rp % BJ
             valid = (pi < row1) & (pj < col1)
@@ -291,7 +297,8 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                 for k0 in range(0, H, BK):
                     rk = k0 + tl.arange(0, BK)
                     mk = rk < H
-                    z0 = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK)
+                    z0 = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK,
+                             float("-inf"))
                     wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
                     if not COL_PASS:
                         g = tl.sum(ds[:, None] * _act(z0, ACT), axis=0)
@@ -305,7 +312,8 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                     rn = n0 + tl.arange(0, BN)
                     mn = rn < H
                     pz = zp + (L - 1) * zls + zr[:, None] * H + rn[None, :]
-                    z = tl.load(pz, mask=mn[None, :], other=0.0).to(ACC)
+                    # padding pairs' z as -inf (_act_bwd)
+                    z = tl.load(pz, mask=valid[:, None] & mn[None, :], other=float("-inf")).to(ACC)
                     wo = tl.load(Wout_ptr + rn, mask=mn, other=0.0).to(ACC)
                     dz = _act_bwd(ds[:, None] * wo[None, :], z, ACT)
                     if not COL_PASS:
@@ -321,10 +329,12 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                         rk = k0 + tl.arange(0, BK)
                         mk = rk < H
                         if l == 0:
-                            z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK)
+                            z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ,
+                                       BK, float("-inf"))
                         else:
                             z_in = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
-                                           mask=mk[None, :], other=0.0).to(ACC)
+                                           mask=valid[:, None] & mk[None, :],
+                                           other=float("-inf")).to(ACC)
                         h_in = _act(z_in, ACT)
                         if DW_CHUNK and not COL_PASS and l > 0:
                             # the layer's input, for mlp_dw_kernel (its slot is about to take dz)
@@ -402,7 +412,7 @@ def mlp_dw_kernel(A_ptr, B_ptr, Dz_ptr, Hin_ptr, Part_ptr,
         dz = tl.load(Dz_ptr + zr[:, None] * H + rn[None, :], mask=valid[:, None] & mn[None, :],
                      other=0.0)
         if FIRST:
-            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BQI, BQJ, BK), ACT)
+            h = _act(_z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BQI, BQJ, BK, 0.0), ACT)
             h = tl.where(valid[:, None], h, 0.0)
         else:
             h = tl.load(Hin_ptr + zr[:, None] * H + rk[None, :],
