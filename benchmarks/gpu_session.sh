@@ -13,6 +13,7 @@
 #   tiles      the tests that force every Triton tile configuration of each family in turn
 #              (FACTORCL_TEST_EVERY_TILE=1; one compile per case: minutes)
 #   suites     the shared op and module suites with backends cuda,triton on CUDA tensors
+#   suites-k-* the same for the tests that the -k expression after 'suites-k-' selects
 #   trainer    the GPU tests of the FactorCL trainer, step benchmark and mi-bench (-m gpu)
 #   sanitize   tests/run_compute_sanitizer.sh (memcheck, racecheck, synccheck)
 #   bench-*    benchmarks/gpu_bench.py with the arguments after the dash, e.g. bench---quick
@@ -99,6 +100,11 @@ for stage in "$@"; do
       FACTORCL_TRITON_AUTOTUNE=0 FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites \
         tests/test_concat_critic.py \
         tests/test_separable_critic.py tests/test_nn.py
+      ;;
+    suites-k-*)
+      FACTORCL_TRITON_AUTOTUNE=0 FACTORCL_TEST_BACKENDS=cuda,triton pytest_stage suites-k \
+        tests/test_concat_critic.py tests/test_separable_critic.py tests/test_nn.py \
+        -k "${stage#suites-k-}"
       ;;
     trainer)
       FACTORCL_TRITON_AUTOTUNE=0 pytest_stage trainer tests/test_factorcl_train.py \
