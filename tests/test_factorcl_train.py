@@ -472,14 +472,22 @@ def test_resume_may_change_how_critics_are_computed(tmp_path):
 def test_checkpoints_from_before_a_setting_existed_still_match(tmp_path):
     # A checkpoint written before a setting was added (here critic_deterministic) is compared as
     # if it had the setting's default: compare reuses it rather than refusing it.
+    cfg, d, _ = _edited_checkpoint(
+        tmp_path, lambda state: state["config"]["model_cfg"].pop("critic_deterministic"))
+    assert T.previous_run(str(tmp_path), cfg, d)["metrics"] is not None
+
+
+def _edited_checkpoint(tmp_path, edit):
+    """A finished SimCLR run in ``tmp_path`` whose checkpoint ``edit(state)`` has changed (as an
+    older factorcl would have written it): (its config, its data, the checkpoint's path)."""
     d = _data()
     cfg = _cfg("simclr", probe=True)
     T.train(cfg, d, str(tmp_path))
     path = tmp_path / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    del state["config"]["model_cfg"]["critic_deterministic"]
+    edit(state)
     T.save_checkpoint(str(path), state)
-    assert T.previous_run(str(tmp_path), cfg, d)["metrics"] is not None
+    return cfg, d, path
     with pytest.raises(T.TrainError, match="critic_deterministic=False but this run has "
                                            "critic_deterministic=True"):
         T.previous_run(str(tmp_path), _cfg("simclr", probe=True, model_cfg=M.ModelConfig(
@@ -627,15 +635,12 @@ def test_resume_and_compare_refuse_other_labels(tmp_path, capsys, monkeypatch):
 
 
 def test_checkpoint_of_the_old_data_format_is_refused_clearly(tmp_path):
-    d = _data()
-    cfg = _cfg("simclr", probe=True)
-    T.train(cfg, d, str(tmp_path))
-    path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
-    fp = state["data"]
-    state["data"] = {k: fp[k] for k in ("name", "n", "num_train", "x1", "x2", "num_classes")}
-    state["data"]["checksum"] = 12.5  # what factorcl recorded before it hashed the data
-    T.save_checkpoint(str(path), state)
+    def old_format(state):
+        fp = state["data"]
+        state["data"] = {k: fp[k] for k in ("name", "n", "num_train", "x1", "x2", "num_classes")}
+        state["data"]["checksum"] = 12.5  # what factorcl recorded before it hashed the data
+
+    cfg, d, path = _edited_checkpoint(tmp_path, old_format)
     with pytest.raises(T.TrainError, match="older factorcl.*--overwrite"):
         T.train(cfg, d, str(tmp_path), resume=str(path))
     with pytest.raises(T.TrainError, match="older factorcl.*--overwrite"):
