@@ -193,9 +193,11 @@ def test_bad_config_raises_train_error(tmp_path):
 # ---- CLI ------------------------------------------------------------------------------------
 
 TINY_SYNTHETIC = ["--n-examples", "200", "--shared-dim", "3", "--unique-dim", "2", "--x-dim", "12"]
-TINY_MODEL = ["--embed-dim", "8", "--backbone-hidden", "16", "--critic-hidden", "12",
-              "--batch-size", "32", "--no-progress"]
-TINY = TINY_SYNTHETIC + TINY_MODEL
+TINY_MODEL = ["--embed-dim", "8", "--backbone-hidden", "16", "--batch-size", "32",
+              "--no-progress"]
+TINY_CRITIC = ["--critic-hidden", "12"]  # FactorCL's concat critics (refused for the others)
+TINY = TINY_SYNTHETIC + TINY_CRITIC + TINY_MODEL  # FactorCL models, or a mix
+TINY_BASELINE = TINY_SYNTHETIC + TINY_MODEL  # SimCLR / SupCon alone
 
 
 def _one_line_error(capsys, code, expected):
@@ -243,8 +245,8 @@ def test_cli_bad_data_and_values(capsys, tmp_path):
     ]
     for extra, expected in cases:
         data = TINY_SYNTHETIC if "--dataset" not in extra else []
-        code = cli.main(["train", "--out", out, "--backend", "reference", *data, *TINY_MODEL,
-                         *extra])
+        code = cli.main(["train", "--out", out, "--backend", "reference", *data, *TINY_CRITIC,
+                         *TINY_MODEL, *extra])
         _one_line_error(capsys, code, expected)
     code = cli.main(["compare", "--out", out, "--backend", "reference", "--models", "simclr,clip",
                      *TINY])
@@ -475,6 +477,29 @@ def test_checkpoints_from_before_a_setting_existed_still_match(tmp_path):
     cfg, d, _ = _edited_checkpoint(
         tmp_path, lambda state: state["config"]["model_cfg"].pop("critic_deterministic"))
     assert T.previous_run(str(tmp_path), cfg, d)["metrics"] is not None
+    with pytest.raises(T.TrainError, match="critic_deterministic=False but this run has "
+                                           "critic_deterministic=True"):
+        T.previous_run(str(tmp_path), _cfg("simclr", probe=True, model_cfg=M.ModelConfig(
+            **{**SMALL.__dict__, "critic_deterministic": True})), d)
+
+
+def test_settings_the_model_does_not_use_do_not_block_reuse_or_resume(tmp_path):
+    # A run of `compare --models factorcl-sup,simclr --critic-hidden 12` records critic_hidden=12
+    # in its SimCLR run too; `compare --models simclr` (where --critic-hidden is refused) must
+    # still reuse it, and a resume must still continue it.
+    d = _data()
+    cfg = _cfg("simclr", probe=True, aug_noise=0.3, num_club_iter=2)
+    T.train(cfg, d, str(tmp_path))
+    other = _cfg("simclr", probe=True, model_cfg=dataclasses.replace(
+        SMALL, critic_hidden=SMALL.critic_hidden + 1, critic_layers=SMALL.critic_layers + 1))
+    assert T.previous_run(str(tmp_path), other, d)["metrics"] is not None
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    T._check_resume(state, dataclasses.replace(other, epochs=other.epochs + 1), d, "ckpt")
+    used = _cfg("simclr", probe=True, model_cfg=dataclasses.replace(SMALL, temperature=0.5))
+    with pytest.raises(T.TrainError, match="temperature=0.07 but this run has temperature=0.5"):
+        T.previous_run(str(tmp_path), used, d)
+    with pytest.raises(T.TrainError, match="model='simclr' but this run has model='supcon'"):
+        T.previous_run(str(tmp_path), _cfg("supcon", probe=True), d)
 
 
 def _edited_checkpoint(tmp_path, edit):
@@ -488,10 +513,6 @@ def _edited_checkpoint(tmp_path, edit):
     edit(state)
     T.save_checkpoint(str(path), state)
     return cfg, d, path
-    with pytest.raises(T.TrainError, match="critic_deterministic=False but this run has "
-                                           "critic_deterministic=True"):
-        T.previous_run(str(tmp_path), _cfg("simclr", probe=True, model_cfg=M.ModelConfig(
-            **{**SMALL.__dict__, "critic_deterministic": True})), d)
 
 
 @pytest.mark.gpu
@@ -558,7 +579,8 @@ def _env():
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "factorcl.cli", "train", "--model", "simclr", "--epochs",
-            "100000", "--out", str(out), "--backend", "reference", "--log-every", "1", *TINY]
+            "100000", "--out", str(out), "--backend", "reference", "--log-every", "1",
+            *TINY_BASELINE]
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     jsonl = out / "metrics.jsonl"
@@ -619,7 +641,7 @@ def test_resume_and_compare_refuse_other_labels(tmp_path, capsys, monkeypatch):
         T.train(_cfg(), shared_only, str(tmp_path / "r"), resume=part["checkpoint"])
     out = str(tmp_path / "cmp")
     argv = ["compare", "--out", out, "--epochs", "1", "--backend", "reference", "--models",
-            "simclr", *TINY]
+            "simclr", *TINY_BASELINE]
     assert cli.main(argv) == 0
     capsys.readouterr()
     _one_line_error(capsys, cli.main(argv + ["--label-parts", "shared"]), "label_parts")
@@ -678,7 +700,7 @@ def test_failed_overwrite_leaves_no_file_of_the_old_run(tmp_path, monkeypatch):
 
 def test_cli_refuses_resume_with_overwrite(tmp_path, capsys):
     argv = ["train", "--model", "simclr", "--epochs", "1", "--out", str(tmp_path),
-            "--backend", "reference", "--no-probe", *TINY]
+            "--backend", "reference", "--no-probe", *TINY_BASELINE]
     assert cli.main(argv) == 0
     before = (tmp_path / "checkpoint.pt").read_bytes()
     capsys.readouterr()
@@ -693,14 +715,15 @@ def test_cli_unusable_out_is_one_line(tmp_path, capsys):
     afile.write_text("x")
     run = tmp_path / "run"
     assert cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(run),
-                     "--backend", "reference", "--no-probe", *TINY]) == 0
+                     "--backend", "reference", "--no-probe", *TINY_BASELINE]) == 0
     (tmp_path / "adir.npz").mkdir()
     capsys.readouterr()
     bad = [str(afile), str(afile / "sub")] + (["/proc/factorcl-out"] if os.path.isdir("/proc")
                                                else [])
     commands = [
-        ["train", "--model", "simclr", "--epochs", "1", "--backend", "reference", *TINY],
-        ["compare", "--models", "simclr", "--epochs", "1", "--backend", "reference", *TINY],
+        ["train", "--model", "simclr", "--epochs", "1", "--backend", "reference", *TINY_BASELINE],
+        ["compare", "--models", "simclr", "--epochs", "1", "--backend", "reference",
+         *TINY_BASELINE],
         ["mi-bench", "--quick", "--dims", "3", "--levels", "1", "--steps-per-level", "4",
          "--hidden", "8", "--no-large-batch", "--backend", "reference", "--no-progress"],
     ]
@@ -724,7 +747,7 @@ def test_single_class_training_split_is_refused_before_training(tmp_path, capsys
              split=split)
     out = tmp_path / "o"
     code = cli.main(["train", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--out", str(out),
-                     "--backend", "reference", *TINY_MODEL, "--batch-size", "8"])
+                     "--backend", "reference", *TINY_CRITIC, *TINY_MODEL, "--batch-size", "8"])
     _one_line_error(capsys, code, "the training split (29 examples) holds a single class")
     assert not out.exists()
 
@@ -756,7 +779,7 @@ def test_nan_loss_names_the_step_and_the_usual_causes(tmp_path):
 def test_cli_resume_of_a_file_that_is_no_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(run),
-                     "--backend", "reference", "--no-probe", *TINY]) == 0
+                     "--backend", "reference", "--no-probe", *TINY_BASELINE]) == 0
     junk = tmp_path / "junk.pt"
     junk.write_text("hello\n")
     truncated = tmp_path / "truncated.pt"
@@ -766,7 +789,7 @@ def test_cli_resume_of_a_file_that_is_no_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     for path in (junk, truncated, objects):
         code = cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(run),
-                         "--backend", "reference", "--resume", str(path), *TINY])
+                         "--backend", "reference", "--resume", str(path), *TINY_BASELINE])
         err = capsys.readouterr().err
         assert code == cli.EXIT_USAGE and len(err.strip().splitlines()) == 1, err
         assert f"cannot read {path}: not a factorcl checkpoint, or a damaged one" in err, err
@@ -776,7 +799,7 @@ def test_cli_resume_of_a_file_that_is_no_checkpoint(tmp_path, capsys):
 def test_cli_train_always_ends_with_a_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--model", "simclr", "--epochs", "1", "--out", str(out),
-                     "--backend", "reference", "--no-probe", *TINY]) == 0
+                     "--backend", "reference", "--no-probe", *TINY_BASELINE]) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "5 steps" in last and "final loss" in last and str(out) in last, last
 
@@ -789,7 +812,7 @@ def test_cli_ctrl_c_in_the_final_evaluation_keeps_the_checkpoint(tmp_path, capsy
 
     out = tmp_path / "run"
     argv = ["train", "--model", "simclr", "--epochs", "1", "--out", str(out), "--backend",
-            "reference", *TINY]
+            "reference", *TINY_BASELINE]
     with monkeypatch.context() as m:
         m.setattr(E, "evaluate", interrupted)
         assert cli.main(argv) == cli.EXIT_INTERRUPTED
@@ -814,9 +837,14 @@ def test_cli_ctrl_c_in_the_final_evaluation_keeps_the_checkpoint(tmp_path, capsy
     (["train", "--model", "supcon", "--augmentations", "noise"], "--augmentations applies"),
     (["compare", "--models", "simclr,supcon", "--club-lr", "1e-3"],
      "--club-lr applies to --model factorcl-sup / factorcl-ssl only, not to simclr, supcon"),
+    (["train", "--model", "simclr", "--critic-hidden", "64"],
+     "--critic-hidden applies to --model factorcl-sup / factorcl-ssl only, not to simclr"),
+    (["compare", "--models", "simclr,supcon", "--critic-layers", "2"],
+     "--critic-layers applies to --model factorcl-sup / factorcl-ssl only"),
 ])
 def test_cli_refuses_flags_the_model_does_not_use(tmp_path, capsys, argv, expected):
     out = tmp_path / "o"
-    code = cli.main(argv + ["--out", str(out), "--backend", "reference", "--epochs", "1", *TINY])
+    code = cli.main(argv + ["--out", str(out), "--backend", "reference", "--epochs", "1",
+                            *TINY_BASELINE])
     _one_line_error(capsys, code, expected)
     assert not out.exists()

@@ -120,24 +120,19 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(dataset_only_flags=only)
 
 
-# The models that use a flag that not every model uses (see _check_model_flags).
-_CLUB_MODELS = ("factorcl-sup", "factorcl-ssl")  # NCE-CLUB critics
-_TEMPERATURE_MODELS = ("simclr", "supcon")
-_VIEW_MODELS = ("factorcl-ssl",)  # trained on augmented views
-
-
 def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    from .models import BACKBONES, MODELS
+    from .models import BACKBONES, MODELS, SETTING_USERS
 
     d = DEFAULTS
     _add_data_flags(p)
     only: dict[str, tuple[str, object, tuple[str, ...]]] = {}
 
-    def model_flag(g, flag: str, models: tuple[str, ...], **kw) -> None:
-        """A flag that only ``models`` use; given (with another value than its default) for
-        other models only, it is refused (``_check_model_flags``) rather than ignored."""
+    def model_flag(g, flag: str, **kw) -> None:
+        """A flag that only some models use (``models.SETTING_USERS``); given (with another value
+        than its default) for other models only, it is refused (``_check_model_flags``) rather
+        than ignored."""
         action = g.add_argument(flag, **kw)
-        only[action.dest] = (flag, action.default, models)
+        only[action.dest] = (flag, action.default, SETTING_USERS[action.dest])
 
     p.set_defaults(model_only_flags=only)
     g = p.add_argument_group("model")
@@ -148,10 +143,11 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
                    help="sequence model (auto: gru); vector inputs always get an MLP")
     g.add_argument("--backbone-hidden", type=_positive_int, default=d["backbone_hidden"])
     g.add_argument("--backbone-layers", type=_nonneg_int, default=d["backbone_layers"])
-    g.add_argument("--critic-hidden", type=_positive_int, default=d["critic_hidden"],
-                   help="concat critics' width H (the paper: 512; default %(default)s for speed)")
-    g.add_argument("--critic-layers", type=_nonneg_int, default=d["critic_layers"])
-    model_flag(g, "--temperature", _TEMPERATURE_MODELS, type=_positive_float, default=0.07,
+    model_flag(g, "--critic-hidden", type=_positive_int, default=d["critic_hidden"],
+               help="concat critics' width H (the paper: 512; default %(default)s for speed)")
+    model_flag(g, "--critic-layers", type=_nonneg_int, default=d["critic_layers"],
+               help="concat critics' hidden layers L")
+    model_flag(g, "--temperature", type=_positive_float, default=0.07,
                help="SimCLR / SupCon temperature")
     g.add_argument("--backend", default="auto",
                    choices=("auto", "cpu", "triton", "cuda", "reference"),
@@ -166,14 +162,14 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
     g.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
                    help="global batch (split over torchrun processes)")
     g.add_argument("--lr", type=_positive_float, default=d["lr"])
-    model_flag(g, "--club-lr", _CLUB_MODELS, type=_positive_float, default=None,
+    model_flag(g, "--club-lr", type=_positive_float, default=None,
                help="NCE-CLUB critics' learning rate (default: --lr)")
-    model_flag(g, "--num-club-iter", _CLUB_MODELS, type=_nonneg_int, default=1)
-    model_flag(g, "--aug-noise", _VIEW_MODELS, type=float, default=0.1,
+    model_flag(g, "--num-club-iter", type=_nonneg_int, default=1)
+    model_flag(g, "--aug-noise", type=float, default=0.1,
                help="SSL augmentation noise std, in units of each feature's std (>= 0)")
-    model_flag(g, "--aug-drop", _VIEW_MODELS, type=float, default=0.2,
+    model_flag(g, "--aug-drop", type=float, default=0.2,
                help="SSL feature-drop probability, in [0, 1)")
-    model_flag(g, "--augmentations", _VIEW_MODELS, type=_csv(str), default=None,
+    model_flag(g, "--augmentations", type=_csv(str), default=None,
                help="SSL view augmentations, comma-separated (vectors: noise, drop, "
                     "half_swap, identity; sequences: time_permute, time_drop, noise; "
                     "default: all that apply)")

@@ -48,6 +48,17 @@ __all__ = [
 ]
 
 MODELS = ("factorcl-sup", "factorcl-ssl", "simclr", "supcon")
+_FACTORCL = ("factorcl-sup", "factorcl-ssl")  # concat critics, two of them NCE-CLUB
+# The settings (fields of TrainConfig or ModelConfig, and the trainer's flags of the same names)
+# that only some models use: the others ignore them. The CLI refuses such a flag for a model that
+# does not use it, and a run is continued or reused whatever the settings its model ignores.
+SETTING_USERS: dict[str, tuple[str, ...]] = {
+    "critic_hidden": _FACTORCL, "critic_layers": _FACTORCL,
+    "club_lr": _FACTORCL, "num_club_iter": _FACTORCL,
+    "temperature": ("simclr", "supcon"),
+    "aug_noise": ("factorcl-ssl",), "aug_drop": ("factorcl-ssl",),
+    "augmentations": ("factorcl-ssl",),  # trained on augmented views
+}
 BACKBONES = ("auto", "mlp", "gru", "transformer")
 
 

@@ -37,7 +37,7 @@ from factorcl_ext import _backends
 
 from . import data as D
 from .distributed import Comm
-from .models import MODELS, Batch, ModelConfig, build_model
+from .models import MODELS, SETTING_USERS, Batch, ModelConfig, build_model
 
 __all__ = ["TrainConfig", "TrainError", "train", "previous_run", "write_atomically",
            "make_out_dir", "save_checkpoint", "load_checkpoint", "load_model", "resolve_device",
@@ -329,13 +329,19 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
     """How the run saved in ``state`` differs from ``cfg`` on ``data``, or None. ``strict=False``:
     only the settings a resumed run must share for its result to be an uninterrupted run's (the
     epochs, backend and evaluation may change); ``strict=True``: every setting but the
-    presentation ones. The data is compared in both: its generator's settings and every value
+    presentation ones. Settings the model does not use (``models.SETTING_USERS``) are not
+    compared. The data is compared in both: its generator's settings and every value
     (``fingerprint``: ``data``'s :func:`_data_fingerprint`, when already computed)."""
     old = TrainConfig.from_dict(state["config"]).to_dict()  # settings added since: defaults
     new = cfg.to_dict()
     old_m, new_m = old.pop("model_cfg"), new.pop("model_cfg")
+    if old["model"] != new["model"]:
+        return (f"the checkpoint was made with model={old['model']!r} but this run has "
+                f"model={new['model']!r}")
+    unused = {k for k, users in SETTING_USERS.items() if new["model"] not in users}
     keys = [k for k in new if k not in _PRESENTATION_KEYS] if strict else _RESUME_KEYS
-    model_keys = [k for k in new_m if strict or k not in _KERNEL_KEYS]
+    keys = [k for k in keys if k not in unused]
+    model_keys = [k for k in new_m if (strict or k not in _KERNEL_KEYS) and k not in unused]
     for where_old, where_new, names in ((old, new, keys), (old_m, new_m, model_keys)):
         for key in names:
             if where_old[key] != where_new[key]:
