@@ -123,7 +123,7 @@ def _check_paired(x: Tensor, y: Tensor, x_dim: int, y_dim: int) -> int:
             f"x_samples and y_samples must hold the same number of samples, got {x.shape[0]} and "
             f"{y.shape[0]}"
         )
-    return x.shape[0]
+    return ops._check_rows_cols("x_samples", x, "y_samples", y)[0]
 
 
 class InfoNCECritic(_ConcatMLP):
@@ -203,6 +203,7 @@ class FusedConcatCritic(_ConcatMLP):
             raise ValueError(f"rows must have shape [N, {self.row_dim}], got {tuple(rows.shape)}")
         if cols.dim() != 2 or cols.shape[1] != self.col_dim:
             raise ValueError(f"cols must have shape [M, {self.col_dim}], got {tuple(cols.shape)}")
+        ops._check_rows_cols("rows", rows, "cols", cols)
 
     def extra_repr(self) -> str:
         return (f"row_dim={self.row_dim}, col_dim={self.col_dim}, "
@@ -243,7 +244,7 @@ class FusedSeparableCritic(nn.Module):
 
     def infonce_lower_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0,
                             exclude_offset: Optional[int] = None) -> Tensor:
-        n, m = g.shape[0], h.shape[0]
+        n, m = self._check(g, h)
         loss = ops.separable_critic_loss(
             g, h, c_lse=1.0 / n, c_pos=-1.0 / n, temperature=self.temperature.to(g.dtype),
             normalize=self.normalize, pos_offset=pos_offset, exclude_offset=exclude_offset,
@@ -254,12 +255,19 @@ class FusedSeparableCritic(nn.Module):
         return ops._log_count(m - (1 if exclude_offset is not None else 0), loss) - loss
 
     def nce_club_upper_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0) -> Tensor:
-        n, m = g.shape[0], h.shape[0]
+        n, m = self._check(g, h)
         return ops.separable_critic_loss(
             g, h, c_pos=1.0 / n, c_rowsum=-1.0 / (n * m), temperature=self.temperature.to(g.dtype),
             normalize=self.normalize, pos_offset=pos_offset, backend=self.backend,
             deterministic=self.deterministic,
         )
+
+    @staticmethod
+    def _check(g: Tensor, h: Tensor) -> tuple[int, int]:
+        """(N, M), or the ops' error, before the bounds divide by them."""
+        ops._check_tensor("g", g, 2)
+        ops._check_tensor("h", h, 2)
+        return ops._check_rows_cols("g", g, "h", h)
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}, {_backend_repr(self)}"
@@ -291,6 +299,8 @@ class SupConLoss(nn.Module):
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
+        if self.contrast_mode not in ("all", "one"):  # an attribute: it may be set after __init__
+            raise ValueError(f"Unknown mode: {self.contrast_mode}")
         if features.dim() < 3:
             raise ValueError("`features` needs to be [bsz, n_views, ...], at least 3 dimensions "
                              "are required")
@@ -315,10 +325,13 @@ class SupConLoss(nn.Module):
         )
         pos_sum, pos_count = self._positives(features, contrast, anchor, labels, mask, bsz,
                                              n_views, n_anchor)
-        # (sum_p log_prob_ip) / count = (sum_p s_ip - count * lse_i) / count; a row with no
-        # positive contributes 0 (count clamped to 1), as the reference implementation does.
+        # (sum_p w_ip log_prob_ip) / count = (sum_p w_ip s_ip - count * lse_i) / count, count =
+        # sum_p w_ip (weights w: a mask's, else 1); as in the reference implementation a count
+        # below 1e-6 divides by 1 (a row with no positive contributes 0), a soft mask's smaller
+        # counts divide as they are.
         pos_logits = (anchor * pos_sum).sum(1) / self.temperature
-        mean_log_prob_pos = (pos_logits - pos_count * stats.lse) / pos_count.clamp(min=1.0)
+        divisor = torch.where(pos_count < 1e-6, torch.ones_like(pos_count), pos_count)
+        mean_log_prob_pos = (pos_logits - pos_count * stats.lse) / divisor
         loss = -(self.temperature / self.base_temperature) * mean_log_prob_pos
         return loss.mean()
 
@@ -340,20 +353,35 @@ class SupConLoss(nn.Module):
             labels = labels.contiguous().view(-1)
             if labels.shape[0] != bsz:
                 raise ValueError("Num of labels does not match num of features")
-            class_sum, class_count = _same_label_sums(labels, sample_sum)
+            class_sum, class_count = _same_label_sums(
+                labels, sample_sum, materialise=self.backend == "reference")
             class_count = class_count.to(contrast.dtype) * n_views
         # contrast row a is view a // bsz of sample a % bsz (view-major)
         class_sum = class_sum.repeat(n_views, 1)[:n_anchor]
         class_count = class_count.repeat(n_views)[:n_anchor]
-        return class_sum - anchor, class_count - 1
+        pos_sum, pos_count = class_sum - anchor, class_count - 1
+        if labels is not None and labels.is_floating_point():
+            # a NaN label equals no label, its own included (as torch.eq in the reference
+            # implementation's mask): its anchors have no positive, not even their other views
+            nan = labels.isnan().repeat(n_views)[:n_anchor]
+            pos_sum = torch.where(nan[:, None], torch.zeros_like(pos_sum), pos_sum)
+            pos_count = torch.where(nan, torch.zeros_like(pos_count), pos_count)
+        return pos_sum, pos_count
 
 
-def _same_label_sums(labels: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+def _same_label_sums(labels: Tensor, values: Tensor,
+                     materialise: bool = False) -> tuple[Tensor, Tensor]:
     """For every sample b: the sum of ``values`` over the samples whose label equals b's (b
-    included), and their number. By a stable sort of the labels and a segment sum over the
-    sorted samples: every shape is static (no class count read back to the host: no GPU sync,
-    no graph break under torch.compile), no float is accumulated by atomics or by a parallel
-    scan (deterministic), and no [bsz, bsz] or [bsz, classes] matrix is formed."""
+    included), and their number (a NaN label: itself alone). By a stable sort of the labels and
+    a segment sum over the sorted samples: every shape is static (no class count read back to
+    the host: no GPU sync, no graph break under torch.compile), no float is accumulated by
+    atomics or by a parallel scan (deterministic), and no [bsz, bsz] or [bsz, classes] matrix is
+    formed. ``materialise`` (the reference backend) uses the [bsz, bsz] same-label matrix
+    instead, whose product has every derivative (segment_reduce has no second derivative and no
+    forward mode); a NaN label's row of it is empty."""
+    if materialise:
+        same = labels[:, None] == labels[None, :]
+        return same.to(values.dtype) @ values, same.sum(1)
     n = labels.shape[0]
     order = torch.argsort(labels, stable=True)
     sorted_labels = labels[order]

@@ -218,6 +218,23 @@ def test_modules_reject_bad_inputs():
         InfoNCECritic(3, 2, 4, 1, "gelu")
     with pytest.raises(ValueError, match="contrast_mode|Unknown mode"):
         SupConLoss(contrast_mode="some")
+    supcon = SupConLoss()
+    supcon.contrast_mode = "ONE"  # an attribute, as in the reference implementation
+    with pytest.raises(ValueError, match="Unknown mode: ONE"):
+        supcon(torch.randn(4, 2, 3))
+    # an empty batch is a ValueError naming the shapes, before any 1 / N is formed
+    club = CLUBInfoNCECritic(3, 2, 4, 1, "relu")
+    for call in (InfoNCECritic(3, 2, 4, 1, "relu"), club, club.learning_loss):
+        with pytest.raises(ValueError, match=r"empty batch: x_samples has shape \(0, 3\)"):
+            call(torch.randn(0, 3), torch.randn(0, 2))
+    concat = FusedConcatCritic(3, 2, 4)
+    sep = FusedSeparableCritic()
+    for call, args in ((concat.infonce_lower_bound, (torch.randn(0, 3), torch.randn(5, 2))),
+                       (concat.nce_club_upper_bound, (torch.randn(4, 3), torch.randn(0, 2))),
+                       (sep.infonce_lower_bound, (torch.randn(0, 3), torch.randn(5, 3))),
+                       (sep.nce_club_upper_bound, (torch.randn(4, 3), torch.randn(0, 3)))):
+        with pytest.raises(ValueError, match="empty batch"):
+            call(*args)
     for shape in [(1, 1, 4), (0, 2, 4)]:
         with pytest.raises(ValueError, match="two feature vectors.*" + re.escape(str(shape))):
             SupConLoss()(torch.randn(*shape))
@@ -267,7 +284,7 @@ def test_modules_pass_deterministic_to_every_op(monkeypatch, flag):
 
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("contrast_mode", ["all", "one"])
-@pytest.mark.parametrize("kind", ["simclr", "labels", "mask"])
+@pytest.mark.parametrize("kind", ["simclr", "labels", "mask", "soft_mask", "nan_labels"])
 def test_supcon_matches_reference_implementation(backend, contrast_mode, kind):
     device = device_for(backend)
     bsz, views, dim = 11, 3, 6
@@ -278,10 +295,18 @@ def test_supcon_matches_reference_implementation(backend, contrast_mode, kind):
     kwargs = {}
     if kind == "labels":
         kwargs["labels"] = labels
+    elif kind == "nan_labels":  # a NaN label equals none, its own included (torch.eq)
+        kwargs["labels"] = labels.to(F64)
+        kwargs["labels"][[2, 5]] = float("nan")
     elif kind == "mask":
         mask = (torch.rand(bsz, bsz, device=device) < 0.3).to(F64)
         mask.fill_diagonal_(1.0)
         mask[1] = 0.0  # an anchor with no positive at all in mode 'one'
+        kwargs["mask"] = mask
+    elif kind == "soft_mask":  # weights whose row sums fall below 1 divide as they are
+        mask = torch.rand(bsz, bsz, dtype=F64, device=device) * 0.1
+        mask[1] = 0.0
+        mask[2] = 1e-7  # a row sum below 1e-6 divides by 1
         kwargs["mask"] = mask
     loss_fn = SupConLoss(temperature=0.1, contrast_mode=contrast_mode, base_temperature=0.07,
                          backend=backend)
@@ -310,6 +335,34 @@ def test_same_label_sums(dtype):
         assert_rel_close(sums, same @ values.double(), 1e-15 if dtype == F64 else 1e-6,
                          f"class sums of {labels.tolist()}")
         assert torch.equal(counts, same.sum(1).long()), labels
+        sums_m, counts_m = _same_label_sums(labels, values, materialise=True)
+        assert_rel_close(sums_m, same @ values.double(), 1e-15 if dtype == F64 else 1e-6,
+                         f"materialised class sums of {labels.tolist()}")
+        assert torch.equal(counts_m, counts), labels
+
+
+def test_supcon_reference_backend_has_every_derivative():
+    """With labels, SupConLoss(backend='reference') forms its class sums with the same-label
+    matrix: second derivatives (a gradient penalty) and forward mode give the reference
+    implementation's (the compiled backends' segment_reduce has neither)."""
+    bsz, views, dim = 7, 2, 5
+    feats = torch.randn(bsz, views, dim, dtype=F64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 1, 3])
+    ours_fn = SupConLoss(temperature=0.2, backend="reference")
+
+    def theirs_fn(f, labels):
+        return authors_supcon(f, labels=labels, temperature=0.2)
+
+    for fn in (ours_fn, theirs_fn):
+        (g,) = torch.autograd.grad(fn(feats, labels=labels), feats, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), feats)
+        if fn is ours_fn:
+            ours_gg = gg
+    assert_rel_close(ours_gg, gg, 1e-10, "gradient of the squared gradient norm")
+    t = torch.randn_like(feats)
+    _, jvp_ours = torch.func.jvp(lambda f: ours_fn(f, labels=labels), (feats.detach(),), (t,))
+    _, jvp_theirs = torch.func.jvp(lambda f: theirs_fn(f, labels), (feats.detach(),), (t,))
+    assert_rel_close(jvp_ours, jvp_theirs, 1e-10, "forward-mode derivative")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + [b for b in BACKENDS if b != "triton"])
