@@ -270,3 +270,172 @@ def test_pt_with_ragged_labels_is_refused_in_one_line(tmp_path):
     with pytest.raises(D.DataError, match="'y' must hold integer class indices, got a list that "
                                           "is not a rectangular array"):
         D.load_dataset(f"pt:{tmp_path / 'r.pt'}")
+
+
+# ---- loaders: odd but usable files, and files that must be refused ------------------------
+
+
+def test_bool_split_is_read_as_true_for_test(tmp_path):
+    split = np.arange(40) % 5 == 0
+    path = _write_npz(tmp_path / "b.npz", x1=np.random.randn(40, 3), x2=np.random.randn(40, 2),
+                      y=np.arange(40) % 2, split=split)
+    d = D.load_dataset(f"npz:{path}")
+    assert d.test_idx.tolist() == np.flatnonzero(split).tolist()
+    assert d.train_idx.tolist() == np.flatnonzero(~split).tolist()
+
+
+@pytest.mark.parametrize("shape", [(20, 0), (20, 0, 3), (20, 4, 0)])
+def test_empty_feature_dimension_is_refused(tmp_path, shape):
+    path = _write_npz(tmp_path / "e.npz", x1=np.zeros(shape), x2=np.random.randn(20, 2),
+                      y=np.arange(20) % 2)
+    with pytest.raises(D.DataError, match=r"x1 has shape \(20, .*\) with an empty dimension"):
+        D.load_dataset(f"npz:{path}")
+
+
+@pytest.mark.parametrize("y, message", [
+    (np.where(np.arange(40) % 2 == 0, 2**40, 7),
+     r"'y' has class index 1099511627776 out of range for 40 examples; .* 0..K-1"),
+    (np.where(np.arange(40) % 2 == 0, 1e30, 7.0), r"'y' has class index 1e\+30 out of range"),
+    (np.where(np.arange(40) % 2 == 0, np.nan, 1.0), r"'y' holds 20 NaN values"),
+])
+def test_labels_that_are_no_class_indices_are_refused(tmp_path, y, message):
+    path = _write_npz(tmp_path / "y.npz", x1=np.random.randn(40, 3), x2=np.random.randn(40, 2),
+                      y=y)
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset(f"npz:{path}")
+
+
+def test_labels_with_gaps_stay_accepted(tmp_path):
+    path = _write_npz(tmp_path / "g.npz", x1=np.random.randn(40, 3), x2=np.random.randn(40, 2),
+                      y=np.where(np.arange(40) % 2 == 0, 3, 7))
+    assert D.load_dataset(f"npz:{path}").num_classes == 8
+
+
+def test_pt_of_numpy_arrays_loads_and_bad_pt_is_one_line(tmp_path):
+    x1, x2, y = np.random.randn(30, 4), np.random.randn(30, 2, 3), np.arange(30) % 3
+    torch.save({"x1": x1, "x2": x2, "y": y, "split": np.arange(30) % 3 == 0}, tmp_path / "n.pt")
+    d = D.load_dataset(f"pt:{tmp_path / 'n.pt'}")
+    assert torch.equal(d.x1, torch.tensor(x1).float()) and d.num_classes == 3
+    assert d.test_idx.tolist() == list(range(0, 30, 3))
+
+    from fractions import Fraction
+
+    torch.save({"x1": Fraction(1, 3)}, tmp_path / "o.pt")  # objects stay refused
+    with pytest.raises(D.DataError) as exc:
+        D.load_dataset(f"pt:{tmp_path / 'o.pt'}")
+    msg = str(exc.value)
+    assert "\n" not in msg and "\x1b" not in msg and "weights_only" not in msg, msg
+    assert msg.startswith("o.pt: cannot read the file") and "fractions.Fraction" in msg, msg
+
+
+def _pickle(tmp_path, raw, name="m.pkl"):
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(raw))
+    return f"multibench:{path}"
+
+
+def _signed_affect():
+    raw = _affect()
+    for split, n in (("train", 6), ("valid", 2), ("test", 4)):
+        raw[split]["labels"] = np.where(np.arange(n) % 2 == 0, 1.5, -1.0).reshape(n, 1, 1)
+    return raw
+
+
+@pytest.mark.parametrize("shape", [(-1,), (-1, 1), (-1, 1, 1)])
+def test_affect_label_shapes_accepted(tmp_path, shape):
+    raw = _signed_affect()  # MultiBench stores [N, 1, 1]; [N] and [N, 1] read the same
+    for split, n in (("train", 6), ("valid", 2), ("test", 4)):
+        raw[split]["labels"] = np.where(np.arange(n) % 2 == 0, 1, -1).reshape(shape)
+    d = D.load_dataset(_pickle(tmp_path, raw))
+    assert d.y.tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array(["pos", "neg"] * 3), r"'train/labels' must hold real sentiment scores, got an "
+                                   r"array of dtype <U3"),
+    (np.float64(1.0), r"train/labels must have shape \[N\] \(one score per example\), got \(\)"),
+    (np.array([1.0, np.nan, -1.0, np.nan, np.nan, 2.0]), "train/labels holds 3 NaN values"),
+    (np.ones((6, 3)), r"train/labels must have shape \[N\] \(one score per example\), got "
+                      r"\(6, 3\)"),
+])
+def test_affect_bad_labels_are_refused(tmp_path, labels, message):
+    raw = _signed_affect()
+    raw["train"]["labels"] = labels
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset(_pickle(tmp_path, raw))
+
+
+def _mimic(n=30, icd=None):
+    adm = np.zeros((n, 6))
+    adm[::2, 1] = 1
+    return {"adm_features_all": np.random.randn(n, 5), "ep_tdata": np.random.randn(n, 4, 3),
+            "adm_labels_all": adm,
+            "y_icd9": np.random.randint(0, 2, (n, 20)) if icd is None else icd}
+
+
+def test_mimic_task_out_of_range_is_refused(tmp_path):
+    spec = _pickle(tmp_path, _mimic())
+    for task in (-2, -7):  # any negative task used to mean mortality
+        with pytest.raises(D.DataError, match=f"task must be -1 .* got {task}"):
+            D.load_dataset(spec, task=task)
+    with pytest.raises(D.DataError, match=r"task < K, got \(30, 20\) and task 20"):
+        D.load_dataset(spec, task=20)
+
+
+def test_flags_of_the_other_multibench_layout_are_refused(tmp_path):
+    with pytest.raises(D.DataError, match="modalities applies to MultiBench affect pickles only, "
+                                          "not to a MIMIC pickle"):
+        D.load_dataset(_pickle(tmp_path, _mimic(), "im.pk"), modalities=("text", "audio"))
+    with pytest.raises(D.DataError, match="task applies to MultiBench MIMIC pickles only, not "
+                                          "to an affect pickle"):
+        D.load_dataset(_pickle(tmp_path, _signed_affect()), task=3)
+    # the defaults are no choice: both layouts load with them
+    D.load_dataset(_pickle(tmp_path, _mimic(), "im.pk"), modalities=("text", "vision"))
+    D.load_dataset(_pickle(tmp_path, _signed_affect()), task=-1)
+
+
+@pytest.mark.parametrize("column, message", [
+    (np.where(np.arange(30) % 2 == 0, 0.5, 1.5), r"'y_icd9\[:, 3\]' must hold integer class "
+                                                  r"indices, got 0.5"),
+    (np.where(np.arange(30) % 2 == 0, np.nan, 1.0), r"'y_icd9\[:, 3\]' holds 15 NaN values"),
+])
+def test_mimic_icd9_labels_are_checked_before_conversion(tmp_path, column, message):
+    icd = np.random.randint(0, 2, (30, 20)).astype(float)
+    icd[:, 3] = column
+    with pytest.raises(D.DataError, match=message):
+        D.load_dataset(_pickle(tmp_path, _mimic(icd=icd)), task=3)
+
+
+# ---- evaluation on small test splits ----------------------------------------------------------
+
+
+def test_mi_estimates_on_too_small_test_splits_are_none():
+    from factorcl import eval as E
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1200, 16, generator=g), torch.randn(1200, 16, generator=g)
+    for n in (1, 2, 10, 16, 31):
+        assert E.gaussian_mi(a[:n], b[:n]) is None, n
+    assert E.gaussian_mi(a[:10, :1], b[:10, :1]) is not None  # 1-d: 10 examples are enough
+    assert 0.0 <= E.gaussian_mi(a[:32], b[:32]) < 3.0
+    assert 0.0 <= E.gaussian_mi(a, b) < 0.1
+    assert E.infonce_mi_probe(a[:1], b[:1], steps=2, backend="reference") is None
+    assert E.infonce_mi_probe(a[:2], b[:2], steps=2, backend="reference") is not None
+
+
+def test_evaluate_on_a_one_example_test_split_writes_valid_json():
+    import json
+
+    from factorcl import eval as E
+    from factorcl import models as M
+
+    n = 41
+    x1, x2 = torch.randn(n, 5), torch.randn(n, 4)
+    y = torch.arange(n) % 2
+    data = D.PairedData(x1, x2, y, torch.arange(1, n), torch.tensor([0]), 2, name="tiny")
+    cfg = M.ModelConfig(embed_dim=4, backbone_hidden=8, critic_hidden=8,
+                        critic_backend="reference")
+    model = M.build_model("factorcl-ssl", (5,), (4,), 2, cfg)
+    out = E.evaluate(model, data, mi_probe_steps=2, backend="reference")
+    assert out["mi"] and all(v is None for v in out["mi"].values()), out["mi"]
+    json.dumps(out, allow_nan=False)

@@ -848,3 +848,11 @@ def test_cli_refuses_flags_the_model_does_not_use(tmp_path, capsys, argv, expect
                             *TINY_BASELINE])
     _one_line_error(capsys, code, expected)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("task", ["-2", "20", "x"])
+def test_cli_task_outside_mortality_and_icd9_codes_is_refused(capsys, task):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--out", "x", "--dataset", "multibench:im.pk", "--task", task])
+    _one_line_error(capsys, exc.value.code,
+                    "--task: expected -1 (mortality) or an ICD-9 code index 0..19")

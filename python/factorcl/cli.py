@@ -63,6 +63,17 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _mimic_task(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = None
+    if v is None or not -1 <= v <= 19:
+        raise argparse.ArgumentTypeError(
+            f"expected -1 (mortality) or an ICD-9 code index 0..19, got {s!r}")
+    return v
+
+
 def _out_path(s: str) -> str:
     if not s.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
@@ -112,7 +123,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                    "generator (default), or N(0, 1/k) (no preferred direction)")
     data_flag("--modalities", ("multibench",), type=_csv(str), default=("text", "vision"),
               help="multibench affect: the two modalities (default text,vision)")
-    data_flag("--task", ("multibench",), type=int, default=-1,
+    data_flag("--task", ("multibench",), type=_mimic_task, default=-1,
               help="multibench MIMIC: -1 mortality (6 classes), 0..19 an ICD-9 code")
     data_flag("--test-fraction", ("synthetic", "npz", "pt"), type=float, default=0.2,
               help="synthetic, or npz/pt without a split key: held-out fraction "

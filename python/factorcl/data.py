@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import pickle
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -103,6 +104,11 @@ class PairedData:
                 raise DataError(
                     f"{self.name}: {key} must have shape [N, D] (vectors) or [N, T, D] "
                     f"(sequences), got {tuple(t.shape)}"
+                )
+            if 0 in t.shape[1:]:
+                raise DataError(
+                    f"{self.name}: {key} has shape {tuple(t.shape)} with an empty dimension; every "
+                    "example needs at least one feature (and one time step)"
                 )
             if not torch.isfinite(t).all():
                 raise DataError(f"{self.name}: {key} contains NaN or Inf values")
@@ -403,13 +409,30 @@ def _as_labels(name: str, key: str, a, n: int) -> tuple[Tensor, int]:
         )
     if t.shape[0] != n:
         raise DataError(f"{name}: {key!r} has {t.shape[0]} labels for {n} examples")
-    if t.is_floating_point():
-        if not torch.isfinite(t).all() or not torch.equal(t, t.round()):
-            raise DataError(f"{name}: {key!r} must hold integer class indices")
-    t = t.long()
+    if t.dtype == torch.bool:
+        t = t.long()
+    if t.is_floating_point():  # checked before .long(), which truncates and overflows
+        nan = int(t.isnan().sum())
+        if nan:
+            raise DataError(f"{name}: {key!r} holds {nan} NaN values; labels must be integer "
+                            "class indices")
+        bad = t[~torch.isfinite(t) | (t != t.round())]
+        if bad.numel():
+            raise DataError(f"{name}: {key!r} must hold integer class indices, got {bad[0]:g}")
     if t.numel() and t.min() < 0:
         raise DataError(f"{name}: {key!r} has negative class indices")
-    num_classes = int(t.max()) + 1 if t.numel() else 0
+    # Class indices 0..K-1: more classes than examples means the labels are ids or values
+    # (years, codes), not indices (and would build a classifier of that many outputs).
+    top = t.max().item() if t.numel() else -1
+    if top + 1 > n:
+        shown = f"{top:g}" if top >= 2**53 else str(int(top))
+        raise DataError(
+            f"{name}: {key!r} has class index {shown} out of range for {n} examples; labels "
+            "must be class indices 0..K-1 with K at most the number of examples (map other "
+            "values to indices first, e.g. np.unique(y, return_inverse=True)[1])"
+        )
+    t = t.long()
+    num_classes = int(top) + 1
     if num_classes < 2:
         raise DataError(f"{name}: {key!r} holds a single class; a probe needs at least two")
     return t, num_classes
@@ -423,10 +446,37 @@ def _split_from(name: str, raw, n: int, test_fraction: float, seed: int):
         raise DataError(
             f"{name}: 'split' must have shape [{n}] (0 = train, 1 = test), got {tuple(split.shape)}"
         )
+    if split.dtype == torch.bool:  # True = test
+        split = split.long()
     if not torch.isin(split, torch.tensor([0, 1], dtype=split.dtype)).all():
         raise DataError(f"{name}: 'split' must hold only 0 (train) and 1 (test)")
     is_test = split.bool()
     return torch.nonzero(~is_test)[:, 0], torch.nonzero(is_test)[:, 0]
+
+
+def _numpy_safe_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must allow to read numpy arrays and scalars: the
+    array type, its reconstructors and the dtypes (the data only; objects stay refused)."""
+    dtypes = set()
+    for code in np.typecodes["All"]:
+        try:
+            dtypes.add(type(np.dtype(code)))
+        except TypeError:
+            pass
+    return [np.ndarray, np.dtype, np.zeros(1).__reduce__()[0], np.float32(0).__reduce__()[0],
+            *dtypes]
+
+
+def _read_error(exc: Exception) -> str:
+    """``exc`` in one line. torch.load's weights-only refusal spans lines (with ANSI escapes)
+    and suggests weights_only=False: reduced to the type of object it refused."""
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "Weights only load failed" in msg:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", msg)
+        what = f"a {found.group(1)} object" if found else "objects"
+        return (f"{type(exc).__name__}: it holds {what}; only tensors, numpy arrays and plain "
+                "containers are read")
+    return f"{type(exc).__name__}: {msg.splitlines()[0]}" if msg else type(exc).__name__
 
 
 def load_paired_file(path: str, test_fraction: float = 0.2, seed: int = 0) -> PairedData:
@@ -445,13 +495,14 @@ def load_paired_file(path: str, test_fraction: float = 0.2, seed: int = 0) -> Pa
             with np.load(path, allow_pickle=False) as f:
                 content = {k: f[k] for k in f.files}
         elif ext in (".pt", ".pth"):
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                content = torch.load(path, map_location="cpu", weights_only=True)
         else:
             raise DataError(f"{name}: unsupported file type {ext!r}; use .npz or .pt")
     except DataError:
         raise
     except Exception as exc:  # corrupt file, pickled objects in an npz, ...
-        raise DataError(f"{name}: cannot read the file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{name}: cannot read the file ({_read_error(exc)})") from None
     if not isinstance(content, dict):
         raise DataError(
             f"{name}: expected a dict with keys x1, x2, y, got {type(content).__name__}")
@@ -506,14 +557,23 @@ def load_multibench(path: str, modalities: Sequence[str] = ("text", "vision"),
       'adm_labels_all': [N, 6], 'y_icd9': [N, 20]}``; x1 static, x2 the time series; ``task=-1``
       the 6-class mortality label, ``task`` in 0..19 an ICD-9 code; a seeded 80/20 split,
       features standardised with training statistics.
+
+    ``modalities`` other than the default with a MIMIC pickle, and ``task`` other than -1 with an
+    affect pickle, are refused (the pickle's layout decides which of them applies).
     """
     name = os.path.basename(path)
     data = _load_pickle(path)
     if not isinstance(data, dict):
         raise DataError(f"{name}: expected a dict, got {type(data).__name__}")
     if "ep_tdata" in data or "adm_features_all" in data:
+        if tuple(modalities) != ("text", "vision"):
+            raise DataError(f"{name}: --modalities applies to MultiBench affect pickles only, not "
+                            f"to a MIMIC pickle (got {','.join(map(str, modalities))})")
         return _load_mimic(name, data, task, seed)
     if "train" in data or "test" in data:
+        if task != -1:
+            raise DataError(f"{name}: --task applies to MultiBench MIMIC pickles only, not to an "
+                            f"affect pickle (got {task})")
         return _load_affect(name, data, modalities)
     raise DataError(
         f"{name}: not a MultiBench affect pickle (keys train/valid/test) nor a MIMIC pickle "
@@ -535,10 +595,18 @@ def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData
         block = _need(name, data, split, "the top level")
         xs = [_clean(_as_float(name, f"{split}/{m}", _need(name, block, m, split)))
               for m in modalities]
-        labels = torch.as_tensor(np.asarray(_need(name, block, "labels", split)),
-                                 dtype=torch.float32)
-        n = labels.shape[0] if labels.dim() else 0
-        labels = labels.reshape(n, -1)[:, 0]
+        key = f"{split}/labels"
+        labels = _as_real_tensor(name, key, _need(name, block, "labels", split),
+                                 "real sentiment scores").float()
+        if labels.dim() == 0 or labels.shape[1:].numel() != 1:  # [N], [N, 1], [N, 1, 1]
+            raise DataError(f"{name}: {key} must have shape [N] (one score per example), got "
+                            f"{tuple(labels.shape)}")
+        n = labels.shape[0]
+        labels = labels.reshape(n)
+        nan = int(labels.isnan().sum())
+        if nan:  # NaN > 0 is False: it would silently become the negative class
+            raise DataError(f"{name}: {key} holds {nan} NaN values; every example needs a "
+                            "sentiment score")
         for m, x in zip(modalities, xs):
             if x.dim() != 3 or x.shape[0] != n:
                 raise DataError(
@@ -575,8 +643,12 @@ def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
             f"{tuple(xt.shape)}"
         )
     n = xs.shape[0]
-    if task < 0:
-        adm = torch.as_tensor(np.asarray(_need(name, data, "adm_labels_all", "the top level")))
+    if task < -1:
+        raise DataError(f"{name}: task must be -1 (mortality) or an ICD-9 code index 0..19, got "
+                        f"{task}")
+    if task == -1:
+        key = "adm_labels_all"
+        adm = _as_real_tensor(name, key, _need(name, data, key, top), "numeric labels")
         if adm.dim() != 2 or adm.shape[0] != n or adm.shape[1] < 6:
             raise DataError(
                 f"{name}: adm_labels_all must have shape [N, >=6], got {tuple(adm.shape)}")
@@ -585,14 +657,15 @@ def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
         first = torch.where(pos.any(1), pos.float().argmax(1) + 1, torch.zeros(n, dtype=torch.long))
         y = first.long()
     else:
-        icd = torch.as_tensor(np.asarray(_need(name, data, "y_icd9", "the top level")))
+        key = f"y_icd9[:, {task}]"
+        icd = _as_real_tensor(name, "y_icd9", _need(name, data, "y_icd9", top), "numeric labels")
         if icd.dim() != 2 or icd.shape[0] != n or not 0 <= task < icd.shape[1]:
             raise DataError(
                 f"{name}: y_icd9 must have shape [N, K] with task < K, got {tuple(icd.shape)} and "
                 f"task {task}"
             )
-        y = icd[:, task].long()
-    y, num_classes = _as_labels(name, "labels", y, n)
+        y = icd[:, task]  # checked as class indices before any conversion
+    y, num_classes = _as_labels(name, key, y, n)
     train_idx, test_idx = _random_split(n, 0.2, seed)
     # Standardise with training statistics only, so the test split stays unseen.
     ms, ss = xs[train_idx].mean(0), xs[train_idx].std(0).clamp_min(1e-6)

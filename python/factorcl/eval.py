@@ -7,9 +7,13 @@
 - :func:`infonce_mi_probe`: a fresh concat critic trained to estimate I(a; b) by InfoNCE.
 - :func:`latent_r2` (synthetic data): how much of each generating factor a representation holds
   linearly (R^2 of a ridge regression, on the test split).
+
+Both MI estimates are None (``null`` in metrics.json) when the test split is too small for them.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -65,11 +69,18 @@ def _pca(x: Tensor, k: int) -> Tensor:
     return u[:, :k] * s[:k]
 
 
-def gaussian_mi(a: Tensor, b: Tensor, k: int = 8) -> float:
+def gaussian_mi(a: Tensor, b: Tensor, k: int = 8) -> Optional[float]:
     """``-1/2 sum_i log(1 - rho_i^2)`` over the canonical correlations rho_i of the top-``k``
-    principal components of ``a`` and ``b`` (nats; exact for jointly Gaussian data)."""
+    principal components of ``a`` and ``b`` (nats; exact for jointly Gaussian data).
+
+    None for fewer than ``2 (p + q)`` examples (and at least 4), p and q the components kept
+    (at most ``k`` each): the sample canonical correlations of ``n <= p + q`` examples are all 1,
+    and just above that the estimate for independent data is still several nats (its bias is
+    about ``p q / 2n``)."""
     a, b = _pca(a.double(), k), _pca(b.double(), k)
     n = a.shape[0]
+    if n < max(4, 2 * (a.shape[1] + b.shape[1])):
+        return None
 
     def whiten(x):
         cov = x.t() @ x / (n - 1)
@@ -83,11 +94,15 @@ def gaussian_mi(a: Tensor, b: Tensor, k: int = 8) -> float:
 def infonce_mi_probe(a: Tensor, b: Tensor, steps: int = 200, batch: int = 256,
                      hidden: int = 256, lr: float = 1e-3, backend: str = "auto",
                      seed: int = 0, device="cpu",
-                     deterministic: bool = False) -> float:
+                     deterministic: bool = False) -> Optional[float]:
     """InfoNCE estimate of I(a; b) (nats, at most log ``batch``) by a concat critic trained for
     ``steps`` Adam steps on random batches, averaged over the last quarter of the steps. The
-    critic runs on ``device`` with ``backend`` (a GPU backend needs a CUDA ``device``)."""
+    critic runs on ``device`` with ``backend`` (a GPU backend needs a CUDA ``device``). None for
+    fewer than 2 examples (no standardisation, no negatives)."""
     from factorcl_ext.nn import FusedConcatCritic
+
+    if a.shape[0] < 2:
+        return None
 
     g = D.make_generator(seed, "mi-probe")
     a = (a - a.mean(0)) / a.std(0).clamp_min(1e-6)
@@ -130,8 +145,9 @@ def latent_r2(rep_train: Tensor, lat_train: Tensor, rep_test: Tensor, lat_test: 
 def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.float32,
              seed: int = 0, mi_probe_steps: int = 0, backend: str = "auto",
              deterministic: bool = False) -> dict:
-    """Linear-probe accuracy of every representation, MI probes (``mi``), and for synthetic data
-    the latent R^2 of each representation.
+    """Linear-probe accuracy of every representation, MI probes (``mi``; None where the test
+    split is too small for an estimate), and for synthetic data the latent R^2 of each
+    representation.
 
     ``probe_accuracy`` is the accuracy on the backbone embeddings of both modalities, the
     representation every model has and the one the authors' reported numbers probe; the
