@@ -14,6 +14,17 @@ namespace factorcl_ext {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (lse, pos, rowsum), each [N]
 
+// A gradient laid out like its input, as the fake functions' empty_like promises (opcheck and
+// torch.compile compare strides); the kernels write contiguous buffers. Every backend's backward
+// returns its input gradients through this.
+inline at::Tensor like_input(const at::Tensor& grad, const at::Tensor& input) {
+  if (input.is_contiguous() || grad.numel() == 0) return grad;
+  at::Tensor out = at::empty_like(input);
+  if (out.strides() == grad.strides()) return grad;
+  out.copy_(grad);
+  return out;
+}
+
 // ---- concat critic core: scores s_ij = out_act(w_out . MLP(act(A_i + B_j)) + b_out) ----------
 // A [N, H], B [M, H] (B already holds b_0), hidden_weights[l] [H, H], hidden_biases[l] [H],
 // w_out [H], b_out [] (0-dim).

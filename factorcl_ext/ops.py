@@ -67,6 +67,8 @@ class CriticStats(NamedTuple):
 def _check_tensor(name: str, t, ndim: Optional[int] = None) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:  # the kernels read strided memory
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
     return t
@@ -776,13 +778,26 @@ def separable_critic_loss(
     )
 
 
+def _check_row_stats(*named: tuple[str, Tensor]) -> None:
+    """Per-row statistics of one batch: 1-D tensors of one length."""
+    for name, t in named:
+        _check_tensor(name, t, 1)
+    (first_name, first), *rest = named
+    for name, t in rest:
+        if t.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has "
+                             f"{tuple(first.shape)}: the statistics of one batch's rows")
+
+
 def infonce_lower_bound(lse: Tensor, pos: Tensor, num_cols: int) -> Tensor:
     """InfoNCE lower bound ``I_NCE = mean(pos) - mean(lse) + log M`` (M = ``num_cols``)."""
+    _check_row_stats(("lse", lse), ("pos", pos))
     _check_count("num_cols", num_cols)
     return pos.mean() - lse.mean() + _log_count(num_cols, lse)
 
 
 def nce_club_upper_bound(pos: Tensor, rowsum: Tensor, num_cols: int) -> Tensor:
     """NCE-CLUB upper bound ``I_CLUB = mean(pos) - sum(rowsum) / (N*M)`` (M = ``num_cols``)."""
+    _check_row_stats(("pos", pos), ("rowsum", rowsum))
     _check_count("num_cols", num_cols)
     return pos.mean() - rowsum.sum() / (rowsum.shape[0] * num_cols)

@@ -320,6 +320,19 @@ def test_softplus_of_infinite_scores(b_out, backend, device):
     check_stats_nonfinite(base, "relu", "softplus", 0, backend, device)
 
 
+@pytest.mark.parametrize("side", ["A", "B"])
+@pytest.mark.parametrize("L", [0, 1])
+def test_tanh_of_an_infinite_input(L, side, backend, device):
+    # tanh(inf) = 1: an infinite entry of A or B leaves every score and gradient finite (tanh' = 0
+    # there). A tile's padding pairs beside it must not turn it NaN (the Triton backward loaded
+    # the padding as -inf, for relu's sake: inf + -inf).
+    base = make_core(3, 5, 4, L)
+    base[side][1, 2] = float("inf")
+    exp_g = check_stats_nonfinite(base, "tanh", "none", 1, backend, device)
+    assert all(torch.isfinite(g).all() for g in exp_g)  # not vacuous: the reference is finite
+    check_loss_nonfinite(base, "tanh", "none", 1, backend, device)
+
+
 def check_stats_nonfinite(base, act, out_act, pos_offset, backend, device):
     """The stats op and its gradients on ``base`` (float64) have the reference's NaN and Inf
     positions and finite values; returns the reference's gradients."""
@@ -335,6 +348,19 @@ def check_stats_nonfinite(base, act, out_act, pos_offset, backend, device):
                           leaf_names(p)):
         assert_nonfinite_pattern_equal(a, e, name)
     return exp_g
+
+
+def check_loss_nonfinite(base, act, out_act, pos_offset, backend, device):
+    """The loss op's gradients on ``base`` (float64) have the reference's NaN and Inf positions
+    and finite values."""
+    kw = dict(activation=act, out_activation=out_act, pos_offset=pos_offset)
+    p = cast(base, torch.float64, device, requires_grad=True)
+    r = cast(base, torch.float64, "cpu", requires_grad=True)
+    c = coefficients(pos_offset)
+    got_l = fe.pair_mlp_loss(**p, backend=backend, **kw, **c)
+    exp_l = ref_loss(r, act, out_act, pos_offset, **c)
+    for a, e, name in zip(grads_of(got_l, p), grads_of(exp_l, r), leaf_names(p)):
+        assert_nonfinite_pattern_equal(a, e, "loss " + name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,6 +538,22 @@ def test_opcheck_stats_backward(backend, device):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("name", ["pair_mlp_stats_backward", "pair_mlp_loss"])
+def test_opcheck_strided_inputs(name, backend, device):
+    # Gradients laid out like their inputs, as the fake kernels' empty_like says: torch.compile
+    # of a critic with a transposed hidden weight failed on the CPU backend's contiguous ones.
+    op = _core_op(backend, name)
+    base = make_core(4, 6, 5, 1)
+    v = strided_views(base, device)
+    core = (v["A"], v["B"], v["hidden_weights"], v["hidden_biases"], v["w_out"], v["b_out"])
+    if name == "pair_mlp_loss":
+        args = (*core, "relu", "none", 0, 0.25, -0.5, 0.125, True)
+    else:
+        lse = ref_stats(base, "relu", "none", 0)[0].to(device)
+        args = (*upstream(4, torch.float64, device), *core, lse, "relu", "none", 0)
+    torch.library.opcheck(op, args)
+
+
 @pytest.mark.parametrize("backward_inside", [False, True], ids=["fwd", "fwd+bwd"])
 def test_torch_compile_fullgraph(backward_inside, backend, device):
     # aot_eager: dynamo + AOTAutograd over the fake kernels and the autograd registration (what a
@@ -577,10 +619,9 @@ def test_second_derivative_raises_instead_of_zeros(op, backend, device):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_non_contiguous_inputs(backend, device):
-    N, M, H, L = 7, 13, 19, 2
-    base = make_core(N, M, H, L)
-    # The same values behind transposed and strided views.
+def strided_views(base, device):
+    """``base``'s core arguments as the same values behind transposed and strided views."""
+    M, H = base["B"].shape
     At = base["A"].t().contiguous().t()
     Bs = torch.zeros(2 * M, H + 3, dtype=torch.float64)
     Bs[::2, 1 : H + 1] = base["B"]
@@ -594,6 +635,13 @@ def test_non_contiguous_inputs(backend, device):
     }
     assert not views["A"].is_contiguous() and not views["B"].is_contiguous()
     assert not views["hidden_weights"][0].is_contiguous() and not views["w_out"].is_contiguous()
+    return views
+
+
+def test_non_contiguous_inputs(backend, device):
+    N, M, H, L = 7, 13, 19, 2
+    base = make_core(N, M, H, L)
+    views = strided_views(base, device)
     kw = dict(activation="relu", out_activation="softplus", pos_offset=4)
     exp = ref_stats(base, "relu", "softplus", 4)
     assert_all_close(fe.pair_mlp_stats(**views, backend=backend, **kw), exp, 1e-10,
@@ -647,14 +695,7 @@ def test_nonfinite_weight_follows_relu_mask(L, where, bad, backend, device):
     gate = nonfinite_gated_layer(L, where)
     unit = exp_g[1][:, k] if gate == 0 else exp_g[2 + gate - 1][k]
     assert torch.equal(unit, torch.zeros_like(unit)) and exp_g[1].isnan().any()
-    kw = dict(activation="relu", out_activation="none", pos_offset=1)
-    p = cast(base, torch.float64, device, requires_grad=True)
-    r = cast(base, torch.float64, "cpu", requires_grad=True)
-    c = coefficients(1)
-    got_l = fe.pair_mlp_loss(**p, backend=backend, **kw, **c)
-    exp_l = ref_loss(r, "relu", "none", 1, **c)
-    for a, e, name in zip(grads_of(got_l, p), grads_of(exp_l, r), leaf_names(p)):
-        assert_nonfinite_pattern_equal(a, e, "loss " + name)
+    check_loss_nonfinite(base, "relu", "none", 1, backend, device)
 
 
 @pytest.mark.parametrize("b_out", [float("inf"), float("-inf")])
@@ -723,6 +764,8 @@ CORE_BAD = [
     ("B-rank", _set("B", lambda p: p["B"][None]), {}, ValueError, r"B must have 2 dimension"),
     ("A-not-tensor", _set("A", lambda p: p["A"].tolist()), {}, TypeError,
      r"A must be a torch.Tensor"),
+    ("A-sparse", _set("A", lambda p: p["A"].to_sparse()), {}, TypeError,
+     r"A must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
     ("width-mismatch", _set("B", lambda p: torch.randn(6, 4, dtype=p["A"].dtype)), {}, ValueError,
      r"A has shape \(4, 5\) and B \(6, 4\)"),
     ("hidden-weight-shape", _set_list("hidden_weights", 0, lambda p: p["hidden_weights"][0][:, :4]),
@@ -771,6 +814,19 @@ CONCAT_BAD = [
     ("c_pos-without-positives", None, {"pos_offset": None, "c_pos": 1.0}, ValueError, r"c_pos"),
     ("c_lse-type", None, {"c_lse": "1"}, TypeError, r"c_lse must be a float"),
 ]
+
+
+def test_bad_bound_input_raises():
+    # the bounds take one batch's per-row statistics (a shorter rowsum averaged silently)
+    pos = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rowsum has shape \(2,\) but pos has \(3,\)"):
+        fe.nce_club_upper_bound(pos, torch.randn(2, dtype=torch.float64), 5)
+    with pytest.raises(ValueError, match=r"rowsum must have 1 dimension\(s\), got shape \(\)"):
+        fe.nce_club_upper_bound(pos, torch.tensor(1.0), 5)
+    with pytest.raises(TypeError, match="lse must be a torch.Tensor, got list"):
+        fe.infonce_lower_bound([1.0, 2.0, 3.0], pos, 5)
+    with pytest.raises(ValueError, match=r"pos has shape \(3,\) but lse has \(4,\)"):
+        fe.infonce_lower_bound(torch.randn(4), pos, 5)
 
 
 @pytest.mark.parametrize("case", CONCAT_BAD, ids=[c[0] for c in CONCAT_BAD])

@@ -569,6 +569,8 @@ def _bad_calls(device):
         ("dtype", TypeError, "dtype", lambda b: sc(t(2, 4), t(5, 4, dtype=torch.float32),
                                                    backend=b)),
         ("not-a-tensor", TypeError, "g", lambda b: sc([[1.0]], t(5, 4), backend=b)),
+        ("sparse-h", TypeError, r"h must be a dense \(strided\) tensor",
+         lambda b: sc(t(3, 4), t(5, 4).to_sparse(), backend=b)),
         ("pos-range", ValueError, "pos_offset", lambda b: sc(t(3, 4), t(5, 4), pos_offset=3,
                                                              backend=b)),
         ("pos-negative", ValueError, "pos_offset", lambda b: sc(t(3, 4), t(5, 4), pos_offset=-1,

@@ -385,16 +385,6 @@ struct SlotPartials {
   }
 };
 
-// A gradient laid out like its input (as the fake functions' empty_like promises), computed in a
-// contiguous buffer.
-at::Tensor like_input(const at::Tensor& grad, const at::Tensor& input) {
-  if (input.is_contiguous()) return grad;
-  at::Tensor out = at::empty_like(input);
-  if (out.strides() == grad.strides()) return grad;
-  out.copy_(grad);
-  return out;
-}
-
 }  // namespace
 
 Stats pair_dot_stats_cpu(const at::Tensor& G_in, const at::Tensor& H_in,

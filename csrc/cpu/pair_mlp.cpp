@@ -882,6 +882,21 @@ Grads<T> collect(SlotSet<T>& slots, at::Tensor dA, const at::Tensor& b_out) {
   return g;
 }
 
+// The gradients laid out like their inputs (like_input), as the op returns them.
+template <typename T>
+Grads<T> like_inputs(Grads<T> g, const at::Tensor& A, const at::Tensor& B,
+                     at::TensorList hidden_weights, at::TensorList hidden_biases,
+                     const at::Tensor& w_out) {
+  g.dA = like_input(g.dA, A);
+  g.dB = like_input(g.dB, B);
+  for (size_t l = 0; l < g.dW.size(); ++l) {
+    g.dW[l] = like_input(g.dW[l], hidden_weights[l]);
+    g.db[l] = like_input(g.db[l], hidden_biases[l]);
+  }
+  g.dwout = like_input(g.dwout, w_out);
+  return g;
+}
+
 // Recomputing backward of the stats op: per-row upstream gradients gl, gp, gr and the saved lse.
 template <typename T>
 Grads<T> stats_backward(const Net<T>& net, const T* gl, const T* gp, const T* gr, const T* lse,
@@ -1049,8 +1064,10 @@ pair_mlp_stats_backward_cpu(const at::Tensor& grad_lse, const at::Tensor& grad_p
       out;
   AT_DISPATCH_FLOATING_TYPES(st, "pair_mlp_stats_backward_cpu", [&] {
     NetHolder<scalar_t> h(c, A, B, hidden_weights, hidden_biases, w_out, b_out);
-    Grads<scalar_t> g = stats_backward(h.net, gl.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
-                                       gr.data_ptr<scalar_t>(), ls.data_ptr<scalar_t>(), b_out);
+    Grads<scalar_t> g =
+        like_inputs(stats_backward(h.net, gl.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
+                                   gr.data_ptr<scalar_t>(), ls.data_ptr<scalar_t>(), b_out),
+                    A, B, hidden_weights, hidden_biases, w_out);
     out = {g.dA, g.dB, g.dW, g.db, g.dwout, g.dbout};
   });
   return out;
@@ -1076,7 +1093,9 @@ pair_mlp_loss_cpu(const at::Tensor& A, const at::Tensor& B, at::TensorList hidde
   AT_DISPATCH_FLOATING_TYPES(st, "pair_mlp_loss_cpu", [&] {
     NetHolder<scalar_t> h(c, A, B, hidden_weights, hidden_biases, w_out, b_out);
     if (compute_grad) {
-      Grads<scalar_t> g = loss_with_grad(h.net, c_lse, c_pos, c_rowsum, row_loss.data(), b_out);
+      Grads<scalar_t> g =
+          like_inputs(loss_with_grad(h.net, c_lse, c_pos, c_rowsum, row_loss.data(), b_out), A, B,
+                      hidden_weights, hidden_biases, w_out);
       out = {at::Tensor(), g.dA, g.dB, g.dW, g.db, g.dwout, g.dbout};
     } else {
       std::vector<double> lse(c.N), pos(c.N), rowsum(c.N);

@@ -159,16 +159,6 @@ MlpInputs prepare_mlp(const at::Tensor& A, const at::Tensor& B, at::TensorList h
   return in;
 }
 
-// A gradient laid out like its input, as the fake functions' empty_like promises (opcheck and
-// torch.compile compare strides); the kernels write contiguous buffers.
-at::Tensor like_input(const at::Tensor& grad, const at::Tensor& input) {
-  if (input.is_contiguous() || grad.numel() == 0) return grad;
-  at::Tensor out = at::empty_like(input);
-  if (out.strides() == grad.strides()) return grad;
-  out.copy_(grad);
-  return out;
-}
-
 at::Tensor row_grad(const at::Tensor& g, int64_t n, at::ScalarType acc, const char* name) {
   TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == n, name, " must have shape (", n, ",), got ",
                     shape_str(g));

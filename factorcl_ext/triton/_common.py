@@ -44,10 +44,11 @@ def _act(z, ACT: tl.constexpr):
 def _act_bwd(g, z, ACT: tl.constexpr):
     """Gradient through act at pre-activation z, as torch computes it (and so with its NaN
     pattern): relu selects, ``where(relu(z) <= 0, 0, g)``, so a NaN upstream gradient stays out of
-    units that are off and a NaN unit passes it on; tanh multiplies by 1 - tanh(z)^2. The
+    units that are off and a NaN unit passes it on; tanh multiplies by 1 - tanh(z)^2. The relu
     backward gives the padding pairs of a tile z = -inf (their g is 0 times a weight: NaN for a
     non-finite one, where the reference has no such pair), so relu keeps them out at no cost;
-    with tanh a non-finite weight makes every gradient NaN in the reference too."""
+    with tanh a non-finite weight makes every gradient NaN in the reference too, and the first
+    layer's padding stays 0 (_z0)."""
     if ACT == 0:
         return tl.where(z <= 0, 0.0, g)
     else:

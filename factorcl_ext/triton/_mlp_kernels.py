@@ -63,7 +63,9 @@ def _z0(A_ptr, B_ptr, i0, j0, k0, n_rows, n_cols, H, ACC: tl.constexpr, I64: tl.
         BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr, PAD: tl.constexpr):
     """First-layer pre-activations A_i + B_j of the tile's pairs on one feature slice: [P, BK].
     Rows from n_rows and columns from n_cols on are padding, loaded as PAD: 0.0, or -inf in the
-    backward, whose relu then keeps their dz at 0 (_act_bwd). The backward passes N, M too,
+    relu backward, whose relu then keeps their dz at 0 (_act_bwd); the tanh backward keeps 0.0
+    (a real +inf beside a -inf padding would make the pair NaN, and tanh' a NaN dz where the
+    reference's tanh(inf) = 1 has a finite gradient). The backward passes N, M too,
     not its launch's row1, col1: no tile straddles a chunk edge (_config.dw_chunk's chunks are
     whole tiles), and those bounds cost L = 0 tiles 34 more registers (compile check)."""
     ri = i0 + tl.arange(0, BI)
@@ -298,7 +300,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                     rk = k0 + tl.arange(0, BK)
                     mk = rk < H
                     z0 = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ, BK,
-                             float("-inf"))
+                             float("-inf") if ACT == 0 else 0.0)
                     wo = tl.load(Wout_ptr + rk, mask=mk, other=0.0).to(ACC)
                     if not COL_PASS:
                         g = tl.sum(ds[:, None] * _act(z0, ACT), axis=0)
@@ -330,7 +332,7 @@ def mlp_bwd_kernel(A_ptr, B_ptr, W_ptr, Bias_ptr, Wout_ptr, Bout_ptr, Z_ptr, Hin
                         mk = rk < H
                         if l == 0:
                             z_in = _z0(A_ptr, B_ptr, i0, j0, k0, N, M, H, ACC, I64, BI, BJ,
-                                       BK, float("-inf"))
+                                       BK, float("-inf") if ACT == 0 else 0.0)
                         else:
                             z_in = tl.load(zp + (l - 1) * zls + zr[:, None] * H + rk[None, :],
                                            mask=valid[:, None] & mk[None, :],
