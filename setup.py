@@ -37,6 +37,8 @@ def _want_cuda() -> bool:
     flag = os.environ.get("FACTORCL_EXT_CUDA")
     cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
     possible = bool(torch.version.cuda) and CUDA_HOME is not None and bool(cuda_sources)
+    if flag not in (None, "", "0", "1"):
+        sys.exit(f"factorcl-ext: FACTORCL_EXT_CUDA={flag!r}: expected 0 (off) or 1 (on)")
     if flag == "0":
         _log("FACTORCL_EXT_CUDA=0: building the CPU extension only")
         return False

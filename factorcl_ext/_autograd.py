@@ -83,7 +83,11 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
 
     def check_compute_grad(ctx, op):
         if not ctx.compute_grad:
-            raise RuntimeError(f"{op} was called with compute_grad=False")
+            raise RuntimeError(
+                f"{op} ran without forming its gradients (compute_grad=False: gradients were "
+                "off, or no input required them, when it was called or when torch.export / "
+                "tracing recorded the call); run it with torch.enable_grad() and inputs that "
+                "require grad (export under them too) to differentiate it")
 
     # -- concat critic --------------------------------------------------------------------
     def mlp_stats_setup(ctx, inputs, output):

@@ -44,8 +44,28 @@ def has_cuda_kernels() -> bool:
     return _C is not None and bool(getattr(_C, "with_cuda", 0))
 
 
+# Boolean environment values, as Triton reads its own (TRITON_INTERPRET: any case), plus the
+# usual spellings of false.
+_ENV_TRUE = ("1", "true", "yes", "on", "y")
+_ENV_FALSE = ("0", "false", "no", "off", "n")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The boolean environment variable ``name``: ``default`` when unset or empty; a ValueError
+    naming it for a value that is neither true (1, true, yes, on) nor false (0, false, no, off)."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in _ENV_TRUE or value in _ENV_FALSE:
+        return value in _ENV_TRUE
+    raise ValueError(f"{name}={raw!r}: expected 1 or 0 (or true/false, yes/no, on/off)")
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton runs kernels in its interpreter: TRITON_INTERPRET as Triton reads it
+    (1, true, yes, on, y in any case; anything else is off), so that the two agree."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _ENV_TRUE
 
 
 # Looked up once at import: torch.compile (dynamo) cannot trace an import inside a traced call.

@@ -123,7 +123,12 @@ def _check_paired(x: Tensor, y: Tensor, x_dim: int, y_dim: int) -> int:
             f"x_samples and y_samples must hold the same number of samples, got {x.shape[0]} and "
             f"{y.shape[0]}"
         )
-    return ops._check_rows_cols("x_samples", x, "y_samples", y)[0]
+    n = ops._check_rows_cols("x_samples", x, "y_samples", y)[0]
+    if torch.jit.is_tracing():
+        # torch.jit.trace records sizes as tensors; the trace keeps this batch size's 1/N and
+        # log N (torch warns), as it keeps the authors' modules' np.log(N)
+        n = int(n)
+    return n
 
 
 class InfoNCECritic(_ConcatMLP):

@@ -308,7 +308,11 @@ def _wants_grad(*tensors: Tensor) -> bool:
     hide ``requires_grad`` (the vmap rule calls the op on the underlying entries, which autograd
     then records), so with a batched input it is always yes; eager or traced by torch.compile
     (where a check of the functorch transform stack was skipped, and a compiled vmap of the
-    separable loss failed in backward with "compute_grad=False")."""
+    separable loss failed in backward with "compute_grad=False"). Under torch.jit.trace always
+    yes: the trace serves calls with and without gradients (and its check, which traces again
+    under no_grad, found the two graphs different)."""
+    if torch.jit.is_tracing():
+        return True
     if not torch.is_grad_enabled():
         return False
     return any(t.requires_grad or torch._C._functorch.is_batchedtensor(t) for t in tensors)

@@ -576,7 +576,12 @@ def _env():
     return env
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signals", [
+    (signal.SIGINT,),  # Ctrl-C
+    (signal.SIGTERM,),  # a batch scheduler's stop
+    (signal.SIGINT, signal.SIGTERM),  # Ctrl-C under torchrun: the agent adds SIGTERM at once
+], ids=["sigint", "sigterm", "torchrun"])
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, signals):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "factorcl.cli", "train", "--model", "simclr", "--epochs",
             "100000", "--out", str(out), "--backend", "reference", "--log-every", "1",
@@ -587,7 +592,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not (jsonl.exists() and jsonl.stat().st_size > 0):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.003)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -458,6 +459,27 @@ def test_fused_separable_critic_fixed_temperature_is_exact_in_float64(backend):
     assert critic.float().log_temperature.dtype == torch.float32
 
 
+def test_environment_flags(monkeypatch):
+    # FACTORCL_TRITON_DETERMINISTIC=false turned the deterministic mode on (and AUTOTUNE=off
+    # left autotuning on): every value not "" or "0" counted as true.
+    from factorcl_ext import _backends
+
+    for raw, want in (("1", True), ("TRUE", True), ("on", True), ("yes", True), ("0", False),
+                      ("false", False), ("Off", False), ("no", False), ("", True)):
+        monkeypatch.setenv("FACTORCL_TEST_FLAG", raw)
+        assert _backends.env_flag("FACTORCL_TEST_FLAG", True) is want, raw
+    monkeypatch.setenv("FACTORCL_TEST_FLAG", "banana")
+    with pytest.raises(ValueError, match="FACTORCL_TEST_FLAG='banana': expected 1 or 0"):
+        _backends.env_flag("FACTORCL_TEST_FLAG", False)
+    # TRITON_INTERPRET as Triton itself reads it ("false" and "2" are off there)
+    triton = pytest.importorskip("triton")
+    if not hasattr(triton, "knobs"):
+        pytest.skip("this Triton has no knobs module to compare with")
+    for raw in ("1", "true", "Y", "2", "0", "false", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", raw)
+        assert _backends.triton_interpreted() is bool(triton.knobs.runtime.interpret), raw
+
+
 def test_build_info_and_backends():
     info = factorcl_ext.build_info()
     assert info["cpu_kernels"] is True, info
@@ -602,6 +624,36 @@ def test_exported_modules_follow_the_batch_size(backend):
         for a, b in zip(torch.autograd.grad(got.sum(), params + [x, y]),
                         torch.autograd.grad(eager.sum(), list(model.parameters()) + [x, y])):
             assert_rel_close(a, b, 1e-12, f"exported grad, N = {n}", floor=1e-2)
+
+
+def test_exported_without_gradients_says_how_to_differentiate():
+    # Exported under no_grad, a critic's loss op is recorded without its gradients; a backward
+    # through the program says how to get them (it named the internal compute_grad argument).
+    critic = InfoNCECritic(5, 4, 8, 1, "relu").double()
+    x, y = _pair(7, 5, 4, "cpu")
+    with torch.no_grad():
+        ep = torch.export.export(critic, (x, y))
+    out = ep.module()(x, y)
+    with pytest.raises(RuntimeError, match="pair_mlp_loss ran without forming its gradients.*"
+                                           "export under them too"):
+        out.backward()
+
+
+def test_jit_trace_of_the_drop_in_critics():
+    # torch.jit.trace records sizes as tensors: the critics' 1 / N was refused as a coefficient
+    # ("c_lse must be a float, got Tensor"). The trace keeps the traced batch size, as the
+    # authors' modules' does.
+    x, y = _pair(7, 5, 4, "cpu")
+    for critic in (InfoNCECritic(5, 4, 8, 1, "relu"), CLUBInfoNCECritic(5, 4, 8, 1, "relu")):
+        critic = critic.double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarning: the batch size becomes a constant
+            traced = torch.jit.trace(critic, (x, y))
+        name = type(critic).__name__
+        assert_rel_close(traced(x, y), critic(x, y), 1e-12, f"traced {name}")
+        (got,) = torch.autograd.grad(traced(x, y), x)
+        (exp,) = torch.autograd.grad(critic(x, y), x)
+        assert_rel_close(got, exp, 1e-12, f"traced {name}'s gradient")
 
 
 # ---- torch.func and forward-mode AD -------------------------------------------------------

@@ -27,15 +27,17 @@ from typing import Iterator
 import torch
 import triton
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .. import _backends
 
-_deterministic = os.environ.get("FACTORCL_TRITON_DETERMINISTIC", "0") not in ("", "0")
+INTERPRETED = _backends.triton_interpreted()
+
+_deterministic = _backends.env_flag("FACTORCL_TRITON_DETERMINISTIC", False)
 
 # FACTORCL_TRITON_AUTOTUNE=0: every launch uses the family's first (fixed) configuration instead of
 # autotuning. Autotuning compiles and times every configuration of a list for each new (N, M, H,
 # L, dtype): tens of seconds per new shape, which a test suite of many small shapes (or a short
 # job) pays on every shape; the fixed tile is the one the deterministic mode uses.
-AUTOTUNE = os.environ.get("FACTORCL_TRITON_AUTOTUNE", "1") not in ("", "0")
+AUTOTUNE = _backends.env_flag("FACTORCL_TRITON_AUTOTUNE", True)
 
 
 def set_deterministic(flag: bool) -> None:

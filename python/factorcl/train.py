@@ -388,26 +388,36 @@ def previous_run(out_dir: str, cfg: TrainConfig, data: D.PairedData) -> Optional
 
 
 class _StopFlag:
-    """SIGINT sets a flag the loop checks after each step (a checkpoint is saved, the run ends
-    cleanly); a second SIGINT interrupts at once."""
+    """SIGINT or SIGTERM sets a flag the loop checks after each step (a checkpoint is saved, the
+    run ends cleanly); a second SIGINT interrupts at once. SIGTERM only ever sets the flag:
+    torchrun answers a Ctrl-C by sending its workers SIGTERM milliseconds after the terminal's
+    SIGINT (and SIGKILL 30 s later), and batch schedulers stop jobs with it. Once a signal asked
+    for a stop, later SIGTERMs are ignored, also after the run returns (the process is winding
+    down, and a SIGTERM just after the checkpoint would kill it before its message and status).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.set = False
-        self._old = None
+        self._sigint = False
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            if self._sigint:
+                raise KeyboardInterrupt
+            self._sigint = True
         self.set = True
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, signal.SIG_IGN if self.set and s == signal.SIGTERM else old)
         return False
 
 
@@ -596,8 +606,10 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                     cb = make_batch(sampler.club_batch(step, k), ("club", step, k))
                     club_value = club_step(model, club_opt, cb, comm, autocast)
                 step += 1
-                last_loss = float(loss.detach())
-                if not torch.isfinite(loss.detach()):
+                # the loss of the global batch (each process has its share) and whether any
+                # process was asked to stop, in one all-reduce; every process sees the same
+                last_loss, stop_now = comm.mean_and_any(float(loss.detach()), stop.set)
+                if not math.isfinite(last_loss):
                     causes = _nonfinite_loss_causes(cfg, model, club_opt is not None, use_amp)
                     raise TrainError(f"the loss became {last_loss} at step {step}; {causes}")
                 elapsed = elapsed_before + time.perf_counter() - t0
@@ -605,7 +617,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                 rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
                 if step % cfg.log_every == 0 or step == total_steps:
                     rec = {"step": step, "epoch": (step - 1) // sampler.steps_per_epoch,
-                           "loss": comm.mean(last_loss), "samples_per_s": rate,
+                           "loss": last_loss, "samples_per_s": rate,
                            "seconds": elapsed}
                     rec.update({k: comm.mean(float(v.detach())) for k, v in terms.items()})
                     if club_value is not None:
@@ -616,7 +628,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last_loss:.3f}", samples_s=f"{rate:.0f}")
-                if comm.any(stop.set):
+                if stop_now:
                     interrupted = True
                     break
                 if stop_at_step is not None and step >= stop_at_step:
@@ -624,13 +636,14 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
                     break
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     checkpoint(step, elapsed)
+            # still under the stop flag's handlers: torchrun's SIGTERM may arrive just now
+            seconds = elapsed_before + time.perf_counter() - t0
+            checkpoint(step, seconds)
     finally:
         if bar is not None:
             bar.close()
         if jsonl is not None:
             jsonl.close()
-    seconds = elapsed_before + time.perf_counter() - t0
-    checkpoint(step, seconds)
     summary = {
         "model": cfg.model, "dataset": data.name, "backend": backend, "device": str(device),
         "steps": step, "total_steps": total_steps, "seconds": seconds,
