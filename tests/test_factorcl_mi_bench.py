@@ -200,3 +200,109 @@ def test_latent_r2_and_linear_probe():
     y = (z.sum(1) > 0).long()
     assert E.linear_probe(rep[:400], y[:400], rep[400:], y[400:]) > 0.95
     assert E.linear_probe(noise[:400], y[:400], noise[400:], y[400:]) < 0.65
+
+
+def _strict_json(path):
+    """The file's JSON, failing on NaN / Infinity (which json.loads accepts by default)."""
+    def refuse(constant):
+        raise AssertionError(f"{path} holds the non-JSON constant {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_diverged_estimates_are_null_with_a_warning(tmp_path, monkeypatch):
+    """An estimator that diverges (NaN from the second level on, Infinity at one batch size) is
+    a result, not a crash: strict JSON with null in its place, and a warning naming it."""
+    cfg = B.MIBenchConfig(dims=(3,), levels=(1.0, 2.0), steps_per_level=4, batch=6, hidden=8,
+                          backend="reference", large_batch_sizes=(4, 8), large_batch_dim=3,
+                          large_batch_steps=3, large_batch_hidden=8)
+    real_step, club_calls = B._step, []
+
+    def diverging_step(name, module, opt, x, y):
+        value = real_step(name, module, opt, x, y)
+        if name == "club":
+            club_calls.append(1)
+            return math.nan if len(club_calls) > cfg.steps_per_level else value
+        return math.inf if x.shape[0] == 8 else value
+
+    monkeypatch.setattr(B, "_step", diverging_step)
+    lines = []
+    out = B.run_mi_bench(cfg, str(tmp_path), log=lines.append)
+    js = _strict_json(tmp_path / "mi_bench.json")
+    club = js["results"]["3"]["club"]
+    assert math.isfinite(club["1"]["mean"]) and club["2"]["mean"] is None
+    assert club["2"]["mse"] is None and js["traces"]["3"]["club"][-1] is None
+    assert math.isfinite(js["results"]["3"]["infonce"]["2"]["mean"])
+    assert js["findings"]["club_mse_by_dim"] == {"3": None} == out["findings"]["club_mse_by_dim"]
+    warned = [line for line in lines if "warning" in line]
+    assert len(warned) == 1 and "club diverged" in warned[0] and "level 2 nats" in warned[0]
+    assert (tmp_path / "mi_bench.png").stat().st_size > 1000
+    lines.clear()
+    lb = B.run_large_batch(cfg, str(tmp_path), log=lines.append)
+    rows = _strict_json(tmp_path / "mi_large_batch.json")["rows"]
+    assert math.isfinite(rows[0]["estimate"]) and rows[1]["estimate"] is None
+    assert lb["rises_with_batch"] is False
+    warned = [line for line in lines if "warning" in line]
+    assert len(warned) == 1 and "N=8: infonce diverged" in warned[0], lines
+    # the same settings again reuse the null results
+    again = B.run_mi_bench(cfg, str(tmp_path), log=lambda m: None)
+    assert again["results"] == out["results"]
+
+
+def test_results_are_written_before_the_findings(tmp_path, monkeypatch):
+    # a failure while deriving the findings keeps every dimension's results, the last one too
+    cfg = B.MIBenchConfig(dims=(3, 4), levels=(1.0,), steps_per_level=2, batch=8, hidden=8,
+                          estimators=("infonce",), backend="reference")
+
+    def broken(out):
+        raise RuntimeError("findings")
+
+    monkeypatch.setattr(B, "_findings", broken)
+    with pytest.raises(RuntimeError, match="findings"):
+        B.run_mi_bench(cfg, str(tmp_path), log=lambda m: None)
+    kept = json.loads((tmp_path / "mi_bench.json").read_text())
+    assert set(kept["results"]) == {"3", "4"} and kept["complete"] is False
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (dict(levels=(1.0, math.inf)), "--levels must be positive, finite MI values in nats"),
+    (dict(dims=(1, 3), levels=(1.0, 400.0)), "--levels 400 is too large for --dims 1"),
+    (dict(dims=(3,), levels=(60.0,)), "--levels 60 is too large for --dims 3"),
+    (dict(lr=1e30), "--lr must be in (0, 1]"),
+    (dict(lr=math.inf), "--lr must be in (0, 1]"),
+    (dict(estimators=()), "--estimators must name at least one of infonce, club, nce-club"),
+    (dict(large_batch_sizes=()), "--large-batch-sizes must list at least one batch size"),
+])
+def test_config_refuses_values_that_cannot_run(overrides, expected):
+    with pytest.raises(ValueError) as exc:
+        B.MIBenchConfig(**overrides).validate()
+    assert expected in str(exc.value)
+    B.MIBenchConfig(dims=(1,), levels=(18.0,), lr=B.MAX_LR).validate()  # the bounds themselves
+
+
+def _exit_status(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:  # argparse
+        return exc.code
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--levels", "1,inf"], "argument --levels: expected a comma-separated list, got '1,inf' "
+                            "(expected a positive, finite number, got 'inf')"),
+    (["--dims", "1", "--levels", "1,400"], "--levels 400 is too large for --dims 1"),
+    (["--lr", "1e30"], "--lr must be in (0, 1] (Adam's step size), got 1e+30"),
+    (["--lr", "inf"], "argument --lr: expected a positive, finite number, got 'inf'"),
+    (["--estimators", ","], "--estimators must name at least one"),
+    (["--large-batch-sizes", ","], "--large-batch-sizes must list at least one batch size"),
+])
+def test_cli_mi_bench_refuses_in_one_line(tmp_path, capsys, extra, expected):
+    out = tmp_path / "o"
+    argv = ["mi-bench", "--out", str(out), "--dims", "2", "--levels", "1", "--steps-per-level",
+            "4", "--hidden", "8", "--large-batch-steps", "2", "--large-batch-sizes", "4",
+            "--backend", "reference", "--no-progress", *extra]
+    code = _exit_status(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1, err
+    assert expected in err[0] and "Traceback" not in err[0], err[0]
+    assert not out.exists()

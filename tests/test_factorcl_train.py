@@ -211,6 +211,8 @@ def _one_line_error(capsys, code, expected):
     (["train", "--out", "x", "--epochs", "0"], "--epochs: expected a positive integer"),
     (["train", "--out", "x", "--model", "clip"], "invalid choice: 'clip'"),
     (["train", "--out", "x", "--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["train", "--out", "x", "--lr", "inf"], "--lr: expected a positive, finite number"),
+    (["train", "--out", "x", "--temperature", "inf"], "--temperature: expected a positive, finite"),
     (["train", "--out", "x", "--frobnicate"],
      "unrecognized arguments: --frobnicate (see factorcl train --help)"),
     (["train"], "required: --out"),
@@ -763,7 +765,7 @@ def test_single_class_training_split_is_refused_before_training(tmp_path, capsys
     (["--aug-drop", "5"], "--aug-drop"), (["--aug-drop", "1"], "--aug-drop"),
     (["--aug-drop", "-1"], "--aug-drop"), (["--aug-noise", "-1"], "--aug-noise"),
     (["--aug-noise", "nan"], "--aug-noise"), (["--aug-noise", "inf"], "--aug-noise"),
-    (["--lr", "1e38"], "--lr"), (["--club-lr", "1e38"], "--club-lr"), (["--lr", "inf"], "--lr"),
+    (["--lr", "1e38"], "--lr"), (["--club-lr", "1e38"], "--club-lr"),
 ])
 def test_cli_out_of_range_values(tmp_path, capsys, extra, expected):
     out = tmp_path / "o"
@@ -863,3 +865,64 @@ def test_cli_task_outside_mortality_and_icd9_codes_is_refused(capsys, task):
         cli.main(["train", "--out", "x", "--dataset", "multibench:im.pk", "--task", task])
     _one_line_error(capsys, exc.value.code,
                     "--task: expected -1 (mortality) or an ICD-9 code index 0..19")
+
+
+def test_step_benchmark_names_the_backend_its_speed_ups_are_against(capsys, monkeypatch):
+    # the first backend listed cannot run: the others are compared with the first that ran
+    from factorcl import bench
+
+    seconds = {"reference": 0.4, "cpu": 0.2}
+
+    def timed(**kw):
+        if kw["backend"] not in seconds:
+            raise RuntimeError(f"backend={kw['backend']!r} cannot run here")
+        return seconds[kw["backend"]]
+
+    monkeypatch.setattr(bench, "step_seconds", timed)
+    assert bench.main(["--backends", "triton,reference,cpu", "--batch", "16"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "triton: cannot run" in lines[0]
+    assert "1.00x vs reference" in lines[1] and "2.00x vs reference" in lines[2], lines
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--backends", "bogus"], "argument --backends: unknown backend 'bogus'"),
+    (["--backends", "reference,gpu"], "unknown backend 'gpu'"),
+    (["--backends", ","], "argument --backends: expected a comma-separated list"),
+    (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+])
+def test_step_benchmark_bad_flags_are_one_line(capsys, argv, expected):
+    from factorcl import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--batch", "16", "--critic-hidden", "8", "--embed-dim", "4", "--repeats",
+                    "1", *argv])
+    _one_line_error(capsys, exc.value.code, expected)
+
+
+def test_step_benchmark_fails_when_no_backend_runs(capsys):
+    from factorcl import bench
+
+    code = bench.main(["--batch", "2", "--backends", "reference", "--repeats", "1"])
+    captured = capsys.readouterr()
+    assert "reference: cannot run" in captured.out
+    err = captured.err.strip().splitlines()
+    assert code == cli.EXIT_USAGE and len(err) == 1, err
+    assert "no backend could run" in err[0] and "--batch 2" in err[0], err[0]
+
+
+def test_step_seconds_is_the_median(monkeypatch):
+    # an even number of timed steps: the mean of the middle two, not the upper one
+    import types
+
+    from factorcl import bench
+
+    clock, durations = [0.0], iter([5.0, 1.0, 3.0])  # the warm-up, then the timed steps
+
+    def step():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(bench, "make_step", lambda **kw: step)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench.step_seconds(repeats=2) == 2.0

@@ -5,20 +5,26 @@
                              [--device cpu|cuda[:k]]
 
 Prints one line per backend (median seconds per step and samples per second) and the speed-up of
-each over the first; ``step_seconds`` is the function a pytest-benchmark suite can call.
+each over the first backend that ran (named in the line); a backend that cannot run here is
+reported and skipped. An unknown backend or other bad flag, or no backend that can run, ends the
+command with one line on stderr and exit status 2. ``step_seconds`` is the function a
+pytest-benchmark suite can call.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from typing import Optional, Sequence
 
 import torch
 
+from factorcl_ext import _backends
+
 from . import data as D
-from .cli import _positive_int
+from .cli import EXIT_USAGE, _Parser, _positive_int
 from .models import MODELS, Batch, ModelConfig, build_model
 from .train import TrainError, club_step, main_step, resolve_device
 
@@ -70,14 +76,27 @@ def step_seconds(repeats: int = 3, device="cpu", **kwargs) -> float:
         step()
         finish()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
+
+
+def _backend_list(s: str) -> list:
+    names = [b.strip() for b in s.split(",") if b.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(_backends.BACKENDS)}, got {s!r}")
+    for b in names:
+        if b not in _backends.BACKENDS:
+            raise argparse.ArgumentTypeError(
+                f"unknown backend {b!r} in {s!r}; choose from {', '.join(_backends.BACKENDS)}")
+    return names
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m factorcl.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default="factorcl-sup")
     p.add_argument("--batch", type=_positive_int, default=256)
-    p.add_argument("--backends", default="reference,cpu")
+    p.add_argument("--backends", type=_backend_list, default="reference,cpu",
+                   help="comma-separated critic backends (default %(default)s)")
     p.add_argument("--critic-hidden", type=_positive_int, default=512)
     p.add_argument("--embed-dim", type=_positive_int, default=128)
     p.add_argument("--repeats", type=_positive_int, default=3)
@@ -89,19 +108,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(str(exc))
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
-    first = None
-    for backend in [b for b in args.backends.split(",") if b]:
+    first = None  # (backend, seconds) of the first backend that ran: the speed-ups' baseline
+    failed = []
+    for backend in args.backends:
         try:
             t = step_seconds(repeats=args.repeats, model_name=args.model, batch=args.batch,
                              backend=backend, critic_hidden=args.critic_hidden,
                              embed_dim=args.embed_dim, device=device)
         except (RuntimeError, ValueError) as exc:
-            print(f"{backend:>9}: cannot run ({str(exc).splitlines()[0]})")
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            failed.append(f"{backend}: {reason}")
+            print(f"{backend:>9}: cannot run ({reason})")
             continue
-        first = first or t
+        first = first or (backend, t)
         print(f"{backend:>9}: {t:.3f} s/step, {args.batch / t:.0f} samples/s, "
-              f"{first / t:.2f}x vs {args.backends.split(',')[0]} "
+              f"{first[1] / t:.2f}x vs {first[0]} "
               f"({args.model}, batch {args.batch}, critic H={args.critic_hidden}, {where})")
+    if first is None:
+        print(f"{p.prog}: error: no backend could run --model {args.model} at --batch "
+              f"{args.batch} on {device} ({'; '.join(failed)})", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

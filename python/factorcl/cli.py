@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -54,12 +55,13 @@ def _nonneg_int(s: str) -> int:
 
 
 def _positive_float(s: str) -> float:
+    """A finite number > 0 (--temperature inf trained to a NaN loss blamed on a small one)."""
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {s!r}")
     return v
 
 
@@ -84,8 +86,8 @@ def _csv(kind):
     def parse(s: str):
         try:
             return tuple(kind(p) for p in s.split(",") if p.strip())
-        except (ValueError, argparse.ArgumentTypeError):
-            msg = f"expected a comma-separated list, got {s!r}"
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            msg = f"expected a comma-separated list, got {s!r} ({exc})"
             raise argparse.ArgumentTypeError(msg) from None
     return parse
 
@@ -501,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=_positive_int, default=None)
     m.add_argument("--hidden", type=_positive_int, default=None)
     m.add_argument("--layers", type=_nonneg_int, default=None)
-    m.add_argument("--lr", type=_positive_float, default=None)
+    m.add_argument("--lr", type=_positive_float, default=None,
+                   help="Adam's step size, at most 1 like the trainer's (default 1e-3)")
     m.add_argument("--estimators", type=_csv(str), default=None,
                    help="comma-separated subset of infonce,club,nce-club")
     m.add_argument("--cubic", action="store_true", help="y -> y^3 (same MI)")

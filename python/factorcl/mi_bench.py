@@ -15,7 +15,8 @@ Writes ``mi_bench.json`` (bias, variance and MSE per estimator and level over th
 ``tail_steps`` steps of each level, plus down-sampled traces) and ``mi_bench.png``. The
 large-batch mode trains the InfoNCE critic at a high true MI for several batch sizes and writes
 ``mi_large_batch.json`` / ``.png``: the estimate rises with log N, the ceiling that only larger
-batches (which the fused kernels make affordable) lift.
+batches (which the fused kernels make affordable) lift. Both files are strict JSON: an estimator
+that diverges (non-finite estimates) is a result, written as null with a warning naming it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic
 
 from . import data as D
-from .train import _progress_bar, make_out_dir, resolve_device, write_atomically
+from .train import MAX_LR, _progress_bar, make_out_dir, resolve_device, write_atomically
 
 __all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS",
            "STAIRCASE_FILE", "LARGE_BATCH_FILE", "check_previous_results"]
@@ -79,17 +80,54 @@ class MIBenchConfig:
     def validate(self) -> None:
         if not self.dims or any(d < 1 for d in self.dims):
             raise ValueError(f"--dims must be positive integers, got {self.dims}")
-        if not self.levels or any(not lv > 0 for lv in self.levels):
-            raise ValueError(f"--levels must be positive MI values in nats, got {self.levels}")
+        if not self.levels or any(not (lv > 0 and math.isfinite(lv)) for lv in self.levels):
+            raise ValueError(f"--levels must be positive, finite MI values in nats, got "
+                             f"{self.levels}")
+        for dim in self.dims:
+            for level in self.levels:
+                _check_level(level, dim, "--levels", f"--dims {dim}")
+        if not self.estimators:
+            raise ValueError(f"--estimators must name at least one of {', '.join(ESTIMATORS)}, "
+                             "got an empty list")
         for e in self.estimators:
             if e not in ESTIMATORS:
                 raise ValueError(f"unknown estimator {e!r}; choose from {', '.join(ESTIMATORS)}")
+        for name in ("lr", "large_batch_lr"):  # the trainer's bound on Adam's step size
+            v = getattr(self, name)
+            if not 0 < v <= MAX_LR:
+                flag = "--lr" if name == "lr" else name
+                raise ValueError(f"{flag} must be in (0, {MAX_LR:g}] (Adam's step size), got {v}")
         if self.steps_per_level < 2 or self.batch < 2:
             raise ValueError("--steps-per-level and --batch must be at least 2")
         if self.tail_steps is not None and not 1 <= self.tail_steps <= self.steps_per_level:
             raise ValueError(f"--tail-steps must be in [1, {self.steps_per_level}]")
+        if not self.large_batch_sizes:
+            raise ValueError("--large-batch-sizes must list at least one batch size, got an "
+                             "empty list")
         if any(n < 2 for n in self.large_batch_sizes):
             raise ValueError("--large-batch-sizes must be at least 2")
+        if not (self.large_batch_mi > 0 and math.isfinite(self.large_batch_mi)):
+            raise ValueError(f"large_batch_mi must be a positive, finite MI in nats, got "
+                             f"{self.large_batch_mi}")
+        _check_level(self.large_batch_mi, self.large_batch_dim, "large_batch_mi",
+                     f"large_batch_dim {self.large_batch_dim}")
+
+
+def _check_level(level: float, dim: int, what: str, where: str) -> None:
+    """A ValueError when ``level`` nats is too large to be the MI of a ``dim``-dimensional
+    Gaussian pair here: its per-coordinate correlation rounds to 1 (the pair would be y = x, of
+    infinite MI) and its exact-q CLUB bound ``dim * (exp(2 level / dim) - 1)`` overflows or
+    loses all precision."""
+    rho = D.mi_to_rho(level, dim)
+    try:
+        ok = 1.0 - rho * rho > 0.0 and math.isfinite(dim * math.expm1(2.0 * level / dim))
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{what} {level:g} is too large for {where}: a {dim}-dimensional Gaussian pair with "
+            f"that MI has correlation 1 in double precision (and no finite exact-q CLUB "
+            f"bound); keep it at most {18 * dim} nats (18 per dimension)")
 
 
 def check_previous_results(cfg: MIBenchConfig, out_dir: str, files=(STAIRCASE_FILE,
@@ -110,7 +148,7 @@ def _results_of_same_settings(cfg: MIBenchConfig, out_dir: str, name: str) -> Op
         return None
     try:
         with open(path) as f:
-            prev = json.load(f)
+            prev = json.load(f, parse_constant=lambda _: None)  # NaN of older versions: null
         theirs = prev["config"]
         if not isinstance(theirs, dict):
             raise TypeError
@@ -130,7 +168,26 @@ def _results_of_same_settings(cfg: MIBenchConfig, out_dir: str, name: str) -> Op
 
 
 def _write_json(path: str, out: dict) -> None:
-    write_atomically(path, lambda f: f.write(json.dumps(out, indent=1).encode()))
+    """Strict JSON: a non-finite number is an error here; the estimates are :func:`_finite`
+    (null where an estimator diverged) before they get here."""
+    text = json.dumps(out, indent=1, allow_nan=False)
+    write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _finite(v) -> Optional[float]:
+    """``v`` as a float, or None (null in the JSON files) when it is not finite."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "diverged" if v is None else f"{v:.2f}"
+
+
+def _mean_or_none(values) -> Optional[float]:
+    """The mean of ``values``, None when one of them is None (a diverged estimate)."""
+    values = list(values)
+    return None if any(v is None for v in values) else _finite(np.mean(values))
 
 
 class CLUBGaussian(nn.Module):
@@ -194,10 +251,10 @@ def _step(name: str, module: nn.Module, opt, x: Tensor, y: Tensor) -> float:
 
 def _downsample(values: list, points: int = 400) -> list:
     if len(values) <= points:
-        return [round(v, 5) for v in values]
+        return [_finite(round(v, 5)) for v in values]
     k = math.ceil(len(values) / points)
     arr = np.asarray(values[: len(values) // k * k]).reshape(-1, k).mean(1)
-    return [round(float(v), 5) for v in arr]
+    return [_finite(round(float(v), 5)) for v in arr]
 
 
 def _prepare(cfg: MIBenchConfig, out_dir: str, name: str, overwrite: bool
@@ -288,24 +345,32 @@ def _run_staircase(cfg: MIBenchConfig, out_dir: str, log, device: torch.device, 
         secs = time.perf_counter() - t0
         res = {}
         for k, vals in values.items():
-            per_level = {}
+            per_level, diverged = {}, []
             for li, level in enumerate(cfg.levels):
                 end = (li + 1) * cfg.steps_per_level
                 v = np.asarray(vals[end - tail:end])
-                per_level[f"{level:g}"] = {
-                    "true": level, "mean": float(v.mean()), "bias": float(v.mean() - level),
-                    "variance": float(v.var()), "mse": float(((v - level) ** 2).mean()),
-                }
+                with np.errstate(all="ignore"):  # a diverged estimator: null, and a warning
+                    stats = {"mean": v.mean(), "bias": v.mean() - level, "variance": v.var(),
+                             "mse": ((v - level) ** 2).mean()}
+                per_level[f"{level:g}"] = {"true": level,
+                                           **{s: _finite(x) for s, x in stats.items()}}
+                if (not np.isfinite(vals[end - cfg.steps_per_level:end]).all()
+                        or None in per_level[f"{level:g}"].values()):
+                    diverged.append(f"{level:g}")
             res[k] = per_level
+            if diverged:
+                _log_above(bar, log, f"[mi-bench] warning: dim {dim}: {k} diverged (non-finite "
+                           f"estimates) at level {', '.join(diverged)} nats (--lr {cfg.lr:g}); "
+                           f"written as null in {path}")
         results[key] = res
         traces[key] = {k: _downsample(v) for k, v in values.items()}
         dim_seconds[key] = secs
         summary = "; ".join(
-            f"{k} " + " ".join(f"{r['mean']:.2f}" for r in res[k].values()) for k in res)
+            f"{k} " + " ".join(_fmt(r["mean"]) for r in res[k].values()) for k in res)
         _log_above(bar, log, f"[mi-bench] dim {dim} ({secs:.1f} s): mean estimate per level "
                    f"{'/'.join(f'{lv:g}' for lv in cfg.levels)}: {summary}")
-        if dim != cfg.dims[-1]:
-            _write_json(path, output(complete=False))
+        # every dimension's results are kept before the findings are derived from them
+        _write_json(path, output(complete=False))
     out = output(complete=True)
     out["trace_points_per_level"] = (len(next(iter(next(iter(traces.values())).values())))
                                      // len(cfg.levels))
@@ -322,22 +387,28 @@ def _findings(out: dict) -> dict:
     top = f"{cfg['levels'][-1]:g}"
     f: dict = {}
     res = out["results"]
+    # a diverged estimate (null) is not evidence for a claim; its averages are null
     if "infonce" in cfg["estimators"]:
         f["infonce_top_level_mean"] = {d: r["infonce"][top]["mean"] for d, r in res.items()}
         f["infonce_saturates_near_log_batch"] = all(
-            r["infonce"][top]["mean"] <= log_b + 0.25 for r in res.values())
+            r["infonce"][top]["mean"] is not None and r["infonce"][top]["mean"] <= log_b + 0.25
+            for r in res.values())
     if "nce-club" in cfg["estimators"]:
         f["nce_club_upper_bounds_truth_fraction"] = float(np.mean([
-            lv["mean"] >= lv["true"] - 0.1 for r in res.values() for lv in r["nce-club"].values()
+            lv["mean"] is not None and lv["mean"] >= lv["true"] - 0.1
+            for r in res.values() for lv in r["nce-club"].values()
         ]))
     if "club" in cfg["estimators"]:
-        f["club_mse_by_dim"] = {d: float(np.mean([lv["mse"] for lv in r["club"].values()]))
+        f["club_mse_by_dim"] = {d: _mean_or_none(lv["mse"] for lv in r["club"].values())
                                 for d, r in res.items()}
-        # With the exact q(y|x) the CLUB bound of this Gaussian pair is d * (exp(2I/d) - 1):
-        # the ratio says how well the variational q is fitted, which is what degrades with d.
+        # With the exact q(y|x) the CLUB bound of this Gaussian pair is d * (exp(2I/d) - 1)
+        # (finite for every level validate() lets through): the ratio says how well the
+        # variational q is fitted, which is what degrades with d.
         f["club_over_exact_q_bound_by_dim"] = {
-            d: float(np.mean([lv["mean"] / (int(d) * math.expm1(2.0 * lv["true"] / int(d)))
-                              for lv in r["club"].values()]))
+            d: _mean_or_none(
+                None if lv["mean"] is None
+                else lv["mean"] / (int(d) * math.expm1(2.0 * lv["true"] / int(d)))
+                for lv in r["club"].values())
             for d, r in res.items()}
     return f
 
@@ -356,7 +427,7 @@ def _plot_staircase(out: dict, path: str) -> None:
     for j, dim in enumerate(dims):
         for i, e in enumerate(ests):
             ax = axes[i][j]
-            tr = out["traces"][dim][e]
+            tr = np.asarray(out["traces"][dim][e], dtype=float)  # null (diverged): a gap
             # trace points are means of equal runs of steps; x in units of levels
             xs = np.arange(len(tr)) * len(cfg["levels"]) / len(tr)
             truth = np.asarray(cfg["levels"])[np.minimum(xs.astype(int), len(cfg["levels"]) - 1)]
@@ -390,8 +461,8 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: b
 
     def output(complete: bool) -> dict:
         return {"config": asdict(cfg), "complete": complete, "rows": rows,
-                "rises_with_batch": all(b["estimate"] > a["estimate"]
-                                        for a, b in zip(rows, rows[1:]))}
+                "rises_with_batch": all(r["estimate"] is not None for r in rows) and all(
+                    b["estimate"] > a["estimate"] for a, b in zip(rows, rows[1:]))}
 
     bar = _progress_bar(len(cfg.large_batch_sizes) * cfg.large_batch_steps, 0, progress)
     try:
@@ -419,13 +490,19 @@ def run_large_batch(cfg: MIBenchConfig, out_dir: str, log=print, *, overwrite: b
                     bar.update(1)
             secs = time.perf_counter() - t0
             tail = vals[-max(1, cfg.large_batch_steps // 4):]
-            row = {"batch": n, "log_batch": math.log(n), "estimate": float(np.mean(tail)),
+            with np.errstate(all="ignore"):
+                estimate = _finite(np.mean(tail))
+            row = {"batch": n, "log_batch": math.log(n), "estimate": estimate,
                    "true_mi": mi, "seconds_per_step": secs / cfg.large_batch_steps,
                    "materialised_pair_tensor_bytes": 4 * n * n * cfg.large_batch_hidden}
             rows.append(row)
-            _log_above(bar, log, f"[mi-bench] large batch N={n}: InfoNCE {row['estimate']:.2f} "
-                       f"nats (log N = {row['log_batch']:.2f}, true {mi:g}), "
-                       f"{row['seconds_per_step'] * 1e3:.0f} ms/step")
+            if estimate is None or not np.isfinite(vals).all():
+                _log_above(bar, log, f"[mi-bench] warning: large batch N={n}: infonce diverged "
+                           f"(non-finite estimates) at {mi:g} nats (lr {cfg.large_batch_lr:g}); "
+                           f"written as null in {path}")
+            _log_above(bar, log, f"[mi-bench] large batch N={n}: InfoNCE "
+                       f"{_fmt(row['estimate'])} nats (log N = {row['log_batch']:.2f}, "
+                       f"true {mi:g}), {row['seconds_per_step'] * 1e3:.0f} ms/step")
             if n != cfg.large_batch_sizes[-1]:
                 _write_json(path, output(complete=False))
     finally:
@@ -446,7 +523,8 @@ def _plot_large_batch(out: dict, path: str) -> None:
     rows = out["rows"]
     ns = [r["batch"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    ax.plot(ns, [r["estimate"] for r in rows], "o-", color="#3b6ea8", label="InfoNCE estimate")
+    ax.plot(ns, np.asarray([r["estimate"] for r in rows], dtype=float), "o-", color="#3b6ea8",
+            label="InfoNCE estimate")
     ax.plot(ns, [r["log_batch"] for r in rows], "--", color="#c27c3a", label="log N ceiling")
     ax.axhline(rows[0]["true_mi"], color="black", lw=1, label="true MI")
     ax.set_xscale("log", base=2)
