@@ -34,24 +34,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _int_in(low: int, high: Optional[int], what: str):
+    """An argparse type: an int in [low, high] (``high`` None: no upper bound)."""
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = None
+        if v is None or v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
+_positive_int = _int_in(1, None, "a positive integer")
+_nonneg_int = _int_in(0, None, "a non-negative integer")
+_mimic_task = _int_in(-1, 19, "-1 (mortality) or an ICD-9 code index 0..19")
 
 
 def _positive_float(s: str) -> float:
@@ -62,17 +62,6 @@ def _positive_float(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"expected a positive, finite number, got {s!r}")
-    return v
-
-
-def _mimic_task(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        v = None
-    if v is None or not -1 <= v <= 19:
-        raise argparse.ArgumentTypeError(
-            f"expected -1 (mortality) or an ICD-9 code index 0..19, got {s!r}")
     return v
 
 
