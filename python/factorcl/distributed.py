@@ -90,19 +90,13 @@ class Comm:
         return float(t.item()) / self.world
 
     def mean_and_any(self, value: float, flag: bool) -> tuple[float, bool]:
-        """:meth:`mean` and :meth:`any` in one all-reduce (once a step)."""
+        """:meth:`mean` of ``value`` and whether ``flag`` is set in any process, in one
+        all-reduce (once a step)."""
         if self.world == 1:
             return value, flag
         t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t[0].item()) / self.world, bool(t[1].item() > 0)
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -335,9 +335,8 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
     old = TrainConfig.from_dict(state["config"]).to_dict()  # settings added since: defaults
     new = cfg.to_dict()
     old_m, new_m = old.pop("model_cfg"), new.pop("model_cfg")
-    if old["model"] != new["model"]:
-        return (f"the checkpoint was made with model={old['model']!r} but this run has "
-                f"model={new['model']!r}")
+    # "model" is the first key compared (never an unused one), so the settings left out are
+    # those of a model both runs share
     unused = {k for k, users in SETTING_USERS.items() if new["model"] not in users}
     keys = [k for k in new if k not in _PRESENTATION_KEYS] if strict else _RESUME_KEYS
     keys = [k for k in keys if k not in unused]
