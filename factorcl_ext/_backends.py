@@ -89,10 +89,16 @@ def available_backends() -> list[str]:
     return found
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``; ValueError when it cannot run there."""
+def check_name(backend: str) -> None:
+    """ValueError unless ``backend`` is one of :data:`BACKENDS` (whether it can run is decided
+    by :func:`resolve`, from the tensors' device)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``; ValueError when it cannot run there."""
+    check_name(backend)
     if backend == "auto":
         if device.type == "cuda":
             if has_cuda_kernels():

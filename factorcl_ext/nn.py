@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import _backends, ops
 from .ops import CriticStats
 
 __all__ = [
@@ -49,6 +49,13 @@ def mlp(dim: int, hidden_dim: int, output_dim: int, layers: int, activation: str
     return nn.Sequential(*seq)
 
 
+def _check_backend_options(backend: str, deterministic: bool) -> None:
+    """The constructors' own check, so that a misspelt backend fails where it is written and not
+    at the first call (whether the backend runs on the inputs' device is decided at the call)."""
+    _backends.check_name(backend)
+    ops._check_bool("deterministic", deterministic)
+
+
 def _backend_repr(module) -> str:
     det = ", deterministic=True" if module.deterministic else ""
     return f"backend={module.backend!r}{det}"
@@ -61,6 +68,7 @@ class _ConcatMLP(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, layers: int, activation: str, backend: str,
                  deterministic: bool):
         super().__init__()
+        _check_backend_options(backend, deterministic)
         self._f = mlp(in_dim, hidden_dim, 1, layers, activation)
         self.activation = activation
         self.backend, self.deterministic = backend, deterministic
@@ -226,6 +234,7 @@ class FusedSeparableCritic(nn.Module):
     def __init__(self, temperature: float = 1.0, learnable_temperature: bool = False,
                  normalize: bool = False, backend: str = "auto", deterministic: bool = False):
         super().__init__()
+        _check_backend_options(backend, deterministic)
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if learnable_temperature:
@@ -291,6 +300,7 @@ class SupConLoss(nn.Module):
                  base_temperature: float = 0.07, backend: str = "auto",
                  deterministic: bool = False):
         super().__init__()
+        _check_backend_options(backend, deterministic)
         if contrast_mode not in ("all", "one"):
             raise ValueError(f"Unknown mode: {contrast_mode}")
         self.temperature = temperature

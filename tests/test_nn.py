@@ -239,8 +239,19 @@ def test_modules_reject_bad_inputs():
     for shape in [(1, 1, 4), (0, 2, 4)]:
         with pytest.raises(ValueError, match="two feature vectors.*" + re.escape(str(shape))):
             SupConLoss()(torch.randn(*shape))
+    # the constructors check the backend's name and the flag, not the first call
+    for make in (lambda **kw: InfoNCECritic(3, 2, 4, 1, "relu", **kw),
+                 lambda **kw: CLUBInfoNCECritic(3, 2, 4, 1, "relu", **kw),
+                 lambda **kw: FusedConcatCritic(3, 2, 4, **kw),
+                 lambda **kw: FusedSeparableCritic(**kw), lambda **kw: SupConLoss(**kw)):
+        with pytest.raises(ValueError, match="backend must be one of .* got 'gpu'"):
+            make(backend="gpu")
+        with pytest.raises(TypeError, match="deterministic must be a bool, got str"):
+            make(deterministic="yes")
+    critic = InfoNCECritic(3, 2, 4, 1, "relu")
+    critic.deterministic = "yes"  # an attribute set later is checked at the call
     with pytest.raises(TypeError, match="deterministic must be a bool"):
-        InfoNCECritic(3, 2, 4, 1, "relu", deterministic="yes")(torch.randn(4, 3), torch.randn(4, 2))
+        critic(torch.randn(4, 3), torch.randn(4, 2))
 
 
 @pytest.mark.parametrize("flag", [True, False])
