@@ -213,8 +213,8 @@ def test_multibench_affect_layout(tmp_path):
     raw = _affect()
     raw["train"]["labels"][:3] = 1.0  # both classes in the training split
     raw["train"]["labels"][3:] = -1.0
-    raw["test"]["labels"][:2] = 1.0
-    raw["test"]["labels"][2:] = -1.0
+    # a neutral clip (0) is positive, as in the authors' code
+    raw["test"]["labels"][:, 0, 0] = [1.0, 0.0, -1.0, -1e-3]
     raw["train"]["vision"][0, 0, 0] = np.nan  # MultiBench features carry missing values
     path = tmp_path / "mosi.pkl"
     path.write_bytes(pickle.dumps(raw))

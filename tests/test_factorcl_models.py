@@ -128,14 +128,18 @@ def test_helpers_equal_modules():
     assert_rel_close(M.club_learning_loss(club, x, y), club.learning_loss(x, y), 1e-12)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("labels", [False, True])
-def test_separable_loss_equals_supconloss(labels):
+def test_separable_loss_equals_supconloss(labels, normalize):
     n, d = 9, 5
     z1 = torch.randn(n, d, dtype=F64, requires_grad=True)
     z2 = torch.randn(n, d, dtype=F64, requires_grad=True)
     y = torch.arange(n) % 3
-    ours = M.separable_contrastive_loss(z1, z2, y if labels else None, 3, 0.2, 0.2, "reference")
-    feats = torch.stack([F.normalize(z1, dim=1), F.normalize(z2, dim=1)], 1)
+    ours = M.separable_contrastive_loss(z1, z2, y if labels else None, 3, 0.2, 0.2, "reference",
+                                        normalize=normalize)
+    # SimCLR / SupCon normalise the projections; the FactorCL authors' baselines do not
+    feats = (torch.stack([F.normalize(z1, dim=1), F.normalize(z2, dim=1)], 1) if normalize
+             else torch.stack([z1, z2], 1))
     ref = SupConLoss(temperature=0.2, base_temperature=0.2, backend="reference")(
         feats, y if labels else None)
     assert_rel_close(ours, ref, 1e-12)
@@ -143,6 +147,22 @@ def test_separable_loss_equals_supconloss(labels):
     g_ref = torch.autograd.grad(ref, [z1, z2])
     for a, b in zip(g_ours, g_ref):
         assert_rel_close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["simclr", "supcon"])
+def test_baselines_normalise_their_projections_unless_told_not_to(name):
+    b = _batch(views=False)
+    for normalize in (True, False):
+        cfg = M.ModelConfig(**{**CFG.__dict__, "normalize_projections": normalize})
+        model = M.build_model(name, (5,), (4,), 3, cfg).double()
+        z1 = model.projections[0](model.backbones[0](b.x1))
+        z2 = model.projections[1](model.backbones[1](b.x2))
+        if normalize:
+            z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+        expected = SupConLoss(temperature=cfg.temperature, base_temperature=cfg.temperature,
+                              backend="reference")(torch.stack([z1, z2], 1),
+                                                   b.y if name == "supcon" else None)
+        assert_rel_close(model.training_loss(b)[0], expected, 1e-12)
 
 
 def test_representations():

@@ -850,6 +850,8 @@ def test_cli_ctrl_c_in_the_final_evaluation_keeps_the_checkpoint(tmp_path, capsy
      "--critic-hidden applies to --model factorcl-sup / factorcl-ssl only, not to simclr"),
     (["compare", "--models", "simclr,supcon", "--critic-layers", "2"],
      "--critic-layers applies to --model factorcl-sup / factorcl-ssl only"),
+    (["train", "--model", "factorcl-ssl", "--no-normalize-projections"],
+     "--no-normalize-projections applies to --model simclr / supcon only, not to factorcl-ssl"),
 ])
 def test_cli_refuses_flags_the_model_does_not_use(tmp_path, capsys, argv, expected):
     out = tmp_path / "o"

@@ -134,6 +134,8 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
         than its default) for other models only, it is refused (``_check_model_flags``) rather
         than ignored."""
         action = g.add_argument(flag, **kw)
+        if isinstance(action, argparse.BooleanOptionalAction) and action.default is True:
+            flag = "--no-" + flag[2:]  # the form that changes the default
         only[action.dest] = (flag, action.default, SETTING_USERS[action.dest])
 
     p.set_defaults(model_only_flags=only)
@@ -151,6 +153,11 @@ def _add_training_flags(p: argparse.ArgumentParser, compare: bool = False) -> No
                help="concat critics' hidden layers L")
     model_flag(g, "--temperature", type=_positive_float, default=0.07,
                help="SimCLR / SupCon temperature")
+    model_flag(g, "--normalize-projections", action=argparse.BooleanOptionalAction,
+               default=True,
+               help="SimCLR / SupCon: L2-normalise the projections before the loss, as SimCLR "
+                    "and SupCon define it (default); --no-normalize-projections feeds them "
+                    "unnormalised, as the FactorCL authors' baseline code does")
     g.add_argument("--backend", default="auto",
                    choices=("auto", "cpu", "triton", "cuda", "reference"),
                    help="critic backend (auto: fused cpu on CPU, cuda/triton on GPU)")
@@ -201,7 +208,8 @@ def _train_config(args, model: str, seed: int):
     mc = ModelConfig(embed_dim=args.embed_dim, backbone=args.backbone,
                      backbone_hidden=args.backbone_hidden, backbone_layers=args.backbone_layers,
                      critic_hidden=args.critic_hidden, critic_layers=args.critic_layers,
-                     temperature=args.temperature, critic_backend=args.backend,
+                     temperature=args.temperature,
+                     normalize_projections=args.normalize_projections, critic_backend=args.backend,
                      critic_deterministic=args.deterministic)
     return TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        club_lr=args.club_lr, num_club_iter=args.num_club_iter, seed=seed,

@@ -552,7 +552,8 @@ def load_multibench(path: str, modalities: Sequence[str] = ("text", "vision"),
 
     - **affect** layout (CMU-MOSI / MOSEI, ``mosi_raw.pkl``, ...): ``{'train'|'valid'|'test':
       {'text'|'vision'|'audio': [N, T, D], 'labels': [N, ...]}}``; two of the modalities
-      (``modalities``), sentiment binarised as ``label > 0``; train + valid train, test tests.
+      (``modalities``), sentiment binarised as ``label >= 0`` (the FactorCL authors' rule);
+      train + valid train, test tests.
     - **MIMIC** layout (``im.pk``): ``{'adm_features_all': [N, 5], 'ep_tdata': [N, 24, 12],
       'adm_labels_all': [N, 6], 'y_icd9': [N, 20]}``; x1 static, x2 the time series; ``task=-1``
       the 6-class mortality label, ``task`` in 0..19 an ICD-9 code; a seeded 80/20 split,
@@ -613,7 +614,9 @@ def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData
                     f"{name}: {split}/{m} must have shape [N, T, D] with N = {n} labels, got "
                     f"{tuple(x.shape)}"
                 )
-        parts["test" if split == "test" else "train"].append((xs[0], xs[1], (labels > 0).long()))
+        # the FactorCL authors' mosi_label: a neutral (0) clip is positive
+        y = (labels >= 0).long()
+        parts["test" if split == "test" else "train"].append((xs[0], xs[1], y))
     if not parts["train"] or not parts["test"]:
         raise DataError(f"{name}: needs a 'train' and a 'test' split")
     for key in (0, 1):

@@ -150,8 +150,9 @@ def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.
     representation.
 
     ``probe_accuracy`` is the accuracy on the backbone embeddings of both modalities, the
-    representation every model has and the one the authors' reported numbers probe; the
-    FactorCL heads (S, U1, U2 and their concatenation) are in ``accuracies``.
+    representation every model has and the one the authors' synthetic notebook probes (their
+    MultiBench notebook probes the heads: ``S+U1+U2``); the FactorCL heads (S, U1, U2 and their
+    concatenation) are in ``accuracies``.
     """
     tr, te = data.train_idx, data.test_idx
     reps_tr = embed(model, data.x1[tr], data.x2[tr], device, dtype)

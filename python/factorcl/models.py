@@ -55,7 +55,7 @@ _FACTORCL = ("factorcl-sup", "factorcl-ssl")  # concat critics, two of them NCE-
 SETTING_USERS: dict[str, tuple[str, ...]] = {
     "critic_hidden": _FACTORCL, "critic_layers": _FACTORCL,
     "club_lr": _FACTORCL, "num_club_iter": _FACTORCL,
-    "temperature": ("simclr", "supcon"),
+    "temperature": ("simclr", "supcon"), "normalize_projections": ("simclr", "supcon"),
     "aug_noise": ("factorcl-ssl",), "aug_drop": ("factorcl-ssl",),
     "augmentations": ("factorcl-ssl",),  # trained on augmented views
 }
@@ -83,6 +83,9 @@ class ModelConfig:
     critic_layers: int = 1
     activation: str = "relu"
     temperature: float = 0.07
+    # SimCLR / SupCon: L2-normalised projections, as SimCLR and SupCon define the loss (the
+    # FactorCL authors' baseline code feeds them unnormalised: False)
+    normalize_projections: bool = True
     critic_backend: str = "auto"
     critic_deterministic: bool = False  # bit-identical critic kernels run to run (GPU backends)
 
@@ -233,13 +236,16 @@ def club_learning_loss(critic: CLUBInfoNCECritic, x: Tensor, y: Tensor,
 
 def separable_contrastive_loss(z1: Tensor, z2: Tensor, labels: Optional[Tensor], num_classes: int,
                                temperature: float, base_temperature: float, backend: str,
-                               comm: Comm = Comm(), deterministic: bool = False) -> Tensor:
-    """SimCLR (``labels`` None) or SupCon on two views, L2-normalised, as ``SupConLoss`` with
-    ``contrast_mode='all'`` on ``features = stack([z1, z2], 1)`` of the global batch, computed on
-    the local anchors against all gathered views with the fused separable critic."""
+                               comm: Comm = Comm(), deterministic: bool = False,
+                               normalize: bool = True) -> Tensor:
+    """SimCLR (``labels`` None) or SupCon on two views (L2-normalised first unless ``normalize``
+    is False), as ``SupConLoss`` with ``contrast_mode='all'`` on ``features = stack([z1, z2], 1)``
+    of the global batch, computed on the local anchors against all gathered views with the fused
+    separable critic."""
     dtype = _compute_dtype(z1, z1)
-    z1 = F.normalize(z1.to(dtype), dim=1)
-    z2 = F.normalize(z2.to(dtype), dim=1)
+    z1, z2 = z1.to(dtype), z2.to(dtype)
+    if normalize:
+        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     n = z1.shape[0]
     g1, g2 = comm.gather(z1), comm.gather(z2)
     b = g1.shape[0]
@@ -478,7 +484,8 @@ class _SeparableBaseline(_TwoBackbones):
         loss = separable_contrastive_loss(
             z1, z2, batch.y if self.use_labels else None, self.num_classes,
             self.cfg.temperature, self.cfg.temperature, self.cfg.critic_backend, comm,
-            deterministic=self.cfg.critic_deterministic)
+            deterministic=self.cfg.critic_deterministic,
+            normalize=self.cfg.normalize_projections)
         return loss, {"supcon" if self.use_labels else "simclr": loss}
 
     @torch.no_grad()
