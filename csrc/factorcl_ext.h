@@ -14,6 +14,13 @@ namespace factorcl_ext {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (lse, pos, rowsum), each [N]
 
+// 0 <= offset and N + offset <= M for a row-to-column offset (pos_offset, exclude_offset), written
+// so that nothing overflows: offsets reach the ops as any int64, and N + (2^63 - 1) wrapped to a
+// negative number that passed as "in range" (a direct torch.ops call read out of bounds).
+inline bool offset_in_range(int64_t offset, int64_t n, int64_t m) {
+  return offset >= 0 && offset <= m - n;
+}
+
 // A gradient laid out like its input, as the fake functions' empty_like promises (opcheck and
 // torch.compile compare strides); the kernels write contiguous buffers. Every backend's backward
 // returns its input gradients through this.

@@ -877,6 +877,23 @@ def test_bad_input_cpp_second_line(case, op_name, backend, device):
             op(g, g, g, *core[:6], g, *core[6:])
 
 
+@pytest.mark.parametrize("offset", [2**63 - 1, 2**63 - 4, 2**62])
+def test_cpp_ops_refuse_offsets_whose_sum_overflows(backend, device, offset):
+    """N + offset wrapped to a negative int64 and passed the range check: the CPU ops read out
+    of bounds (a segmentation fault in pair_dot_stats with exclude_offset) or returned garbage.
+    The Python wrappers refuse such offsets first; a direct torch.ops call meets the C++ check."""
+    if backend != "cpu":
+        pytest.skip("checks of the C++ CPU kernels")
+    p = make_core(4, 6, 5, 1)
+    core = (p["A"], p["B"], p["hidden_weights"], p["hidden_biases"], p["w_out"], p["b_out"])
+    with pytest.raises(ValueError, match=f"pos_offset={offset} is out of range for 4 rows"):
+        torch.ops.factorcl.pair_mlp_stats(*core, "relu", "none", offset)
+    G, H = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for pos, excl, name in ((offset, None, "pos_offset"), (None, offset, "exclude_offset")):
+        with pytest.raises(ValueError, match=f"{name}={offset} is out of range for 4 rows"):
+            torch.ops.factorcl.pair_dot_stats(G, H, pos, excl)
+
+
 def test_bad_stats_backward_vectors_cpp(backend, device):
     if backend != "cpu":
         pytest.skip("checks of the C++ CPU kernels")

@@ -435,6 +435,51 @@ def test_emulated_noncontiguous_inputs_and_gradient_layout(emu, sms):
     assert lG.stride() == torch.empty_like(G).stride() and lH.stride() == Ht.stride()
 
 
+def test_emulated_op_checks(emu):
+    """The CUDA ops' own checks (a direct torch.ops call skips Python's): offsets whose N + offset
+    overflows int64 passed as in range (pos left unwritten: garbage), and integer upstream
+    gradients were converted silently where the CPU ops raise."""
+    G, H = torch.randn(4, 3, dtype=F64), torch.randn(6, 3, dtype=F64)
+    for pos, excl, name in ((2**63 - 1, None, "pos_offset"), (None, 2**63 - 3, "exclude_offset")):
+        with pytest.raises(ValueError, match=f"{name}=.* is out of range for 4 rows"):
+            emu.pair_dot_stats(G, H, pos, excl)
+    A, B, Ws, bs, w_out, b_out = mlp_inputs(4, 6, 5, 1, F64)
+    with pytest.raises(ValueError, match="pos_offset=.* is out of range for 4 rows"):
+        emu.pair_mlp_stats(A, B, Ws, bs, w_out, b_out, "relu", "none", 2**63 - 1)
+    lse = emu.pair_dot_stats(G, H, 0, None)[0]
+    ints = torch.ones(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="grad_lse must be floating point, got dtype Long"):
+        emu.pair_dot_stats_backward(ints, ints.double(), ints.double(), G, H, lse, 0, None)
+    with pytest.raises(TypeError, match="lse must be floating point, got dtype Int"):
+        emu.pair_mlp_stats_backward(*[ints.double()] * 3, A, B, Ws, bs, w_out, b_out, lse.int(),
+                                    "relu", "none", 0)
+
+
+def test_tf32_follows_the_newer_precision_setting_too(emu, sms):
+    """float32 reads torch's CUDA matmul precision per backend: set through the newer
+    torch.backends.cuda.matmul.fp32_precision, "tf32" is the TF32 kernel and "ieee" the IEEE one,
+    each bit-equal to the legacy setting's run (the legacy getter, which the kernels read
+    before, raises once the newer setting has been used)."""
+    sms(2)
+    inputs = mlp_inputs(19, 23, 24, 1, torch.float32)
+    cfg = ("relu", "none", 0)
+    legacy = {}
+    for mm in ("highest", "high"):
+        with Precision("float32"):
+            torch.set_float32_matmul_precision(mm)
+            legacy[mm] = emu.pair_mlp_stats(*inputs, *cfg)
+    old = torch.backends.cuda.matmul.fp32_precision
+    try:
+        for new, mm in (("tf32", "high"), ("ieee", "highest")):
+            torch.backends.cuda.matmul.fp32_precision = new
+            stats = emu.pair_mlp_stats(*inputs, *cfg)
+            for a, e in zip(stats, legacy[mm]):
+                assert torch.equal(a, e), f"fp32_precision={new!r} is not the {mm!r} kernel"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old  # the legacy getter works again
+    assert not torch.equal(legacy["highest"][0], legacy["high"][0]), "TF32 had no effect"
+
+
 @pytest.mark.parametrize("prec_name", ["bfloat16", "float32", "float64"])
 def test_emulated_vector_loads_where_aligned(emu, sms, prec_name):
     """The GEMM operands move in 16-byte groups when the width is a multiple of a group (8 bf16,

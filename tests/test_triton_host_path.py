@@ -184,3 +184,24 @@ def test_separable_ops_plan_and_trace(gpu, dtype, shape, bwd_mode):
         needed = {"dot_fwd_kernel"}
         needed |= {"dot_ds_kernel"} if bwd_mode == "chunk" else {"dot_bwd_kernel"}
         check_launches(gpu, needed)
+
+
+def test_float32_dot_precision_from_either_precision_api():
+    """tl.dot takes TF32 for float32 when torch's CUDA matmuls do, whether set by the legacy
+    torch.set_float32_matmul_precision or the newer torch.backends.cuda.matmul.fp32_precision
+    (after which the legacy getter, read before, raises)."""
+    from factorcl_ext.triton import _config
+
+    old_legacy = torch.get_float32_matmul_precision()
+    old_new = torch.backends.cuda.matmul.fp32_precision
+    try:
+        for mm, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(mm)
+            assert _config.dot_precision(torch.float32) == want, mm
+        for new in ("tf32", "ieee"):
+            torch.backends.cuda.matmul.fp32_precision = new
+            assert _config.dot_precision(torch.float32) == new
+            assert _config.dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old_new
+        torch.set_float32_matmul_precision(old_legacy)

@@ -24,7 +24,7 @@ namespace {
 void check_offset(const char* op, const char* name, std::optional<int64_t> offset, int64_t n,
                   int64_t m) {
   if (!offset) return;
-  TORCH_CHECK_VALUE(*offset >= 0 && n + *offset <= m, op, ": ", name, "=", *offset,
+  TORCH_CHECK_VALUE(offset_in_range(*offset, n, m), op, ": ", name, "=", *offset,
                     " is out of range for ", n, " rows and ", m,
                     " columns: need 0 <= offset and N + offset <= M");
 }

@@ -691,7 +691,7 @@ Checked check_inputs(const char* op, const at::Tensor& A, const at::Tensor& B, a
   Checked c{N, M, H, int64_t(Ws.size()), parse_act(activation), parse_out_act(out_activation), -1};
   if (pos_offset.has_value()) {
     const int64_t p = *pos_offset;
-    TORCH_CHECK_VALUE(p >= 0 && N + p <= M, op, ": pos_offset=", p, " is out of range for ", N,
+    TORCH_CHECK_VALUE(offset_in_range(p, N, M), op, ": pos_offset=", p, " is out of range for ", N,
                       " rows and ", M, " columns: need 0 <= pos_offset and N + pos_offset <= M");
     c.pos = p;
   }

@@ -6,7 +6,11 @@
 #include <torch/library.h>
 #ifndef FCL_EMULATION
 #include <c10/cuda/CUDAGuard.h>
-#define FCL_DEVICE_GUARD(t) const c10::cuda::CUDAGuard device_guard((t).device())
+// The inputs' device for the launches; a tensor elsewhere (the dispatcher picks these kernels when
+// any argument is on CUDA) is left to the argument checks, which name it.
+#define FCL_DEVICE_GUARD(t)                    \
+  c10::cuda::OptionalCUDAGuard device_guard{}; \
+  if ((t).is_cuda()) device_guard.set_device((t).device())
 #else
 #define FCL_DEVICE_GUARD(t) (void)(t)
 #endif
@@ -25,8 +29,10 @@ using cuda::ModeId;
 
 std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
-// fp32 follows torch.get_float32_matmul_precision(): "highest" -> IEEE SIMT kernels, otherwise
-// TF32 tensor cores (as cuBLAS does for torch.matmul).
+// fp32 follows torch's CUDA matmul precision, as cuBLAS does for torch.matmul: TF32 tensor cores
+// when it is "tf32" (torch.set_float32_matmul_precision("high" or "medium"), or the newer
+// torch.backends.cuda.matmul.fp32_precision = "tf32"), IEEE SIMT kernels otherwise. Read per
+// backend: the legacy float32MatmulPrecision() throws once the newer API has been used.
 ModeId mode_for(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16:
@@ -34,9 +40,10 @@ ModeId mode_for(at::ScalarType t) {
     case at::kHalf:
       return ModeId::F16;
     case at::kFloat:
-      return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST
-                 ? ModeId::F32
-                 : ModeId::TF32;
+      return at::globalContext().float32Precision(
+                 at::Float32Backend::CUDA, at::Float32Op::MATMUL) == at::Float32Precision::TF32
+                 ? ModeId::TF32
+                 : ModeId::F32;
     case at::kDouble:
       return ModeId::F64;
     default:
@@ -75,7 +82,7 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& ref,
 
 int64_t check_offset(const char* name, std::optional<int64_t> off, int64_t n, int64_t m) {
   if (!off.has_value()) return -1;
-  TORCH_CHECK_VALUE(*off >= 0 && n + *off <= m, name, "=", *off, " is out of range for ", n,
+  TORCH_CHECK_VALUE(offset_in_range(*off, n, m), name, "=", *off, " is out of range for ", n,
                     " rows and ", m, " columns: need 0 <= ", name, " and N + ", name, " <= M");
   return *off;
 }
@@ -162,6 +169,8 @@ MlpInputs prepare_mlp(const at::Tensor& A, const at::Tensor& B, at::TensorList h
 at::Tensor row_grad(const at::Tensor& g, int64_t n, at::ScalarType acc, const char* name) {
   TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == n, name, " must have shape (", n, ",), got ",
                     shape_str(g));
+  TORCH_CHECK_TYPE(at::isFloatingType(g.scalar_type()), name, " must be floating point, got dtype ",
+                   g.scalar_type());
   return g.to(acc).contiguous();
 }
 

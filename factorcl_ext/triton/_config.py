@@ -68,8 +68,11 @@ def deterministic(flag: bool = True) -> Iterator[None]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: TF32 for float32 unless the user asked torch for "highest"."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    """tl.dot input precision: TF32 for float32 when torch's CUDA matmuls use it
+    (``torch.set_float32_matmul_precision("high")`` or the newer
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``; the legacy getter raises once the
+    newer setting has been used), else IEEE."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision == "tf32":
         return "tf32"
     return "ieee"
 
