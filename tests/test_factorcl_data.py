@@ -419,8 +419,10 @@ def test_mi_estimates_on_too_small_test_splits_are_none():
     assert E.gaussian_mi(a[:10, :1], b[:10, :1]) is not None  # 1-d: 10 examples are enough
     assert 0.0 <= E.gaussian_mi(a[:32], b[:32]) < 3.0
     assert 0.0 <= E.gaussian_mi(a, b) < 0.1
-    assert E.infonce_mi_probe(a[:1], b[:1], steps=2, backend="reference") is None
-    assert E.infonce_mi_probe(a[:2], b[:2], steps=2, backend="reference") is not None
+    assert E.infonce_mi_probe(a[:1], b[:1], a[1:3], b[1:3], steps=2, backend="reference") is None
+    assert E.infonce_mi_probe(a[:2], b[:2], a[2:3], b[2:3], steps=2, backend="reference") is None
+    assert E.infonce_mi_probe(a[:2], b[:2], a[2:4], b[2:4], steps=2,
+                              backend="reference") is not None
 
 
 def test_evaluate_on_a_one_example_test_split_writes_valid_json():

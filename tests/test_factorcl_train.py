@@ -928,3 +928,146 @@ def test_step_seconds_is_the_median(monkeypatch):
     monkeypatch.setattr(bench, "make_step", lambda **kw: step)
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     assert bench.step_seconds(repeats=2) == 2.0
+
+
+# ---- evaluation outputs: compare's summary, whole files, optional dependencies -----------------
+
+
+def test_compare_without_the_probe_is_refused_before_training(tmp_path):
+    from factorcl.compare import compare
+
+    out = tmp_path / "cmp"
+    with pytest.raises(T.TrainError, match="needs probe=True"):
+        compare(_cfg("simclr", probe=False), lambda seed: _data(seed=seed), str(out),
+                models=("simclr",), log=lambda msg: None)
+    assert not out.exists()  # nothing was trained
+
+
+def test_compare_summary_of_one_and_of_several_seeds(tmp_path):
+    from factorcl.compare import bar_chart, compare
+
+    cfg = _cfg("simclr", epochs=1, probe=True)
+    one = compare(cfg, lambda seed: _data(seed=seed), str(tmp_path / "one"), models=("simclr",),
+                  log=lambda msg: None)
+    m = json.loads((tmp_path / "one" / "compare.json").read_text())["models"]["simclr"]
+    assert m["probe_accuracy_std"] is None and all(std is None for _, std in m["parts"].values())
+    assert "±" not in one["table"]
+    assert (tmp_path / "one" / "compare.png").stat().st_size > 1000
+    # each seed draws its own data, so its own chance accuracy: the summary has their mean
+    many = compare(cfg, lambda seed: _data(seed=seed), str(tmp_path / "many"),
+                   models=("simclr", "supcon"), seeds=(0, 1), log=lambda msg: None)
+    chances = [json.loads((tmp_path / "many" / f"simclr-seed{s}" / "metrics.json").read_text())
+               ["chance_accuracy"] for s in (0, 1)]
+    assert chances[0] != chances[1]
+    for m in many["models"].values():
+        assert m["chance_accuracy"] == pytest.approx(sum(chances) / 2)
+        assert m["probe_accuracy_std"] is not None
+    assert "±" in many["table"]
+    bar_chart(many, str(tmp_path / "many.png"))
+    assert (tmp_path / "many.png").stat().st_size > 1000
+
+
+def test_bar_chart_leaves_matplotlib_as_it_was(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from factorcl.compare import bar_chart
+
+    before = matplotlib.get_backend()
+    summary = {"seeds": [0], "models": {"simclr": {
+        "label": "SimCLR", "probe_accuracy": 0.9, "probe_accuracy_std": None,
+        "chance_accuracy": 0.5}}}
+    matplotlib.use("svg")  # a caller's backend and figure
+    try:
+        fig = plt.figure()
+        bar_chart(summary, str(tmp_path / "c.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == [fig.number]
+        plt.close(fig)
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert os.listdir(tmp_path) == ["c.png"]
+
+
+def _interrupt_json_after_some_output(monkeypatch):
+    """Every JSON encoding writes a little and is then interrupted (a Ctrl-C mid-write)."""
+    import json.encoder
+
+    real = json.encoder.JSONEncoder.iterencode
+
+    def interrupted(self, o, *args, **kw):
+        chunks = real(self, o, *args, **kw)
+        for _ in range(3):
+            yield next(chunks)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json.encoder.JSONEncoder, "iterencode", interrupted)
+
+
+def test_summaries_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from factorcl.compare import compare
+
+    # compare.json and compare.md
+    cfg = _cfg("simclr", epochs=1, probe=True)
+    out = tmp_path / "cmp"
+    compare(cfg, lambda seed: _data(seed=seed), str(out), models=("simclr",),
+            log=lambda msg: None)
+    before = {name: (out / name).read_bytes() for name in ("compare.json", "compare.md")}
+    with monkeypatch.context() as m:
+        _interrupt_json_after_some_output(m)
+        with pytest.raises(KeyboardInterrupt):  # the same command again, interrupted
+            compare(cfg, lambda seed: _data(seed=seed), str(out), models=("simclr",),
+                    log=lambda msg: None)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "compare.png", "simclr-seed0"]
+    # metrics.json: a finished run evaluated again (--resume), interrupted as it is written
+    run = out / "simclr-seed0"
+    before = (run / "metrics.json").read_bytes()
+    with monkeypatch.context() as m:
+        _interrupt_json_after_some_output(m)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(_cfg("simclr", epochs=1, probe=True), _data(), str(run),
+                    resume=str(run / "checkpoint.pt"))
+    assert (run / "metrics.json").read_bytes() == before
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "metrics.json", "metrics.jsonl"]
+    # the files get the permissions an ordinary open() gives, not a temporary file's 0600
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (run / "metrics.json", out / "compare.json", run / "checkpoint.pt"):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def _without(monkeypatch, package: str) -> None:
+    """As if ``package`` were not installed (None in sys.modules refuses its import)."""
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, package, None)
+
+
+def test_cli_without_scikit_learn_fails_before_training(tmp_path, capsys, monkeypatch):
+    _without(monkeypatch, "sklearn")
+    out = tmp_path / "run"
+    for argv in (["train", "--model", "simclr", *TINY_BASELINE],
+                 ["compare", "--models", "simclr", *TINY_BASELINE]):
+        code = cli.main([*argv, "--epochs", "1", "--backend", "reference", "--out", str(out)])
+        _one_line_error(capsys, code, "pip install scikit-learn")
+        assert not out.exists()  # before any data is loaded or anything trained
+    # --no-probe needs no scikit-learn
+    assert cli.main(["train", "--model", "simclr", *TINY_BASELINE, "--epochs", "1",
+                     "--backend", "reference", "--out", str(out), "--no-probe"]) == 0
+
+
+def test_cli_compare_without_matplotlib_skips_the_chart(tmp_path, capsys, monkeypatch):
+    _without(monkeypatch, "matplotlib")
+    out = tmp_path / "cmp"
+    code = cli.main(["compare", "--models", "simclr", *TINY_BASELINE, "--epochs", "1",
+                     "--backend", "reference", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "| SimCLR |" in captured.out  # the table
+    warning = [line for line in captured.err.splitlines() if "matplotlib" in line]
+    assert len(warning) == 1 and "pip install matplotlib" in warning[0], captured.err
+    wrote = captured.err.strip().splitlines()[-1]
+    assert "wrote" in wrote and "compare.png" not in wrote, wrote
+    assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "simclr-seed0"]

@@ -276,11 +276,26 @@ def _preflight(backend: str, device_name: str, deterministic: bool = False) -> s
     return resolved
 
 
+def _require_scikit_learn(command: str) -> None:
+    """The linear probe's scikit-learn (an optional extra), checked before any data is loaded or
+    anything trained: without it the probe failed only after all the training."""
+    try:
+        import sklearn.linear_model  # noqa: F401
+        import sklearn.preprocessing  # noqa: F401
+    except ImportError as exc:
+        skip = ", or pass --no-probe" if command == "train" else ""
+        raise _usage(f"the linear probe needs scikit-learn, which cannot be imported here ({exc}); "
+                     f"pip install scikit-learn (or the trainer's extra: pip install "
+                     f"'factorcl-ext[train]'){skip}") from None
+
+
 def _cmd_train(args, log) -> int:
     from .distributed import init_from_env
     from .train import METRICS_FILE, resolve_device, train
 
     _check_model_flags(args, [args.model])
+    if not args.no_probe:
+        _require_scikit_learn("train")
     _preflight(args.backend, args.device, args.deterministic)
     device = resolve_device(args.device)
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -339,6 +354,7 @@ def _cmd_compare(args, log) -> int:
             raise _usage(f"{name} repeats {', '.join(map(str, repeated))}: each is run once")
     _check_dataset_flags(args)  # before any run (the data itself loads per seed)
     _check_model_flags(args, args.models)
+    _require_scikit_learn("compare")  # the table is the probe's (matplotlib: see compare)
     _preflight(args.backend, args.device, args.deterministic)
     cfg = _train_config(args, args.models[0], args.seeds[0])
     cfg.validate()  # before --out is created
@@ -351,7 +367,8 @@ def _cmd_compare(args, log) -> int:
               "run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(res["table"])
-    log(f"[compare] wrote {os.path.join(args.out, 'compare.md')}, compare.png, compare.json")
+    chart = ", compare.png" if os.path.exists(os.path.join(args.out, "compare.png")) else ""
+    log(f"[compare] wrote {os.path.join(args.out, 'compare.md')}{chart}, compare.json")
     return 0
 
 

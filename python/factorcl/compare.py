@@ -11,11 +11,19 @@ import copy
 import json
 import os
 import statistics
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import data as D
 from .models import MODELS
-from .train import METRICS_FILE, TrainConfig, make_out_dir, previous_run, train
+from .train import (
+    METRICS_FILE,
+    TrainConfig,
+    TrainError,
+    make_out_dir,
+    previous_run,
+    train,
+    write_atomically,
+)
 
 __all__ = ["compare", "markdown_table", "bar_chart"]
 
@@ -23,10 +31,17 @@ _LABELS = {"factorcl-sup": "FactorCL-SUP", "factorcl-ssl": "FactorCL-SSL", "simc
            "supcon": "SupCon"}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """The mean and the sample standard deviation; the std is None (``null``) for one value,
+    which has none."""
     if len(values) == 1:
-        return values[0], 0.0
+        return values[0], None
     return statistics.fmean(values), statistics.stdev(values)
+
+
+def _write_text(path: str, text: str) -> None:
+    """``text`` to ``path`` atomically: an interrupt leaves the old file or the new one."""
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir: str,
@@ -35,7 +50,12 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
     """Train every model in ``models`` for every seed (``make_data(seed)`` gives that seed's data)
     with the settings of ``cfg``; returns and writes the summary. The runs already in ``out_dir``
     with the same settings are reused (finished) or continued (interrupted) unless
-    ``overwrite``; a run there with other settings is an error."""
+    ``overwrite``; a run there with other settings is an error. ``cfg.probe`` must be set: the
+    summary is the linear probe's accuracy. The chart needs matplotlib: without it
+    ``compare.png`` is skipped (an older one removed) and ``log`` says so."""
+    if not cfg.probe:
+        raise TrainError("compare tabulates the linear probe's accuracy: it needs probe=True "
+                         "(the evaluation that probe=False skips)")
     make_out_dir(out_dir)
     if overwrite:  # the old summary goes now: it must not outlive a failed run
         for name in ("compare.json", "compare.md", "compare.png"):
@@ -75,14 +95,23 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
             "label": _LABELS[m], "probe_accuracy": mean, "probe_accuracy_std": std,
             "per_seed": acc, "parts": parts, "steps": rs[0]["steps"],
             "seconds": statistics.fmean(r["seconds"] for r in rs),
-            "backend": rs[0]["backend"], "chance_accuracy": rs[0]["chance_accuracy"],
+            "backend": rs[0]["backend"],
+            # each seed has its own data (synthetic data is drawn per seed), so its own chance
+            # accuracy: the mean over the seeds, the same for every model (they share the data)
+            "chance_accuracy": statistics.fmean(r["chance_accuracy"] for r in rs),
         }
     summary["table"] = markdown_table(summary)
-    with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-        f.write(summary["table"] + "\n")
-    bar_chart(summary, os.path.join(out_dir, "compare.png"))
+    _write_text(os.path.join(out_dir, "compare.json"), json.dumps(summary, indent=2))
+    _write_text(os.path.join(out_dir, "compare.md"), summary["table"] + "\n")
+    png = os.path.join(out_dir, "compare.png")
+    try:
+        bar_chart(summary, png)
+    except ImportError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(png)  # an older chart would not show these numbers
+        log(f"[compare] warning: no compare.png: the chart needs matplotlib, which cannot be "
+            f"imported here ({exc}); pip install matplotlib (or the trainer's extra: pip install "
+            f"'factorcl-ext[train]') and run the same command again to draw it")
     return summary
 
 
@@ -94,7 +123,7 @@ def markdown_table(summary: dict) -> str:
     lines = [head, "|---|---|---|---|---|---|"]
     for m in summary["models"].values():
         acc = f"{100 * m['probe_accuracy']:.1f}"
-        if len(seeds) > 1:
+        if m["probe_accuracy_std"] is not None:  # None for one seed
             acc += f" ± {100 * m['probe_accuracy_std']:.1f}"
         parts = " · ".join(f"{k} {100 * v[0]:.1f}" for k, v in m["parts"].items())
         lines.append(f"| {m['label']} | {acc} | {parts} | {m['steps']} | {m['seconds']:.0f} | "
@@ -103,29 +132,34 @@ def markdown_table(summary: dict) -> str:
 
 
 def bar_chart(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The probe accuracies as a bar chart (error bars: the std over seeds, none for one seed),
+    written to ``path`` atomically. Drawn on its own Agg canvas: pyplot's figures and the
+    caller's matplotlib backend are left as they were. An ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     ms = list(summary["models"].values())
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    acc = [100 * m["probe_accuracy"] for m in ms]
+    std = [None if m["probe_accuracy_std"] is None else 100 * m["probe_accuracy_std"]
+           for m in ms]
+    fig = Figure(figsize=(6, 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     xs = range(len(ms))
-    ax.bar(xs, [100 * m["probe_accuracy"] for m in ms],
-           yerr=[100 * m["probe_accuracy_std"] for m in ms], capsize=4,
+    yerr = None if all(s is None for s in std) else [s or 0.0 for s in std]
+    ax.bar(xs, acc, yerr=yerr, capsize=4,
            color=["#3b6ea8", "#6d9fd6", "#c27c3a", "#e0a96d"][:len(ms)])
+    # the same for every model (the mean over the seeds' data, which all models share)
     chance = 100 * ms[0]["chance_accuracy"]
     ax.axhline(chance, color="grey", ls="--", lw=1, label=f"chance ({chance:.0f}%)")
     ax.set_xticks(list(xs), [m["label"] for m in ms])
-    lo = min(100 * m["probe_accuracy"] - 100 * m["probe_accuracy_std"] for m in ms)
+    lo = min(a - (s or 0.0) for a, s in zip(acc, std))
     ax.set_ylim(max(0.0, min(chance, lo) - 5), 100)
     ax.set_ylabel("linear-probe test accuracy (%)")
     n = len(summary["seeds"])
     ax.set_title(f"Linear probe on frozen representations ({n} seed{'s' if n > 1 else ''})")
     ax.legend(loc="lower right", fontsize=8)
-    for x, m in zip(xs, ms):
-        ax.text(x, 100 * m["probe_accuracy"] + 0.5, f"{100 * m['probe_accuracy']:.1f}",
-                ha="center", va="bottom", fontsize=8)
+    for x, a in zip(xs, acc):
+        ax.text(x, a + 0.5, f"{a:.1f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    write_atomically(path, lambda f: fig.savefig(f, format="png"))

@@ -184,12 +184,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def write_atomically(path: str, write) -> None:
     """``write(f)`` into a temporary file (binary) in ``path``'s directory, flushed to disk, then
     renamed over ``path``: a crash or Ctrl-C leaves the old file or the new one, never a torn
-    file. Used for checkpoints, the MI benchmark's results and ``factorcl embed``'s output."""
+    file. Used for checkpoints, metrics.json, compare's summary files, the MI benchmark's results
+    and ``factorcl embed``'s output. The file gets the permissions ``open(path, "w")`` would
+    give it (0666 less the umask), not the temporary file's 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX; a file system without modes keeps its own
+                with contextlib.suppress(OSError):
+                    os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -198,6 +203,13 @@ def write_atomically(path: str, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def make_out_dir(path: str, what: str = "--out") -> None:
@@ -667,8 +679,8 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
             return summary
         summary["eval_seconds"] = time.perf_counter() - t_eval
     out = {k: v for k, v in summary.items() if k != "model_ref"}
-    with open(metrics_path, "w") as f:
-        json.dump(out, f, indent=2)
+    text = json.dumps(out, indent=2)
+    write_atomically(metrics_path, lambda f: f.write(text.encode("utf-8")))
     return summary
 
 
