@@ -38,8 +38,10 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--sep-dim", type=int, default=512)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--backends", nargs="+", default=["cuda", "triton"],
-                   choices=["cuda", "triton", "triton_det", "triton_dwslots", "triton_dotfused"])
+    p.add_argument("--backends", nargs="+", default=None,
+                   choices=["cuda", "triton", "triton_det", "triton_dwslots", "triton_dotfused"],
+                   help="default: cuda (where built) and triton; one named here that this "
+                        "build lacks stops the script (exit 2)")
     p.add_argument("--no-autotune", action="store_true",
                    help="Triton: the fixed tile configuration (FACTORCL_TRITON_AUTOTUNE=0)")
     args = p.parse_args(argv)
@@ -52,11 +54,26 @@ def main(argv=None) -> None:
 
     import gpu_bench as gb
 
+    info = factorcl_ext.build_info()
+    if args.backends is None:
+        for b in ("cuda", "triton"):
+            if gb.unavailable(b, info):
+                print(f"# note: {b} left out of the default backends: {gb.unavailable(b, info)}")
+        backends = [b for b in ("cuda", "triton") if gb.unavailable(b, info) is None]
+    else:
+        bad = [f"--backends {b} is not available: {gb.unavailable(b, info)}"
+               for b in dict.fromkeys(args.backends) if gb.unavailable(b, info) is not None]
+        if bad:  # asked for by name: never dropped silently
+            print("profile_kernels.py: " + "; ".join(bad) + " (nothing was profiled)",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        backends = list(dict.fromkeys(args.backends))
+    if not backends:
+        print("profile_kernels.py: no backend to profile", file=sys.stderr)
+        raise SystemExit(2)
     if not torch.cuda.is_available():
         sys.exit("profile_kernels.py needs a CUDA device")
     dtype = gb.DTYPES[args.dtype]
-    backends = [b for b in args.backends
-                if b != "cuda" or factorcl_ext.build_info()["cuda_kernels"]]
     steps = []
     for backend in backends:
         if args.n and backend != "triton_dotfused":

@@ -8,9 +8,11 @@
 
 On a GPU it times variants of ``mlp_bwd_kernel`` that leave one stage out or change how it is
 done (device/METHOD.md: "time variants that leave one stage out ... and take differences"), for
-each tile configuration of the device's list, with ``triton.testing.do_bench`` (median), and
-prints a table: milliseconds, the backward's useful TFLOP/s (4*L*H^2 per pair, DESIGN.md's
-count: forward+backward 6*L*H^2 less the forward's 2*L*H^2) and the difference to ``full``.
+each tile configuration of the device's list, with ``time_median`` (the median by
+``triton.testing.do_bench``'s method, the backward's accumulation buffers zeroed before each run
+outside the timed region), and prints a table: milliseconds, the backward's useful TFLOP/s
+(4*L*H^2 per pair, DESIGN.md's count: forward+backward 6*L*H^2 less the forward's 2*L*H^2) and
+the difference to ``full``. Exit status 1 when a (configuration, variant) failed.
 
 Variants (edits of factorcl_ext/triton/_mlp_kernels.py made here, in a temporary module; the
 package's kernel is not touched; each edit names the exact text it replaces and fails loudly if
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -198,26 +201,67 @@ def launcher(mod, variant: str, a: "ops._MlpArgs", cfg, slots: int):
         def launch_bwd(grid, args, kwargs):
             mod.mlp_bwd_kernel[grid](*args, **kwargs, **tile)
 
-        def run():
-            for b in bufs:
-                b.zero_()
-            dws = ops._mlp_row_pass_chunked(a, lse, grads, bufs, a.bwd_constexprs() | dict(
+        def launch():
+            return ops._mlp_row_pass_chunked(a, lse, grads, bufs, a.bwd_constexprs() | dict(
                 COL_PASS=False, ATOMIC_DB=True), False, 1, launch_bwd)
-            return [*bufs[:2], torch.stack(dws)[None], *bufs[3:]], lse, grads
-        return run
+        return _with_reset(bufs, launch, lambda dws: (
+            [*bufs[:2], torch.stack(dws)[None], *bufs[3:]], lse, grads))
     z, zps, zls = a.scratch(G, L)
     kw["DW_CHUNK"] = False
     if variant == "dw_atomic_slots":
         kw["DW_SLOTS"] = slots
 
-    def run():
-        for b in bufs:
-            b.zero_()
+    def launch():
         mod.mlp_bwd_kernel[(G,)](a.A, a.B, a.W, a.Bias, a.w_out, a.b_out, z, z, lse, *grads,
                                  *bufs, a.scale, N, M, H, a.pos_offset, zps, zls, 0, N, 0, M, 0,
                                  **kw)
-        return bufs, lse, grads
+    return _with_reset(bufs, launch, lambda _: (bufs, lse, grads))
+
+
+def _with_reset(bufs, launch, result):
+    """``run()``: zero the accumulation buffers, launch, return ``result(launch's value)``.
+    ``run.reset`` and ``run.launch`` apart, so that a timer zeroes outside its timed region
+    (time_median); the forward launchers have no ``reset``."""
+    def reset():
+        for b in bufs:
+            b.zero_()
+
+    def run():
+        reset()
+        return result(launch())
+    run.reset, run.launch = reset, launch
     return run
+
+
+def time_median(fn, warmup_ms: float = 100, rep_ms: float = 500, device: str = "cuda") -> float:
+    """Median milliseconds of ``fn.launch()`` (or ``fn()``) by CUDA events: the method of
+    ``triton.testing.do_bench(fn, warmup, rep, return_mode="median")`` (L2 flushed before each
+    run), with ``fn.reset()`` (zeroing the output buffers) before each run, outside the events:
+    do_bench would time the zeroing as part of the kernel."""
+    reset = getattr(fn, "reset", lambda: None)
+    launch = getattr(fn, "launch", fn)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # the L2 flush
+
+    def timed(k):
+        times = []
+        for _ in range(k):
+            reset()
+            flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            launch()
+            end.record()
+            times.append((start, end))
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in times]
+
+    reset()
+    launch()  # compilation and autotuning, outside the estimate (as do_bench)
+    torch.cuda.synchronize()
+    estimate = statistics.median(timed(5))
+    timed(max(1, int(warmup_ms / max(estimate, 1e-3))))
+    return statistics.median(timed(max(1, int(rep_ms / max(estimate, 1e-3)))))
 
 
 def dot_launcher(mod, variant: str, a: "ops._DotArgs", cfg):
@@ -240,12 +284,9 @@ def dot_launcher(mod, variant: str, a: "ops._DotArgs", cfg):
     scale, inv = ops._ds_scale(a, grads)  # 16-bit: the buffers hold the gradients times scale
     kw.update(COL_PASS=False, ATOMIC_DH=variant != "no_dh_atomic", SCALED=inv is not None)
 
-    def run():
-        for b in bufs:
-            b.zero_()
+    def launch():
         mod.dot_bwd_kernel[(G,)](a.G, a.H, lse, *grads, *bufs, scale, *a.head(), **kw)
-        return bufs, lse, grads
-    return run
+    return _with_reset(bufs, launch, lambda _: (bufs, lse, grads))
 
 
 def check_separable(tmp: Path) -> None:
@@ -418,10 +459,9 @@ def main(argv=None) -> None:
             return
         if not torch.cuda.is_available() or _config.INTERPRETED:
             raise SystemExit("timing needs a GPU (use --check under TRITON_INTERPRET=1)")
-        from triton.testing import do_bench
-
-        table(args, tmp, lambda fn: do_bench(fn, warmup=100, rep=500, return_mode="median"),
-              "cuda")
+        failed = table(args, tmp, time_median, "cuda")
+        if failed:
+            raise SystemExit(f"{failed} (configuration, variant) timings failed (see the table)")
 
 
 if __name__ == "__main__":
