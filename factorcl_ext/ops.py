@@ -139,7 +139,8 @@ def _check_rows_cols(rows_name: str, rows: Tensor, cols_name: str, cols: Tensor)
 
 
 def _check_pair_mlp(
-    A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos_offset
+    A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation, pos_offset,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
 ):
     _check_tensor("A", A, 2)
     _check_tensor("B", B, 2)
@@ -176,12 +177,13 @@ def _check_pair_mlp(
     named += [(f"hidden_weights[{i}]", w) for i, w in enumerate(hidden_weights)]
     named += [(f"hidden_biases[{i}]", b) for i, b in enumerate(hidden_biases)]
     named += [("w_out", w_out), ("b_out", b_out)]
-    device, _ = _check_same(named)
+    device, _ = _check_same(named, dtypes)
     pos_offset = _check_offset("pos_offset", pos_offset, n, m)
     return device, pos_offset
 
 
-def _check_pair_dot(G, H, pos_offset, exclude_offset):
+def _check_pair_dot(G, H, pos_offset, exclude_offset,
+                    dtypes: Optional[Sequence[torch.dtype]] = None):
     _check_tensor("g", G, 2)
     _check_tensor("h", H, 2)
     n, m = _check_rows_cols("g", G, "h", H)
@@ -189,7 +191,7 @@ def _check_pair_dot(G, H, pos_offset, exclude_offset):
         raise ValueError(
             f"g has shape {tuple(G.shape)} and h {tuple(H.shape)}: embedding widths must agree"
         )
-    device, _ = _check_same([("g", G), ("h", H)])
+    device, _ = _check_same([("g", G), ("h", H)], dtypes)
     pos_offset = _check_offset("pos_offset", pos_offset, n, m)
     exclude_offset = _check_offset("exclude_offset", exclude_offset, n, m)
     if m == 1 and exclude_offset is not None:

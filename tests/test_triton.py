@@ -1122,19 +1122,58 @@ def test_pair_mlp_backward_kernel_past_2_31_elements(side):
     assert_rel_close(dBout[0], expected[3], 1e-5, "db_out")
 
 
-def test_row_counts_of_2_31_are_refused():
-    """Rows and columns are numbered in 32 bits in the kernels: 2^31 of them is an error, not a
-    wrapped index (a stride-0 view: nothing allocated)."""
+def test_direct_op_calls_are_checked():
+    """The Triton ops check their arguments themselves, as the C++ ops do: called through
+    torch.ops (skipping factorcl_ext.ops' checks), an offset out of range (2^63 - 1, -1, N +
+    offset > M), a short w_out or lse, an unknown activation or integer gradients gave garbage
+    or read past a buffer's end."""
+    f = torch.ops.factorcl
+    A, B, W, b, w_out, b_out = mlp_inputs(5, 7, 6, 1)
+    core = (A, B, W, b, w_out, b_out)
+    G, H = torch.randn(5, 3, dtype=torch.float64, device=DEVICE), torch.randn(
+        7, 3, dtype=torch.float64, device=DEVICE)
+    for off in (2**63 - 1, -1, 3):
+        with pytest.raises(ValueError, match=f"pos_offset={off} is out of range"):
+            f.triton_pair_mlp_stats(*core, "relu", "none", off, False)
+        with pytest.raises(ValueError, match=f"pos_offset={off} is out of range"):
+            f.triton_pair_dot_stats(G, H, off, None, False)
+        with pytest.raises(ValueError, match=f"exclude_offset={off} is out of range"):
+            f.triton_pair_dot_loss(G, H, None, off, 1.0, 0.0, 0.0, True, False)
+    with pytest.raises(ValueError, match="exclude_offset with a single column"):
+        f.triton_pair_dot_stats(G[:1], H[:1], None, 0, False)
+    with pytest.raises(ValueError, match=r"w_out must have shape \(6,\)"):
+        f.triton_pair_mlp_stats(A, B, W, b, w_out[:3], b_out, "relu", "none", 0, False)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        f.triton_pair_mlp_stats(*core, "gelu", "none", 0, False)
+    with pytest.raises(ValueError, match="empty batch"):
+        f.triton_pair_dot_stats(G, H[:0], None, None, False)
+    lse = f.triton_pair_dot_stats(G, H, 0, None, False)[0]
+    g = torch.ones(5, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"lse must have shape \(5,\), got \(1,\)"):
+        f.triton_pair_dot_stats_backward(g, g, g, G, H, lse[:1], 0, None, False)
+    with pytest.raises(TypeError, match="grad_pos must be floating point, got dtype torch.int64"):
+        f.triton_pair_dot_stats_backward(g, g.long(), g, G, H, lse, 0, None, False)
+    lse = f.triton_pair_mlp_stats(*core, "relu", "none", 0, False)[0]
+    with pytest.raises(TypeError, match="grad_lse must be floating point, got dtype torch.compl"):
+        f.triton_pair_mlp_stats_backward(g.to(torch.complex128), g, g, *core, lse, "relu",
+                                         "none", 0, False)
+
+
+def test_row_counts_near_2_31_are_refused():
+    """Rows and columns are numbered in 32 bits in the kernels, where a count plus a tile size
+    must not wrap (tl.cdiv(2^31 - 1, 256) was negative): counts above 2^31 - 2^16 are an error,
+    not a wrapped index (stride-0 views: nothing allocated)."""
     from factorcl_ext.triton import ops as tops
 
     x = torch.randn(1, 2, device=DEVICE)
-    many = x.expand(2**31, 2)
-    for rows, cols in ((many, x), (x, many)):
-        with pytest.raises(ValueError, match="fewer than 2\\^31 rows"):
-            tops._DotArgs(rows, cols, None, None, False)
-        with pytest.raises(ValueError, match="fewer than 2\\^31 rows"):
-            tops._MlpArgs(rows, cols, [], [], x[0], x[0, 0], "relu", "none", None, False)
-    tops._check_row_counts(2**31 - 1, 2**31 - 1)  # the largest counts taken
+    for count in (2**31, 2**31 - 1, tops.MAX_ROWS + 1):
+        many = x.expand(count, 2)
+        for rows, cols in ((many, x), (x, many)):
+            with pytest.raises(ValueError, match="at most 2\\^31 - 2\\^16 rows"):
+                tops._DotArgs(rows, cols, None, None, False)
+            with pytest.raises(ValueError, match="at most 2\\^31 - 2\\^16 rows"):
+                tops._MlpArgs(rows, cols, [], [], x[0], x[0, 0], "relu", "none", None, False)
+    tops._check_row_counts(tops.MAX_ROWS, tops.MAX_ROWS)  # the largest counts taken
 
 
 def test_pair_dot_score_kernel_past_2_31_elements():

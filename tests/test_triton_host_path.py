@@ -205,3 +205,16 @@ def test_float32_dot_precision_from_either_precision_api():
     finally:
         torch.backends.cuda.matmul.fp32_precision = old_new
         torch.set_float32_matmul_precision(old_legacy)
+
+
+def test_mode_switches_are_read_as_the_boolean_flags(monkeypatch):
+    """FACTORCL_TRITON_DW / _DOT_BWD take their mode names whatever the case and spaces, and an
+    empty value is unset, as the boolean switches (it raised "got ''" at import)."""
+    from factorcl_ext.triton import _config
+
+    for raw, want in (("", "a"), ("  ", "a"), (" B ", "b"), ("A", "a")):
+        monkeypatch.setenv("FACTORCL_TEST_MODE", raw)
+        assert _config._Mode("FACTORCL_TEST_MODE", ("a", "b")).value == want, raw
+    monkeypatch.setenv("FACTORCL_TEST_MODE", "c")
+    with pytest.raises(ValueError, match="FACTORCL_TEST_MODE must be one of"):
+        _config._Mode("FACTORCL_TEST_MODE", ("a", "b"))

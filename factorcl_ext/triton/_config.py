@@ -161,7 +161,8 @@ class _Mode:
 
     def __init__(self, env: str, modes: tuple[str, ...]):
         self.env, self.modes = env, modes
-        self.value = os.environ.get(env, modes[0])
+        # read as env_flag reads the boolean switches: case and spaces aside, empty is unset
+        self.value = os.environ.get(env, "").strip().lower() or modes[0]
         if self.value not in modes:
             raise ValueError(f"{env} must be one of {modes}, got {self.value!r}")
 

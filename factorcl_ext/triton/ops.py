@@ -103,11 +103,49 @@ def _needs_i64(elements: int) -> bool:
     return elements > 2**31
 
 
+# The kernels number rows and columns in 32 bits (program ids times tile sizes, tl.cdiv(N, BI) =
+# (N + BI - 1) // BI, i0 + BI <= N): 2^16 below 2^31 keeps every such sum of a count and a tile
+# (or chunk) size in range (tl.cdiv(2^31 - 1, 256) was -8388607).
+MAX_ROWS = 2**31 - 2**16
+
+
 def _check_row_counts(N: int, M: int) -> None:
-    """The kernels number rows and columns in 32 bits (program ids times tile sizes)."""
-    if max(N, M) >= 2**31:
-        raise ValueError(f"the triton backend takes fewer than 2^31 rows and columns, got "
-                         f"N = {N}, M = {M}")
+    if max(N, M) > MAX_ROWS:
+        raise ValueError(f"the triton backend takes at most 2^31 - 2^16 rows and columns (its "
+                         f"kernels number them in 32 bits), got N = {N}, M = {M}")
+
+
+def _check_mlp_call(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                    out_activation, pos_offset) -> None:
+    """The public op's checks again at each registered op, as the C++ ops repeat theirs (a direct
+    torch.ops call with an offset out of range, a short w_out or an unknown activation got
+    garbage); 16-bit inputs are the kernels' own (the public API takes them on GPUs only)."""
+    from ..ops import _GPU_DTYPES, _check_pair_mlp
+
+    _check_pair_mlp(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                    out_activation, pos_offset, _GPU_DTYPES)
+
+
+def _check_dot_call(G, H, pos_offset, exclude_offset) -> None:
+    """As :func:`_check_mlp_call`, for the separable critic's ops."""
+    from ..ops import _GPU_DTYPES, _check_pair_dot
+
+    _check_pair_dot(G, H, pos_offset, exclude_offset, _GPU_DTYPES)
+
+
+def _check_row_vectors(n: int, like: Tensor, *named: tuple[str, Tensor]) -> None:
+    """The backward's per-row inputs (upstream gradients, lse): floating [n] tensors on the
+    inputs' device (a second line behind factorcl_ext.ops, as the C++ ops check theirs: a direct
+    torch.ops call got integer gradients converted and short ones read past their end)."""
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the inputs are on {like.device}")
 
 
 def _deterministic(requested: bool) -> bool:
@@ -166,8 +204,8 @@ class _MlpArgs:
 
     def __init__(self, A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
                  out_activation, pos_offset, deterministic):
-        # the callers' tensors: gradients take their layouts
         _check_row_counts(A.shape[0], B.shape[0])
+        # the callers' tensors: gradients take their layouts
         self.src = (A, B, list(hidden_weights), list(hidden_biases), w_out, b_out)
         self.A = A.contiguous()
         self.B = B.contiguous()
@@ -400,6 +438,8 @@ def pair_mlp_stats(A: Tensor, B: Tensor, hidden_weights: list[Tensor],
                    out_activation: str, pos_offset: Optional[int], deterministic: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, pos, rowsum) of the concat critic on A [N, H], B [M, H]; see factorcl_ext.ops."""
+    _check_mlp_call(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                    out_activation, pos_offset)
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset, deterministic)
     return _mlp_forward(a)
@@ -412,8 +452,12 @@ def pair_mlp_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
                             lse: Tensor, activation: str, out_activation: str,
                             pos_offset: Optional[int], deterministic: bool
                             ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
+    _check_mlp_call(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                    out_activation, pos_offset)
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset, deterministic)
+    _check_row_vectors(a.N, A, ("grad_lse", grad_lse), ("grad_pos", grad_pos),
+                       ("grad_rowsum", grad_rowsum), ("lse", lse))
     return _mlp_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
@@ -423,6 +467,8 @@ def pair_mlp_loss(A: Tensor, B: Tensor, hidden_weights: list[Tensor], hidden_bia
                   pos_offset: Optional[int], c_lse: Number, c_pos: Number, c_rowsum: Number,
                   compute_grad: bool, deterministic: bool
                   ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
+    _check_mlp_call(A, B, hidden_weights, hidden_biases, w_out, b_out, activation,
+                    out_activation, pos_offset)
     a = _MlpArgs(A, B, hidden_weights, hidden_biases, w_out, b_out, activation, out_activation,
                  pos_offset, deterministic)
     lse, pos, rowsum = _mlp_forward(a)
@@ -591,6 +637,7 @@ def pair_dot_stats(G: Tensor, H: Tensor, pos_offset: Optional[int],
                    exclude_offset: Optional[int], deterministic: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(lse, pos, rowsum) of s = G H^T; see factorcl_ext.ops.pair_dot_stats."""
+    _check_dot_call(G, H, pos_offset, exclude_offset)
     return _dot_forward(_DotArgs(G, H, pos_offset, exclude_offset, deterministic))
 
 
@@ -599,7 +646,10 @@ def pair_dot_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
                             H: Tensor, lse: Tensor, pos_offset: Optional[int],
                             exclude_offset: Optional[int], deterministic: bool
                             ) -> tuple[Tensor, Tensor]:
+    _check_dot_call(G, H, pos_offset, exclude_offset)
     a = _DotArgs(G, H, pos_offset, exclude_offset, deterministic)
+    _check_row_vectors(a.N, G, ("grad_lse", grad_lse), ("grad_pos", grad_pos),
+                       ("grad_rowsum", grad_rowsum), ("lse", lse))
     return _dot_backward(a, lse, grad_lse, grad_pos, grad_rowsum)
 
 
@@ -607,6 +657,7 @@ def pair_dot_stats_backward(grad_lse: Tensor, grad_pos: Tensor, grad_rowsum: Ten
 def pair_dot_loss(G: Tensor, H: Tensor, pos_offset: Optional[int], exclude_offset: Optional[int],
                   c_lse: Number, c_pos: Number, c_rowsum: Number, compute_grad: bool,
                   deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    _check_dot_call(G, H, pos_offset, exclude_offset)
     a = _DotArgs(G, H, pos_offset, exclude_offset, deterministic)
     lse, pos, rowsum = _dot_forward(a)
     loss = (c_lse * lse + c_pos * pos + c_rowsum * rowsum).sum()
