@@ -16,7 +16,6 @@ The MI estimates are None (``null`` in metrics.json) when a split is too small f
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -136,10 +135,10 @@ def infonce_mi_probe(a_train: Tensor, b_train: Tensor, a_test: Tensor, b_test: T
     Gaussians); clipping would hide that and bias averages over seeds or runs upward.
 
     Both sides are standardised with the training pairs' mean and std. The critic runs on
-    ``device`` with ``backend`` (a GPU backend needs a CUDA ``device``); its initialisation,
-    batches and orders come from local generators seeded by ``seed``, so the caller's global
-    random state is left as it was. None when either split has fewer than 2 pairs (no
-    standardisation, no negatives)."""
+    ``device`` with ``backend`` (a GPU backend needs a CUDA ``device``); its initialisation
+    (in a fork of the global generator), batches and orders are seeded by ``seed``, so the
+    caller's global random state is left as it was. None when either split has fewer than 2
+    pairs (no standardisation, no negatives)."""
     from factorcl_ext.nn import FusedConcatCritic
 
     n_train, n_test = a_train.shape[0], a_test.shape[0]
@@ -154,19 +153,12 @@ def infonce_mi_probe(a_train: Tensor, b_train: Tensor, a_test: Tensor, b_test: T
 
     a_tr, b_tr = standardise(a_train, mu_a, sd_a), standardise(b_train, mu_b, sd_b)
     a_te, b_te = standardise(a_test, mu_a, sd_a), standardise(b_test, mu_b, sd_b)
-    # built on the meta device (no numbers drawn from the global generator), then initialised
-    # as nn.Linear does, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from a local generator
-    with torch.device("meta"):
+    # initialised as the trainer initialises its models (torch.manual_seed of a derived seed),
+    # in a fork of the global generator: the caller's random state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(D.derive_seed(seed, "mi-probe-init"))
         critic = FusedConcatCritic(a_tr.shape[1], b_tr.shape[1], hidden, layers=0,
                                    backend=backend, deterministic=deterministic)
-    critic = critic.to_empty(device="cpu")
-    g_init = D.make_generator(seed, "mi-probe-init")
-    with torch.no_grad():
-        for layer in critic.modules():
-            if isinstance(layer, torch.nn.Linear):
-                bound = 1.0 / math.sqrt(layer.in_features)
-                layer.weight.uniform_(-bound, bound, generator=g_init)
-                layer.bias.uniform_(-bound, bound, generator=g_init)
     critic = critic.to(device, torch.float32)
 
     def held_out_bound(a: Tensor, b: Tensor, order: Tensor) -> float:
