@@ -23,6 +23,7 @@ from .train import (
     previous_run,
     train,
     write_atomically,
+    write_text_atomically,
 )
 
 __all__ = ["compare", "markdown_table", "bar_chart"]
@@ -37,11 +38,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
     if len(values) == 1:
         return values[0], None
     return statistics.fmean(values), statistics.stdev(values)
-
-
-def _write_text(path: str, text: str) -> None:
-    """``text`` to ``path`` atomically: an interrupt leaves the old file or the new one."""
-    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir: str,
@@ -101,8 +97,8 @@ def compare(cfg: TrainConfig, make_data: Callable[[int], D.PairedData], out_dir:
             "chance_accuracy": statistics.fmean(r["chance_accuracy"] for r in rs),
         }
     summary["table"] = markdown_table(summary)
-    _write_text(os.path.join(out_dir, "compare.json"), json.dumps(summary, indent=2))
-    _write_text(os.path.join(out_dir, "compare.md"), summary["table"] + "\n")
+    write_text_atomically(os.path.join(out_dir, "compare.json"), json.dumps(summary, indent=2))
+    write_text_atomically(os.path.join(out_dir, "compare.md"), summary["table"] + "\n")
     png = os.path.join(out_dir, "compare.png")
     try:
         bar_chart(summary, png)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from factorcl_ext.nn import CLUBInfoNCECritic, InfoNCECritic
 
 from . import data as D
-from .train import MAX_LR, _progress_bar, make_out_dir, resolve_device, write_atomically
+from .train import MAX_LR, _progress_bar, make_out_dir, resolve_device, write_text_atomically
 
 __all__ = ["MIBenchConfig", "CLUBGaussian", "run_mi_bench", "run_large_batch", "ESTIMATORS",
            "STAIRCASE_FILE", "LARGE_BATCH_FILE", "check_previous_results"]
@@ -170,8 +170,7 @@ def _results_of_same_settings(cfg: MIBenchConfig, out_dir: str, name: str) -> Op
 def _write_json(path: str, out: dict) -> None:
     """Strict JSON: a non-finite number is an error here; the estimates are :func:`_finite`
     (null where an estimator diverged) before they get here."""
-    text = json.dumps(out, indent=1, allow_nan=False)
-    write_atomically(path, lambda f: f.write(text.encode()))
+    write_text_atomically(path, json.dumps(out, indent=1, allow_nan=False))
 
 
 def _finite(v) -> Optional[float]:

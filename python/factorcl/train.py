@@ -205,6 +205,11 @@ def write_atomically(path: str, write) -> None:
         raise
 
 
+def write_text_atomically(path: str, text: str) -> None:
+    """``text`` (UTF-8) to ``path`` through :func:`write_atomically`."""
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def _umask() -> int:
     """The process's umask (read by setting it and putting it back at once)."""
     mask = os.umask(0o022)
@@ -679,8 +684,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
             return summary
         summary["eval_seconds"] = time.perf_counter() - t_eval
     out = {k: v for k, v in summary.items() if k != "model_ref"}
-    text = json.dumps(out, indent=2)
-    write_atomically(metrics_path, lambda f: f.write(text.encode("utf-8")))
+    write_text_atomically(metrics_path, json.dumps(out, indent=2))
     return summary
 
 
