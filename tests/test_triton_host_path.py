@@ -218,3 +218,47 @@ def test_mode_switches_are_read_as_the_boolean_flags(monkeypatch):
     monkeypatch.setenv("FACTORCL_TEST_MODE", "c")
     with pytest.raises(ValueError, match="FACTORCL_TEST_MODE must be one of"):
         _config._Mode("FACTORCL_TEST_MODE", ("a", "b"))
+
+
+def test_launches_run_on_the_device_of_their_tensors(monkeypatch):
+    """Triton launches on the current device: an op on ``cuda:1`` tensors while ``cuda:0`` is
+    current must make device 1 current for its launches (and restore device 0 after). Here
+    ``torch.cuda``'s current device is a stand-in and the launch records it."""
+    from factorcl_ext.triton import ops
+
+    current = [0]
+
+    class DeviceGuard:
+        def __init__(self, device):
+            self.index = torch.device(device).index
+
+        def __enter__(self):
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    launched_on = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched_on.append(current[0])
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
+    monkeypatch.setattr(ops, "_launchable", lambda tuner: Kernel())
+
+    class OnGpu(torch.Tensor):  # a tensor that reports a CUDA device, with no storage
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise AssertionError(f"{func} called on a stand-in tensor")
+
+    def on(index):
+        return torch.Tensor._make_wrapper_subclass(OnGpu, (3,), dtype=torch.float32,
+                                                   device=torch.device("cuda", index))
+
+    tuners = {("family", False): None, ("family", True): None}
+    for args in [(7, on(1)), (on(0),), (torch.empty(2),), (on(1), on(1))]:
+        ops._launch(tuners, "family", (1,), args, {}, False)
+    assert launched_on == [1, 0, 0, 1]
+    assert current[0] == 0

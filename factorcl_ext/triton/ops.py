@@ -20,6 +20,7 @@ the recomputing backward with constant upstream gradients (c_lse, c_pos, c_rowsu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import custom_op, triton_op, wrap_triton
 from torch.types import Number
 
@@ -158,7 +160,19 @@ def _launch(tuners, family, grid, args, kwargs, deterministic: bool) -> None:
     if getattr(_tracing, "fake", False):
         return
     fixed = deterministic or not _config.AUTOTUNE
-    _launchable(tuners[family, fixed])[grid](*args, **kwargs)
+    with _on_device_of(next(a for a in args if isinstance(a, Tensor))):
+        _launchable(tuners[family, fixed])[grid](*args, **kwargs)
+
+
+def _on_device_of(t: Tensor):
+    """``t``'s GPU made the current device for a launch, where it is not already. Triton launches
+    on the current device and its current stream: tensors on ``cuda:1`` while ``cuda:0`` is
+    current would be read by a kernel on device 0, unordered with the work torch queued for them
+    on device 1 (the C++ ops hold a device guard for the same reason). Nothing to do for CPU
+    tensors (the interpreter) and fake ones (tracing: the compiled program guards its launches)."""
+    if t.device.type != "cuda" or is_fake(t) or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _launchable(tuner):
