@@ -235,6 +235,23 @@ def test_loss_small_matches_reference(N, M, H, L, act, out_act, pos_offset, dtyp
 
 
 # Bigger than the CPU kernel's default tiles (column-tiled strips, several strips and slots).
+def test_inputs_on_another_gpu_than_the_current_one(backend, device):
+    """The ops run on their inputs' GPU whichever device is current: the CUDA ops hold a device
+    guard, and the Triton ops make the inputs' device current for their launches (Triton launches
+    on the current device and stream)."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        pytest.skip("needs a GPU backend and two GPUs")
+    other = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        check_stats_against_reference(37, 53, 29, 1, "relu", "none", 0, torch.float64, backend,
+                                      other)
+        check_loss_against_reference(37, 53, 29, 2, "tanh", "softplus", 3, torch.float64,
+                                     backend, other)
+        out = run_stats(cast(make_core(5, 6, 7, 1), torch.float64, other), backend)
+        assert torch.cuda.current_device() == 0
+    assert all(x.device == other for x in out)
+
+
 LARGE = [
     pytest.param(9, 400, 128, 1, "relu", "none", 17, id="L1-relu"),
     pytest.param(40, 150, 48, 2, "tanh", "softplus", 3, id="L2-tanh"),

@@ -181,6 +181,18 @@ def _check_loss_and_grads(backend, g, h, temperature, normalize, pos_offset, exc
 # ---------------------------------------------------------------------------------------------
 
 
+def test_inputs_on_another_gpu_than_the_current_one(backend, device):
+    """The ops run on their inputs' GPU whichever device is current (see the concat critic's
+    test of the same name)."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        pytest.skip("needs a GPU backend and two GPUs")
+    other = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        _check_stats_and_grads(backend, *_inputs(37, 53, 29, other), True, 0, None, F64_TOL)
+        _check_loss_and_grads(backend, *_inputs(37, 53, 29, other), False, 3, 1, F64_TOL)
+        assert torch.cuda.current_device() == 0
+
+
 @pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
 @pytest.mark.parametrize("temperature", [0.5, "tensor"], ids=["tau-float", "tau-tensor"])
 @pytest.mark.parametrize("n,m,d,pos_offset,exclude_offset", CASES)

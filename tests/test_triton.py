@@ -1048,30 +1048,6 @@ def test_large_shapes_fp32():
     check_dot(3000, 3011, 384, torch.float32, 0.1, True, 0, None)
 
 
-@gpu_only
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_tensors_on_another_gpu_than_the_current_one():
-    """Triton launches on the current device and stream: the ops make their inputs' device
-    current (with cuda:0 current, a kernel on cuda:1 tensors would otherwise run on device 0,
-    unordered with device 1's stream). Values and gradients against the reference on cuda:1."""
-    dev = torch.device("cuda", 1)
-    n, m, h = MLP_SHAPES[0]
-    mlp_args = cast(mlp_inputs(n, m, h, 1, device=dev), torch.float64)
-    dot_args = [torch.randn(k, 64, dtype=torch.float64, device=dev, requires_grad=True)
-                for k in (n, m)]
-    runs = {}
-    with torch.cuda.device(0):
-        for backend in ("triton", "reference"):
-            mlp = mlp_stats(mlp_args, backend)
-            dot = factorcl_ext.separable_critic_stats(*dot_args, temperature=0.3, backend=backend)
-            loss = sum((s * (k + 1)).sum() for k, s in enumerate((*mlp, *dot)))
-            runs[backend] = (*mlp, *dot, *torch.autograd.grad(loss, flat(mlp_args) + dot_args))
-        assert torch.cuda.current_device() == 0
-    for k, (a, e) in enumerate(zip(runs["triton"], runs["reference"])):
-        assert a.device == dev
-        assert_rel_close(a, e, TOL[torch.float64], f"output {k}")
-
-
 # --------------------------------------------------------------------------------------------
 # operands of more than 2^31 elements
 # --------------------------------------------------------------------------------------------
