@@ -414,18 +414,20 @@ def unavailable(impl: str, info: dict):
     return None
 
 
-def resolve_impls(requested, info: dict) -> tuple[list[str], list[str]]:
-    """The implementations to time and notes to print. ``requested`` None: the default list less
-    what this build lacks (each noted); asked for by name, an unavailable one is a UsageError."""
+def resolve_impls(requested, info: dict, defaults=DEFAULT_IMPLS,
+                  flag: str = "--impls") -> tuple[list[str], list[str]]:
+    """The implementations to run and notes to print. ``requested`` None: ``defaults`` less what
+    this build lacks (each noted); asked for by name (with ``flag``), an unavailable one is a
+    UsageError. (profile_kernels.py's --backends too.)"""
     if requested is None:
-        impls = [i for i in DEFAULT_IMPLS if unavailable(i, info) is None]
+        impls = [i for i in defaults if unavailable(i, info) is None]
         notes = [f"{i} left out of the default list: {unavailable(i, info)}"
-                 for i in DEFAULT_IMPLS if unavailable(i, info) is not None]
+                 for i in defaults if unavailable(i, info) is not None]
         return impls, notes
-    bad = [f"--impls {i} is not available: {unavailable(i, info)}"
+    bad = [f"{flag} {i} is not available: {unavailable(i, info)}"
            for i in dict.fromkeys(requested) if unavailable(i, info) is not None]
     if bad:
-        raise UsageError("; ".join(bad) + " (nothing was timed)")
+        raise UsageError("; ".join(bad) + " (nothing was run)")
     return list(dict.fromkeys(requested)), []
 
 
@@ -867,15 +869,15 @@ def _peak_bytes(row: dict):
     return None
 
 
-def _evaluate(name, issue, description, comparison, threshold, unit, needs, value_fn,
+def _evaluate(name, issue, description, comparison, threshold, unit, rows, needs, value_fn,
               detail_fn) -> dict:
-    """One target record. ``needs``: [(impl, case, fields)], the rows it reads; ``value_fn``
-    maps those rows to (value or None, why not)."""
+    """One target record. ``needs``: [(impl, case, fields)], the rows of ``rows`` it reads;
+    ``value_fn`` maps those rows to (value or None, why not)."""
     rec = {"name": name, "issue": issue, "description": description, "comparison": comparison,
            "threshold": threshold, "unit": unit, "value": None, "passed": None,
            "status": "NOT MEASURED", "reason": None, "detail": None, "rows": []}
     picked, missing = [], []
-    for rows, impl, case, fields in needs:
+    for impl, case, fields in needs:
         row, why = select_row(rows, impl, case)
         picked.append(row)
         if row is None:
@@ -897,8 +899,13 @@ def _evaluate(name, issue, description, comparison, threshold, unit, needs, valu
     return rec
 
 
+def _peak_tflops(row, fallback_peaks):
+    """The matmul rate ``row`` is rated against: its own, else ``fallback_peaks``' for its dtype."""
+    return row.get("matmul_peak_tflops") or (fallback_peaks or {}).get(row.get("dtype"))
+
+
 def _pct(row, fallback_peaks):
-    peak = row.get("matmul_peak_tflops") or (fallback_peaks or {}).get(row.get("dtype"))
+    peak = _peak_tflops(row, fallback_peaks)
     if not peak or row.get("tflops") is None:
         return None, f"{_case_text(row['impl'], CONCAT_CASE)}: no matmul peak or TFLOP/s"
     return 100 * row["tflops"] / peak, None
@@ -917,22 +924,29 @@ def check_targets(rows: list, matmul_peaks=None) -> list[dict]:
             return _pct(r, matmul_peaks)
 
         def detail(r):
-            peak = r.get("matmul_peak_tflops") or (matmul_peaks or {}).get(r["dtype"])
+            peak = _peak_tflops(r, matmul_peaks)
             return (f"{r['ms']:.3f} ms, {r['tflops']:.1f} of {peak:.1f} TFLOP/s "
                     f"({r.get('matmul_peak_basis', 'given')} matmul rate)")
         return _evaluate(f"{impl}_concat_rate", impl,
                          f"{_case_text(impl, CONCAT_CASE)}: % of the dense bf16 matmul rate",
                          ">=", threshold, "% of the dense matmul rate",
-                         [(rows, impl, CONCAT_CASE, RATE_FIELDS)], value, detail)
+                         rows, [(impl, CONCAT_CASE, RATE_FIELDS)], value, detail)
+
+    def time_ratio(name, impl, other, description, comparison, threshold, speedup):
+        """``impl``'s concat time against ``other``'s: ``other / impl`` (a speed-up) or
+        ``impl / other``."""
+        num, den = (other, impl) if speedup else (impl, other)
+        return _evaluate(
+            name, impl, f"{_case_text(impl, CONCAT_CASE)}: {description}", comparison, threshold,
+            f"x ({num} ms / {den} ms)", rows,
+            [(impl, CONCAT_CASE, ("ms",)), (other, CONCAT_CASE, ("ms",))],
+            lambda a, b: ((b["ms"] / a["ms"]) if speedup else (a["ms"] / b["ms"]), None),
+            lambda a, b: f"{impl} {a['ms']:.3f} ms, {other} {b['ms']:.3f} ms")
 
     out.append(rate_target("triton", 50.0))
-    out.append(_evaluate(
-        "triton_concat_vs_chunked", "triton",
-        f"{_case_text('triton', CONCAT_CASE)}: speed-up over the row-chunked cuBLAS baseline",
-        ">=", 2.0, "x (chunked ms / triton ms)",
-        [(rows, "triton", CONCAT_CASE, ("ms",)), (rows, "chunked", CONCAT_CASE, ("ms",))],
-        lambda t, c: (c["ms"] / t["ms"], None),
-        lambda t, c: f"triton {t['ms']:.3f} ms, chunked {c['ms']:.3f} ms"))
+    out.append(time_ratio("triton_concat_vs_chunked", "triton", "chunked",
+                          "speed-up over the row-chunked cuBLAS baseline", ">=", 2.0,
+                          speedup=True))
 
     def memory(r):
         b = _peak_bytes(r)
@@ -942,27 +956,22 @@ def check_targets(rows: list, matmul_peaks=None) -> list[dict]:
         "triton_concat_memory", "triton",
         f"{_case_text('triton', MEMORY_CASE)}: peak extra memory of the call",
         "<", MEMORY_LIMIT_BYTES, "bytes (1 GB = 1e9 bytes)",
-        [(rows, "triton", MEMORY_CASE, MEMORY_FIELDS)], memory,
+        rows, [("triton", MEMORY_CASE, MEMORY_FIELDS)], memory,
         lambda r: f"{_peak_bytes(r) / 2**20:.1f} MiB; process peak "
                   f"{(r.get('peak_total_bytes') or 0) / 2**20:.1f} MiB"))
     out.append(_evaluate(
         "triton_separable_vs_matmuls", "triton",
         f"{_case_text('triton', SEPARABLE_CASE)}: time over the four plain products",
         "<=", 1.5, "x (triton ms / matmuls ms)",
-        [(rows, "triton", SEPARABLE_CASE, ("ms",)),
-         (rows, "matmuls", SEPARABLE_CASE, ("ms", "products"))],
+        rows, [("triton", SEPARABLE_CASE, ("ms",)),
+               ("matmuls", SEPARABLE_CASE, ("ms", "products"))],
         lambda t, m: (t["ms"] / m["ms"], None),
         lambda t, m: f"triton {t['ms']:.3f} ms, four matmuls {m['ms']:.3f} ms"
                      + ("" if m.get("products") else "; the matmuls row is the older "
                         "yardstick, G H^T and three S H")))
     out.append(rate_target("cuda", 60.0))
-    out.append(_evaluate(
-        "cuda_concat_vs_triton", "cuda",
-        f"{_case_text('cuda', CONCAT_CASE)}: time over the Triton backend's",
-        "<=", 1.0, "x (cuda ms / triton ms)",
-        [(rows, "cuda", CONCAT_CASE, ("ms",)), (rows, "triton", CONCAT_CASE, ("ms",))],
-        lambda c, t: (c["ms"] / t["ms"], None),
-        lambda c, t: f"cuda {c['ms']:.3f} ms, triton {t['ms']:.3f} ms"))
+    out.append(time_ratio("cuda_concat_vs_triton", "cuda", "triton",
+                          "time over the Triton backend's", "<=", 1.0, speedup=False))
     return out
 
 

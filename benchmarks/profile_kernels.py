@@ -54,20 +54,14 @@ def main(argv=None) -> None:
 
     import gpu_bench as gb
 
-    info = factorcl_ext.build_info()
-    if args.backends is None:
-        for b in ("cuda", "triton"):
-            if gb.unavailable(b, info):
-                print(f"# note: {b} left out of the default backends: {gb.unavailable(b, info)}")
-        backends = [b for b in ("cuda", "triton") if gb.unavailable(b, info) is None]
-    else:
-        bad = [f"--backends {b} is not available: {gb.unavailable(b, info)}"
-               for b in dict.fromkeys(args.backends) if gb.unavailable(b, info) is not None]
-        if bad:  # asked for by name: never dropped silently
-            print("profile_kernels.py: " + "; ".join(bad) + " (nothing was profiled)",
-                  file=sys.stderr)
-            raise SystemExit(2)
-        backends = list(dict.fromkeys(args.backends))
+    try:  # asked for by name: never dropped silently
+        backends, notes = gb.resolve_impls(args.backends, factorcl_ext.build_info(),
+                                           defaults=["cuda", "triton"], flag="--backends")
+    except gb.UsageError as exc:
+        print(f"profile_kernels.py: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    for note in notes:
+        print(f"# note: {note}")
     if not backends:
         print("profile_kernels.py: no backend to profile", file=sys.stderr)
         raise SystemExit(2)
