@@ -618,15 +618,18 @@ def test_fp16_score_gradients_below_the_normal_range(monkeypatch, mode):
 
 
 def test_fp16_hidden_gradients_below_the_normal_range(monkeypatch):
-    # concat critic, L = 1, float16, g_lse = 1e-5: ds ~ g_lse / M, dz = ds w_out act' ~ 1e-7,
-    # a step or two of float16's subnormal spacing (6e-8), while dW_1 (a sum over all pairs) is
-    # ~3e-5. The backward's power of two on ds keeps dz in range: dW_1 4e-4 off the float64
-    # reference with it, 5e-2 without (interpreter). dA / dB (~1e-6) are subnormal as outputs:
-    # float16's own rounding of them is a few per mille.
+    # concat critic, L = 1, float16, g_lse = 1e-5: ds ~ g_lse / M, dz = ds w_out act' ~ 5e-8,
+    # about one step of float16's subnormal spacing (6e-8), while dW_1 (a sum over all pairs) is
+    # ~3e-5. The backward's power of two on ds keeps dz in range: dW_1 at most 9e-4 off the
+    # float64 reference with it, at least 0.14 without (14 draws under the interpreter,
+    # 2026-12-07; at N = 32, M = 35 the two overlapped the bounds below in some draws). dA / dB
+    # (~1e-6) are subnormal as outputs: float16's own rounding of the exact gradients is a few
+    # per cent (up to 5.4e-2 in 36 draws), so they are held to 5e-2 or twice that rounding,
+    # where it is larger.
     import factorcl_ext.triton as ft
     from factorcl_ext.triton import ops
 
-    n, m, h = 32, 35, 16
+    n, m, h = 64, 70, 16
     args = cast(mlp_inputs(n, m, h, 1), torch.float16, requires_grad=False)
     kw = ("relu", "none", 0)
     g_lse = torch.full((n,), 1e-5, dtype=torch.float64, device=DEVICE)
@@ -642,8 +645,9 @@ def test_fp16_hidden_gradients_below_the_normal_range(monkeypatch):
 
     errors = [rel_error(a, e) for a, e in zip(grads(), ref)]
     names = ["dA", "dB", "dW1", "db1", "dw_out", "db_out"]
-    for name, err in zip(names, errors):
-        assert err < (5e-2 if name in ("dA", "dB") else 3e-3), (name, errors)
+    for name, err, e in zip(names, errors, ref):
+        tol = max(5e-2, 2 * rel_error(e.half(), e)) if name in ("dA", "dB") else 3e-3
+        assert err < tol, (name, errors)
     monkeypatch.setattr(ops, "_mlp_dz_scale", lambda a, grads: (a.A, None))
     unscaled = [rel_error(a, e) for a, e in zip(grads(), ref)]
     assert unscaled[2] > 2e-2, unscaled  # and the test can fail
