@@ -81,6 +81,15 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         return tuple([next(it) for _ in g] if isinstance(g, (list, tuple)) else next(it)
                      for g in grads)
 
+    def saveable(*tensors):
+        # the recomputing backward reads its inputs; one made under torch.inference_mode
+        # (frozen features, a memory bank filled without gradients) cannot be saved as it is,
+        # and PyTorch would refuse the call although the gradients asked for are other inputs'
+        # (the concat reference, which saves no input of the fused op, runs): a copy is saved,
+        # O((N+M)*H). Not under torch.compile, whose traced tensors do not say they are inference
+        # tensors: there PyTorch's own error (clone the input) stands.
+        return [t.clone() if t.is_inference() else t for t in tensors]
+
     def check_compute_grad(ctx, op):
         if not ctx.compute_grad:
             raise RuntimeError(
@@ -94,7 +103,8 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
         A, B, hidden_weights, hidden_biases, w_out, b_out, *config = inputs
         ctx.num_layers = len(hidden_weights)
         ctx.config = tuple(config)  # activation, out_activation, pos_offset, ...
-        ctx.save_for_backward(A, B, w_out, b_out, output[0], *hidden_weights, *hidden_biases)
+        ctx.save_for_backward(*saveable(A, B, w_out, b_out, output[0], *hidden_weights,
+                                        *hidden_biases))
 
     def mlp_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
         saved = ctx.saved_tensors
@@ -128,7 +138,7 @@ def register_core_autograd(prefix: str, mlp_stats_backward, dot_stats_backward) 
     def dot_stats_setup(ctx, inputs, output):
         G, H, *config = inputs
         ctx.config = tuple(config)  # pos_offset, exclude_offset, ...
-        ctx.save_for_backward(G, H, output[0])
+        ctx.save_for_backward(*saveable(G, H, output[0]))
 
     def dot_stats_bwd(ctx, grad_lse, grad_pos, grad_rowsum):
         G, H, lse = saved = ctx.saved_tensors

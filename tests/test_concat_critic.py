@@ -23,6 +23,7 @@ from conftest import (
     nonfinite_gated_layer,
     nonfinite_weight_core,
     rel_error,
+    signed_sum_floor,
 )
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -487,6 +488,35 @@ def test_loss_without_grad_mode(backend, device):
     r = cast(p, torch.float64, "cpu")
     exp = ref_loss(r, "relu", "none", 2, **c)
     assert_rel_close(got, exp, 1e-10, "loss", ref_loss_floor(r, "relu", "none", 2, **c))
+
+
+@pytest.mark.parametrize("op", ["stats", "loss"])
+def test_inference_mode_inputs_with_trainable_weights(op, backend, device):
+    """A and B made under torch.inference_mode (features of a frozen encoder), weights that
+    require grad: the recomputing backward needs A and B, which PyTorch cannot save as they are;
+    the reference needs only the weights, and so must the fused ops."""
+    base = make_core(9, 13, 11, 1)
+    p = cast(base, torch.float64, device, requires_grad=True)
+    with torch.inference_mode():
+        p["A"], p["B"] = p["A"].detach().clone(), p["B"].detach().clone()
+    assert p["A"].is_inference() and p["B"].is_inference()
+    r = cast(base, torch.float64, "cpu", requires_grad=True)
+    trained = {k: v for k, v in p.items() if k not in ("A", "B")}
+    ref_trained = {k: v for k, v in r.items() if k not in ("A", "B")}
+    kw = dict(activation="tanh", out_activation="softplus", pos_offset=3)
+    stats = ref_stats(r, **kw)
+    if op == "stats":
+        g = upstream(9, torch.float64, "cpu")
+        got = stats_objective(run_stats(p, backend, **kw), [x.to(device) for x in g])
+        exp = stats_objective(stats, g)
+        floor = signed_sum_floor(*(x * st for x, st in zip(g, stats)))
+    else:
+        c = coefficients(3)
+        got = fe.pair_mlp_loss(**p, backend=backend, **kw, **c)
+        exp = ref_loss(r, **kw, **c)
+        floor = loss_floor(c.values(), stats)
+    assert_all_close([got, *grads_of(got, trained)], [exp, *grads_of(exp, ref_trained)], 1e-10,
+                     ["objective", *leaf_names(trained)], floors=[floor])
 
 
 @pytest.mark.parametrize("L", [0, 1, 2])

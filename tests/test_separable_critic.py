@@ -22,6 +22,7 @@ from conftest import (
     infonce_floor,
     loss_floor,
     rel_error,
+    signed_sum_floor,
     stats_floor,
     temperature_floor,
 )
@@ -325,6 +326,33 @@ def test_loss_without_grad(backend, device):
     lse, pos, _ = reference.separable_critic_stats(g, h, pos_offset=2, exclude_offset=0)
     assert_rel_close(loss_ng, (lse - pos).sum(), F64_TOL, "loss (no_grad)")
     assert_rel_close(loss, (lse - pos).sum(), F64_TOL, "loss")
+
+
+@pytest.mark.parametrize("op", ["stats", "loss"])
+def test_inference_mode_columns(backend, device, op):
+    """Columns made under torch.inference_mode (a memory bank filled without gradients) against
+    rows that require grad: the recomputing backward needs the columns, which PyTorch cannot save
+    as they are (a copy is saved). Unnormalised, so that the bank reaches the op itself. The
+    reference, g @ h.T, would refuse too: it runs on a normal copy here."""
+    g, h, temperature = _inputs(7, 12, 5, device)
+    with torch.inference_mode():
+        bank = h.clone()
+    assert bank.is_inference()
+    kw = dict(temperature=temperature, normalize=False, pos_offset=4, exclude_offset=1)
+    coefs = dict(c_lse=0.8, c_pos=-1.1, c_rowsum=0.3)
+    rows, ref_rows = _leaves(g, g)
+    stats = reference.separable_critic_stats(ref_rows, h, **kw)
+    if op == "stats":
+        w = _weights(7, torch.float64, device)
+        got = _weighted(factorcl_ext.separable_critic_stats(rows, bank, **kw, backend=backend), w)
+        exp = _weighted(stats, w)
+        floor = signed_sum_floor(*(wi * st for wi, st in zip(w, stats)))
+    else:
+        got = factorcl_ext.separable_critic_loss(rows, bank, **coefs, **kw, backend=backend)
+        exp = _combined(coefs, stats)
+        floor = loss_floor(coefs.values(), stats)
+    assert_rel_close(got, exp, F64_TOL, op, floor)
+    assert_rel_close(_grads(got, [rows])[0], _grads(exp, [ref_rows])[0], F64_TOL, "dg")
 
 
 def test_non_contiguous(backend, device):
