@@ -613,7 +613,9 @@ def test_fp16_score_gradients_below_the_normal_range(monkeypatch, mode):
         # and the same without the scale: the test can fail
         monkeypatch.setattr(ops, "_ds_scale", lambda a, grads: (grads[0], None))
         unscaled = grads(torch.float16)
-        # (dH, whose columns of dS are near one value, so their roundings do not cancel: 11 %)
+        # (dH, whose columns of dS are near one value, so their roundings do not cancel: 11 %;
+        # 8 draws under the interpreter, 2026-12-07: scaled errors at most 2.2e-4, unscaled dH
+        # 0.112 to 0.121, the same in both modes)
         assert max(rel_error(a, e) for a, e in zip(unscaled, ref)) > 5e-2
 
 
