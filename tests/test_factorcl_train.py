@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -137,6 +138,38 @@ def test_resume_refuses_other_settings(tmp_path):
         T.train(_cfg(), _data(seed=5), str(tmp_path), resume=part["checkpoint"])
     with pytest.raises(T.TrainError, match="not found"):
         T.train(_cfg(), d, str(tmp_path), resume=str(tmp_path / "nope.pt"))
+
+
+def test_resume_of_synthetic_data_made_elsewhere(tmp_path):
+    """Synthetic data from the same settings with other bits (torch's vectorised and scalar
+    normal samplers round differently, so another kind of CPU or torch build regenerates it
+    so): refused on resume with what made each and the ways on, not 'use the same settings'.
+    Only what made the data, where its values agree, resumes."""
+    d = _data()
+    part = T.train(_cfg(), d, str(tmp_path), stop_at_step=2)
+    ckpt = torch.load(part["checkpoint"], weights_only=True)
+    assert ckpt["data"]["made_by"].startswith(f"torch {torch.__version__} on ")
+    x1 = d.x1.clone()
+    x1[3, 4] = torch.nextafter(x1[3, 4], torch.tensor(math.inf))  # one ulp: another rounding
+    elsewhere = dataclasses.replace(d, x1=x1)
+    with pytest.raises(T.TrainError) as err:
+        T.train(_cfg(), elsewhere, str(tmp_path), resume=part["checkpoint"])
+    msg = str(err.value)
+    assert "other values with the same settings" in msg and "use the same settings" not in msg
+    assert f"the checkpoint's by {ckpt['data']['made_by']}, this run's by torch" in msg
+    assert "resume it where it was started" in msg and "--overwrite" in msg
+    # a checkpoint from before made_by: the same refusal, without the provenance
+    del ckpt["data"]["made_by"]
+    older = part["checkpoint"]
+    torch.save(ckpt, older)
+    with pytest.raises(T.TrainError, match=r"other values with the same settings: it rounds "
+                       r"differently on another kind of CPU or torch build\); resume it"):
+        T.train(_cfg(), elsewhere, str(tmp_path), resume=older)
+    # the same values, made by something else: resumes
+    ckpt["data"]["made_by"] = "torch 0.0 on arm64 (DEFAULT)"
+    torch.save(ckpt, older)
+    resumed = T.train(_cfg(), d, str(tmp_path), resume=older)
+    assert resumed["steps"] == 2 * (128 // 16)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

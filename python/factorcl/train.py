@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -298,7 +299,9 @@ def _describe_checkpoint(path: str) -> str:
 def _data_fingerprint(data: D.PairedData) -> dict:
     """What a checkpoint records of its training data: the name, the sizes and per-example
     shapes (to rebuild the model), the generator's settings (synthetic data) and a hash of every
-    value of x1, x2, y and of the train / test split (the same in every process and run)."""
+    value of x1, x2, y and of the train / test split (the same in every process and run), and
+    what made it (``made_by``: torch and the CPU's kind, which the generator's rounding follows;
+    not compared)."""
     h = hashlib.blake2b(digest_size=20)
     for key in ("x1", "x2", "y", "train_idx", "test_idx"):
         t = getattr(data, key).detach().cpu().contiguous()
@@ -307,7 +310,26 @@ def _data_fingerprint(data: D.PairedData) -> dict:
     return {"name": data.name, "n": int(data.y.shape[0]), "num_train": data.num_train,
             "x1": list(data.x1.shape[1:]), "x2": list(data.x2.shape[1:]),
             "num_classes": data.num_classes, "settings": dict(data.settings),
-            "content_hash": h.hexdigest()}
+            "content_hash": h.hexdigest(), "made_by": _made_by()}
+
+
+def _made_by() -> str:
+    return (f"torch {torch.__version__} on {platform.machine() or 'an unknown machine'} "
+            f"({torch.backends.cpu.get_cpu_capability()})")
+
+
+# what a data fingerprint holds that two runs may differ in and still have the same data
+_DATA_LABELS = ("name", "made_by")
+
+
+def _regenerated_elsewhere(old: dict, new: dict) -> bool:
+    """Synthetic data made with the same settings and shapes but other values: its random draws
+    and products round differently on another kind of CPU or torch build (torch's vectorised
+    normal sampler, for one, gives other bits than its scalar one)."""
+    same = [k for k in old if k not in (*_DATA_LABELS, "content_hash")]
+    return (bool(old.get("settings")) and "content_hash" in old
+            and old.get("content_hash") != new.get("content_hash")
+            and all(old[k] == new.get(k) for k in same))
 
 
 def _data_diff(old: dict, new: dict) -> Optional[str]:
@@ -316,9 +338,15 @@ def _data_diff(old: dict, new: dict) -> Optional[str]:
     if "content_hash" not in old:
         return ("the checkpoint was written by an older factorcl that did not record a hash of its "
                 "training data, so it cannot be checked that this run has the same data")
-    if {k: v for k, v in old.items() if k != "name"} == {k: v for k, v in new.items()
-                                                        if k != "name"}:
+    if ({k: v for k, v in old.items() if k not in _DATA_LABELS}
+            == {k: v for k, v in new.items() if k not in _DATA_LABELS}):
         return None
+    if _regenerated_elsewhere(old, new):
+        where = (f"; the checkpoint's by {old['made_by']}, this run's by {new.get('made_by')}"
+                 if "made_by" in old else "")
+        return ("the checkpoint was trained on different data (the synthetic generator gave "
+                "other values with the same settings: it rounds differently on another kind of "
+                f"CPU or torch build{where})")
     old_s, new_s = old.get("settings") or {}, new.get("settings") or {}
     for key in [*new_s, *(k for k in old_s if k not in new_s)]:
         if old_s.get(key) != new_s.get(key):
@@ -368,11 +396,17 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
 
 def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str,
                   fingerprint: Optional[dict] = None) -> None:
+    fingerprint = fingerprint or _data_fingerprint(data)
     diff = _settings_diff(state, cfg, data, strict=False, fingerprint=fingerprint)
     if diff is not None:
-        if "content_hash" not in (state.get("data") or {}):
+        old = state.get("data") or {}
+        if "content_hash" not in old:
             raise TrainError(f"--resume {path}: {diff}; start the run again (--overwrite instead "
                              "of --resume) or use another --out")
+        if _regenerated_elsewhere(old, fingerprint):
+            raise TrainError(f"--resume {path}: {diff}; resume it where it was started, or start "
+                             "the run again here (--overwrite instead of --resume, or another "
+                             "--out)")
         raise TrainError(f"--resume {path}: {diff}; use the same settings")
 
 
