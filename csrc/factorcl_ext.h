@@ -14,11 +14,18 @@ namespace factorcl_ext {
 
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (lse, pos, rowsum), each [N]
 
-// 0 <= offset and N + offset <= M for a row-to-column offset (pos_offset, exclude_offset), written
+// A row-to-column offset (pos_offset, exclude_offset) of N rows against M columns, checked for
+// every backend: -1 when absent, else the offset, which needs 0 <= offset and N + offset <= M
+// (a ValueError naming it otherwise, after the op's name ``op`` where that is not empty). Written
 // so that nothing overflows: offsets reach the ops as any int64, and N + (2^63 - 1) wrapped to a
 // negative number that passed as "in range" (a direct torch.ops call read out of bounds).
-inline bool offset_in_range(int64_t offset, int64_t n, int64_t m) {
-  return offset >= 0 && offset <= m - n;
+inline int64_t checked_offset(const char* op, const char* name, std::optional<int64_t> offset,
+                              int64_t n, int64_t m) {
+  if (!offset.has_value()) return -1;
+  TORCH_CHECK_VALUE(*offset >= 0 && *offset <= m - n, op, *op ? ": " : "", name, "=", *offset,
+                    " is out of range for ", n, " rows and ", m, " columns: need 0 <= ", name,
+                    " and N + ", name, " <= M");
+  return *offset;
 }
 
 // A gradient laid out like its input, as the fake functions' empty_like promises (opcheck and

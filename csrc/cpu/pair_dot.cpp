@@ -21,14 +21,6 @@ namespace {
 
 // ---- argument checks (second line: Python raised named errors already) ----------------------
 
-void check_offset(const char* op, const char* name, std::optional<int64_t> offset, int64_t n,
-                  int64_t m) {
-  if (!offset) return;
-  TORCH_CHECK_VALUE(offset_in_range(*offset, n, m), op, ": ", name, "=", *offset,
-                    " is out of range for ", n, " rows and ", m,
-                    " columns: need 0 <= offset and N + offset <= M");
-}
-
 void check_pair_dot(const char* op, const at::Tensor& G, const at::Tensor& H,
                     std::optional<int64_t> pos_offset, std::optional<int64_t> exclude_offset) {
   TORCH_CHECK_VALUE(G.dim() == 2, op, ": G must be 2-D, got shape ", G.sizes());
@@ -46,8 +38,8 @@ void check_pair_dot(const char* op, const at::Tensor& G, const at::Tensor& H,
   const int64_t n = G.size(0), m = H.size(0);
   TORCH_CHECK_VALUE(n > 0 && m > 0, op, ": empty batch: G has shape ", G.sizes(), " and H ",
                     H.sizes());
-  check_offset(op, "pos_offset", pos_offset, n, m);
-  check_offset(op, "exclude_offset", exclude_offset, n, m);
+  checked_offset(op, "pos_offset", pos_offset, n, m);
+  checked_offset(op, "exclude_offset", exclude_offset, n, m);
   TORCH_CHECK_VALUE(!(exclude_offset && m == 1), op,
                     ": exclude_offset with a single column leaves nothing in the logsumexp");
 }

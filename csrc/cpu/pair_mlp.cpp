@@ -689,12 +689,7 @@ Checked check_inputs(const char* op, const at::Tensor& A, const at::Tensor& B, a
   TORCH_CHECK_VALUE(b_out.numel() == 1 && b_out.dim() <= 1, op,
                     ": b_out must be a scalar (shape () or (1,)), got ", b_out.sizes());
   Checked c{N, M, H, int64_t(Ws.size()), parse_act(activation), parse_out_act(out_activation), -1};
-  if (pos_offset.has_value()) {
-    const int64_t p = *pos_offset;
-    TORCH_CHECK_VALUE(offset_in_range(p, N, M), op, ": pos_offset=", p, " is out of range for ", N,
-                      " rows and ", M, " columns: need 0 <= pos_offset and N + pos_offset <= M");
-    c.pos = p;
-  }
+  c.pos = checked_offset(op, "pos_offset", pos_offset, N, M);
   return c;
 }
 

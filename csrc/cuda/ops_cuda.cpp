@@ -80,13 +80,6 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& ref,
                    " but ", ref_name, " has ", ref.scalar_type());
 }
 
-int64_t check_offset(const char* name, std::optional<int64_t> off, int64_t n, int64_t m) {
-  if (!off.has_value()) return -1;
-  TORCH_CHECK_VALUE(offset_in_range(*off, n, m), name, "=", *off, " is out of range for ", n,
-                    " rows and ", m, " columns: need 0 <= ", name, " and N + ", name, " <= M");
-  return *off;
-}
-
 void check_rows_cols(const char* rn, const at::Tensor& rows, const char* cn,
                      const at::Tensor& cols) {
   TORCH_CHECK_VALUE(rows.dim() == 2, rn, " must have 2 dimensions, got shape ", shape_str(rows));
@@ -146,7 +139,7 @@ MlpInputs prepare_mlp(const at::Tensor& A, const at::Tensor& B, at::TensorList h
   in.mode = mode_for(A.scalar_type());
   in.act = parse_act(activation);
   in.out_act = parse_out_act(out_activation);
-  in.pos = check_offset("pos_offset", pos_offset, A.size(0), B.size(0));
+  in.pos = checked_offset("", "pos_offset", pos_offset, A.size(0), B.size(0));
   in.L = int64_t(hidden_weights.size());
   // Detached: nothing computed here may join an autograd graph, even when a caller reaches the
   // kernel directly with inputs that require grad.
@@ -275,8 +268,8 @@ DotInputs prepare_dot(const at::Tensor& G, const at::Tensor& H, std::optional<in
   // inputs, with no sum over features to average it and amplified by the exponential, put the
   // kernel's dG 1.1e-2 off.
   if (in.mode == ModeId::TF32 && G.size(1) < kTf32MinFeatures) in.mode = ModeId::F32;
-  in.pos = check_offset("pos_offset", pos_offset, G.size(0), H.size(0));
-  in.excl = check_offset("exclude_offset", exclude_offset, G.size(0), H.size(0));
+  in.pos = checked_offset("", "pos_offset", pos_offset, G.size(0), H.size(0));
+  in.excl = checked_offset("", "exclude_offset", exclude_offset, G.size(0), H.size(0));
   TORCH_CHECK_VALUE(!(H.size(0) == 1 && in.excl >= 0),
                     "exclude_offset with a single column leaves nothing in the logsumexp");
   in.G = G.detach().contiguous();
