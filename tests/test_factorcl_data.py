@@ -394,6 +394,22 @@ def test_flags_of_the_other_multibench_layout_are_refused(tmp_path):
     D.load_dataset(_pickle(tmp_path, _signed_affect()), task=-1)
 
 
+def test_mimic_mortality_labels_with_nan_are_refused(tmp_path):
+    """A NaN in columns 1..5 of adm_labels_all compared as not positive: its example became
+    class 0 (or a later positive column's class) without a word."""
+    raw = _mimic()
+    raw["adm_labels_all"][[3, 8], 2] = np.nan
+    raw["adm_labels_all"][8, 5] = np.nan
+    raw["adm_labels_all"][5, 0] = np.nan  # column 0 is not a mortality class: not read
+    with pytest.raises(D.DataError, match=r"adm_labels_all holds 3 NaN values in columns 1\.\.5 "
+                                          r"\(the mortality classes; 2 examples\)"):
+        D.load_dataset(_pickle(tmp_path, raw))
+    raw["adm_labels_all"][[3, 8], 2] = 0.0
+    raw["adm_labels_all"][8, 5] = 1.0
+    d = D.load_dataset(_pickle(tmp_path, raw))
+    assert d.y[8] == 1 and d.y[3] == 0 and d.y[5] == 0
+
+
 @pytest.mark.parametrize("column, message", [
     (np.where(np.arange(30) % 2 == 0, 0.5, 1.5), r"'y_icd9\[:, 3\]' must hold integer class "
                                                   r"indices, got 0.5"),

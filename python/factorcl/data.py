@@ -656,6 +656,14 @@ def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
             raise DataError(
                 f"{name}: adm_labels_all must have shape [N, >=6], got {tuple(adm.shape)}")
         # Mortality class: the first of columns 1..5 that is positive, else 0 (MultiBench's rule).
+        # A NaN would count as not positive, and its example silently as class 0 or a later
+        # class: refused, as NaN class indices are (y_icd9)
+        nan = adm[:, 1:6].isnan() if adm.is_floating_point() else torch.zeros(1, dtype=torch.bool)
+        if nan.any():
+            raise DataError(
+                f"{name}: adm_labels_all holds {int(nan.sum())} NaN values in columns 1..5 (the "
+                f"mortality classes; {int(nan.any(1).sum())} examples); they must be numbers "
+                "(positive: the class)")
         pos = adm[:, 1:6] > 0
         first = torch.where(pos.any(1), pos.float().argmax(1) + 1, torch.zeros(n, dtype=torch.long))
         y = first.long()
