@@ -158,6 +158,9 @@ def test_resume_of_synthetic_data_made_elsewhere(tmp_path):
     assert "other values with the same settings" in msg and "use the same settings" not in msg
     assert f"the checkpoint's by {ckpt['data']['made_by']}, this run's by torch" in msg
     assert "resume it where it was started" in msg and "--overwrite" in msg
+    # a setting that differs as well comes first, with its own remedy
+    with pytest.raises(T.TrainError, match="has batch_size=32; use the same settings"):
+        T.train(_cfg(batch_size=32), elsewhere, str(tmp_path), resume=part["checkpoint"])
     # a checkpoint from before made_by: the same refusal, without the provenance
     del ckpt["data"]["made_by"]
     older = part["checkpoint"]

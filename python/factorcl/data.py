@@ -658,7 +658,7 @@ def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
         # Mortality class: the first of columns 1..5 that is positive, else 0 (MultiBench's rule).
         # A NaN would count as not positive, and its example silently as class 0 or a later
         # class: refused, as NaN class indices are (y_icd9)
-        nan = adm[:, 1:6].isnan() if adm.is_floating_point() else torch.zeros(1, dtype=torch.bool)
+        nan = adm[:, 1:6].isnan()
         if nan.any():
             raise DataError(
                 f"{name}: adm_labels_all holds {int(nan.sum())} NaN values in columns 1..5 (the "

@@ -369,14 +369,14 @@ _PRESENTATION_KEYS = ("progress", "checkpoint_every", "log_every")
 _KERNEL_KEYS = ("critic_backend", "critic_deterministic")
 
 
-def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict: bool,
-                   fingerprint: Optional[dict] = None) -> Optional[str]:
+def _settings_diff(state: dict, cfg: TrainConfig, data: Optional[D.PairedData], *,
+                   strict: bool) -> Optional[str]:
     """How the run saved in ``state`` differs from ``cfg`` on ``data``, or None. ``strict=False``:
     only the settings a resumed run must share for its result to be an uninterrupted run's (the
     epochs, backend and evaluation may change); ``strict=True``: every setting but the
     presentation ones. Settings the model does not use (``models.SETTING_USERS``) are not
-    compared. The data is compared in both: its generator's settings and every value
-    (``fingerprint``: ``data``'s :func:`_data_fingerprint`, when already computed)."""
+    compared. The data is compared in both (its generator's settings and every value), after the
+    settings; ``data=None`` compares the settings alone."""
     old = TrainConfig.from_dict(state["config"]).to_dict()  # settings added since: defaults
     new = cfg.to_dict()
     old_m, new_m = old.pop("model_cfg"), new.pop("model_cfg")
@@ -391,19 +391,23 @@ def _settings_diff(state: dict, cfg: TrainConfig, data: D.PairedData, *, strict:
             if where_old[key] != where_new[key]:
                 return (f"the checkpoint was made with {key}={where_old[key]!r} but this run "
                         f"has {key}={where_new[key]!r}")
-    return _data_diff(state.get("data") or {}, fingerprint or _data_fingerprint(data))
+    if data is None:
+        return None
+    return _data_diff(state.get("data") or {}, _data_fingerprint(data))
 
 
 def _check_resume(state: dict, cfg: TrainConfig, data: D.PairedData, path: str,
                   fingerprint: Optional[dict] = None) -> None:
+    old = state.get("data") or {}
     fingerprint = fingerprint or _data_fingerprint(data)
-    diff = _settings_diff(state, cfg, data, strict=False, fingerprint=fingerprint)
+    diff = _settings_diff(state, cfg, None, strict=False)
+    elsewhere = diff is None and _regenerated_elsewhere(old, fingerprint)
+    diff = diff or _data_diff(old, fingerprint)
     if diff is not None:
-        old = state.get("data") or {}
         if "content_hash" not in old:
             raise TrainError(f"--resume {path}: {diff}; start the run again (--overwrite instead "
                              "of --resume) or use another --out")
-        if _regenerated_elsewhere(old, fingerprint):
+        if elsewhere:
             raise TrainError(f"--resume {path}: {diff}; resume it where it was started, or start "
                              "the run again here (--overwrite instead of --resume, or another "
                              "--out)")
