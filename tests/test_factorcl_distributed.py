@@ -70,7 +70,7 @@ def _single_process(model_name, tmp_path):
     return torch.load(res["checkpoint"], weights_only=True)["model"], res["final_loss"]
 
 
-@pytest.mark.parametrize("model_name", ["factorcl-sup", "factorcl-ssl", "supcon"])
+@pytest.mark.parametrize("model_name", ["factorcl-sup", "factorcl-ssl", "simclr", "supcon"])
 def test_two_processes_match_one(tmp_path, model_name):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -119,3 +119,36 @@ def test_comm_single_process_is_identity():
     assert c.local_slice(8) == slice(0, 8)
     assert Comm(rank=1, world=2).local_slice(8) == slice(4, 8)
     assert Comm(rank=1, world=2).pos_offset(4) == 4
+
+
+def test_collective_scalars_are_made_on_the_process_groups_device(monkeypatch):
+    # nccl (torchrun on GPUs) takes CUDA tensors only: the per-step loss mean was a CPU tensor
+    # and every GPU run of more than one process failed at its first step ("No backend type
+    # associated with device type cpu"). Without a GPU here: init_from_env's group and device,
+    # and the device each scalar collective is asked for.
+    import torch.distributed as dist
+
+    from factorcl.distributed import init_from_env
+
+    groups = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: groups.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    gpu, cpu = init_from_env(torch.device("cuda", 1)), init_from_env(torch.device("cpu"))
+    assert groups == ["nccl", "gloo"]
+    assert (gpu.rank, gpu.world, gpu.device) == (1, 2, torch.device("cuda", 1))
+    assert cpu.device == torch.device("cpu")
+
+    made_on, make = [], torch.tensor
+
+    def tensor(data, **kw):  # the scalars, made on the CPU here, their device recorded
+        made_on.append(kw.pop("device", None))
+        return make(data, **kw)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.mul_(2))  # two equal ranks
+    assert gpu.mean(1.5) == 1.5 and gpu.mean_and_any(2.5, False) == (2.5, False)
+    assert gpu.mean_and_any(-1.0, True) == (-1.0, True)
+    assert made_on == [torch.device("cuda", 1)] * 3

@@ -36,10 +36,13 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 class Comm:
-    """Rank and world size, and the few collectives the trainer needs (no-ops for one process)."""
+    """Rank and world size, and the few collectives the trainer needs (no-ops for one process).
+    ``device``: where the process group's backend takes tensors (the rank's GPU for nccl, which
+    refuses CPU tensors); the scalars of :meth:`mean` and :meth:`mean_and_any` are made there."""
 
-    def __init__(self, rank: int = 0, world: int = 1):
+    def __init__(self, rank: int = 0, world: int = 1, device=torch.device("cpu")):
         self.rank, self.world = rank, world
+        self.device = torch.device(device)
 
     @property
     def distributed(self) -> bool:
@@ -85,7 +88,7 @@ class Comm:
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item()) / self.world
 
@@ -94,9 +97,10 @@ class Comm:
         all-reduce (once a step)."""
         if self.world == 1:
             return value, flag
-        t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64)
+        t = torch.tensor([value, 1.0 if flag else 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t[0].item()) / self.world, bool(t[1].item() > 0)
+        total, any_flag = t.tolist()
+        return total / self.world, any_flag > 0
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -105,10 +109,11 @@ class Comm:
 
 def init_from_env(device: torch.device) -> Comm:
     """A :class:`Comm` from torchrun's environment (``WORLD_SIZE``, ``RANK``), initialising the
-    process group (gloo on CPU, nccl on CUDA) when more than one process runs."""
+    process group (gloo on CPU, nccl on CUDA, ``device`` being this rank's) when more than one
+    process runs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Comm()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Comm(dist.get_rank(), dist.get_world_size())
+    return Comm(dist.get_rank(), dist.get_world_size(), device)
