@@ -111,3 +111,67 @@ def test_chance_accuracy_is_a_constant_classifier_fitted_on_the_training_split()
     assert E.chance_accuracy(y[:100], y[100:]) == pytest.approx(0.4)
     # a training majority class absent from the test split
     assert E.chance_accuracy(torch.tensor([2, 2, 1]), torch.tensor([0, 1])) == 0.0
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_infonce_probe_trains_its_critic_when_called_without_gradients(context):
+    # an evaluation is naturally wrapped in no_grad or inference_mode; the probe's critic still
+    # trains (its backward failed: "element 0 of tensors does not require grad"), to the same
+    # estimate, and the caller's mode is left as it was
+    g = torch.Generator().manual_seed(0)
+    with context():
+        a, b = torch.randn(60, 3, generator=g), torch.randn(60, 3, generator=g)
+        kw = dict(steps=3, backend="reference")
+        est = E.infonce_mi_probe(a[:40], b[:40], a[40:], b[40:], **kw)
+        assert not torch.is_grad_enabled()
+    assert est == E.infonce_mi_probe(a[:40].clone(), b[:40].clone(), a[40:].clone(),
+                                     b[40:].clone(), **kw)
+
+
+def test_infonce_probe_refuses_sides_of_different_lengths():
+    a, b = torch.randn(60, 3), torch.randn(80, 3)
+    with pytest.raises(ValueError, match="a_test and b_test must hold the same pairs, got 20 "
+                                         "and 40 rows"):
+        E.infonce_mi_probe(a[:40], b[:40], a[40:60], b[40:80], steps=1, backend="reference")
+    with pytest.raises(ValueError, match="a_train and b_train .* got 40 and 41 rows"):
+        E.infonce_mi_probe(a[:40], b[:41], a[40:], b[40:60], steps=1, backend="reference")
+
+
+class _Linear(torch.nn.Module):
+    """A model with parameters (its dtype is theirs) that refuses inputs with a NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2)
+
+    def representations(self, x1, x2):
+        if x1.isnan().any():
+            raise ValueError("a NaN input")
+        z = self.proj(x1)
+        return {"backbone": torch.cat([z, x2], 1), "x1": z, "x2": x2}
+
+
+def test_evaluate_runs_the_model_in_its_own_dtype():
+    # a float64 model (load_model of a --dtype float64 run) got float32 inputs and failed in
+    # its first matmul; the inputs now take the parameters' dtype unless dtype is given
+    g = torch.Generator().manual_seed(0)
+    data = _paired(torch.randn(60, 3, generator=g), torch.randn(60, 3, generator=g), 40)
+    model = _Linear().double()
+    out = E.evaluate(model, data)
+    assert 0.0 <= out["probe_accuracy"] <= 1.0
+    reps = E.embed(model, data.x1, data.x2, "cpu")
+    expected = model.proj(data.x1.double()).detach()
+    assert torch.equal(reps["x1"], expected)
+    with pytest.raises(RuntimeError):  # an explicit dtype is still obeyed
+        E.embed(model, data.x1, data.x2, "cpu", torch.float32)
+
+
+def test_embed_leaves_the_model_in_its_mode_when_a_batch_is_refused():
+    model = _Linear()
+    x1 = torch.randn(10, 3)
+    x1[7, 1] = float("nan")
+    for training in (True, False):
+        model.train(training)
+        with pytest.raises(ValueError, match="a NaN input"):
+            E.embed(model, x1, torch.randn(10, 3), "cpu", chunk=4)
+        assert model.training is training

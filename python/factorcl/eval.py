@@ -28,19 +28,28 @@ __all__ = ["embed", "linear_probe", "chance_accuracy", "gaussian_mi", "infonce_m
            "latent_r2", "evaluate"]
 
 
+def _model_dtype(model) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (float32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.no_grad()
-def embed(model, x1: Tensor, x2: Tensor, device, dtype=torch.float32,
+def embed(model, x1: Tensor, x2: Tensor, device, dtype: Optional[torch.dtype] = None,
           chunk: int = 1024) -> dict[str, Tensor]:
-    """``model.representations`` of every row, in chunks, as float64 CPU tensors."""
+    """``model.representations`` of every row, in chunks, as float64 CPU tensors; the inputs are
+    cast to ``dtype`` (default: the model's parameters' dtype)."""
+    dtype = dtype or _model_dtype(model)
     was_training = model.training
     model.eval()
     parts: dict[str, list] = {}
-    for i in range(0, x1.shape[0], chunk):
-        reps = model.representations(x1[i:i + chunk].to(device, dtype),
-                                     x2[i:i + chunk].to(device, dtype))
-        for k, v in reps.items():
-            parts.setdefault(k, []).append(v.detach().double().cpu())
-    model.train(was_training)
+    try:
+        for i in range(0, x1.shape[0], chunk):
+            reps = model.representations(x1[i:i + chunk].to(device, dtype),
+                                         x2[i:i + chunk].to(device, dtype))
+            for k, v in reps.items():
+                parts.setdefault(k, []).append(v.detach().double().cpu())
+    finally:  # the caller's model back in its mode, also when a batch is refused
+        model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -108,6 +117,10 @@ def gaussian_mi(a: Tensor, b: Tensor, k: int = 8) -> Optional[float]:
     return float(-0.5 * torch.log1p(-rho * rho).sum())
 
 
+# the probe trains its critic: with gradients also when the caller evaluates under no_grad or
+# inference_mode (whose tensors it reads as ordinary ones)
+@torch.inference_mode(False)
+@torch.enable_grad()
 def infonce_mi_probe(a_train: Tensor, b_train: Tensor, a_test: Tensor, b_test: Tensor, *,
                      steps: int = 200, batch: int = 256, hidden: int = 256, lr: float = 1e-3,
                      backend: str = "auto", seed: int = 0, device="cpu",
@@ -142,6 +155,10 @@ def infonce_mi_probe(a_train: Tensor, b_train: Tensor, a_test: Tensor, b_test: T
     from factorcl_ext.nn import FusedConcatCritic
 
     n_train, n_test = a_train.shape[0], a_test.shape[0]
+    for split, a, b in (("train", a_train, b_train), ("test", a_test, b_test)):
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"infonce_mi_probe: a_{split} and b_{split} must hold the same "
+                             f"pairs, got {a.shape[0]} and {b.shape[0]} rows")
     if n_train < 2 or n_test < 2:
         return None
 
@@ -219,7 +236,8 @@ def latent_r2(rep_train: Tensor, lat_train: Tensor, rep_test: Tensor, lat_test: 
     return float(1.0 - resid / total)
 
 
-def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.float32,
+def evaluate(model, data: D.PairedData, device=torch.device("cpu"),
+             dtype: Optional[torch.dtype] = None,
              seed: int = 0, mi_probe_steps: int = 0, backend: str = "auto",
              deterministic: bool = False) -> dict:
     """Linear-probe accuracy of every representation, ``chance_accuracy`` (:func:`chance_accuracy`:
@@ -231,7 +249,8 @@ def evaluate(model, data: D.PairedData, device=torch.device("cpu"), dtype=torch.
     ``probe_accuracy`` is the accuracy on the backbone embeddings of both modalities, the
     representation every model has and the one the authors' synthetic notebook probes (their
     MultiBench notebook probes the heads: ``S+U1+U2``); the FactorCL heads (S, U1, U2 and their
-    concatenation) are in ``accuracies``.
+    concatenation) are in ``accuracies``. The model runs in ``dtype`` (default: its parameters'
+    dtype).
     """
     tr, te = data.train_idx, data.test_idx
     reps_tr = embed(model, data.x1[tr], data.x2[tr], device, dtype)
