@@ -1107,3 +1107,27 @@ def test_cli_compare_without_matplotlib_skips_the_chart(tmp_path, capsys, monkey
     wrote = captured.err.strip().splitlines()[-1]
     assert "wrote" in wrote and "compare.png" not in wrote, wrote
     assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "simclr-seed0"]
+
+
+def test_amp_is_left_off_where_bfloat16_would_merge_factorcl_sups_classes():
+    # FactorCL-SUP's x-y critics read the class index as a number; under bfloat16 autocast
+    # (--amp auto on a GPU) indices above 256 rounded, and neighbouring classes became one
+    # critic input without a word. The premise, then the decision (no GPU needed for it):
+    idx = torch.arange(255, 262, dtype=torch.float32)
+    assert torch.equal(idx[:2].bfloat16().float(), idx[:2])
+    assert idx[2:].bfloat16().unique().numel() < 5  # 257..261 share values
+    gpu = torch.device("cuda")
+    for model, classes, expected in (("factorcl-sup", 257, True), ("factorcl-sup", 258, False),
+                                     ("factorcl-ssl", 1000, True), ("supcon", 1000, True)):
+        use, note = T._use_amp(_cfg(model, amp="auto"), gpu, classes)
+        assert use is expected, (model, classes)
+        assert ("AMP off" in note) is (not expected)
+    assert "258 classes" in T._use_amp(_cfg(amp="auto"), gpu, 258)[1]
+    with pytest.raises(T.TrainError,
+                       match=r"--amp on: factorcl-sup .* \(258 classes\); pass --amp off"):
+        T._use_amp(_cfg(amp="on"), gpu, 258)
+    assert T._use_amp(_cfg(amp="on"), gpu, 257) == (True, ", bfloat16 autocast")
+    assert T._use_amp(_cfg(amp="off"), gpu, 2) == (False, "")
+    assert T._use_amp(_cfg(amp="auto"), torch.device("cpu"), 2) == (False, "")
+    with pytest.raises(T.TrainError, match="--amp on needs a CUDA device"):
+        T._use_amp(_cfg(amp="on"), torch.device("cpu"), 2)

@@ -532,9 +532,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     device = resolve_device(cfg.device)
     backend = resolve_backend(cfg.model_cfg.critic_backend, device)
     dtype = cfg.torch_dtype()
-    use_amp = device.type == "cuda" and cfg.amp in ("auto", "on")
-    if cfg.amp == "on" and device.type != "cuda":
-        raise TrainError("--amp on needs a CUDA device (AMP runs in bfloat16 on the GPU only)")
+    use_amp, amp_note = _use_amp(cfg, device, data.num_classes)
     if cfg.batch_size % comm.world:
         raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
                          f"processes ({comm.world})")
@@ -607,7 +605,7 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
         if log is not None:
             log(f"[train] {cfg.model} on {data.describe()}: steps {start}..{total_steps} "
                 f"(batch {cfg.batch_size}, {comm.world} process{'es' if comm.world > 1 else ''}, "
-                f"critic backend {backend})")
+                f"critic backend {backend}{amp_note})")
 
     def make_batch(idx: torch.Tensor, aug_keys: tuple) -> Batch:
         x1, x2, y = data.x1[idx], data.x2[idx], data.y[idx]
@@ -724,6 +722,27 @@ def train(cfg: TrainConfig, data: D.PairedData, out_dir: str, *, resume: Optiona
     out = {k: v for k, v in summary.items() if k != "model_ref"}
     write_text_atomically(metrics_path, json.dumps(out, indent=2))
     return summary
+
+
+# bfloat16 holds the integers up to 2^8 exactly: FactorCL-SUP's x-y critics read the class index
+# as a number, which autocast rounds in their first layer (classes 257 and 258 would be one)
+_BF16_EXACT_CLASSES = 257
+
+
+def _use_amp(cfg: TrainConfig, device: torch.device, num_classes: int) -> tuple[bool, str]:
+    """Whether the steps run under bfloat16 autocast, and a note for the start line when
+    ``--amp auto`` leaves it off on a GPU."""
+    if cfg.amp == "off" or device.type != "cuda":
+        if cfg.amp == "on":
+            raise TrainError("--amp on needs a CUDA device (AMP runs in bfloat16 on the GPU only)")
+        return False, ""
+    if cfg.model == "factorcl-sup" and num_classes > _BF16_EXACT_CLASSES:
+        why = (f"factorcl-sup feeds the class index to its x-y critics as a number, and bfloat16 "
+               f"rounds indices above {_BF16_EXACT_CLASSES - 1} ({num_classes} classes)")
+        if cfg.amp == "on":
+            raise TrainError(f"--amp on: {why}; pass --amp off")
+        return False, f"; AMP off: {why}"
+    return True, ", bfloat16 autocast"
 
 
 def _nonfinite_loss_causes(cfg: TrainConfig, model, has_club: bool, use_amp: bool) -> str:
