@@ -272,12 +272,21 @@ def test_results_are_written_before_the_findings(tmp_path, monkeypatch):
     (dict(lr=math.inf), "--lr must be in (0, 1]"),
     (dict(estimators=()), "--estimators must name at least one of infonce, club, nce-club"),
     (dict(large_batch_sizes=()), "--large-batch-sizes must list at least one batch size"),
+    # float32 samples: at 13 nats in one dimension 1 % of them had y == x exactly
+    (dict(dims=(1,), levels=(13.0,)), "--levels 13 is too large for --dims 1: the pairs are "
+                                      "sampled in float32"),
+    (dict(large_batch_mi=241.0), "large_batch_mi 241 is too large for large_batch_dim 20"),
+    # results are keyed by level; rises_with_batch reads the batch sizes in their order
+    (dict(levels=(1.0, 3.0, 1.0)), "--levels must be distinct MI values, got (1.0, 3.0, 1.0)"),
+    (dict(large_batch_sizes=(64, 8)), "--large-batch-sizes must be increasing, got [64, 8]"),
+    (dict(large_batch_sizes=(8, 8)), "--large-batch-sizes must be increasing, got [8, 8]"),
 ])
 def test_config_refuses_values_that_cannot_run(overrides, expected):
     with pytest.raises(ValueError) as exc:
         B.MIBenchConfig(**overrides).validate()
     assert expected in str(exc.value)
-    B.MIBenchConfig(dims=(1,), levels=(18.0,), lr=B.MAX_LR).validate()  # the bounds themselves
+    B.MIBenchConfig(dims=(1, 2), levels=(12.0, 1.0), large_batch_sizes=(2, 3),
+                    lr=B.MAX_LR).validate()  # the bounds themselves
 
 
 def _exit_status(argv):
@@ -306,3 +315,15 @@ def test_cli_mi_bench_refuses_in_one_line(tmp_path, capsys, extra, expected):
     assert code == cli.EXIT_USAGE and len(err) == 1, err
     assert expected in err[0] and "Traceback" not in err[0], err[0]
     assert not out.exists()
+
+
+def test_findings_take_the_largest_level_as_the_top_wherever_the_staircase_puts_it():
+    # a descending staircase: the saturation claim was tested at the last level, the smallest
+    out = {"config": {"levels": [8.0, 1.0], "estimators": ["infonce"]}, "log_batch": 4.0,
+           "results": {"20": {"infonce": {"8": {"true": 8.0, "mean": 3.9},
+                                          "1": {"true": 1.0, "mean": 0.9}}}}}
+    f = B._findings(out)
+    assert f["infonce_top_level_mean"] == {"20": 3.9}
+    assert f["infonce_saturates_near_log_batch"] is True
+    out["results"]["20"]["infonce"]["8"]["mean"] = 6.0  # well above log N: not saturated
+    assert B._findings(out)["infonce_saturates_near_log_batch"] is False
