@@ -929,6 +929,11 @@ def test_step_benchmark_names_the_backend_its_speed_ups_are_against(capsys, monk
     (["--backends", ","], "argument --backends: expected a comma-separated list"),
     (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    # every backend was reported as unable to run: the batch was the problem
+    (["--batch", "9"], "--batch 9: synthetic num_examples must be at least 10, got 9"),
+    # simclr has no concat critic (the line said "critic H=8" all the same)
+    (["--model", "simclr"], "--critic-hidden applies to --model factorcl-sup / factorcl-ssl "
+                            "only, not to simclr"),
 ])
 def test_step_benchmark_bad_flags_are_one_line(capsys, argv, expected):
     from factorcl import bench
@@ -939,15 +944,31 @@ def test_step_benchmark_bad_flags_are_one_line(capsys, argv, expected):
     _one_line_error(capsys, exc.value.code, expected)
 
 
-def test_step_benchmark_fails_when_no_backend_runs(capsys):
+def test_step_benchmark_fails_when_no_backend_runs(capsys, monkeypatch):
     from factorcl import bench
 
-    code = bench.main(["--batch", "2", "--backends", "reference", "--repeats", "1"])
+    def refused(**kw):
+        raise ValueError(f"backend={kw['backend']!r} refused")
+
+    monkeypatch.setattr(bench, "step_seconds", refused)
+    code = bench.main(["--batch", "12", "--backends", "reference,cpu", "--repeats", "1"])
     captured = capsys.readouterr()
-    assert "reference: cannot run" in captured.out
+    assert "reference: cannot run (backend='reference' refused)" in captured.out
     err = captured.err.strip().splitlines()
     assert code == cli.EXIT_USAGE and len(err) == 1, err
-    assert "no backend could run" in err[0] and "--batch 2" in err[0], err[0]
+    assert "no backend could run" in err[0] and "--batch 12" in err[0], err[0]
+    assert "cpu: backend='cpu' refused" in err[0], err[0]
+
+
+def test_step_benchmark_names_the_critic_width_only_for_models_with_concat_critics(
+        capsys, monkeypatch):
+    from factorcl import bench
+
+    monkeypatch.setattr(bench, "step_seconds", lambda **kw: 0.5)
+    for model, width in (("supcon", ""), ("factorcl-ssl", ", critic H=512")):
+        assert bench.main(["--model", model, "--backends", "reference"]) == 0
+        line = capsys.readouterr().out.strip()
+        assert f"({model}, batch 256{width}, " in line, line
 
 
 def test_step_seconds_is_the_median(monkeypatch):

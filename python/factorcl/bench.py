@@ -25,7 +25,7 @@ from factorcl_ext import _backends
 
 from . import data as D
 from .cli import EXIT_USAGE, _Parser, _positive_int
-from .models import MODELS, Batch, ModelConfig, build_model
+from .models import MODELS, SETTING_USERS, Batch, ModelConfig, build_model
 from .train import TrainError, club_step, main_step, resolve_device
 
 __all__ = ["make_step", "step_seconds", "main"]
@@ -97,11 +97,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=_positive_int, default=256)
     p.add_argument("--backends", type=_backend_list, default="reference,cpu",
                    help="comma-separated critic backends (default %(default)s)")
-    p.add_argument("--critic-hidden", type=_positive_int, default=512)
+    p.add_argument("--critic-hidden", type=_positive_int, default=None,
+                   help="concat critics' width H (FactorCL models; default 512)")
     p.add_argument("--embed-dim", type=_positive_int, default=128)
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--device", default="cpu", help="cpu | cuda[:k] (default %(default)s)")
     args = p.parse_args(argv)
+    concat = args.model in SETTING_USERS["critic_hidden"]
+    if args.critic_hidden is not None and not concat:
+        p.error(f"--critic-hidden applies to --model "
+                f"{' / '.join(SETTING_USERS['critic_hidden'])} only, not to {args.model}")
+    critic_hidden = args.critic_hidden or 512
+    try:
+        # the step's batch is a synthetic dataset of --batch examples
+        D.SyntheticConfig(num_examples=args.batch).validate()
+    except D.DataError as exc:
+        p.error(f"--batch {args.batch}: {exc}")
     try:
         device = resolve_device(args.device)
     except TrainError as exc:
@@ -113,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for backend in args.backends:
         try:
             t = step_seconds(repeats=args.repeats, model_name=args.model, batch=args.batch,
-                             backend=backend, critic_hidden=args.critic_hidden,
+                             backend=backend, critic_hidden=critic_hidden,
                              embed_dim=args.embed_dim, device=device)
         except (RuntimeError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -123,7 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         first = first or (backend, t)
         print(f"{backend:>9}: {t:.3f} s/step, {args.batch / t:.0f} samples/s, "
               f"{first[1] / t:.2f}x vs {first[0]} "
-              f"({args.model}, batch {args.batch}, critic H={args.critic_hidden}, {where})")
+              f"({args.model}, batch {args.batch}"
+              f"{f', critic H={critic_hidden}' if concat else ''}, {where})")
     if first is None:
         print(f"{p.prog}: error: no backend could run --model {args.model} at --batch "
               f"{args.batch} on {device} ({'; '.join(failed)})", file=sys.stderr)
