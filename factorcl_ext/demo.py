@@ -73,25 +73,30 @@ def main(argv=None) -> int:
     gerr = (grad_fused - grad_naive).norm().item() / grad_naive.norm().item()
     print(f"loss: fused {loss_fused:.6f}  materialising {loss_naive:.6f}  "
           f"(first-layer weight gradient relative difference {gerr:.1e})")
-    rate = matmul_gflops()
+    rate = matmul_gflops() if L else None
     flops = concat_critic_flops(n, n, h, L, d, d)
     rows = []
     for name, module in (("fused (factorcl_ext)", fused), ("materialising (authors')", naive)):
         t = median_seconds(step(module), repeats=args.repeats)
         mem = peak_extra_rss_bytes(step(module))
         rows.append((name, t, mem))
-    print(f"\n{'critic, forward+backward':<26}{'time':>10}{'peak extra memory':>20}{'GFLOP/s':>10}")
+    # L = 0 is element-wise bound, no hidden-layer FLOPs: rated in pairs per second (DESIGN.md)
+    rate_name = "GFLOP/s" if L else "Mpair/s"
+    print(f"\n{'critic, forward+backward':<26}{'time':>10}{'peak extra memory':>20}"
+          f"{rate_name:>10}")
     for name, t, mem in rows:
         mem = f"{mem / 2**20:>17.1f}MiB" if mem is not None else f"{'n/a':>20}"
-        print(f"{name:<26}{t * 1e3:>8.1f}ms{mem}{flops / t / 1e9:>10.1f}")
+        print(f"{name:<26}{t * 1e3:>8.1f}ms{mem}{(flops / 1e9 if L else n * n / 1e6) / t:>10.1f}")
     (_, tf, mf), (_, tn, mn) = rows
     share = (f"uses {100 * mf / max(mn, 1):.1f}% of the memory" if None not in (mf, mn)
              else f"({MEMORY_UNAVAILABLE})")
     speed = (f"{tn / tf:.2f}x faster" if tn >= tf
              else f"{tf / tn:.2f}x slower (at this size the time is Python and dispatch)")
-    print(f"\nfused is {speed} and {share}; "
-          f"torch.mm (4096x512x512) runs at {rate:.1f} GFLOP/s here, the fused critic at "
-          f"{100 * flops / tf / 1e9 / rate:.0f}% of it")
+    against = (f"torch.mm (4096x512x512) runs at {rate:.1f} GFLOP/s here, the fused critic at "
+               f"{100 * flops / tf / 1e9 / rate:.0f}% of it" if L else
+               "an L = 0 critic does element-wise work per pair, no matrix products: rated in "
+               "pairs per second")
+    print(f"\nfused is {speed} and {share}; {against}")
     return 0
 
 

@@ -27,6 +27,17 @@ def test_demo_runs_and_the_two_critics_agree(capsys):
                      r"dispatch\)) and uses \d+\.\d+% of the memory", out), out
 
 
+def test_demo_rates_an_l0_critic_in_pairs_per_second(capsys):
+    # element-wise bound (DESIGN.md): it printed GFLOP/s of the first layer and "0% of" torch.mm
+    if "cpu" not in factorcl_ext.available_backends():
+        pytest.skip("the fused CPU kernels are not built")
+    assert demo.main(["--batch", "24", "--dim", "7", "--hidden", "20", "--layers", "0",
+                      "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Mpair/s" in out and "GFLOP/s" not in out and "% of it" not in out, out
+    assert "rated in pairs per second" in out, out
+
+
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--hidden", "-2"], ["--layers", "-1"],
                                   ["--repeats", "0"]])
 def test_demo_rejects_bad_sizes(capsys, argv):
