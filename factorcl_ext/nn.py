@@ -74,6 +74,16 @@ class _ConcatMLP(nn.Module):
         self.backend, self.deterministic = backend, deterministic
 
     def _params(self):
+        for name, m in self._f.named_modules(prefix="_f"):
+            if m._forward_pre_hooks or m._forward_hooks:
+                # the fused ops read the layers' parameters and never call them: a hook would not
+                # run (torch.nn.utils.spectral_norm's would leave the raw weight in use, silently)
+                raise RuntimeError(
+                    f"{type(self).__name__}: {name} has forward hooks, which the fused critic "
+                    "would not run (it reads the layers' parameters and never calls them); "
+                    "remove them. For spectral_norm / weight_norm use torch.nn.utils."
+                    "parametrizations (a parametrized weight is computed when it is read), or "
+                    "prune through torch.nn.utils.parametrize")
         linears = [m for m in self._f if isinstance(m, nn.Linear)]
         first, hidden, last = linears[0], linears[1:-1], linears[-1]
         return (

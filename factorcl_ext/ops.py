@@ -415,16 +415,18 @@ def _refuse_differentiating_transforms(name: str, backend: str, args) -> None:
     pass a tangent straight through to the kernel and drop it: a silently zero derivative. The
     torch.func reverse transforms (``grad``, ``vjp``, ``jacrev``) fail inside PyTorch with a
     message about ``setup_context`` that names neither the op nor a way out. Both are refused
-    here, naming the op. ``torch.vmap`` alone is let through: the ops run once per batch entry
-    (``_vmap``). Under torch.compile tracing this is skipped (not a tensor computation)."""
-    if torch.compiler.is_compiling():
-        return
+    here, naming the op. ``torch.vmap`` is let through (the ops run once per batch entry,
+    ``_vmap``), and ``torch.func.functionalize``, which differentiates nothing. Under torch.compile the functorch transform stack cannot be read (dynamo cannot
+    trace it; the reverse transforms fail inside PyTorch there), but a tangent can: a compiled
+    ``jvp`` / ``jacfwd`` or dual tensor is refused too (its derivative came back as zeros)."""
     reverse_only = ("its hand-written backward is reverse-mode only, for torch.autograd "
                     "(.backward(), torch.autograd.grad). Use torch.autograd")
     how = why = None
-    if torch._C._are_functorch_transforms_active():
-        vmap = torch._C._functorch.TransformType.Vmap
-        if any(i.key() != vmap for i in torch._C._functorch.get_interpreter_stack()):
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        kind = torch._C._functorch.TransformType
+        undifferentiated = (kind.Vmap, kind.Functionalize)  # they differentiate nothing
+        if any(i.key() not in undifferentiated
+               for i in torch._C._functorch.get_interpreter_stack()):
             how = "torch.func transforms other than vmap (grad, vjp, jvp, jacrev, jacfwd, hessian)"
             why = reverse_only
     if how is None and torch.autograd.forward_ad._current_level >= 0 and _has_tangent(args):

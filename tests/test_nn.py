@@ -184,6 +184,50 @@ def test_club_critic_matches_authors(backend, method, shape):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_parametrized_weights_work_and_module_hooks_are_refused(backend):
+    """The fused critics read their layers' parameters and never call the layers. A weight
+    parametrization (torch.nn.utils.parametrizations: computed when read) works as in the
+    authors' module; the older hook-based spectral_norm ran a forward pre-hook that never ran
+    here, so the raw weight was used and weight_orig got no gradient, silently. Any forward hook
+    on the MLP's modules is now refused, naming the module."""
+    from torch.nn.utils import parametrizations
+
+    device = device_for(backend)
+    ours = InfoNCECritic(4, 3, 8, 1, "relu", backend=backend).to(device, F64)
+    theirs = AuthorsInfoNCE(4, 3, 8, 1, "relu").to(device, F64)
+    theirs.load_state_dict(ours.state_dict())
+    for m in (ours, theirs):
+        parametrizations.spectral_norm(m._f[0])
+        parametrizations.weight_norm(m._f[2])
+        m.eval()  # no power iteration: both read the same normalised weight
+    theirs.load_state_dict(ours.state_dict())  # spectral_norm's power-iteration vectors too
+    _compare(ours, theirs, lambda m, x, y: m(x, y), _pair(6, 4, 3, device), 1e-10)
+
+    x, y = _pair(5, 4, 3, device)
+    critics = (
+        (InfoNCECritic(4, 3, 8, 1, "relu", backend=backend), lambda c: c(x, y)),
+        (CLUBInfoNCECritic(4, 3, 8, 1, "relu", backend=backend), lambda c: c.learning_loss(x, y)),
+        (FusedConcatCritic(3, 4, 8, 1, backend=backend), lambda c: c(y, x)),
+    )
+    for critic, call in critics:
+        critic = critic.to(device, F64)
+        call(critic)
+        handle = critic._f[2].register_forward_pre_hook(lambda mod, args: None)
+        with pytest.raises(RuntimeError, match=r"_f\.2 has forward hooks, which the fused "
+                                               r"critic would not run"):
+            call(critic)
+        handle.remove()
+        call(critic)
+        critic._f.register_forward_hook(lambda mod, args, out: None)  # forward (post) hooks too
+        with pytest.raises(RuntimeError, match=r"_f has forward hooks"):
+            call(critic)
+    critic = InfoNCECritic(4, 3, 8, 1, "relu", backend=backend).to(device, F64)
+    nn.utils.spectral_norm(critic._f[0])  # the hook-based form
+    with pytest.raises(RuntimeError, match=r"_f\.0 has forward hooks.*parametrizations"):
+        critic(x, y)
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_infonce_critic_float32(backend):
     device = device_for(backend)
     ours = InfoNCECritic(6, 5, 33, 1, "relu", backend=backend).to(device)
@@ -758,6 +802,46 @@ def test_differentiating_transforms_are_refused_not_wrong(backend, transform):
             (g,) = torch.autograd.grad(ours(x_), x_)
             value, floor = expected(g, t)
             assert_rel_close(got, value, 1e-12, f"{transform} of {op}", floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functionalize_runs_the_ops(backend):
+    """torch.func.functionalize (and make_fx of it) differentiates nothing; it was refused as a
+    differentiating transform. Each core op gives its eager value under it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    device, functions = _fused_and_reference(backend)
+    x = torch.randn(7, 5, dtype=F64, device=device)
+    for op, ours, ref in functions:
+        expected = ours(x)
+        assert_rel_close(expected, ref(x), 1e-10, op, floor=1.0)
+        assert torch.equal(torch.func.functionalize(ours)(x), expected), op
+        graph = make_fx(torch.func.functionalize(ours))(x)
+        assert torch.equal(graph(x), expected), op
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("transform", ["jvp", "jacfwd", "forward_ad"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_forward_mode_under_torch_compile_is_refused_not_zero(backend, transform, fullgraph):
+    """Under torch.compile the refusal above was skipped and the tangent dropped: a compiled
+    jvp / jacfwd / dual tensor gave a derivative of zeros. Refused there too: with a graph break
+    the op's NotImplementedError, with fullgraph=True dynamo's error carrying its message.
+    (Triton's launch planning is traced on a GPU only.)"""
+    run, _ = TRANSFORMS[transform]
+    device, functions = _fused_and_reference(backend)
+    x = torch.randn(7, 5, dtype=F64, device=device)
+    t = torch.randn_like(x)
+    for op, ours, _ in functions:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x_, f=ours: run(f, x_, t), fullgraph=fullgraph,
+                                 backend="aot_eager")
+        with pytest.raises(Exception) as exc:
+            compiled(x)
+        assert f"{op} with backend='{backend}' does not support" in str(exc.value), op
+        assert isinstance(exc.value, torch._dynamo.exc.Unsupported if fullgraph
+                          else NotImplementedError), type(exc.value)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
