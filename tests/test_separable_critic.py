@@ -418,6 +418,33 @@ def test_nan_inf_propagate(backend, device, pos_offset, exclude_offset):
     assert torch.isnan(loss)
 
 
+@pytest.mark.parametrize("dtype,big", [(torch.float64, 800.0), (torch.float32, 100.0)])
+@pytest.mark.parametrize("pos_offset,exclude_offset", [(1, None), (0, 2)])
+def test_loss_gradients_of_a_row_with_inf_beside_a_large_score(backend, device, dtype, big,
+                                                                pos_offset, exclude_offset):
+    """Row 0 scores [+Inf, big, ...] with exp(big) beyond the dtype's range: the CPU loss op
+    formed its softmax as exp(s) / sumexp there (no finite maximum to subtract), which overflowed
+    to Inf / Inf = NaN for the big score and spread a NaN over that column's whole dH row. The
+    reference's exp(s - lse) is 0 there: the loss op's gradients now equal the reference's, NaN
+    where it has NaN (the +Inf entry), and no other row or column changes."""
+    inf = float("inf")
+    g = torch.randn(4, 3, dtype=torch.float64, device=device)
+    h = torch.randn(7, 3, dtype=torch.float64, device=device)
+    g[0] = torch.tensor([1.0, 1.0, 0.0])
+    h[0] = torch.tensor([inf, 0.0, 0.0])  # s_00 = +Inf, s_i0 = +-Inf for the other rows
+    h[1] = torch.tensor([0.0, big, 0.0])  # s_01 = big
+    g, h = g.to(dtype), h.to(dtype)
+    kw = dict(c_lse=1.0, c_pos=-1.0, c_rowsum=0.1, pos_offset=pos_offset,
+              exclude_offset=exclude_offset)
+    a = _leaves(g, h)
+    grads = torch.autograd.grad(factorcl_ext.pair_dot_loss(*a, backend=backend, **kw), a)
+    r = _leaves(g, h)
+    ref_grads = torch.autograd.grad(factorcl_ext.pair_dot_loss(*r, backend="reference", **kw), r)
+    assert torch.isfinite(ref_grads[1][1:]).all()  # the big score's column is finite there
+    for name, x, y in zip(("dG", "dH"), grads, ref_grads):
+        torch.testing.assert_close(x, y, equal_nan=True, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_large_scores_do_not_overflow(backend, device):
     """Scores far beyond exp's range: the logsumexp must subtract the row maximum."""
     g = torch.randn(5, 3, dtype=torch.float64, device=device) * 400

@@ -328,11 +328,13 @@ struct Offsets {
   std::optional<int64_t> pos, exclude;
 };
 
-// Reduces row i (scores x[0..m)) to pos, rowsum and lse; with `store`, leaves x = exp(s - shift)
-// (the excluded entry 0) and returns sumexp, so that softmax = x / sumexp.
+// Reduces row i (scores x[0..m)) to pos, rowsum and lse, and returns sumexp. With `store`, and
+// when the row maximum is finite, it leaves x = exp(s - max) (the excluded entry 0), so that
+// softmax = x / sumexp, and sets `stored`; a row holding +-Inf keeps its scores (exp(s) of a large
+// finite score beside +Inf would overflow, where the reference's exp(s - lse) is 0).
 template <typename T>
 inline T reduce_row(T* x, int64_t m, int64_t i, const Offsets& off, bool store, T& lse, T& pos,
-                    T& rowsum) {
+                    T& rowsum, bool& stored) {
   // pos first: it is s_(i, i+pos_offset) even where that column is the excluded one.
   if (off.pos) pos = x[i + *off.pos];
   std::optional<int64_t> skip;
@@ -345,7 +347,8 @@ inline T reduce_row(T* x, int64_t m, int64_t i, const Offsets& off, bool store, 
   // reaches the sum of exponentials whatever the maximum is.
   const T shift = std::isinf(mx) ? T(0) : mx;
   T sumexp = 0;
-  if (store) {
+  stored = store && !std::isinf(mx);
+  if (stored) {
     without_column(m, skip,
                    [&](int64_t b, int64_t len) { sumexp += seg_exp_store(x + b, len, shift); });
     if (skip) x[*skip] = 0;
@@ -405,8 +408,9 @@ Stats pair_dot_stats_cpu(const at::Tensor& G_in, const at::Tensor& H_in,
       scalar_t* s = S.data_ptr<scalar_t>();
       for (int64_t ii = 0; ii < r; ++ii) {
         const int64_t i = row0 + ii;
+        bool stored;
         reduce_row<scalar_t>(s + ii * m, m, i, off, /*store=*/false, lse_p[i], pos_p[i],
-                             rowsum_p[i]);
+                             rowsum_p[i], stored);
       }
     });
   });
@@ -502,13 +506,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_dot_loss_cpu(
       for (int64_t ii = 0; ii < r; ++ii) {
         const int64_t i = row0 + ii;
         scalar_t* x = s + ii * m;
-        const scalar_t sumexp =
-            reduce_row<scalar_t>(x, m, i, off, compute_grad, lse_p[i], pos_p[i], rowsum_p[i]);
+        bool stored;
+        const scalar_t sumexp = reduce_row<scalar_t>(x, m, i, off, compute_grad, lse_p[i], pos_p[i],
+                                                     rowsum_p[i], stored);
         if (!compute_grad) continue;
         // The loss is linear in (lse, pos, rowsum) with known coefficients, so dS is known as
         // soon as the row is reduced: c_lse * softmax + c_rowsum, the excluded entry 0, c_pos
-        // on the positive.
-        seg_affine(x, m, cl / sumexp, cr);
+        // on the positive. A row with an infinite maximum: softmax = exp(s - lse), the
+        // reference's form (0 beside +Inf, NaN at +Inf itself, NaN in a row of -Inf).
+        if (stored) {
+          seg_affine(x, m, cl / sumexp, cr);
+        } else {
+          seg_exp_affine(x, m, lse_p[i], cl, cr);
+        }
         if (exclude_offset) x[i + *exclude_offset] = 0;
         if (pos_offset) x[i + *pos_offset] += cp;
       }
