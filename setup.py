@@ -33,30 +33,53 @@ def _log(msg: str) -> None:
     print(f"factorcl-ext: {msg}", file=sys.stderr)
 
 
+def _nvcc_problem() -> str | None:
+    """Why CUDA_HOME's nvcc cannot build for this torch (None when it can): it is missing (a
+    runtime-only CUDA install), does not run, or is of another major CUDA version than torch's
+    (which torch's build refuses only after the CPU sources have compiled)."""
+    import re
+    import subprocess
+
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        return f"CUDA_HOME={CUDA_HOME} has no bin/nvcc (a runtime-only CUDA install?)"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{nvcc} does not run ({exc})"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return f"{nvcc} --version names no CUDA release"
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        return (f"{nvcc} is CUDA {found.group(1)}.{found.group(2)}, torch was built with CUDA "
+                f"{torch.version.cuda} (the major versions must match)")
+    return None
+
+
 def _want_cuda() -> bool:
     flag = os.environ.get("FACTORCL_EXT_CUDA")
     cuda_sources = glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
-    possible = bool(torch.version.cuda) and CUDA_HOME is not None and bool(cuda_sources)
     if flag not in (None, "", "0", "1"):
         sys.exit(f"factorcl-ext: FACTORCL_EXT_CUDA={flag!r}: expected 0 (off) or 1 (on)")
     if flag == "0":
         _log("FACTORCL_EXT_CUDA=0: building the CPU extension only")
         return False
-    if flag == "1" and not possible:
-        sys.exit(
-            "factorcl-ext: FACTORCL_EXT_CUDA=1 but the CUDA extension cannot be built "
-            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}, "
-            f"{len(cuda_sources)} .cu sources)"
-        )
-    if not possible:
-        why = []
-        if not torch.version.cuda:
-            why.append("torch is a CPU-only build")
-        if CUDA_HOME is None:
-            why.append("no CUDA toolkit found (set CUDA_HOME)")
-        if not cuda_sources:
-            why.append("no CUDA sources in csrc/cuda")
-        _log("building the CPU extension only: " + "; ".join(why))
+    why = []
+    if not torch.version.cuda:
+        why.append("torch is a CPU-only build")
+    if CUDA_HOME is None:
+        why.append("no CUDA toolkit found (set CUDA_HOME)")
+    elif torch.version.cuda and (problem := _nvcc_problem()):
+        why.append(problem)
+    if not cuda_sources:
+        why.append("no CUDA sources in csrc/cuda")
+    if why and flag == "1":
+        sys.exit("factorcl-ext: FACTORCL_EXT_CUDA=1 but the CUDA extension cannot be built: "
+                 + "; ".join(why))
+    if why:
+        _log("building the CPU extension only: " + "; ".join(why)
+             + " (FACTORCL_EXT_CUDA=1 makes this an error)")
         return False
     return True
 
@@ -67,14 +90,30 @@ def _want_cuda() -> bool:
 _SM90A_KERNELS = False
 
 
+def _available_memory_gb() -> float | None:
+    """Memory available to new processes: MemAvailable (free memory plus the file cache the
+    kernel can reclaim; MemFree alone drops to a few GB on a machine that has been reading
+    files), else the free pages where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _default_max_jobs() -> None:
     """Bound parallel nvcc jobs by memory (each takes ~2 GB with the torch headers) unless the
     user set MAX_JOBS, which torch's ninja build honours."""
     if os.environ.get("MAX_JOBS"):
         return
-    try:
-        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
+    mem_gb = _available_memory_gb()
+    if mem_gb is None:
         return
     jobs = max(1, min(os.cpu_count() or 1, int(mem_gb // 2)))
     os.environ["MAX_JOBS"] = str(jobs)
@@ -98,8 +137,8 @@ def _gencode_flags(archs: str) -> list[str]:
             major, minor = name.rstrip("a").split(".")
             num = int(major) * 10 + int(minor)
         except ValueError:
-            sys.exit(f"factorcl-ext: cannot parse CUDA arch {item!r} in TORCH_CUDA_ARCH_LIST={archs!r} "
-                     "(use numbers such as 8.0;9.0+PTX)")
+            sys.exit(f"factorcl-ext: cannot parse CUDA arch {item!r} in "
+                     f"TORCH_CUDA_ARCH_LIST={archs!r} (use numbers such as 8.0;9.0+PTX)")
         if num < 80:
             sys.exit(f"factorcl-ext: CUDA arch {item} is not supported: the kernels use bfloat16 "
                      "tensor cores, which need compute capability 8.0 or newer")

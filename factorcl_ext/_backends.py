@@ -9,21 +9,32 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from typing import Optional
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
+_REBUILD = "pip install --no-build-isolation -e .   (from the factorcl-ext source tree)"
+
 _C = None
 _C_ERROR: Optional[BaseException] = None
 try:
     # loading it registers the torch.ops.factorcl ops
     _C = importlib.import_module("factorcl_ext._C")
-except ImportError as exc:  # pragma: no cover - only when the extension was not built
+except ImportError as exc:  # only when the extension was not built, or does not load
     _C_ERROR = exc
-
-_REBUILD = "pip install --no-build-isolation -e .   (from the factorcl-ext source tree)"
+    # said once, at import: backend="auto" now runs the materialising reference on CPU tensors
+    # (N x M x H memory) and the CUDA kernels are absent, which no call would otherwise show
+    warnings.warn(
+        f"factorcl_ext: the compiled extension did not load ({exc}); backend='auto' falls back "
+        f"to the materialising 'reference' on CPU tensors and 'cpu' / 'cuda' are unavailable. "
+        f"Imported from {os.path.dirname(os.path.abspath(__file__))}; build it with:\n"
+        f"  {_REBUILD}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def compiled_module():

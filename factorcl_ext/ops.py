@@ -416,9 +416,10 @@ def _refuse_differentiating_transforms(name: str, backend: str, args) -> None:
     torch.func reverse transforms (``grad``, ``vjp``, ``jacrev``) fail inside PyTorch with a
     message about ``setup_context`` that names neither the op nor a way out. Both are refused
     here, naming the op. ``torch.vmap`` is let through (the ops run once per batch entry,
-    ``_vmap``), and ``torch.func.functionalize``, which differentiates nothing. Under torch.compile the functorch transform stack cannot be read (dynamo cannot
-    trace it; the reverse transforms fail inside PyTorch there), but a tangent can: a compiled
-    ``jvp`` / ``jacfwd`` or dual tensor is refused too (its derivative came back as zeros)."""
+    ``_vmap``), and ``torch.func.functionalize``, which differentiates nothing. Under
+    torch.compile the functorch transform stack cannot be read (dynamo cannot trace it; the
+    reverse transforms fail inside PyTorch there), but a tangent can: a compiled ``jvp`` /
+    ``jacfwd`` or dual tensor is refused too (its derivative came back as zeros)."""
     reverse_only = ("its hand-written backward is reverse-mode only, for torch.autograd "
                     "(.backward(), torch.autograd.grad). Use torch.autograd")
     how = why = None

@@ -42,6 +42,20 @@ def _backends_under_test() -> list[str]:
 BACKENDS = _backends_under_test()
 
 
+def pytest_configure(config):
+    # Without the compiled extension every backend-parametrised test would be skipped and the
+    # run would pass having tested no kernel (seen from a checkout whose package was installed
+    # elsewhere); FACTORCL_TEST_BACKENDS names the backends explicitly where that is meant.
+    info = factorcl_ext.build_info()
+    if not os.environ.get("FACTORCL_TEST_BACKENDS") and not info["cpu_kernels"]:
+        raise pytest.UsageError(
+            "factorcl_ext's compiled extension is not available here "
+            f"({info.get('extension_error')}; factorcl_ext imported from "
+            f"{os.path.dirname(factorcl_ext.__file__)}): build it in this checkout with "
+            "`pip install --no-build-isolation -e .`, or set FACTORCL_TEST_BACKENDS to run "
+            "without it")
+
+
 def device_for(backend: str) -> torch.device:
     if backend in ("cuda", "triton") and torch.cuda.is_available():
         return torch.device("cuda")
