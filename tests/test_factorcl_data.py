@@ -457,3 +457,51 @@ def test_evaluate_on_a_one_example_test_split_writes_valid_json():
     out = E.evaluate(model, data, mi_probe_steps=2, backend="reference")
     assert out["mi"] and all(v is None for v in out["mi"].values()), out["mi"]
     json.dumps(out, allow_nan=False)
+
+
+def test_float64_features_keep_their_precision_for_float64_training(tmp_path):
+    # every file was rounded to float32 on load, under --dtype float64 too: 1e6 + 0.01 * k
+    # collapsed to one value (a float64 run trained on the rounded data)
+    x1 = 1e6 + 0.01 * np.arange(40.0)[:, None]
+    path = _write_npz(tmp_path / "f64.npz", x1=x1, x2=np.random.randn(40, 2), y=np.arange(40) % 2)
+    d64 = D.load_dataset("npz:" + path, dtype=torch.float64)
+    assert d64.x1.dtype == torch.float64 and torch.equal(d64.x1, torch.from_numpy(x1))
+    d32 = D.load_dataset("npz:" + path)  # float32 training: as before
+    assert d32.x1.dtype == torch.float32 and d32.x1.unique().numel() < 40
+    # finite float64 values beyond float32's range: named, not "contains NaN or Inf"
+    big = _write_npz(tmp_path / "big.npz", x1=np.full((10, 2), 1e39), x2=np.zeros((10, 2)),
+                     y=np.arange(10) % 2)
+    with pytest.raises(D.DataError, match=r"'x1' holds finite values beyond torch.float32's "
+                                          r"range \(largest magnitude 1e\+39\).*--dtype float64"):
+        D.load_dataset("npz:" + big)
+    assert D.load_dataset("npz:" + big, dtype=torch.float64).x1.max() == 1e39
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_features_and_labels_load(tmp_path, dtype):
+    # uint8 loaded, the wider unsigned types were refused ("must hold real numeric features")
+    x1 = (np.arange(80).reshape(40, 2) * 1000).astype(dtype)
+    path = _write_npz(tmp_path / "u.npz", x1=x1, x2=np.random.randn(40, 2),
+                      y=(np.arange(40) % 3).astype(dtype))
+    d = D.load_dataset("npz:" + path)
+    assert torch.equal(d.x1, torch.from_numpy(x1.astype(np.float32)))
+    assert d.y.dtype == torch.long and d.y.tolist() == [i % 3 for i in range(40)]
+    assert d.num_classes == 3
+    bad = _write_npz(tmp_path / "ub.npz", x1=x1, x2=np.zeros((40, 2)),
+                     y=np.full(40, 2**63 + 5, dtype=np.uint64) if dtype == np.uint64
+                     else (np.arange(40) + 100).astype(dtype))
+    with pytest.raises(D.DataError, match="out of range for 40 examples"):
+        D.load_dataset("npz:" + bad)
+
+
+def test_a_test_fraction_beside_a_split_key_is_refused(tmp_path):
+    # the file's split was used and the fraction ignored without a word
+    arrays = dict(x1=np.random.randn(40, 2), x2=np.random.randn(40, 2), y=np.arange(40) % 2)
+    with_split = _write_npz(tmp_path / "s.npz", **arrays, split=(np.arange(40) % 5 == 0) * 1)
+    with pytest.raises(D.DataError, match=r"s.npz: a test fraction \(0.5\) was given, but the "
+                                          r"file's 'split' key decides the split"):
+        D.load_dataset("npz:" + with_split, test_fraction=0.5)
+    assert len(D.load_dataset("npz:" + with_split).test_idx) == 8
+    without = _write_npz(tmp_path / "n.npz", **arrays)
+    assert len(D.load_dataset("npz:" + without).test_idx) == 8  # the default 0.2
+    assert len(D.load_dataset("npz:" + without, test_fraction=0.5).test_idx) == 20

@@ -1152,3 +1152,31 @@ def test_amp_is_left_off_where_bfloat16_would_merge_factorcl_sups_classes():
     assert T._use_amp(_cfg(amp="auto"), torch.device("cpu"), 2) == (False, "")
     with pytest.raises(T.TrainError, match="--amp on needs a CUDA device"):
         T._use_amp(_cfg(amp="on"), torch.device("cpu"), 2)
+
+
+def test_resume_after_a_torn_metrics_line(tmp_path):
+    # an append cut short (a crash, a full disk) left a partial last line in metrics.jsonl, and
+    # the next --resume (or compare continuing the run) died in json.loads
+    d = _data()
+    cfg = _cfg("simclr", epochs=1, checkpoint_every=2, log_every=1)
+    part = T.train(cfg, d, str(tmp_path), stop_at_step=4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.12')  # torn: no closing brace, no newline
+    resumed = T.train(cfg, d, str(tmp_path), resume=part["checkpoint"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(1, resumed["steps"] + 1))
+
+
+def test_cli_empty_and_ignored_lists_and_fractions(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    for models in ("", ","):  # an empty shell variable: IndexError, exit status 1
+        code = cli.main(["compare", "--out", out, "--models", models, *TINY])
+        _one_line_error(capsys, code, "--models must name at least one, got an empty list")
+    path = tmp_path / "s.npz"
+    np.savez(path, x1=np.random.randn(40, 3), x2=np.random.randn(40, 3), y=np.arange(40) % 2,
+             split=(np.arange(40) % 5 == 0) * 1)
+    code = cli.main(["train", "--out", out, "--model", "simclr", "--backend", "reference",
+                     "--dataset", f"npz:{path}", "--test-fraction", "0.5", *TINY_MODEL])
+    _one_line_error(capsys, code, "a test fraction (0.5) was given, but the file's 'split' key")
+    assert not os.path.exists(out)

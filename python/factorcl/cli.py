@@ -240,7 +240,11 @@ def _check_model_flags(args, models: Sequence[str]) -> None:
                          f"{', '.join(models)}")
 
 
-def _load_data(args, seed: int):
+def _load_data(args, seed: int, dtype: str):
+    """The dataset of ``args``; a file's features in ``dtype`` (the run's --dtype: float64 data
+    keeps its precision for a float64 run)."""
+    import torch
+
     from . import data as D
 
     _check_dataset_flags(args)
@@ -249,8 +253,12 @@ def _load_data(args, seed: int):
                             label_parts=tuple(args.label_parts), label_fn=args.label_fn,
                             noise=args.noise, projection=args.projection,
                             test_fraction=args.test_fraction, seed=seed)
+    # a file with a 'split' key refuses a --test-fraction given (other than the default)
+    default = args.dataset_only_flags["test_fraction"][1]
+    fraction = None if args.test_fraction == default else args.test_fraction
     return D.load_dataset(args.dataset, synthetic=syn, modalities=args.modalities,
-                          task=args.task, test_fraction=args.test_fraction, seed=seed)
+                          task=args.task, test_fraction=fraction, seed=seed,
+                          dtype=getattr(torch, dtype))
 
 
 def _preflight(backend: str, device_name: str, deterministic: bool = False) -> str:
@@ -306,7 +314,7 @@ def _cmd_train(args, log) -> int:
 
         torch.cuda.set_device(device)
     comm = init_from_env(device)
-    data = _load_data(args, args.seed)
+    data = _load_data(args, args.seed, args.dtype)
     cfg = _train_config(args, args.model, args.seed)
     try:
         res = train(cfg, data, args.out, resume=args.resume, overwrite=args.overwrite, comm=comm,
@@ -345,6 +353,9 @@ def _cmd_compare(args, log) -> int:
     from .compare import compare
     from .models import MODELS
 
+    for name, values in (("--models", args.models), ("--seeds", args.seeds)):
+        if not values:  # "" or ",": an empty shell variable
+            raise _usage(f"{name} must name at least one, got an empty list")
     for m in args.models:
         if m not in MODELS:
             raise _usage(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
@@ -359,9 +370,9 @@ def _cmd_compare(args, log) -> int:
     cfg = _train_config(args, args.models[0], args.seeds[0])
     cfg.validate()  # before --out is created
     if args.dataset != "synthetic":
-        _load_data(args, args.seeds[0])  # fail early on unusable data
-    res = compare(cfg, lambda seed: _load_data(args, seed), args.out, models=args.models,
-                  seeds=args.seeds, log=log, overwrite=args.overwrite)
+        _load_data(args, args.seeds[0], args.dtype)  # fail early on unusable data
+    res = compare(cfg, lambda seed: _load_data(args, seed, args.dtype), args.out,
+                  models=args.models, seeds=args.seeds, log=log, overwrite=args.overwrite)
     if res.get("interrupted"):
         print(f"factorcl compare: interrupted; the last run's checkpoint is {res['checkpoint']}; "
               "run the same command again to continue", file=sys.stderr)
@@ -434,7 +445,7 @@ def _cmd_embed(args, log) -> int:
     _check_dataset_flags(args)
     model, info = load_model(args.run, device=args.device, what="run")
     cfg, trained_on = info["config"], info["data"]
-    data = _load_data(args, cfg.seed if args.seed is None else args.seed)
+    data = _load_data(args, cfg.seed if args.seed is None else args.seed, cfg.dtype)
     shapes = (list(data.x1.shape[1:]), list(data.x2.shape[1:]))
     if shapes != (trained_on["x1"], trained_on["x2"]):
         raise _usage(f"the run was trained on examples of shape x1 {trained_on['x1']}, x2 "

@@ -76,7 +76,8 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
 class PairedData:
     """Two modalities and a label per example, with a fixed train / test split.
 
-    ``x1`` [N, D1] or [N, T1, D1], ``x2`` [N, D2] or [N, T2, D2] (float32), ``y`` [N] int64 class
+    ``x1`` [N, D1] or [N, T1, D1], ``x2`` [N, D2] or [N, T2, D2] (float32, or float64 when loaded
+    for float64 training), ``y`` [N] int64 class
     indices in ``[0, num_classes)``. ``latents`` (synthetic data only) holds the generating
     factors ``shared``, ``unique1``, ``unique2`` for diagnostics; ``settings`` (synthetic data
     only) the generator's settings, which a resumed or reused run must share.
@@ -373,6 +374,7 @@ def sample_correlated_gaussian(batch: int, dim: int, mi: float, generator: torch
 
 
 _REAL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def _as_real_tensor(name: str, key: str, a, what: str) -> Tensor:
@@ -390,13 +392,31 @@ def _as_real_tensor(name: str, key: str, a, what: str) -> Tensor:
         hint = hint if names else ""
         raise DataError(f"{name}: key {key!r} must hold {what}, got {got} "
                         f"({exc.__class__.__name__}){hint}") from None
+    if t.dtype in _WIDE_UNSIGNED:
+        # torch has few ops for these (no max, no unique): as float64, exact up to 2^53 (labels
+        # beyond that are out of range anyway, and are refused as such)
+        t = t.to(torch.float64)
     if not (t.is_floating_point() or t.dtype in _REAL_DTYPES):
         raise DataError(f"{name}: key {key!r} has dtype {t.dtype}; it must hold {what}")
     return t
 
 
-def _as_float(name: str, key: str, a) -> Tensor:
-    return _as_real_tensor(name, key, a, "real numeric features").float()
+def _as_float(name: str, key: str, a, dtype: torch.dtype = torch.float32,
+              refuse_beyond_range: bool = True) -> Tensor:
+    """Features in ``dtype`` (the training dtype: float64 data keeps its precision under
+    ``--dtype float64``); finite values beyond ``dtype``'s range are refused, naming the largest,
+    rather than becoming Inf (and then "contains NaN or Inf"), unless ``refuse_beyond_range`` is
+    off (MultiBench's features, whose non-finite values are zeroed as its loaders do)."""
+    t = _as_real_tensor(name, key, a, "real numeric features")
+    if (refuse_beyond_range and t.is_floating_point()
+            and torch.finfo(t.dtype).max > torch.finfo(dtype).max):
+        finite = t[torch.isfinite(t)]
+        top = float(finite.abs().max()) if finite.numel() else 0.0
+        if top > torch.finfo(dtype).max:
+            raise DataError(
+                f"{name}: key {key!r} holds finite values beyond {dtype}'s range (largest "
+                f"magnitude {top:g}); scale the features, or train in float64 (--dtype float64)")
+    return t.to(dtype)
 
 
 def _as_labels(name: str, key: str, a, n: int) -> tuple[Tensor, int]:
@@ -438,9 +458,12 @@ def _as_labels(name: str, key: str, a, n: int) -> tuple[Tensor, int]:
     return t, num_classes
 
 
-def _split_from(name: str, raw, n: int, test_fraction: float, seed: int):
+def _split_from(name: str, raw, n: int, test_fraction: Optional[float], seed: int):
     if raw is None:
-        return _random_split(n, test_fraction, seed)
+        return _random_split(n, 0.2 if test_fraction is None else test_fraction, seed)
+    if test_fraction is not None:
+        raise DataError(f"{name}: a test fraction ({test_fraction:g}) was given, but the file's "
+                        "'split' key decides the split; leave the fraction out, or drop the key")
     split = _as_real_tensor(name, "split", raw, "0 (train) and 1 (test)")
     if split.dim() != 1 or split.shape[0] != n:
         raise DataError(
@@ -479,12 +502,15 @@ def _read_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {msg.splitlines()[0]}" if msg else type(exc).__name__
 
 
-def load_paired_file(path: str, test_fraction: float = 0.2, seed: int = 0) -> PairedData:
-    """Paired features from a ``.npz`` (numpy) or ``.pt`` (a dict of tensors / arrays) file.
+def load_paired_file(path: str, test_fraction: Optional[float] = None, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> PairedData:
+    """Paired features from a ``.npz`` (numpy) or ``.pt`` (a dict of tensors / arrays) file, as
+    ``dtype``.
 
     Keys: ``x1`` [N, D1] or [N, T1, D1], ``x2`` [N, D2] or [N, T2, D2], ``y`` [N] integer class
     indices; optional ``split`` [N] (0 train, 1 test), otherwise a seeded random split holds out
-    ``test_fraction`` of the examples.
+    ``test_fraction`` (default 0.2) of the examples; a fraction given beside a ``split`` key is
+    refused.
     """
     name = os.path.basename(path)
     if not os.path.isfile(path):
@@ -512,8 +538,8 @@ def load_paired_file(path: str, test_fraction: float = 0.2, seed: int = 0) -> Pa
                 f"{name}: missing key {key!r} (found {sorted(content)}); expected x1, x2, y and "
                 "optionally split"
             )
-    x1 = _as_float(name, "x1", content["x1"])
-    x2 = _as_float(name, "x2", content["x2"])
+    x1 = _as_float(name, "x1", content["x1"], dtype)
+    x2 = _as_float(name, "x2", content["x2"], dtype)
     n = x1.shape[0] if x1.dim() else 0
     y, num_classes = _as_labels(name, "y", content["y"], n)
     train_idx, test_idx = _split_from(name, content.get("split"), n, test_fraction, seed)
@@ -547,7 +573,8 @@ def _clean(t: Tensor) -> Tensor:
 
 
 def load_multibench(path: str, modalities: Sequence[str] = ("text", "vision"),
-                    task: int = -1, seed: int = 0) -> PairedData:
+                    task: int = -1, seed: int = 0, dtype: torch.dtype = torch.float32
+                    ) -> PairedData:
     """A MultiBench pickle the user already has (nothing is downloaded).
 
     - **affect** layout (CMU-MOSI / MOSEI, ``mosi_raw.pkl``, ...): ``{'train'|'valid'|'test':
@@ -558,6 +585,8 @@ def load_multibench(path: str, modalities: Sequence[str] = ("text", "vision"),
       'adm_labels_all': [N, 6], 'y_icd9': [N, 20]}``; x1 static, x2 the time series; ``task=-1``
       the 6-class mortality label, ``task`` in 0..19 an ICD-9 code; a seeded 80/20 split,
       features standardised with training statistics.
+
+    Features in ``dtype``.
 
     ``modalities`` other than the default with a MIMIC pickle, and ``task`` other than -1 with an
     affect pickle, are refused (the pickle's layout decides which of them applies).
@@ -570,19 +599,20 @@ def load_multibench(path: str, modalities: Sequence[str] = ("text", "vision"),
         if tuple(modalities) != ("text", "vision"):
             raise DataError(f"{name}: --modalities applies to MultiBench affect pickles only, not "
                             f"to a MIMIC pickle (got {','.join(map(str, modalities))})")
-        return _load_mimic(name, data, task, seed)
+        return _load_mimic(name, data, task, seed, dtype)
     if "train" in data or "test" in data:
         if task != -1:
             raise DataError(f"{name}: --task applies to MultiBench MIMIC pickles only, not to an "
                             f"affect pickle (got {task})")
-        return _load_affect(name, data, modalities)
+        return _load_affect(name, data, modalities, dtype)
     raise DataError(
         f"{name}: not a MultiBench affect pickle (keys train/valid/test) nor a MIMIC pickle "
         f"(keys ep_tdata, adm_features_all, ...); found keys {sorted(map(str, data))}"
     )
 
 
-def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData:
+def _load_affect(name: str, data: dict, modalities: Sequence[str],
+                 dtype: torch.dtype) -> PairedData:
     modalities = tuple(modalities)
     if len(modalities) != 2 or len(set(modalities)) != 2:
         raise DataError(f"{name}: choose two different modalities, got {modalities}")
@@ -594,7 +624,8 @@ def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData
         if split == "valid" and "valid" not in data:
             continue
         block = _need(name, data, split, "the top level")
-        xs = [_clean(_as_float(name, f"{split}/{m}", _need(name, block, m, split)))
+        xs = [_clean(_as_float(name, f"{split}/{m}", _need(name, block, m, split), dtype,
+                               refuse_beyond_range=False))
               for m in modalities]
         key = f"{split}/labels"
         labels = _as_real_tensor(name, key, _need(name, block, "labels", split),
@@ -634,10 +665,12 @@ def _load_affect(name: str, data: dict, modalities: Sequence[str]) -> PairedData
                       name=f"{name} ({'+'.join(modalities)})")
 
 
-def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
+def _load_mimic(name: str, data: dict, task: int, seed: int, dtype: torch.dtype) -> PairedData:
     top = "the top level"
-    xs = _clean(_as_float(name, "adm_features_all", _need(name, data, "adm_features_all", top)))
-    xt = _clean(_as_float(name, "ep_tdata", _need(name, data, "ep_tdata", top)))
+    xs = _clean(_as_float(name, "adm_features_all", _need(name, data, "adm_features_all", top),
+                          dtype, refuse_beyond_range=False))
+    xt = _clean(_as_float(name, "ep_tdata", _need(name, data, "ep_tdata", top), dtype,
+                          refuse_beyond_range=False))
     if xs.dim() != 2:
         raise DataError(f"{name}: adm_features_all must have shape [N, D], got {tuple(xs.shape)}")
     if xt.dim() != 3 or xt.shape[0] != xs.shape[0]:
@@ -688,8 +721,10 @@ def _load_mimic(name: str, data: dict, task: int, seed: int) -> PairedData:
 
 def load_dataset(spec: str, *, synthetic: Optional[SyntheticConfig] = None,
                  modalities: Sequence[str] = ("text", "vision"), task: int = -1,
-                 test_fraction: float = 0.2, seed: int = 0) -> PairedData:
-    """``synthetic``, ``npz:PATH`` (a .npz or .pt file), ``pt:PATH`` or ``multibench:PATH``."""
+                 test_fraction: Optional[float] = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> PairedData:
+    """``synthetic``, ``npz:PATH`` (a .npz or .pt file), ``pt:PATH`` or ``multibench:PATH``; a
+    file's features as ``dtype`` (the synthetic generator's are float32)."""
     if spec == "synthetic":
         return make_synthetic(synthetic or SyntheticConfig(seed=seed))
     kind, sep, path = spec.partition(":")
@@ -698,7 +733,7 @@ def load_dataset(spec: str, *, synthetic: Optional[SyntheticConfig] = None,
             f"unknown dataset {spec!r}; use synthetic, npz:PATH (.npz or .pt) or multibench:PATH"
         )
     if kind in ("npz", "pt"):
-        return load_paired_file(path, test_fraction=test_fraction, seed=seed)
+        return load_paired_file(path, test_fraction=test_fraction, seed=seed, dtype=dtype)
     if kind == "multibench":
-        return load_multibench(path, modalities=modalities, task=task, seed=seed)
+        return load_multibench(path, modalities=modalities, task=task, seed=seed, dtype=dtype)
     raise DataError(f"unknown dataset kind {kind!r} in {spec!r}; use npz:, pt: or multibench:")

@@ -797,14 +797,25 @@ def _feature_std(x: torch.Tensor) -> torch.Tensor:
 
 
 def _trim_jsonl(path: str, upto_step: int) -> None:
-    """Keep the metric lines of steps <= ``upto_step`` (a resumed run rewrites the rest)."""
+    """Keep the metric lines of steps <= ``upto_step`` (a resumed run rewrites the rest). A line
+    that does not parse (the torn end of an append cut short by a crash or a full disk) is
+    dropped: it was being written after the last checkpoint."""
+
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and record.get("step", 0) <= upto_step
+
     if not os.path.exists(path):
         return
     if upto_step == 0:
         os.unlink(path)
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+        keep = [line if line.endswith("\n") else line + "\n" for line in f
+                if line.strip() and kept(line)]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
