@@ -268,6 +268,8 @@ class FusedSeparableCritic(nn.Module):
 
     def infonce_lower_bound(self, g: Tensor, h: Tensor, pos_offset: int = 0,
                             exclude_offset: Optional[int] = None) -> Tensor:
+        """I_NCE through the fused loss op; ``log M`` counts the columns of each row's
+        logsumexp (M - 1 with ``exclude_offset``: SimCLR's anchor leaves its own view out)."""
         n, m = self._check(g, h)
         loss = ops.separable_critic_loss(
             g, h, c_lse=1.0 / n, c_pos=-1.0 / n, temperature=self.temperature.to(g.dtype),

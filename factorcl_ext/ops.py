@@ -799,14 +799,17 @@ def _check_row_stats(*named: tuple[str, Tensor]) -> None:
 
 
 def infonce_lower_bound(lse: Tensor, pos: Tensor, num_cols: int) -> Tensor:
-    """InfoNCE lower bound ``I_NCE = mean(pos) - mean(lse) + log M`` (M = ``num_cols``)."""
+    """InfoNCE lower bound ``I_NCE = mean(pos) - mean(lse) + log M``, M = ``num_cols``: the number
+    of columns in each row's logsumexp (stats with ``exclude_offset`` leave one out: pass M - 1,
+    as ``FusedSeparableCritic.infonce_lower_bound`` does)."""
     _check_row_stats(("lse", lse), ("pos", pos))
     _check_count("num_cols", num_cols)
     return pos.mean() - lse.mean() + _log_count(num_cols, lse)
 
 
 def nce_club_upper_bound(pos: Tensor, rowsum: Tensor, num_cols: int) -> Tensor:
-    """NCE-CLUB upper bound ``I_CLUB = mean(pos) - sum(rowsum) / (N*M)`` (M = ``num_cols``)."""
+    """NCE-CLUB upper bound ``I_CLUB = mean(pos) - sum(rowsum) / (N*M)``, M = ``num_cols``: the
+    number of columns in each row's sum (M - 1 with ``exclude_offset``)."""
     _check_row_stats(("pos", pos), ("rowsum", rowsum))
     _check_count("num_cols", num_cols)
     return pos.mean() - rowsum.sum() / (rowsum.shape[0] * num_cols)

@@ -497,6 +497,22 @@ def test_fused_separable_critic_learnable_temperature(backend):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_separable_bound_counts_the_columns_left_in_the_logsumexp(backend):
+    # with exclude_offset each row's logsumexp has M - 1 terms: the module adds log(M - 1), and
+    # the bound function gives the same value when told that count (its docstring and the
+    # README said only "M")
+    device = device_for(backend)
+    g = torch.randn(5, 4, dtype=F64, device=device)
+    h = torch.randn(7, 4, dtype=F64, device=device)
+    critic = FusedSeparableCritic(0.5, backend=backend)
+    for exclude, count in ((0, 6), (None, 7)):
+        stats = critic(g, h, pos_offset=1, exclude_offset=exclude)
+        expected = factorcl_ext.infonce_lower_bound(stats.lse, stats.pos, num_cols=count)
+        got = critic.infonce_lower_bound(g, h, pos_offset=1, exclude_offset=exclude)
+        assert_rel_close(got, expected, 1e-12, f"exclude_offset={exclude}", floor=1.0)
+
+
+@pytest.mark.parametrize("backend", ALL)
 def test_fused_separable_critic_fixed_temperature_is_exact_in_float64(backend):
     """A fixed temperature divides float64 scores by the value given (the buffer was float32:
     8e-8 relative error); ``.float()`` casts it like any buffer."""
