@@ -1,7 +1,8 @@
 """CPU benchmark cases shared by the pytest-benchmark suite and the table script.
 
-Every case is one forward + backward of a critic loss on fresh random float32 inputs, with the
-same parameters for every implementation:
+Every case is one forward + backward of a critic loss on random float32 inputs drawn once when
+the step is made (every call of a step reuses them), with the same parameters for every
+implementation:
 
 - ``fused``: the drop-in module on the fused CPU kernels (training fast path, pair_mlp_loss),
 - ``fused_stats``: concat_critic_stats + the InfoNCE bound (general op, recomputing backward),
@@ -177,11 +178,15 @@ def _separable_step(case: Case, impl: str, dtype: torch.dtype):
 def _step(loss, leaves):
     """Forward + backward of ``loss()`` with the leaves' gradients cleared first."""
     def step():
-        for p in leaves:
-            p.grad = None
+        clear_grads()
         out = loss()
         out.backward()
         return out
 
+    def clear_grads():
+        for p in leaves:
+            p.grad = None
+
     step.leaves = leaves  # for the test that every implementation computes the same gradients
+    step.clear_grads = clear_grads  # before a memory measurement: the step's own gradients count
     return step

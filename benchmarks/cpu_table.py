@@ -51,7 +51,7 @@ def measure(case: Case, impl: str, repeats: int) -> dict:
     step = make_step(case, impl)
     step()  # warm-up; compiles for torch.compile
     t = median_seconds(step, repeats=repeats, warmup=0)
-    mem = peak_extra_rss_bytes(step)
+    mem = peak_extra_rss_bytes(step, before=step.clear_grads)
     if case.name == "separable":
         flops = separable_critic_flops(case.n, case.n, case.dim)
     elif case.layers:

@@ -253,7 +253,8 @@ def concat_step(impl, n, fwd_only, chunk, compiled_cache):
                     st = factorcl_ext.concat_critic_stats(
                         x["u"], x["v"], x["w_u"], x["w_v"], x["b_0"], x["W"], x["b"],
                         x["w_out"], x["b_out"], pos_offset=0, backend=backend)
-                    return factorcl_ext.infonce_lower_bound(st.lse, st.pos, n)
+                    # the negative bound, as every other implementation's step returns
+                    return -factorcl_ext.infonce_lower_bound(st.lse, st.pos, n)
             loss = factorcl_ext.concat_critic_loss(
                 x["u"], x["v"], x["w_u"], x["w_v"], x["b_0"], x["W"], x["b"], x["w_out"],
                 x["b_out"], c_lse=1.0 / n, c_pos=-1.0 / n, pos_offset=0, backend=backend)
@@ -345,7 +346,7 @@ def separable_step(impl, n, fwd_only, chunk, compiled_cache):
                 with torch.no_grad():
                     st = factorcl_ext.separable_critic_stats(x["g"], x["h"], temperature=tau,
                                                              normalize=True, backend=impl)
-                    return factorcl_ext.infonce_lower_bound(st.lse, st.pos, n)
+                    return -factorcl_ext.infonce_lower_bound(st.lse, st.pos, n)
             loss = factorcl_ext.separable_critic_loss(
                 x["g"], x["h"], c_lse=1.0 / n, c_pos=-1.0 / n, temperature=tau, normalize=True,
                 backend=impl)
@@ -680,6 +681,11 @@ def main(argv=None) -> int:
         if not cases:
             raise UsageError(f"nothing to time: no case for --impls {' '.join(impls)} with "
                              f"--ns {args.ns} --sep-ns {args.sep_ns}")
+        idle = [i for i in impls if not any(c["impl"] == i for c in cases)]
+        if args.impls is not None and idle:  # named, and nothing of it would be timed
+            raise UsageError(f"nothing to time for --impls {' '.join(idle)} with --ns {args.ns} "
+                             f"--sep-ns {args.sep_ns} (separable only: "
+                             f"{', '.join(SEPARABLE_ONLY)})")
     except UsageError as exc:
         print(f"gpu_bench.py: {exc}", file=sys.stderr)
         return 2
@@ -869,13 +875,40 @@ def _peak_bytes(row: dict):
     return None
 
 
+def _one_run(rows: list, needs) -> tuple[list, str | None]:
+    """The rows of the last run (``source`` file; rows without one are one run) that timed
+    every one of ``needs``: a ratio is measured side by side, never across runs (another process,
+    another moment of a shared machine). (rows, None), or (all rows, why) where no run has them
+    all, so that the record still names what is missing."""
+    sources = list(dict.fromkeys(r.get("source") for r in rows))
+    for source in reversed(sources):
+        run = [r for r in rows if r.get("source") == source]
+        if all(select_row(run, impl, case)[0] is not None for impl, case, _ in needs):
+            return run, None
+    found = []
+    for impl, case, _ in needs:
+        row, _why = select_row(rows, impl, case)
+        if row is not None:
+            found.append(f"{impl} in {row.get('source', 'the rows given')}")
+    if len(found) < len(needs):
+        return rows, None  # some row is missing altogether: _evaluate says which
+    return rows, ("no run timed " + " and ".join(impl for impl, _, _ in needs)
+                  + " side by side (a ratio is measured in one run): " + "; ".join(found))
+
+
 def _evaluate(name, issue, description, comparison, threshold, unit, rows, needs, value_fn,
               detail_fn) -> dict:
-    """One target record. ``needs``: [(impl, case, fields)], the rows of ``rows`` it reads;
-    ``value_fn`` maps those rows to (value or None, why not)."""
+    """One target record. ``needs``: [(impl, case, fields)], the rows of ``rows`` it reads (all
+    from one run where there are several: :func:`_one_run`); ``value_fn`` maps those rows to
+    (value or None, why not)."""
     rec = {"name": name, "issue": issue, "description": description, "comparison": comparison,
            "threshold": threshold, "unit": unit, "value": None, "passed": None,
            "status": "NOT MEASURED", "reason": None, "detail": None, "rows": []}
+    if len(needs) > 1:
+        rows, why = _one_run(rows, needs)
+        if why is not None:
+            rec["reason"] = why
+            return rec
     picked, missing = [], []
     for impl, case, fields in needs:
         row, why = select_row(rows, impl, case)

@@ -57,10 +57,13 @@ def main(argv=None) -> int:
     x = torch.randn(n, d, requires_grad=True)
     y = torch.randn(n, d, requires_grad=True)
 
+    def clear_grads(module):
+        module.zero_grad(set_to_none=True)
+        x.grad = y.grad = None
+
     def step(module):
         def run():
-            module.zero_grad(set_to_none=True)
-            x.grad = y.grad = None
+            clear_grads(module)
             loss = module(x, y)
             loss.backward()
             return loss
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     rows = []
     for name, module in (("fused (factorcl_ext)", fused), ("materialising (authors')", naive)):
         t = median_seconds(step(module), repeats=args.repeats)
-        mem = peak_extra_rss_bytes(step(module))
+        # the last timed call's gradients released first: the measured call's own count
+        mem = peak_extra_rss_bytes(step(module), before=lambda m=module: clear_grads(m))
         rows.append((name, t, mem))
     # L = 0 is element-wise bound, no hidden-layer FLOPs: rated in pairs per second (DESIGN.md)
     rate_name = "GFLOP/s" if L else "Mpair/s"

@@ -51,11 +51,16 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def peak_extra_rss_bytes(fn: Callable[[], object]) -> Optional[int]:
+def peak_extra_rss_bytes(fn: Callable[[], object],
+                         before: Optional[Callable[[], object]] = None) -> Optional[int]:
     """Peak resident memory of ``fn()`` above the resident memory before it (Linux): the heap's
     free pages are released, VmHWM is reset to the current RSS through /proc/self/clear_refs, then
-    read after the call. None where that cannot be done (not Linux, or a sandbox that does not
-    let a process write its clear_refs); ``fn()`` runs either way."""
+    read after the call. ``before()`` runs first, to drop what an earlier call left resident and
+    ``fn`` replaces (a training step's gradients: resident in the baseline, the step's own would
+    not count). None where that cannot be done (not Linux, or a sandbox that does not let a
+    process write its clear_refs); ``fn()`` runs either way."""
+    if before is not None:
+        before()
     gc.collect()
     _release_free_heap()
     try:

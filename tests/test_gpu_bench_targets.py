@@ -189,6 +189,17 @@ def test_check_targets_cli_joins_the_rows_of_two_runs(tmp_path, capsys):
     triton = _result_file(tmp_path / "gpu_bench-a.json", _passing_triton_rows())
     cuda = _result_file(tmp_path / "gpu_bench-b.json", [_row("cuda", ms=95.0, pct=61.0,
                                                              peak=790.0)], complete=False)
+    # cuda against triton: a ratio, measured side by side or not at all (it compared the rows
+    # of two runs, two processes with two matmul rates)
+    assert gb.main(["--check-targets", str(triton), str(cuda)]) == 0
+    out = capsys.readouterr().out
+    assert ("NOT MEASURED cuda_concat_vs_triton" in out and "no run timed cuda and triton side "
+            f"by side (a ratio is measured in one run): cuda in {cuda}; triton in {triton}"
+            in out), out
+    assert out.count(" PASS ") == 5, out
+    cuda = _result_file(tmp_path / "gpu_bench-b.json", [
+        _row("cuda", ms=95.0, pct=61.0, peak=790.0), _row("triton", ms=100.0, pct=57.0,
+                                                          peak=790.0)], complete=False)
     assert gb.main(["--check-targets", str(triton), str(cuda)]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("# target: ")]
@@ -201,8 +212,13 @@ def test_check_targets_cli_joins_the_rows_of_two_runs(tmp_path, capsys):
     assert capsys.readouterr().out.count(" PASS ") == 6
     # the rows carry their source file into the records
     rows, _ = gb.load_results([triton, cuda])
-    rec = _by_name(gb.check_targets(rows))["cuda_concat_vs_triton"]
-    assert [r["key"]["source"] for r in rec["rows"]] == [str(cuda), str(triton)]
+    recs = _by_name(gb.check_targets(rows))
+    assert [r["key"]["source"] for r in recs["cuda_concat_vs_triton"]["rows"]] == [str(cuda)] * 2
+    # a single-row target reads the last run that has its row (here the second file's triton)
+    assert [r["key"]["source"] for r in recs["triton_concat_rate"]["rows"]] == [str(cuda)]
+    # the triton-vs-chunked ratio: the first file is the run holding both
+    assert [r["key"]["source"] for r in recs["triton_concat_vs_chunked"]["rows"]] == \
+        [str(triton)] * 2
 
 
 def test_check_targets_reads_files_written_before_the_per_row_peak(tmp_path, capsys):
@@ -233,10 +249,12 @@ def test_check_targets_cli_refuses_unreadable_files(tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 NEXT_LEASE = [  # the bench stages of the next lease's command (benchmarks/README.md)
-    "--dtypes bf16 --layers 1 --ns 4096 --sep-ns 65536 --impls triton triton_dwslots "
-    "triton_det triton_dotfused chunked matmuls",
-    "--dtypes bf16 --layers 1 --ns 4096 --sep-ns 65536 --impls cuda --warmup 1 --budget 2",
+    "--dtypes bf16 --layers 1 --ns 4096 --sep-ns 65536 --impls triton chunked matmuls",
+    "--dtypes bf16 --layers 1 --ns 4096 --sep-ns 65536 --impls cuda triton --warmup 1 --budget 2",
     "--dtypes bf16 --layers 1 --ns 16384 --sep-ns --impls triton --no-autotune --reps 3",
+    # triton_dotfused is separable only: with --sep-ns empty this stage planned none of it
+    "--dtypes bf16 --layers 1 --ns 4096 --sep-ns 65536 --impls triton_dwslots triton_det "
+    "triton_dotfused",
 ]
 
 
@@ -246,21 +264,22 @@ def test_next_lease_flags_parse_and_plan_the_target_cases(tmp_path):
         args = gb.build_parser().parse_args(["--out", str(tmp_path), *flags.split()])
         assert args.out == tmp_path and args.dtypes == ["bf16"] and args.layers == [1]
         plans.append(gb.plan_cases(args, args.impls))
-    assert args.sep_ns == [] and args.no_autotune and args.reps == 3
-    first, cuda, memory = plans
+    first, cuda, memory, variants = plans
     assert {c["impl"] for c in first if c["critic"] == "separable"} == {
-        "triton", "triton_det", "triton_dotfused", "chunked", "matmuls"}
-    assert {c["impl"] for c in first if c["critic"] == "concat"} == {
-        "triton", "triton_dwslots", "triton_det", "chunked"}
-    assert len(cuda) == 4 and {c["pass"] for c in cuda} == {"fwd", "fwd+bwd"}
+        "triton", "chunked", "matmuls"}
+    assert {c["impl"] for c in first if c["critic"] == "concat"} == {"triton", "chunked"}
+    assert len(cuda) == 8 and {c["pass"] for c in cuda} == {"fwd", "fwd+bwd"}
     assert memory == [dict(critic="concat", dtype="bf16", n=16384, m=16384, layers=1,
                            hidden=512, dim=128, impl="triton", **{"pass": p})
                       for p in ("fwd", "fwd+bwd")]
-    # every target's case is planned by these stages
-    for impl, case in [("triton", gb.CONCAT_CASE), ("chunked", gb.CONCAT_CASE),
-                       ("triton", gb.MEMORY_CASE), ("triton", gb.SEPARABLE_CASE),
-                       ("matmuls", gb.SEPARABLE_CASE), ("cuda", gb.CONCAT_CASE)]:
-        assert any(gb._matches(c, impl, case) for plan in plans for c in plan), (impl, case)
+    assert {c["impl"] for c in variants} == {"triton_dwslots", "triton_det", "triton_dotfused"}
+    # every target's rows are planned by one stage: a ratio's two rows by the same stage
+    for needs in [[("triton", gb.CONCAT_CASE), ("chunked", gb.CONCAT_CASE)],
+                  [("triton", gb.MEMORY_CASE)],
+                  [("triton", gb.SEPARABLE_CASE), ("matmuls", gb.SEPARABLE_CASE)],
+                  [("cuda", gb.CONCAT_CASE), ("triton", gb.CONCAT_CASE)]]:
+        assert any(all(any(gb._matches(c, impl, case) for c in plan) for impl, case in needs)
+                   for plan in plans), needs
     args = gb.build_parser().parse_args(["--warmup", "2", "--budget", "1.5"])
     assert args.warmup == 2 and args.budget == 1.5 and args.impls is None
 
@@ -314,6 +333,10 @@ def test_nothing_to_time_is_refused(monkeypatch, tmp_path, capsys):
     _keep_global_settings(monkeypatch)
     assert gb.main(["--out", str(tmp_path), "--impls", "matmuls", "--sep-ns"]) == 2
     assert "nothing to time" in capsys.readouterr().err
+    # one implementation named that nothing would time (a separable-only one without --sep-ns):
+    # the last stage of the next lease's command planned no triton_dotfused row without a word
+    assert gb.main(["--out", str(tmp_path), "--impls", "triton", "matmuls", "--sep-ns"]) == 2
+    assert "nothing to time for --impls matmuls with --ns" in capsys.readouterr().err
 
 
 def test_profile_kernels_refuses_an_unavailable_backend(monkeypatch, capsys):

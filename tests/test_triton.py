@@ -1359,8 +1359,11 @@ def test_profile_kernels_puts_each_step_in_its_own_range(monkeypatch, capsys):
     assert out.count("profiler range") == 3 and "separable N=7 D=8 triton " in out, out
 
 
+@pytest.mark.parametrize("fwd_only", [False, True], ids=["fwd+bwd", "fwd"])
 @pytest.mark.parametrize("critic", ["concat", "separable"])
-def test_gpu_bench_implementations_agree(critic):
+def test_gpu_bench_implementations_agree(critic, fwd_only):
+    """Same loss (the negative bound) and gradients from every timed implementation; the fused
+    backends' forward-only steps returned the bound itself, with the other sign."""
     bench = _load_gpu_bench()
     n, chunk = 9, 4  # chunks that do not divide N
     impls = ["triton", "triton_det", "reference", "chunked"]
@@ -1369,20 +1372,23 @@ def test_gpu_bench_implementations_agree(critic):
     for impl in impls:
         torch.manual_seed(0)
         if critic == "concat":
-            x = bench.concat_inputs(n, 5, 19, 1, torch.float64, True)
+            x = bench.concat_inputs(n, 5, 19, 1, torch.float64, not fwd_only)
             params = bench._params(x)
-            step = bench.concat_step(impl, n, False, chunk, {})
+            step = bench.concat_step(impl, n, fwd_only, chunk, {})
         else:
-            x = bench.separable_inputs(n, 7, torch.float64, True)
+            x = bench.separable_inputs(n, 7, torch.float64, not fwd_only)
             params = [x["g"], x["h"]]
-            step = bench.separable_step(impl, n, False, chunk, {})
+            step = bench.separable_step(impl, n, fwd_only, chunk, {})
         loss = step(x)
-        results[impl] = (loss.detach(), [p.grad.clone() for p in params])
+        results[impl] = (loss.detach(), [] if fwd_only else [p.grad.clone() for p in params])
     ref_loss, ref_grads = results["reference"]
+    if critic == "separable":  # the InfoNCE loss of these inputs is positive: the sign shows
+        assert ref_loss > 0
     for impl in impls:
         loss, grads = results[impl]
         assert_rel_close(loss, ref_loss, 1e-10, f"{impl} loss")
         # concat: d/d b_out is 0 in exact arithmetic; floor at the other gradients' scale
-        scale = min(g.norm().item() for g in ref_grads[:-1]) if critic == "concat" else 0.0
+        scale = (min(g.norm().item() for g in ref_grads[:-1])
+                 if critic == "concat" and ref_grads else 0.0)
         for a, e in zip(grads, ref_grads):
             assert_rel_close(a, e, 1e-10, f"{impl} grad", floor=scale)
