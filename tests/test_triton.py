@@ -751,6 +751,41 @@ def test_torch_compile_fullgraph():
         assert_rel_close(a, e, 1e-12, floor=scale)
 
 
+@gpu_only
+@pytest.mark.parametrize("critic", ["concat", "separable"])
+def test_compiled_backward_over_several_autotuned_chunks_equals_eager(monkeypatch, critic):
+    """float32 (a family of several configurations, so inductor autotunes), the backward cut into
+    several chunks: the first compiled call's gradients equal eager's. With reset_to_zero on the
+    accumulators, each chunk's first launch under inductor (a tuner per chunk: its integer
+    arguments are in the kernel's cache key) zeroed the sums of the chunks before it."""
+    from factorcl_ext.triton import _config
+
+    monkeypatch.setattr(_config, "CHUNK_BYTES", 64 * 1024)  # several chunks at this size
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch._dynamo.reset()
+    n, m, h = 150, 203, 96
+    if critic == "concat":
+        args = list(cast(mlp_inputs(n, m, h, 1), torch.float32))
+
+        def f(*a):
+            st = factorcl_ext.pair_mlp_stats(*a, pos_offset=0, backend="triton")
+            return (st.lse * 0.7 - st.pos + 0.01 * st.rowsum).sum()
+    else:
+        args = [torch.randn(n, 40, device=DEVICE, requires_grad=True),
+                torch.randn(m, 40, device=DEVICE, requires_grad=True)]
+
+        def f(*a):
+            st = factorcl_ext.pair_dot_stats(*a, pos_offset=0, backend="triton")
+            return (st.lse * 0.7 - st.pos + 0.01 * st.rowsum).sum()
+    params = flat(args) if critic == "concat" else args
+    eager = torch.autograd.grad(f(*args), params)
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    got = torch.autograd.grad(compiled(*args), params)
+    torch._dynamo.reset()
+    for a, e in zip(got, eager):
+        assert_rel_close(a, e, 1e-4, floor=min(x.norm().item() for x in eager))
+
+
 def test_backend_resolution():
     assert "triton" in factorcl_ext.available_backends()
     assert _backends.resolve("triton", DEVICE) == "triton"

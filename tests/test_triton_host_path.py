@@ -262,3 +262,22 @@ def test_launches_run_on_the_device_of_their_tensors(monkeypatch):
         ops._launch(tuners, "family", (1,), args, {}, False)
     assert launched_on == [1, 0, 0, 1]
     assert current[0] == 0
+
+
+def test_autotuning_restores_the_accumulators_rather_than_zeroing_them():
+    """The concat backward's row pass adds chunk after chunk into the same accumulators. Under
+    torch.compile, inductor keys a user kernel's tuner on its integer arguments too (torch 2.14's
+    wrapper.py), so each chunk tunes at its first launch, and a ``reset_to_zero`` zeroed the
+    original buffers there, erasing the earlier chunks' sums (found by reading; a GPU test in
+    test_triton.py compares a compiled multi-chunk backward with eager). ``restore_value`` makes
+    eager Triton put them back after each configuration and inductor benchmark on copies."""
+    from factorcl_ext.triton import ops
+
+    for tuners, accumulators in ((ops._MLP_BWD, ops._MLP_ACCUMULATORS),
+                                 (ops._DOT_BWD, ops._DOT_ACCUMULATORS)):
+        for tuner in tuners.values():
+            assert list(tuner.restore_value) == accumulators
+            assert not tuner.reset_to_zero
+    for tuners in (ops._MLP_FWD, ops._MLP_DW, ops._DOT_FWD, ops._DOT_DS):  # they add into nothing
+        for tuner in tuners.values():
+            assert not tuner.restore_value and not tuner.reset_to_zero

@@ -45,8 +45,14 @@ _MLP_ACCUMULATORS = ["dA_ptr", "dB_ptr", "dW_ptr", "dBias_ptr", "dWout_ptr", "dB
 _DOT_ACCUMULATORS = ["dG_ptr", "dH_ptr"]
 
 
-def _tuners(kernel, configs_by_family, key, reset=None):
-    """{(family, fixed): Autotuner}. ``fixed`` holds only the family's first configuration: the
+def _tuners(kernel, configs_by_family, key, accumulators=None):
+    """{(family, fixed): Autotuner}. ``accumulators``: the arguments a launch adds into, which
+    autotuning (it replays the kernel once per configuration) restores to their values before it
+    (``restore_value``), not to zero: the concat backward's row pass adds chunk after chunk into
+    the same buffers (allocated zeroed), and under torch.compile inductor keys a user kernel's
+    tuner on its integer arguments too, so that each chunk tunes at its first launch; a
+    ``reset_to_zero`` there erased the earlier chunks' sums (inductor benchmarks on copies of
+    restore_value arguments). ``fixed`` holds only the family's first configuration: the
     deterministic mode never tunes, so its reduction order is the same in every process. Single-
     configuration Autotuners do not benchmark; going through an Autotuner either way keeps one
     launch path for eager and for torch.compile."""
@@ -54,12 +60,12 @@ def _tuners(kernel, configs_by_family, key, reset=None):
     for fam, cfgs in configs_by_family.items():
         for fixed in (False, True):
             out[fam, fixed] = triton.autotune(
-                configs=cfgs[:1] if fixed else cfgs, key=key, reset_to_zero=reset
+                configs=cfgs[:1] if fixed else cfgs, key=key, restore_value=accumulators
             )(kernel)
     return out
 
 
-# Autotuning replays a kernel: the backward kernels name their accumulators for reset_to_zero.
+# Autotuning replays a kernel: the backward kernels name their accumulators for restore_value.
 _MLP_FWD = _tuners(mlp_fwd_kernel, _config.MLP_FWD_CONFIGS, _MLP_KEY)
 _MLP_BWD = _tuners(mlp_bwd_kernel, _config.MLP_CONFIGS, _MLP_KEY, _MLP_ACCUMULATORS)
 _MLP_DW = _tuners(mlp_dw_kernel, _config.MLP_DW_CONFIGS, ["H"])
