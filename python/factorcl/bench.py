@@ -31,8 +31,12 @@ from .train import TrainError, club_step, main_step, resolve_device
 __all__ = ["make_step", "step_seconds", "main"]
 
 
+DEFAULT_CRITIC_HIDDEN = 512
+
+
 def make_step(model_name: str = "factorcl-sup", batch: int = 256, backend: str = "cpu",
-              embed_dim: int = 128, backbone_hidden: int = 512, critic_hidden: int = 512,
+              embed_dim: int = 128, backbone_hidden: int = 512,
+              critic_hidden: int = DEFAULT_CRITIC_HIDDEN,
               critic_layers: int = 1, x_dim: int = 100, seed: int = 0, device="cpu"):
     """A zero-argument callable running one training step on a fixed synthetic batch, on
     ``device`` (float32, no autocast)."""
@@ -98,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backends", type=_backend_list, default="reference,cpu",
                    help="comma-separated critic backends (default %(default)s)")
     p.add_argument("--critic-hidden", type=_positive_int, default=None,
-                   help="concat critics' width H (FactorCL models; default 512)")
+                   help="concat critics' width H (FactorCL models; default "
+                        f"{DEFAULT_CRITIC_HIDDEN})")
     p.add_argument("--embed-dim", type=_positive_int, default=128)
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--device", default="cpu", help="cpu | cuda[:k] (default %(default)s)")
@@ -107,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.critic_hidden is not None and not concat:
         p.error(f"--critic-hidden applies to --model "
                 f"{' / '.join(SETTING_USERS['critic_hidden'])} only, not to {args.model}")
-    critic_hidden = args.critic_hidden or 512
+    critic_hidden = args.critic_hidden or DEFAULT_CRITIC_HIDDEN
     try:
         # the step's batch is a synthetic dataset of --batch examples
         D.SyntheticConfig(num_examples=args.batch).validate()

@@ -353,9 +353,8 @@ def _cmd_compare(args, log) -> int:
     from .compare import compare
     from .models import MODELS
 
-    for name, values in (("--models", args.models), ("--seeds", args.seeds)):
-        if not values:  # "" or ",": an empty shell variable
-            raise _usage(f"{name} must name at least one, got an empty list")
+    if not args.models:  # "" or ",": an empty shell variable (--seeds takes one or more)
+        raise _usage("--models must name at least one, got an empty list")
     for m in args.models:
         if m not in MODELS:
             raise _usage(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")

@@ -167,6 +167,10 @@ def _random_split(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tens
 _PARTS = ("shared", "unique1", "unique2")
 
 
+# held out by the random split of synthetic data and of files without a split key
+DEFAULT_TEST_FRACTION = 0.2
+
+
 @dataclass
 class SyntheticConfig:
     """The synthetic generator (after the FactorCL paper's synthetic experiment).
@@ -191,7 +195,7 @@ class SyntheticConfig:
     label_fn: str = "linear"
     noise: float = 0.1
     projection: str = "uniform"
-    test_fraction: float = 0.2
+    test_fraction: float = DEFAULT_TEST_FRACTION
     seed: int = 0
 
     def validate(self) -> None:
@@ -460,7 +464,8 @@ def _as_labels(name: str, key: str, a, n: int) -> tuple[Tensor, int]:
 
 def _split_from(name: str, raw, n: int, test_fraction: Optional[float], seed: int):
     if raw is None:
-        return _random_split(n, 0.2 if test_fraction is None else test_fraction, seed)
+        fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        return _random_split(n, fraction, seed)
     if test_fraction is not None:
         raise DataError(f"{name}: a test fraction ({test_fraction:g}) was given, but the file's "
                         "'split' key decides the split; leave the fraction out, or drop the key")
@@ -509,8 +514,8 @@ def load_paired_file(path: str, test_fraction: Optional[float] = None, seed: int
 
     Keys: ``x1`` [N, D1] or [N, T1, D1], ``x2`` [N, D2] or [N, T2, D2], ``y`` [N] integer class
     indices; optional ``split`` [N] (0 train, 1 test), otherwise a seeded random split holds out
-    ``test_fraction`` (default 0.2) of the examples; a fraction given beside a ``split`` key is
-    refused.
+    ``test_fraction`` (default :data:`DEFAULT_TEST_FRACTION`) of the examples; a fraction given
+    beside a ``split`` key is refused.
     """
     name = os.path.basename(path)
     if not os.path.isfile(path):
