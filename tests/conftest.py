@@ -198,15 +198,17 @@ def nonfinite_weight_core(N: int, M: int, H: int, L: int, where: str, bad: float
     bs = [0.3 * torch.randn(H, dtype=d) for _ in range(L)]
     w_out = torch.randn(H, dtype=d) / H**0.5
     k, g = NONFINITE_UNIT, nonfinite_gated_layer(L, where)
+    # unit 0 of layers 0..g: relu(10 - 1) = 9 in the batch, carried up unchanged, and 0 on a
+    # padding row. It is on for every pair, so the NaN reaches dB[:, 0] on every draw (the
+    # reference's NaN half of the pattern: a path through units that happen to be on could be
+    # off for the whole batch)
+    A[:, 0], B[:, 0] = 10.0, -1.0
+    for W, b in zip(Ws[:g], bs[:g]):
+        W[0], b[0] = 0.0, 0.0
+        W[0, 0] = 1.0
     if g == 0:  # layer-0 unit k: A + B = -9 in the batch, 0 + 1 on a padding row
         A[:, k], B[:, k] = -10.0, 1.0
-    else:
-        # layer-g unit k: -h_(g-1)[0] + 1, with h[0] carried up from layer-0 unit 0, which is
-        # relu(10 - 1) = 9 in the batch and relu(0 - 1) = 0 on a padding row
-        A[:, 0], B[:, 0] = 10.0, -1.0
-        for W, b in zip(Ws[:g - 1], bs[:g - 1]):
-            W[0], b[0] = 0.0, 0.0
-            W[0, 0] = 1.0
+    else:  # layer-g unit k: -h_(g-1)[0] + 1
         Ws[g - 1][k], bs[g - 1][k] = 0.0, 1.0
         Ws[g - 1][k, 0] = -1.0
     if where == "hidden":

@@ -38,7 +38,10 @@ if ! FACTORCL_EXT_CUDA=0 CFLAGS="$flags" LDFLAGS="-fsanitize=address,undefined" 
   tail -40 build.log
   exit 1
 fi
-if ! ldd factorcl_ext/_C*.so | grep -q libasan; then
+# ldd's output is read whole before it is searched: `ldd ... | grep -q` under pipefail fails when
+# grep exits at its first match while ldd is still writing (SIGPIPE), now and then.
+deps="$(ldd factorcl_ext/_C*.so)"
+if ! grep -q libasan <<<"$deps"; then
   echo "the extension was built without the sanitizers (build.log):" >&2
   tail -20 build.log >&2
   exit 1
