@@ -51,9 +51,11 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # (N, M, H): odd, N != M, H not a multiple of any feature slice
 if GPU:
     MLP_SHAPES = [(150, 203, 97), (67, 67, 160)]
+    RELU_F32_SHAPE = (19, 37, 70)  # 2 x 3 blocks of the largest pair tile, feature tails
     DOT_SHAPES = [(300, 419, 77), (129, 129, 200)]
 else:
     MLP_SHAPES = [(13, 19, 21), (6, 6, 17)]
+    RELU_F32_SHAPE = MLP_SHAPES[0]
     DOT_SHAPES = [(21, 37, 19), (17, 17, 40)]
 
 
@@ -66,16 +68,48 @@ def _highest_precision():
     torch.set_float32_matmul_precision(old)
 
 
-def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE):
-    """Fresh random pair-MLP operands (float64 masters) scaled so that scores stay O(1-10)."""
+def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, relu_margin_in=None):
+    """Fresh random pair-MLP operands (float64 masters) scaled so that scores stay O(1-10).
+
+    ``relu_margin_in`` (a dtype): drawn again until every hidden layer's pre-activation, on the
+    inputs rounded to that dtype, is at least RELU_MARGIN of its terms' size from 0 (see
+    hidden_relu_margin; a few draws at up to ~1e5 hidden pre-activations, hopeless far beyond)."""
     kw = dict(dtype=torch.float64, device=device)
-    A = torch.randn(n, h, **kw)
-    B = torch.randn(m, h, **kw)
-    W = [torch.randn(h, h, **kw) / math.sqrt(h) for _ in range(layers)]
-    b = [0.5 * torch.randn(h, **kw) for _ in range(layers)]
-    w_out = torch.randn(h, **kw) / math.sqrt(h)
-    b_out = torch.randn((), **kw)
-    return [A, B, W, b, w_out, b_out]
+    for _ in range(100):
+        A = torch.randn(n, h, **kw)
+        B = torch.randn(m, h, **kw)
+        W = [torch.randn(h, h, **kw) / math.sqrt(h) for _ in range(layers)]
+        b = [0.5 * torch.randn(h, **kw) for _ in range(layers)]
+        w_out = torch.randn(h, **kw) / math.sqrt(h)
+        b_out = torch.randn((), **kw)
+        args = [A, B, W, b, w_out, b_out]
+        if relu_margin_in is None or hidden_relu_margin(args, relu_margin_in) >= RELU_MARGIN:
+            return args
+    raise AssertionError(f"no draw in 100 kept the hidden relu inputs {RELU_MARGIN} from 0 at "
+                         f"N, M, H, L = {n}, {m}, {h}, {layers}: a smaller shape is needed")
+
+
+# A float32 kernel and the float64 reference (on the same rounded inputs) give a relu unit of a
+# hidden layer opposite signs where its pre-activation is within float32's rounding of 0 (about
+# 1e-7 of the sum of its terms' magnitudes here): each such pair is an O(1/M) step in the
+# gradients (5.5e-5 to 2.8e-4 relative seen in a simulation at 150 x 203 x 97, L = 2, in 3 draws
+# of 10). The first layer's act(A + B) keeps its sign in any precision. float32 relu checks with
+# hidden layers run on draws whose hidden pre-activations stay this far from 0.
+RELU_MARGIN = 2e-6
+
+
+def hidden_relu_margin(args, dtype) -> float:
+    """The smallest |z| / sum|terms of z| over the hidden layers' pre-activations z = W h + b of
+    every pair, in float64 on the inputs rounded to ``dtype`` (relu; inf without hidden layers)."""
+    A, B, W, b, _, _ = cast(cast(args, dtype, False), torch.float64, False)
+    h = torch.relu(A[:, None, :] + B[None, :, :])
+    margin = math.inf
+    for w, bias in zip(W, b):
+        z = h @ w.T + bias
+        terms = h @ w.abs().T + bias.abs()  # h >= 0
+        margin = min(margin, (z.abs() / terms).min().item())
+        h = torch.relu(z)
+    return margin
 
 
 def flat(args):
@@ -122,6 +156,9 @@ def check_mlp(args, dtype, upstream=None, **kw):
     # mask flips wherever rounding the inputs moves a pre-activation across 0 (each flip an O(1/M)
     # step in a gradient: dA 5.1e-3 off in ci-local, 2026-12-05); the float32 materialising
     # reference failed 1e-5 against the masters in 2 of 4000 draws, on the rounded inputs in none
+    if dtype == torch.float32 and kw["activation"] == "relu" and args[2]:
+        margin = hidden_relu_margin(args, dtype)
+        assert margin >= RELU_MARGIN, f"draw with mlp_inputs(..., relu_margin_in=dtype): {margin}"
     args = cast(cast(args, dtype), torch.float64)
     ref_st, ref_grads = reference_mlp(args, upstream, **kw)
     t_args = cast(args, dtype)
@@ -149,7 +186,10 @@ def check_mlp(args, dtype, upstream=None, **kw):
 @pytest.mark.parametrize("acts", [("relu", "none"), ("tanh", "softplus")], ids=["relu", "tanh-sp"])
 def test_pair_mlp_stats_values_and_grads(dtype, layers, acts):
     n, m, h = MLP_SHAPES[0]
-    args = mlp_inputs(n, m, h, layers)
+    relu_f32 = dtype == torch.float32 and acts[0] == "relu" and layers > 0
+    if relu_f32:
+        n, m, h = RELU_F32_SHAPE  # a shape where RELU_MARGIN draws exist
+    args = mlp_inputs(n, m, h, layers, relu_margin_in=dtype if relu_f32 else None)
     check_mlp(args, dtype, activation=acts[0], out_activation=acts[1], pos_offset=m - n)
 
 
@@ -767,8 +807,9 @@ def test_compiled_backward_over_several_autotuned_chunks_equals_eager(monkeypatc
     if critic == "concat":
         args = list(cast(mlp_inputs(n, m, h, 1), torch.float32))
 
-        def f(*a):
-            st = factorcl_ext.pair_mlp_stats(*a, pos_offset=0, backend="triton")
+        def f(*a):  # tanh: eager and compiled may tune different tiles (RELU_MARGIN)
+            st = factorcl_ext.pair_mlp_stats(*a, activation="tanh", pos_offset=0,
+                                             backend="triton")
             return (st.lse * 0.7 - st.pos + 0.01 * st.rowsum).sum()
     else:
         args = [torch.randn(n, 40, device=DEVICE, requires_grad=True),
@@ -1014,7 +1055,8 @@ def test_pair_mlp_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, la
     # 2 row and 3 column blocks at the largest pair tile (16 x 16), H = 70 in 3 slices of 32, 2
     # of 64 and 1 of 128 or 256, each with a masked tail; the positive diagonal crosses tile edges
     n, m, h = 19, 37, 70
-    args = mlp_inputs(n, m, h, layers)
+    relu_f32 = dtype == torch.float32 and acts[0] == "relu"
+    args = mlp_inputs(n, m, h, layers, relu_margin_in=dtype if relu_f32 else None)
     check_mlp(args, dtype, activation=acts[0], out_activation=acts[1], pos_offset=m - n - 3,
               deterministic=deterministic)
     _assert_tiles_used(launched_tuners, forced)
@@ -1084,8 +1126,12 @@ def test_gpu_grid_geometries(monkeypatch, geometry, deterministic):
 @gpu_only
 def test_large_shapes_fp32():
     n, m, h = 600, 631, 512  # the float64 reference materialises a few N*M*H tensors
-    args = mlp_inputs(n, m, h, 1)
-    check_mlp(args, torch.float32, activation="relu", out_activation="none", pos_offset=3)
+    # relu without a hidden layer (act(A + B) keeps its sign in float32), tanh with one: at 2e8
+    # hidden pre-activations a relu would flip somewhere on every draw (RELU_MARGIN)
+    check_mlp(mlp_inputs(n, m, h, 0), torch.float32, activation="relu", out_activation="none",
+              pos_offset=3)
+    check_mlp(mlp_inputs(n, m, h, 1), torch.float32, activation="tanh", out_activation="none",
+              pos_offset=3)
     check_dot(3000, 3011, 384, torch.float32, 0.1, True, 0, None)
 
 
