@@ -68,12 +68,14 @@ def _highest_precision():
     torch.set_float32_matmul_precision(old)
 
 
-def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, relu_margin_in=None):
+def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, checked_as=None):
     """Fresh random pair-MLP operands (float64 masters) scaled so that scores stay O(1-10).
 
-    ``relu_margin_in`` (a dtype): drawn again until every hidden layer's pre-activation, on the
-    inputs rounded to that dtype, is at least RELU_MARGIN of its terms' size from 0 (see
-    hidden_relu_margin; a few draws at up to ~1e5 hidden pre-activations, hopeless far beyond)."""
+    ``checked_as`` (dtype, activation), the check the operands are for: where needs_relu_margin,
+    drawn again until every hidden layer's pre-activation, on the inputs rounded to that dtype,
+    is at least RELU_MARGIN of its terms' size from 0 (see hidden_relu_margin; a few draws at up
+    to ~1e5 hidden pre-activations, hopeless far beyond)."""
+    margin_in = checked_as[0] if checked_as and needs_relu_margin(*checked_as, layers) else None
     kw = dict(dtype=torch.float64, device=device)
     for _ in range(100):
         A = torch.randn(n, h, **kw)
@@ -83,7 +85,7 @@ def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, relu_margin_
         w_out = torch.randn(h, **kw) / math.sqrt(h)
         b_out = torch.randn((), **kw)
         args = [A, B, W, b, w_out, b_out]
-        if relu_margin_in is None or hidden_relu_margin(args, relu_margin_in) >= RELU_MARGIN:
+        if margin_in is None or hidden_relu_margin(args, margin_in) >= RELU_MARGIN:
             return args
     raise AssertionError(f"no draw in 100 kept the hidden relu inputs {RELU_MARGIN} from 0 at "
                          f"N, M, H, L = {n}, {m}, {h}, {layers}: a smaller shape is needed")
@@ -96,6 +98,12 @@ def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, relu_margin_
 # of 10). The first layer's act(A + B) keeps its sign in any precision. float32 relu checks with
 # hidden layers run on draws whose hidden pre-activations stay this far from 0.
 RELU_MARGIN = 2e-6
+
+
+def needs_relu_margin(dtype, activation, layers) -> bool:
+    """Whether a check in ``dtype`` of a pair MLP with ``activation`` and ``layers`` hidden layers
+    needs RELU_MARGIN draws: float32 relu with a hidden layer."""
+    return dtype == torch.float32 and activation == "relu" and layers > 0
 
 
 def hidden_relu_margin(args, dtype) -> float:
@@ -156,9 +164,9 @@ def check_mlp(args, dtype, upstream=None, **kw):
     # mask flips wherever rounding the inputs moves a pre-activation across 0 (each flip an O(1/M)
     # step in a gradient: dA 5.1e-3 off in ci-local, 2026-12-05); the float32 materialising
     # reference failed 1e-5 against the masters in 2 of 4000 draws, on the rounded inputs in none
-    if dtype == torch.float32 and kw["activation"] == "relu" and args[2]:
+    if needs_relu_margin(dtype, kw["activation"], len(args[2])):
         margin = hidden_relu_margin(args, dtype)
-        assert margin >= RELU_MARGIN, f"draw with mlp_inputs(..., relu_margin_in=dtype): {margin}"
+        assert margin >= RELU_MARGIN, f"draw with mlp_inputs(..., checked_as=...): {margin}"
     args = cast(cast(args, dtype), torch.float64)
     ref_st, ref_grads = reference_mlp(args, upstream, **kw)
     t_args = cast(args, dtype)
@@ -186,10 +194,9 @@ def check_mlp(args, dtype, upstream=None, **kw):
 @pytest.mark.parametrize("acts", [("relu", "none"), ("tanh", "softplus")], ids=["relu", "tanh-sp"])
 def test_pair_mlp_stats_values_and_grads(dtype, layers, acts):
     n, m, h = MLP_SHAPES[0]
-    relu_f32 = dtype == torch.float32 and acts[0] == "relu" and layers > 0
-    if relu_f32:
+    if needs_relu_margin(dtype, acts[0], layers):
         n, m, h = RELU_F32_SHAPE  # a shape where RELU_MARGIN draws exist
-    args = mlp_inputs(n, m, h, layers, relu_margin_in=dtype if relu_f32 else None)
+    args = mlp_inputs(n, m, h, layers, checked_as=(dtype, acts[0]))
     check_mlp(args, dtype, activation=acts[0], out_activation=acts[1], pos_offset=m - n)
 
 
@@ -1055,8 +1062,7 @@ def test_pair_mlp_every_gpu_tile(monkeypatch, launched_tuners, fam, fwd, bwd, la
     # 2 row and 3 column blocks at the largest pair tile (16 x 16), H = 70 in 3 slices of 32, 2
     # of 64 and 1 of 128 or 256, each with a masked tail; the positive diagonal crosses tile edges
     n, m, h = 19, 37, 70
-    relu_f32 = dtype == torch.float32 and acts[0] == "relu"
-    args = mlp_inputs(n, m, h, layers, relu_margin_in=dtype if relu_f32 else None)
+    args = mlp_inputs(n, m, h, layers, checked_as=(dtype, acts[0]))
     check_mlp(args, dtype, activation=acts[0], out_activation=acts[1], pos_offset=m - n - 3,
               deterministic=deterministic)
     _assert_tiles_used(launched_tuners, forced)
