@@ -22,10 +22,13 @@ import factorcl_ext
 from factorcl_ext import _backends, reference
 
 from conftest import (
+    RELU_MARGIN,
     assert_rel_close,
+    hidden_relu_margin,
     infonce_floor,
     load_benchmark,
     loss_floor,
+    needs_relu_margin,
     rel_error,
     signed_sum_floor,
     temperature_floor,
@@ -85,39 +88,10 @@ def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, checked_as=N
         w_out = torch.randn(h, **kw) / math.sqrt(h)
         b_out = torch.randn((), **kw)
         args = [A, B, W, b, w_out, b_out]
-        if margin_in is None or hidden_relu_margin(args, margin_in) >= RELU_MARGIN:
+        if margin_in is None or hidden_relu_margin(*args[:4], margin_in) >= RELU_MARGIN:
             return args
     raise AssertionError(f"no draw in 100 kept the hidden relu inputs {RELU_MARGIN} from 0 at "
                          f"N, M, H, L = {n}, {m}, {h}, {layers}: a smaller shape is needed")
-
-
-# A float32 kernel and the float64 reference (on the same rounded inputs) give a relu unit of a
-# hidden layer opposite signs where its pre-activation is within float32's rounding of 0 (about
-# 1e-7 of the sum of its terms' magnitudes here): each such pair is an O(1/M) step in the
-# gradients (5.5e-5 to 2.8e-4 relative seen in a simulation at 150 x 203 x 97, L = 2, in 3 draws
-# of 10). The first layer's act(A + B) keeps its sign in any precision. float32 relu checks with
-# hidden layers run on draws whose hidden pre-activations stay this far from 0.
-RELU_MARGIN = 2e-6
-
-
-def needs_relu_margin(dtype, activation, layers) -> bool:
-    """Whether a check in ``dtype`` of a pair MLP with ``activation`` and ``layers`` hidden layers
-    needs RELU_MARGIN draws: float32 relu with a hidden layer."""
-    return dtype == torch.float32 and activation == "relu" and layers > 0
-
-
-def hidden_relu_margin(args, dtype) -> float:
-    """The smallest |z| / sum|terms of z| over the hidden layers' pre-activations z = W h + b of
-    every pair, in float64 on the inputs rounded to ``dtype`` (relu; inf without hidden layers)."""
-    A, B, W, b, _, _ = cast(cast(args, dtype, False), torch.float64, False)
-    h = torch.relu(A[:, None, :] + B[None, :, :])
-    margin = math.inf
-    for w, bias in zip(W, b):
-        z = h @ w.T + bias
-        terms = h @ w.abs().T + bias.abs()  # h >= 0
-        margin = min(margin, (z.abs() / terms).min().item())
-        h = torch.relu(z)
-    return margin
 
 
 def flat(args):
@@ -165,7 +139,7 @@ def check_mlp(args, dtype, upstream=None, **kw):
     # step in a gradient: dA 5.1e-3 off in ci-local, 2026-12-05); the float32 materialising
     # reference failed 1e-5 against the masters in 2 of 4000 draws, on the rounded inputs in none
     if needs_relu_margin(dtype, kw["activation"], len(args[2])):
-        margin = hidden_relu_margin(args, dtype)
+        margin = hidden_relu_margin(*args[:4], dtype)
         assert margin >= RELU_MARGIN, f"draw with mlp_inputs(..., checked_as=...): {margin}"
     args = cast(cast(args, dtype), torch.float64)
     ref_st, ref_grads = reference_mlp(args, upstream, **kw)
