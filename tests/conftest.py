@@ -224,6 +224,18 @@ def hidden_relu_margin(A, B, hidden_weights, hidden_biases, dtype) -> float:
     return margin
 
 
+def draw_with_relu_margin(draw, core, dtype, what: str):
+    """``draw()`` again until the hidden relu pre-activations of ``core(drawn)`` (A, B, hidden
+    weights, hidden biases), on the inputs rounded to ``dtype``, keep RELU_MARGIN of their terms
+    from 0 (``dtype`` None: the first draw); ``what`` names the shape in the error."""
+    for _ in range(100):
+        drawn = draw()
+        if dtype is None or hidden_relu_margin(*core(drawn), dtype) >= RELU_MARGIN:
+            return drawn
+    raise AssertionError(f"no draw in 100 kept the hidden relu inputs {RELU_MARGIN} from 0 at "
+                         f"{what}: a smaller shape is needed")
+
+
 def nonfinite_weight_core(N: int, M: int, H: int, L: int, where: str, bad: float) -> dict:
     """Concat-critic core inputs (float64, make_core's keys) with one non-finite weight, ``bad``
     at ``where`` ("w_out", or "hidden": the last hidden layer's weight), and a relu unit, UNIT,

@@ -26,8 +26,7 @@ import factorcl_ext
 from factorcl_ext import reference
 
 from conftest import (
-    RELU_MARGIN,
-    hidden_relu_margin,
+    draw_with_relu_margin,
     loss_floor,
     needs_relu_margin,
     rel_error,
@@ -128,13 +127,13 @@ def leaf(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def mlp_params(n, m, h, layers, margin_in=None):
     """Fresh float64 inputs with O(1) scores: A [N, H], B [M, H], hidden layers, output layer.
     ``margin_in``: a dtype; drawn again until every hidden relu pre-activation, on the inputs
-    rounded to it, is RELU_MARGIN of its terms from 0 (conftest.hidden_relu_margin)."""
+    rounded to it, is RELU_MARGIN of its terms from 0 (conftest.draw_with_relu_margin)."""
 
     def r(*shape, scale=1.0):
         return torch.randn(*shape, dtype=F64, device=DEV) * scale
 
-    for _ in range(100):
-        p = {
+    def draw():
+        return {
             "A": r(n, h),
             "B": r(m, h),
             "Ws": [r(h, h, scale=1.5 / math.sqrt(h)) for _ in range(layers)],
@@ -142,11 +141,9 @@ def mlp_params(n, m, h, layers, margin_in=None):
             "w_out": r(h, scale=2.0 / math.sqrt(h)),
             "b_out": r((), scale=0.5),
         }
-        if margin_in is None or hidden_relu_margin(
-                p["A"], p["B"], p["Ws"], p["bs"], margin_in) >= RELU_MARGIN:
-            return p
-    raise AssertionError(f"no draw in 100 kept the hidden relu inputs {RELU_MARGIN} from 0 at "
-                         f"N, M, H, L = {n}, {m}, {h}, {layers}")
+
+    return draw_with_relu_margin(draw, lambda p: (p["A"], p["B"], p["Ws"], p["bs"]), margin_in,
+                                 f"N, M, H, L = {n}, {m}, {h}, {layers}")
 
 
 # IEEE float32 relu with a hidden layer is checked at most at this shape (SIMT tiles: 2 x 3 chunks

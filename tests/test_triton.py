@@ -24,6 +24,7 @@ from factorcl_ext import _backends, reference
 from conftest import (
     RELU_MARGIN,
     assert_rel_close,
+    draw_with_relu_margin,
     hidden_relu_margin,
     infonce_floor,
     load_benchmark,
@@ -80,18 +81,18 @@ def mlp_inputs(n, m, h, layers, dtype=torch.float64, device=DEVICE, checked_as=N
     to ~1e5 hidden pre-activations, hopeless far beyond)."""
     margin_in = checked_as[0] if checked_as and needs_relu_margin(*checked_as, layers) else None
     kw = dict(dtype=torch.float64, device=device)
-    for _ in range(100):
+
+    def draw():
         A = torch.randn(n, h, **kw)
         B = torch.randn(m, h, **kw)
         W = [torch.randn(h, h, **kw) / math.sqrt(h) for _ in range(layers)]
         b = [0.5 * torch.randn(h, **kw) for _ in range(layers)]
         w_out = torch.randn(h, **kw) / math.sqrt(h)
         b_out = torch.randn((), **kw)
-        args = [A, B, W, b, w_out, b_out]
-        if margin_in is None or hidden_relu_margin(*args[:4], margin_in) >= RELU_MARGIN:
-            return args
-    raise AssertionError(f"no draw in 100 kept the hidden relu inputs {RELU_MARGIN} from 0 at "
-                         f"N, M, H, L = {n}, {m}, {h}, {layers}: a smaller shape is needed")
+        return [A, B, W, b, w_out, b_out]
+
+    return draw_with_relu_margin(draw, lambda args: args[:4], margin_in,
+                                 f"N, M, H, L = {n}, {m}, {h}, {layers}")
 
 
 def flat(args):
